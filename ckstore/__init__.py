@@ -1,0 +1,49 @@
+"""ckstore: crash-safe, verified checkpoints for PyTorch training.
+
+>>> with ckstore.Store("runs/exp1", keep_last=3, keep_best=2, metric="val_loss") as store:
+...     store.save({"model": model, "optimizer": opt}, step=100, metrics={"val_loss": 0.3})
+...     store.load({"model": model, "optimizer": opt})
+
+Every public name is re-exported here; modules starting with ``_`` are private.
+"""
+
+from __future__ import annotations
+
+from ._errors import (
+    AsyncSaveError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CkstoreError,
+    IntegrityError,
+    InvalidArgumentError,
+    ManifestError,
+    ReadOnlyStoreError,
+    StateError,
+    StorageError,
+    StoreLockedError,
+)
+from ._retention import RetentionPolicy, select_kept
+from ._store import CheckpointInfo, CorruptCheckpointWarning, Problem, Store
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncSaveError",
+    "CheckpointExistsError",
+    "CheckpointInfo",
+    "CheckpointNotFoundError",
+    "CkstoreError",
+    "CorruptCheckpointWarning",
+    "IntegrityError",
+    "InvalidArgumentError",
+    "ManifestError",
+    "Problem",
+    "ReadOnlyStoreError",
+    "RetentionPolicy",
+    "StateError",
+    "StorageError",
+    "Store",
+    "StoreLockedError",
+    "__version__",
+    "select_kept",
+]

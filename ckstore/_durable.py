@@ -1,0 +1,244 @@
+"""The one module that touches the disk for writing.
+
+Every open-for-write, write, fsync, rename, directory fsync, mkdir, unlink and
+rmdir of store files goes through the functions here, so that:
+
+* the ordering rules live in one place (a rename is not durable until the
+  directory holding it is fsynced; a file's data is not durable until the file
+  is fsynced; after a failed fsync the dirty pages may already be dropped, so
+  the caller must abandon the write, never retry the fsync);
+* the fault-injection harness (``fault_injection/``) can observe, record, fail
+  or kill the process at each operation through :func:`set_hook`.
+
+A hook is called twice per operation, ``hook(op, "before", path, info)`` and
+``hook(op, "after", path, info)``. ``op`` is one of :data:`OPS`. ``info`` holds
+the operation's details: ``site`` (a stable name of the call site, e.g.
+``"file"`` or ``"checkpoints_dir"``), ``dst`` for renames, ``offset`` and
+``data`` (a memoryview, valid only during the call) for writes. A hook may raise
+``OSError`` to inject a disk error or kill the process; the error propagates as
+if the system call had failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import stat
+from collections.abc import Callable, Iterator
+from typing import Any
+
+#: Operation names passed to hooks. Stable: the fault-injection harness keys on them.
+OPS = ("create", "write", "fsync", "close", "rename", "fsync_dir", "mkdir", "unlink", "rmdir")
+
+Hook = Callable[[str, str, str, dict[str, Any]], None]
+
+_hook: Hook | None = None
+
+
+def set_hook(hook: Hook | None) -> Hook | None:
+    """Install ``hook`` for every durable operation; returns the previous one."""
+    global _hook
+    previous, _hook = _hook, hook
+    return previous
+
+
+@contextlib.contextmanager
+def hooked(hook: Hook) -> Iterator[None]:
+    previous = set_hook(hook)
+    try:
+        yield
+    finally:
+        set_hook(previous)
+
+
+def _emit(op: str, phase: str, path: str, info: dict[str, Any]) -> None:
+    hook = _hook
+    if hook is not None:
+        hook(op, phase, path, info)
+
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+
+
+class FileWriter:
+    """A new file written sequentially, then fsynced and closed.
+
+    The file is created with ``O_EXCL | O_NOFOLLOW``: it never overwrites or
+    follows anything already at ``path``. Once :meth:`sync` has failed the
+    writer refuses further work: the kernel may have dropped the unsynced pages
+    and a second fsync could report success over lost data (fsyncgate).
+    """
+
+    __slots__ = ("path", "site", "offset", "_fd", "_failed")
+
+    def __init__(self, path: str | os.PathLike[str], *, site: str = "file", mode: int = 0o644) -> None:
+        self.path = os.fspath(path)
+        self.site = site
+        self.offset = 0
+        self._failed = False
+        info = {"site": site}
+        _emit("create", "before", self.path, info)
+        self._fd = os.open(self.path, _WRITE_FLAGS, mode)
+        _emit("create", "after", self.path, info)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Write all of ``data`` (retrying short writes and EINTR) at the current offset."""
+        self._check()
+        view = memoryview(data).cast("B") if not isinstance(data, memoryview) or data.format != "B" else data
+        total = len(view)
+        info = {"site": self.site, "offset": self.offset, "data": view}
+        _emit("write", "before", self.path, info)
+        done = 0
+        try:
+            while done < total:
+                # os.write may write less than asked (signals, pipes, some FUSE
+                # filesystems); a short count is not an error, keep going.
+                done += os.write(self._fd, view[done:])
+        except BaseException:
+            self._failed = True
+            raise
+        finally:
+            self.offset += done
+        _emit("write", "after", self.path, info)
+
+    def sync(self) -> None:
+        """fsync the file's data and metadata. A failure is final for this file."""
+        self._check()
+        info = {"site": self.site}
+        _emit("fsync", "before", self.path, info)
+        try:
+            os.fsync(self._fd)
+        except BaseException:
+            self._failed = True
+            raise
+        _emit("fsync", "after", self.path, info)
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        fd, self._fd = self._fd, -1
+        info = {"site": self.site}
+        _emit("close", "before", self.path, info)
+        os.close(fd)
+        _emit("close", "after", self.path, info)
+
+    def _check(self) -> None:
+        if self._fd < 0:
+            raise ValueError(f"{self.path}: writer is closed")
+        if self._failed:
+            raise OSError(f"{self.path}: an earlier write or fsync failed; the file must be abandoned")
+
+    def __enter__(self) -> FileWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def sync_dir(path: str | os.PathLike[str], *, site: str) -> None:
+    """fsync a directory, making the creations, renames and unlinks inside it durable."""
+    path = os.fspath(path)
+    info = {"site": site}
+    _emit("fsync_dir", "before", path, info)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _emit("fsync_dir", "after", path, info)
+
+
+def make_dir(path: str | os.PathLike[str], *, site: str, exist_ok: bool = False) -> bool:
+    """Create one directory; returns False if it existed and ``exist_ok``.
+
+    The new entry is durable only once the parent is fsynced (:func:`sync_dir`).
+    """
+    path = os.fspath(path)
+    info = {"site": site}
+    _emit("mkdir", "before", path, info)
+    try:
+        os.mkdir(path, 0o755)
+    except FileExistsError:
+        if exist_ok and stat.S_ISDIR(os.lstat(path).st_mode):
+            return False
+        raise
+    _emit("mkdir", "after", path, info)
+    return True
+
+
+def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, site: str, replace: bool = False) -> None:
+    """Rename ``src`` to ``dst`` in one atomic step.
+
+    With ``replace=False`` an existing ``dst`` is an error (``FileExistsError``)
+    rather than being silently swapped out. Callers hold the writer lock, so the
+    check and the rename cannot race another ckstore writer. The rename is
+    durable only once the directories holding ``src`` and ``dst`` are fsynced.
+    """
+    src, dst = os.fspath(src), os.fspath(dst)
+    info = {"site": site, "dst": dst}
+    _emit("rename", "before", src, info)
+    if not replace and os.path.lexists(dst):
+        raise FileExistsError(f"{dst} already exists")
+    os.replace(src, dst)
+    _emit("rename", "after", src, info)
+
+
+def unlink(path: str | os.PathLike[str], *, site: str) -> None:
+    path = os.fspath(path)
+    info = {"site": site}
+    _emit("unlink", "before", path, info)
+    os.unlink(path)
+    _emit("unlink", "after", path, info)
+
+
+def remove_dir(path: str | os.PathLike[str], *, site: str) -> None:
+    path = os.fspath(path)
+    info = {"site": site}
+    _emit("rmdir", "before", path, info)
+    os.rmdir(path)
+    _emit("rmdir", "after", path, info)
+
+
+def remove_tree(path: str | os.PathLike[str], *, site: str) -> None:
+    """Remove a directory tree without following symlinks (a link is removed, never its target)."""
+    path = os.fspath(path)
+    try:
+        entries = list(os.scandir(path))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            remove_tree(entry.path, site=site)
+        else:
+            unlink(entry.path, site=site)
+    remove_dir(path, site=site)
+
+
+def write_file_atomic(path: str | os.PathLike[str], data: bytes, *, site: str) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new content, never a mix.
+
+    Temp file in the same directory, write, fsync, close, rename over the
+    target, fsync the directory. The temp name starts with ``.`` and contains
+    ``.tmp-`` so recovery can recognise and remove a leftover.
+    """
+    path = os.fspath(path)
+    parent, name = os.path.split(path)
+    tmp = os.path.join(parent, f".{name}.tmp-{secrets.token_hex(6)}")
+    writer = FileWriter(tmp, site=site)
+    try:
+        writer.write(data)
+        writer.sync()
+    except BaseException:
+        writer.close()
+        with contextlib.suppress(OSError):
+            unlink(tmp, site=site)
+        raise
+    writer.close()
+    rename(tmp, path, site=site, replace=True)
+    sync_dir(parent or ".", site=site + "_dir")
+
+
+def is_temp_name(name: str) -> bool:
+    """True for the names :func:`write_file_atomic` uses for its temp files."""
+    return name.startswith(".") and ".tmp-" in name

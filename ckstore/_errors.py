@@ -1,0 +1,124 @@
+"""Exceptions raised by ckstore.
+
+Every error ckstore raises on purpose is a :class:`CkstoreError`. Where a
+builtin exception says the same thing, the class also subclasses it, so
+``except LookupError`` or ``except TimeoutError`` keep working::
+
+    CkstoreError
+    ├── IntegrityError            a file disagrees with its manifest (hash, size, missing, torn)
+    ├── ManifestError (ValueError)  a manifest is malformed or of an unsupported version
+    ├── CheckpointNotFoundError (LookupError)
+    ├── CheckpointExistsError (FileExistsError)
+    ├── StoreLockedError (TimeoutError)  another process holds the writer lock
+    ├── ReadOnlyStoreError        a write was asked of a readonly store
+    ├── StateError (TypeError)    a state value cannot be saved, or does not fit on load
+    ├── InvalidArgumentError (ValueError)  a bad step, metric, tag or option
+    ├── StorageError (OSError)    the filesystem failed mid-write (ENOSPC, EIO); nothing committed is lost
+    └── AsyncSaveError            a background save failed; raised on the next call
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+class CkstoreError(Exception):
+    """Root of every error ckstore raises on purpose."""
+
+
+class IntegrityError(CkstoreError):
+    """A checkpoint file does not match its manifest.
+
+    ``path`` names the file; ``expected`` and ``actual`` say what the manifest
+    promised and what was found (a ``"<algo>:<hex>"`` hash, a size, or a short
+    description such as ``"missing"``).
+    """
+
+    def __init__(self, message: str, *, path: str | os.PathLike[str], expected: Any = None, actual: Any = None) -> None:
+        super().__init__(message)
+        self.path = os.fspath(path)
+        self.expected = expected
+        self.actual = actual
+
+    def __reduce__(self):  # keep the attributes across process boundaries
+        return (_rebuild_integrity, (str(self), self.path, self.expected, self.actual))
+
+
+def _rebuild_integrity(message: str, path: str, expected: Any, actual: Any) -> IntegrityError:
+    return IntegrityError(message, path=path, expected=expected, actual=actual)
+
+
+class ManifestError(CkstoreError, ValueError):
+    """A manifest is malformed, lists unsafe paths, or has an unsupported format version."""
+
+    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(message)
+        self.path = os.fspath(path) if path is not None else None
+
+
+class CheckpointNotFoundError(CkstoreError, LookupError):
+    """No committed checkpoint matches the step, alias or tag asked for."""
+
+    def __init__(self, message: str, *, step: Any = None) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+class CheckpointExistsError(CkstoreError, FileExistsError):
+    """A checkpoint for this step is already committed; steps are never overwritten."""
+
+    def __init__(self, message: str, *, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+class StoreLockedError(CkstoreError, TimeoutError):
+    """Another writer holds the store's lock. ``pid`` and ``host`` name it when known."""
+
+    def __init__(self, message: str, *, path: str, pid: int | None = None, host: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.pid = pid
+        self.host = host
+
+
+class ReadOnlyStoreError(CkstoreError):
+    """A write (save, tag, delete, gc) was asked of a store opened with ``readonly=True``."""
+
+
+class StateError(CkstoreError, TypeError):
+    """A state value cannot be stored, or a loaded value does not fit the object it is loaded into.
+
+    ``key`` is the path of the offending value, e.g. ``state['optimizer']['state'][0]``.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class InvalidArgumentError(CkstoreError, ValueError):
+    """An argument is out of range: a negative step, a NaN metric, a bad tag name, ..."""
+
+
+class StorageError(CkstoreError, OSError):
+    """The filesystem failed while writing (disk full, I/O error).
+
+    The save or delete in progress was abandoned and its partial files removed;
+    every checkpoint committed before it is intact. ``errno`` is the OS error
+    number (``errno.ENOSPC``, ``errno.EIO``, ...).
+    """
+
+    def __init__(self, message: str, *, errno: int | None = None, path: str | None = None) -> None:
+        CkstoreError.__init__(self, message)
+        self.errno = errno
+        self.filename = path
+        self.strerror = message
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+class AsyncSaveError(CkstoreError):
+    """A background save failed. Raised by the next ``save``, ``wait`` or ``close``; the cause is chained."""

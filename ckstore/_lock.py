@@ -1,0 +1,78 @@
+"""The single-writer lock of a store.
+
+One process at a time may write a store. The lock is an OS file lock
+(``filelock``, which opens the lock file with ``O_NOFOLLOW`` since 3.20.1), so
+it is released by the kernel when the holder dies: a SIGKILLed trainer never
+leaves a stale lock behind. Next to it the holder writes who it is (pid, host,
+time) so a second writer's :class:`StoreLockedError` can name the holder.
+Readers take no lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+
+import filelock
+
+from . import _durable
+from ._errors import StoreLockedError
+
+LOCK_NAME = ".ckstore.lock"
+OWNER_NAME = ".ckstore.lock.owner"
+
+
+class WriterLock:
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.path = os.path.join(root, LOCK_NAME)
+        self._lock = filelock.FileLock(self.path, thread_local=False)
+
+    @property
+    def held(self) -> bool:
+        return self._lock.is_locked
+
+    def acquire(self, timeout: float = 0) -> None:
+        """Take the lock, waiting up to ``timeout`` seconds (``None`` waits forever)."""
+        if self.held:
+            return
+        try:
+            self._lock.acquire(timeout=-1 if timeout is None else timeout)
+        except filelock.Timeout:
+            pid, host = self.holder()
+            who = f"pid {pid} on {host}" if pid is not None else "another process"
+            raise StoreLockedError(
+                f"{self.root}: the store is being written by {who}; one writer per store "
+                "(open with readonly=True to read, or pass lock_timeout= to wait)",
+                path=self.root,
+                pid=pid,
+                host=host,
+            ) from None
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        try:
+            _durable.write_file_atomic(os.path.join(self.root, OWNER_NAME), json.dumps(owner).encode(), site="lock_owner")
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def try_acquire(self) -> bool:
+        try:
+            self.acquire(timeout=0)
+        except StoreLockedError:
+            return False
+        return True
+
+    def release(self) -> None:
+        if self.held:
+            self._lock.release(force=True)
+
+    def holder(self) -> tuple[int | None, str | None]:
+        """The pid and host recorded by the current holder, if readable."""
+        try:
+            with open(os.path.join(self.root, OWNER_NAME), encoding="utf-8") as fh:
+                owner = json.load(fh)
+            return int(owner["pid"]), str(owner["host"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None, None

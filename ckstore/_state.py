@@ -1,0 +1,378 @@
+"""Nested training state <-> a JSON skeleton plus tensors grouped into files.
+
+Saving walks the state once. Tensors (and NumPy arrays) go to tensor files;
+everything else becomes JSON in the manifest. JSON has no tuples, no non-string
+keys, no NaN and no bytes, so those are written as small tagged objects
+(``{"$ck": "tuple", "items": [...]}`` and so on); a plain dict whose keys are
+strings stays a plain JSON object, so the manifest reads naturally. Objects
+with ``state_dict()``/``load_state_dict()`` are stored as their state dict and
+restored in place. Nothing is pickled, on save or on load.
+
+Tensors are grouped into files by where they sit in the state: the top-level
+key plus the first dotted component of the next key (``model.encoder``,
+``model.embed``, ``optimizer.state``), so that a part of the model that did not
+change produces a byte-identical file from one checkpoint to the next. Large
+groups are split into shards of at most :data:`MAX_FILE_BYTES`.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import math
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._errors import StateError
+from ._tensorfile import prepare_tensor
+
+MARK = "$ck"
+MAX_FILE_BYTES = 1 << 30
+_MAX_DEPTH = 200
+
+Path = tuple[Any, ...]
+
+
+def format_path(path: Path) -> str:
+    return "state" + "".join(f"[{p!r}]" for p in path)
+
+
+def is_stateful(value: object) -> bool:
+    return (
+        not isinstance(value, (torch.Tensor, Mapping, type))
+        and callable(getattr(value, "state_dict", None))
+        and callable(getattr(value, "load_state_dict", None))
+    )
+
+
+@dataclass
+class TensorRef:
+    file: str
+    key: str
+
+
+@dataclass
+class Encoded:
+    """A state split for storage: the JSON skeleton and the tensors of each file, in order."""
+
+    skeleton: Any
+    files: dict[str, list[tuple[str, torch.Tensor]]] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for entries in self.files.values() for _, t in entries)
+
+
+class _Encoder:
+    def __init__(self, prepare: Callable[[torch.Tensor, str], torch.Tensor]) -> None:
+        self.prepare = prepare
+        self.seen: dict[tuple, dict[str, Any]] = {}  # shared tensors are stored once
+        self.groups: dict[str, list[tuple[Path, torch.Tensor, dict[str, Any]]]] = {}
+        self.active: set[int] = set()
+
+    def encode(self, value: Any, path: Path) -> Any:
+        if len(path) > _MAX_DEPTH:
+            raise StateError(f"{format_path(path[:5])}...: state nests deeper than {_MAX_DEPTH} levels", key=format_path(path))
+        if isinstance(value, torch.Tensor):
+            return self.tensor(value, path, numpy=False)
+        if isinstance(value, np.ndarray):
+            if value.dtype.hasobject or value.dtype.kind not in "biufc":
+                raise StateError(f"{format_path(path)}: NumPy arrays of dtype {value.dtype} are not supported", key=format_path(path))
+            return self.tensor(torch.from_numpy(np.ascontiguousarray(value)), path, numpy=True)
+        if value is None or isinstance(value, (bool, str)):
+            return value
+        if isinstance(value, np.generic):
+            return {MARK: "numpy_scalar", "dtype": value.dtype.str, "value": self.encode(value.item(), path)}
+        if isinstance(value, int):
+            return int(value)
+        if isinstance(value, float):
+            return _encode_float(float(value))
+        if isinstance(value, (bytes, bytearray)):
+            return {MARK: "bytes", "base64": base64.b64encode(bytes(value)).decode("ascii")}
+        if isinstance(value, torch.dtype):
+            return {MARK: "dtype", "name": str(value).removeprefix("torch.")}
+        if isinstance(value, torch.device):
+            return {MARK: "device", "name": str(value)}
+        if is_stateful(value):
+            with self._entered(value, path):
+                state = value.state_dict()
+                return {MARK: "stateful", "class": type(value).__qualname__, "state": self.encode(state, path)}
+        if isinstance(value, Mapping):
+            with self._entered(value, path):
+                if all(isinstance(k, str) for k in value) and MARK not in value:
+                    return {k: self.encode(v, path + (k,)) for k, v in value.items()}
+                items = []
+                for k, v in value.items():
+                    items.append([self.key(k, path), self.encode(v, path + (k,))])
+                return {MARK: "dict", "items": items}
+        if isinstance(value, (list, tuple)):
+            with self._entered(value, path):
+                items = [self.encode(v, path + (i,)) for i, v in enumerate(value)]
+            if isinstance(value, torch.Size):
+                return {MARK: "size", "items": items}
+            return items if isinstance(value, list) else {MARK: "tuple", "items": items}
+        raise StateError(
+            f"{format_path(path)}: cannot store a value of type {type(value).__module__}.{type(value).__qualname__}; "
+            "supported: tensors, NumPy arrays, dict/list/tuple, int/float/bool/str/bytes/None, "
+            "and objects with state_dict()/load_state_dict()",
+            key=format_path(path),
+        )
+
+    def key(self, key: Any, path: Path) -> Any:
+        if key is None or isinstance(key, (bool, str, int, float)) or (isinstance(key, tuple) and not isinstance(key, torch.Size)):
+            return self.encode(key, path + ("<key>",))
+        raise StateError(f"{format_path(path)}: dict key {key!r} of type {type(key).__name__} cannot be stored", key=format_path(path))
+
+    @contextlib.contextmanager
+    def _entered(self, value: object, path: Path) -> Iterator[None]:
+        if id(value) in self.active:
+            raise StateError(f"{format_path(path)}: the state contains itself (a reference cycle)", key=format_path(path))
+        self.active.add(id(value))
+        try:
+            yield
+        finally:
+            self.active.discard(id(value))
+
+    def tensor(self, tensor: torch.Tensor, path: Path, *, numpy: bool) -> dict[str, Any]:
+        identity = (
+            tensor.untyped_storage().data_ptr() if tensor.layout == torch.strided and tensor.numel() else id(tensor),
+            tensor.device,
+            tensor.dtype,
+            tensor.storage_offset() if tensor.layout == torch.strided else 0,
+            tuple(tensor.shape),
+            tuple(tensor.stride()) if tensor.layout == torch.strided else (),
+            numpy,
+        )
+        ref = self.seen.get(identity)
+        if ref is not None:
+            return ref
+        ref = {MARK: "tensor"}
+        if numpy:
+            ref["numpy"] = True
+        if tensor.device.type != "cpu":
+            ref["device"] = str(tensor.device)
+        prepared = self.prepare(tensor, format_path(path))
+        self.groups.setdefault(_group_name(path), []).append((path, prepared, ref))
+        self.seen[identity] = ref
+        return ref
+
+    def finish(self, skeleton: Any) -> Encoded:
+        encoded = Encoded(skeleton)
+        used_names: set[str] = set()
+        for group, members in self.groups.items():
+            shards: list[list[tuple[Path, torch.Tensor, dict[str, Any]]]] = [[]]
+            size = 0
+            for member in members:
+                nbytes = member[1].numel() * member[1].element_size()
+                if shards[-1] and size + nbytes > MAX_FILE_BYTES:
+                    shards.append([])
+                    size = 0
+                shards[-1].append(member)
+                size += nbytes
+            for index, shard in enumerate(shards):
+                stem = group if len(shards) == 1 else f"{group}-{index:05d}"
+                name = _unique(f"{stem}.safetensors", used_names)
+                keys: set[str] = set()
+                entries = []
+                for path, tensor, ref in shard:
+                    key = _unique_key("/".join(str(p) for p in path) or "tensor", keys)
+                    ref["file"], ref["key"] = name, key
+                    entries.append((key, tensor))
+                encoded.files[name] = entries
+        return encoded
+
+
+def _encode_float(value: float) -> Any:
+    if math.isfinite(value):
+        return value
+    return {MARK: "float", "value": "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def _group_name(path: Path) -> str:
+    if not path:
+        return "state"
+    head = str(path[0])
+    if len(path) > 1 and isinstance(path[1], str):
+        head += "." + path[1].split(".", 1)[0]
+    name = _SAFE.sub("_", head)[:120].lstrip(".") or "state"
+    return name
+
+
+def _unique(name: str, used: set[str]) -> str:
+    candidate, n = name, 1
+    while candidate in used or candidate == "manifest.json":
+        stem, _, ext = name.rpartition(".")
+        candidate = f"{stem}~{n}.{ext}"
+        n += 1
+    used.add(candidate)
+    return candidate
+
+
+def _unique_key(key: str, used: set[str]) -> str:
+    candidate, n = key, 1
+    while candidate in used or candidate == "__metadata__":
+        candidate = f"{key}#{n}"
+        n += 1
+    used.add(candidate)
+    return candidate
+
+
+def encode_state(state: Any, *, prepare: Callable[[torch.Tensor, str], torch.Tensor] = prepare_tensor) -> Encoded:
+    """Split ``state`` into a JSON skeleton and tensor files. Raises StateError naming the key path."""
+    encoder = _Encoder(prepare)
+    try:
+        skeleton = encoder.encode(state, ())
+    except RecursionError:
+        raise StateError("state nests too deeply to store", key="state") from None
+    return encoder.finish(skeleton)
+
+
+# ---------------------------------------------------------------- decoding
+
+
+TensorSource = Callable[[str, str], torch.Tensor]
+
+
+class _Decoder:
+    def __init__(self, source: TensorSource, map_location: Any) -> None:
+        self.source = source
+        self.map_location = map_location
+        self.cache: dict[tuple[str, str], Any] = {}
+
+    def decode(self, node: Any, target: Any, path: Path) -> Any:
+        if isinstance(node, list):
+            items = target if isinstance(target, list) and len(target) == len(node) else None
+            return [self.decode(v, items[i] if items is not None else None, path + (i,)) for i, v in enumerate(node)]
+        if not isinstance(node, dict):
+            return node
+        kind = node.get(MARK)
+        if kind is None:
+            sub = target if isinstance(target, Mapping) else None
+            return {k: self.decode(v, sub.get(k) if sub is not None else None, path + (k,)) for k, v in node.items()}
+        if kind == "tensor":
+            return self.tensor(node, target, path)
+        if kind == "stateful":
+            state = self.decode(node["state"], None, path)
+            if target is not None and is_stateful(target):
+                load_into(target, state, path)
+            return state
+        if kind == "dict":
+            sub = target if isinstance(target, Mapping) else None
+            out = {}
+            for key_node, value_node in node["items"]:
+                key = self.decode(key_node, None, path + ("<key>",))
+                out[key] = self.decode(value_node, sub.get(key) if sub is not None and _hashable(key) else None, path + (key,))
+            return out
+        if kind in ("tuple", "size"):
+            items = target if isinstance(target, (list, tuple)) and len(target) == len(node["items"]) else None
+            values = [self.decode(v, items[i] if items is not None else None, path + (i,)) for i, v in enumerate(node["items"])]
+            return tuple(values) if kind == "tuple" else torch.Size(values)
+        if kind == "float":
+            return float(node["value"])
+        if kind == "bytes":
+            return base64.b64decode(node["base64"])
+        if kind == "numpy_scalar":
+            return np.dtype(node["dtype"]).type(self.decode(node["value"], None, path))
+        if kind == "dtype":
+            dtype = getattr(torch, node["name"], None)
+            if not isinstance(dtype, torch.dtype):
+                raise StateError(f"{format_path(path)}: unknown dtype {node['name']!r}", key=format_path(path))
+            return dtype
+        if kind == "device":
+            return torch.device(node["name"])
+        raise StateError(f"{format_path(path)}: unknown encoded value {kind!r}", key=format_path(path))
+
+    def tensor(self, node: dict[str, Any], target: Any, path: Path) -> Any:
+        ident = (node["file"], node["key"])
+        value = self.cache.get(ident)
+        if value is None:
+            tensor = self.source(*ident)
+            device = self._device(node.get("device"), path)
+            if device is not None and tensor.device != device:
+                tensor = tensor.to(device)
+            value = tensor.numpy() if node.get("numpy") else tensor
+            self.cache[ident] = value
+        if isinstance(target, torch.Tensor) and not node.get("numpy"):
+            _check_fits(target, value, path)
+            with torch.no_grad():
+                target.copy_(value)
+            return target
+        return value
+
+    def _device(self, recorded: str | None, path: Path) -> torch.device | None:
+        location = self.map_location
+        if callable(location):
+            return torch.device(location(recorded or "cpu"))
+        if isinstance(location, Mapping):
+            return torch.device(location.get(recorded or "cpu", recorded or "cpu"))
+        if location is not None:
+            return torch.device(location)
+        if recorded is None:
+            return None
+        device = torch.device(recorded)
+        if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+            raise StateError(
+                f"{format_path(path)}: tensor was saved on {recorded}, which this machine lacks; pass map_location='cpu'",
+                key=format_path(path),
+            )
+        return device
+
+
+def _hashable(key: Any) -> bool:
+    try:
+        hash(key)
+    except TypeError:
+        return False
+    return True
+
+
+def _check_fits(target: torch.Tensor, value: torch.Tensor, path: Path) -> None:
+    if tuple(target.shape) != tuple(value.shape) or target.dtype != value.dtype:
+        raise StateError(
+            f"{format_path(path)}: checkpoint holds {value.dtype} {tuple(value.shape)}, "
+            f"the object being loaded into has {target.dtype} {tuple(target.shape)}",
+            key=format_path(path),
+        )
+
+
+def load_into(target: Any, state: Any, path: Path) -> None:
+    """Call ``target.load_state_dict(state)``, refusing shape or dtype mismatches with a StateError."""
+    if isinstance(target, torch.nn.Module) and isinstance(state, Mapping):
+        current = target.state_dict()
+        for key, value in state.items():
+            mine = current.get(key)
+            if isinstance(mine, torch.Tensor) and isinstance(value, torch.Tensor):
+                _check_fits(mine, value, path + (key,))
+    try:
+        target.load_state_dict(state)
+    except StateError:
+        raise
+    except Exception as exc:
+        raise StateError(f"{format_path(path)}: {type(target).__name__}.load_state_dict failed: {exc}", key=format_path(path)) from exc
+
+
+def decode_state(skeleton: Any, source: TensorSource, *, target: Any = None, map_location: Any = None) -> Any:
+    """Rebuild the saved state; objects with ``load_state_dict`` in ``target`` are restored in place."""
+    return _Decoder(source, map_location).decode(skeleton, target, ())
+
+
+def tensor_refs(skeleton: Any) -> Iterator[tuple[str, str]]:
+    """Every (file, key) the skeleton refers to."""
+    stack = [skeleton]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            if node.get(MARK) == "tensor":
+                yield node.get("file"), node.get("key")
+            else:
+                stack.extend(node.values())

@@ -1,0 +1,673 @@
+"""The checkpoint store and its commit protocol.
+
+Layout of a store directory::
+
+    <root>/
+      checkpoints/step-00000120/   one directory per committed checkpoint
+          manifest.json            written last; lists every file with size and hash
+          model.fc.safetensors ... tensor files (plain safetensors)
+      tags.json                    tag -> step, replaced atomically
+      .staging/                    checkpoints being written (invisible to readers)
+      .trash/                      checkpoints being deleted (invisible to readers)
+      .ckstore.lock                the writer lock (+ .ckstore.lock.owner: pid, host)
+
+Commit protocol of :meth:`Store.save` (every step goes through ``_durable``):
+
+1. Take the writer lock (first write only) and recover leftovers (below).
+2. Create ``.staging/step-<N>.<random>/``.
+3. Write each tensor file there, fsync it, close it.
+4. Write ``manifest.json`` there last, fsync it.
+5. fsync the staging directory: its entries (the files) are now durable.
+6. Rename the staging directory to ``checkpoints/step-<N>`` (refused if it
+   exists). This single rename is the commit point: before it the checkpoint
+   does not exist for any reader, after it the checkpoint is whole.
+7. fsync ``checkpoints/`` (and ``.staging/``): the rename is now durable.
+   **When save returns, the checkpoint survives a crash or power loss.**
+8. Update ``tags.json`` if the save names tags (atomic replace + fsync).
+9. Apply retention: each checkpoint not kept is renamed into ``.trash/``,
+   ``checkpoints/`` is fsynced, then the trash entry is removed. The newest
+   checkpoint is never deleted, and nothing is deleted before step 7.
+
+Recovery, run only while holding the writer lock (so never under a live
+writer's feet): remove every entry of ``.staging/`` (saves that never reached
+step 6), remove every entry of ``.trash/`` (deletions that were interrupted;
+the checkpoint had already left ``checkpoints/``), remove temp files of
+interrupted atomic replaces, and drop tags pointing at missing checkpoints. A
+readonly store ignores leftovers. A crash at any moment therefore leaves each
+checkpoint either absent or whole, and a kill mid-delete never leaves a half
+checkpoint in ``checkpoints/``.
+
+Steps are ordered numerically from the manifest, never by name or mtime.
+Loading verifies each file's size and hash as it is read; with no step given,
+a checkpoint that fails verification is skipped with a warning and the newest
+one that verifies is loaded. Nothing is ever deleted because it failed to
+verify.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import threading
+import time
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import _durable
+from ._errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    IntegrityError,
+    InvalidArgumentError,
+    ManifestError,
+    ReadOnlyStoreError,
+    StorageError,
+)
+from ._hashing import default_algorithm, new_hasher
+from ._lock import WriterLock
+from ._manifest import MANIFEST_NAME, FileEntry, Manifest, check_metrics, parse_manifest
+from ._retention import RetentionPolicy, rank_best, select_kept
+from ._state import Encoded, decode_state, encode_state
+from ._tags import TAGS_NAME, TagEntry, check_tag_name, dump_tags, parse_tags
+from ._tensorfile import parse_header, read_verified, tensors_from_buffer, write_tensor_file
+
+CHECKPOINTS_DIR = "checkpoints"
+STAGING_DIR = ".staging"
+TRASH_DIR = ".trash"
+_STEP_DIR = re.compile(r"^step-(\d{1,30})$")
+
+
+class CorruptCheckpointWarning(UserWarning):
+    """A checkpoint failed verification and was skipped; it is left on disk untouched."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A committed checkpoint, as listed by :meth:`Store.checkpoints`."""
+
+    step: int
+    metrics: Mapping[str, float]
+    tags: tuple[str, ...]
+    path: Path
+    created: float
+    nbytes: int
+    files: Mapping[str, FileEntry] = field(repr=False, compare=False, default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One defect found by :meth:`Store.verify`."""
+
+    step: int | None
+    path: str
+    message: str
+    expected: Any = None
+    actual: Any = None
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _check_step(step: object) -> int:
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise InvalidArgumentError(f"step must be an integer, got {type(step).__name__}")
+    if step < 0:
+        raise InvalidArgumentError(f"step must be non-negative, got {step}")
+    return int(step)
+
+
+class Store:
+    """A directory of durable, verified checkpoints with retention.
+
+    ``Store(path)`` opens or creates a store; it recovers what an interrupted
+    save or delete left behind as soon as it can take the writer lock. Use it as
+    a context manager, or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        keep_last: int | None = None,
+        keep_best: int | None = None,
+        metric: str | None = None,
+        mode: str = "min",
+        keep_every: int | None = None,
+        readonly: bool = False,
+        lock_timeout: float | None = 0,
+        hash_algorithm: str | None = None,
+    ) -> None:
+        self.path = Path(os.path.abspath(os.fspath(path)))
+        self.policy = RetentionPolicy(keep_last=keep_last, keep_best=keep_best, metric=metric, mode=mode, keep_every=keep_every)
+        self.readonly = bool(readonly)
+        self.lock_timeout = lock_timeout
+        self.hash_algorithm = hash_algorithm or default_algorithm()
+        new_hasher(self.hash_algorithm)  # refuse an unknown algorithm now, not mid-save
+        self._root = str(self.path)
+        self._ckpt_dir = os.path.join(self._root, CHECKPOINTS_DIR)
+        self._staging_dir = os.path.join(self._root, STAGING_DIR)
+        self._trash_dir = os.path.join(self._root, TRASH_DIR)
+        self._manifest_cache: dict[str, tuple[tuple[int, int, int], Manifest]] = {}
+        self._mutex = threading.RLock()
+        self._hash_pool: ThreadPoolExecutor | None = None
+        self._closed = False
+        if self.readonly:
+            if not os.path.isdir(self._root):
+                raise CheckpointNotFoundError(f"{self._root}: no store here")
+            self._lock = None
+        else:
+            self._create_layout()
+            self._lock = WriterLock(self._root)
+            # Recover now if nobody else is writing; a live writer keeps its staging.
+            if self._lock.try_acquire():
+                try:
+                    self._recover()
+                finally:
+                    self._lock.release()
+
+    # ------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the writer lock and the hashing thread. Idempotent."""
+        with self._mutex:
+            if self._closed:
+                return
+            self._closed = True
+            if self._hash_pool is not None:
+                self._hash_pool.shutdown(wait=True)
+                self._hash_pool = None
+            if self._lock is not None:
+                self._lock.release()
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r}{', readonly=True' if self.readonly else ''})"
+
+    def _create_layout(self) -> None:
+        try:
+            parent = os.path.dirname(self._root)
+            if not os.path.isdir(self._root):
+                os.makedirs(parent, exist_ok=True)
+                if _durable.make_dir(self._root, site="store_root", exist_ok=True):
+                    _durable.sync_dir(parent, site="store_parent_dir")
+            created = False
+            for sub in (self._ckpt_dir, self._staging_dir, self._trash_dir):
+                created |= _durable.make_dir(sub, site="store_layout", exist_ok=True)
+            if created:
+                _durable.sync_dir(self._root, site="store_root_dir")
+        except FileExistsError:
+            raise InvalidArgumentError(f"{self._root}: exists and is not a store directory") from None
+        except OSError as exc:
+            raise StorageError(f"{self._root}: cannot create the store: {exc.strerror}", errno=exc.errno, path=self._root) from exc
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InvalidArgumentError(f"{self!r} is closed")
+
+    def _acquire(self) -> None:
+        """Take the writer lock for this store's lifetime (first write only) and recover."""
+        self._check_open()
+        if self.readonly or self._lock is None:
+            raise ReadOnlyStoreError(f"{self._root}: store is open readonly")
+        if not self._lock.held:
+            self._lock.acquire(timeout=self.lock_timeout)
+            self._recover()
+
+    # ------------------------------------------------------------ recovery
+
+    def _recover(self) -> None:
+        """Remove leftovers of interrupted saves and deletes. Caller holds the writer lock."""
+        try:
+            for sub, site in ((self._staging_dir, "recover_staging"), (self._trash_dir, "recover_trash")):
+                leftovers = os.listdir(sub)
+                for name in leftovers:
+                    _durable.remove_tree(os.path.join(sub, name), site=site)
+                if leftovers:
+                    _durable.sync_dir(sub, site=site + "_dir")
+            removed = False
+            for name in os.listdir(self._root):
+                if _durable.is_temp_name(name):
+                    _durable.unlink(os.path.join(self._root, name), site="recover_temp")
+                    removed = True
+            if removed:
+                _durable.sync_dir(self._root, site="recover_root_dir")
+            tags = self._read_tags()
+            live = {tag: entry for tag, entry in tags.items() if self._exists(entry.step)}
+            if live != tags:
+                self._write_tags(live)
+        except OSError as exc:
+            raise StorageError(f"{self._root}: recovery failed: {exc.strerror or exc}", errno=exc.errno, path=self._root) from exc
+
+    # ------------------------------------------------------------ listing
+
+    def _step_dirs(self) -> list[tuple[int, str]]:
+        try:
+            names = os.listdir(self._ckpt_dir)
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in names:
+            match = _STEP_DIR.match(name)
+            if match:
+                out.append((int(match.group(1)), name))
+        out.sort()
+        return out
+
+    def _exists(self, step: int) -> bool:
+        return os.path.isfile(os.path.join(self._ckpt_dir, step_dir_name(step), MANIFEST_NAME))
+
+    def _manifest(self, name: str) -> Manifest:
+        """Parse (or reuse the parse of) a checkpoint's manifest. Raises ManifestError/IntegrityError."""
+        path = os.path.join(self._ckpt_dir, name, MANIFEST_NAME)
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(f"{path}: checkpoint vanished or has no manifest") from None
+        except OSError as exc:
+            raise ManifestError(f"{path}: cannot open manifest ({exc.strerror})", path=path) from None
+        try:
+            st = os.fstat(fd)
+            key = (st.st_ino, st.st_mtime_ns, st.st_size)
+            cached = self._manifest_cache.get(name)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+            if st.st_size > 256 << 20:
+                raise ManifestError(f"{path}: manifest too large ({st.st_size} bytes)", path=path)
+            data = b""
+            while len(data) < st.st_size:
+                chunk = os.read(fd, st.st_size - len(data))
+                if not chunk:
+                    break
+                data += chunk
+        finally:
+            os.close(fd)
+        manifest = parse_manifest(data, path=path)
+        expected = int(_STEP_DIR.match(name).group(1))  # type: ignore[union-attr]
+        if manifest.step != expected:
+            raise ManifestError(f"{path}: manifest says step {manifest.step} but lives in {name}", path=path)
+        self._manifest_cache[name] = (key, manifest)
+        return manifest
+
+    def _info(self, manifest: Manifest, tags_by_step: Mapping[int, list[str]]) -> CheckpointInfo:
+        return CheckpointInfo(
+            step=manifest.step,
+            metrics=dict(manifest.metrics),
+            tags=tuple(sorted(tags_by_step.get(manifest.step, ()))),
+            path=self.path / CHECKPOINTS_DIR / step_dir_name(manifest.step),
+            created=manifest.created,
+            nbytes=manifest.nbytes,
+            files=dict(manifest.files),
+        )
+
+    def _listing(self, *, warn: bool = True) -> list[CheckpointInfo]:
+        tags_by_step: dict[int, list[str]] = {}
+        try:
+            tags = self._read_tags()
+        except (ManifestError, IntegrityError) as exc:
+            if warn:
+                warnings.warn(f"{exc}; listing checkpoints without tags", CorruptCheckpointWarning, stacklevel=3)
+            tags = {}
+        for tag, entry in tags.items():
+            tags_by_step.setdefault(entry.step, []).append(tag)
+        infos = []
+        for _, name in self._step_dirs():
+            try:
+                manifest = self._manifest(name)
+            except CheckpointNotFoundError:
+                continue  # deleted between listdir and open
+            except (ManifestError, IntegrityError) as exc:
+                if warn:
+                    warnings.warn(f"skipping {name}: {exc}", CorruptCheckpointWarning, stacklevel=3)
+                continue
+            infos.append(self._info(manifest, tags_by_step))
+        return infos
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """Committed checkpoints with a readable manifest, ascending by step.
+
+        A checkpoint whose manifest is unreadable is skipped with a
+        :class:`CorruptCheckpointWarning` (and reported by :meth:`verify`).
+        """
+        self._check_open()
+        return self._listing()
+
+    def latest(self) -> CheckpointInfo | None:
+        """The checkpoint with the highest step, or None for an empty store. Its data is not verified here."""
+        infos = self.checkpoints()
+        return infos[-1] if infos else None
+
+    def _best_metric(self, infos: Sequence[CheckpointInfo]) -> tuple[str, str] | None:
+        if self.policy.metric is not None:
+            return self.policy.metric, self.policy.mode
+        for info in reversed(infos):  # the newest manifest records the policy its writer used
+            retention = self._manifest(info.path.name).retention
+            if retention is not None:
+                return retention["metric"], retention["mode"]
+        return None
+
+    def best(self) -> CheckpointInfo | None:
+        """The best checkpoint by the store's metric (or the one recorded by the last writer), or None."""
+        infos = self.checkpoints()
+        chosen = self._best_metric(infos)
+        if chosen is None:
+            if not infos:
+                return None
+            raise InvalidArgumentError(f"{self._root}: no metric configured; open the store with metric=... to rank checkpoints")
+        ranked = rank_best(infos, *chosen)
+        return ranked[0] if ranked else None  # type: ignore[return-value]
+
+    def resolve(self, step: int | str) -> CheckpointInfo:
+        """The checkpoint named by a step, ``"latest"``, ``"best"`` or a tag."""
+        self._check_open()
+        if isinstance(step, str):
+            if step == "latest":
+                info = self.latest()
+            elif step == "best":
+                info = self.best()
+            else:
+                check_tag_name(step)
+                entry = self._read_tags().get(step)
+                if entry is None:
+                    raise CheckpointNotFoundError(f"{self._root}: no checkpoint is tagged {step!r}", step=step)
+                return self._resolve_step(entry.step)
+            if info is None:
+                raise CheckpointNotFoundError(f"{self._root}: no {step} checkpoint (store is empty or no checkpoint has the metric)", step=step)
+            return info
+        return self._resolve_step(_check_step(step))
+
+    def _resolve_step(self, step: int) -> CheckpointInfo:
+        name = step_dir_name(step)
+        if not os.path.isdir(os.path.join(self._ckpt_dir, name)):
+            raise CheckpointNotFoundError(f"{self._root}: no checkpoint at step {step}", step=step)
+        manifest = self._manifest(name)
+        tags = {}
+        with contextlib.suppress(ManifestError, IntegrityError):
+            tags = self._read_tags()
+        by_step: dict[int, list[str]] = {}
+        for tag, entry in tags.items():
+            by_step.setdefault(entry.step, []).append(tag)
+        return self._info(manifest, by_step)
+
+    # ------------------------------------------------------------ tags
+
+    def _read_tags(self) -> dict[str, TagEntry]:
+        path = os.path.join(self._root, TAGS_NAME)
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            return {}
+        return parse_tags(data, path=path)
+
+    def _write_tags(self, tags: Mapping[str, TagEntry]) -> None:
+        _durable.write_file_atomic(os.path.join(self._root, TAGS_NAME), dump_tags(tags), site="tags")
+
+    def tag(self, step: int, name: str) -> CheckpointInfo:
+        """Point tag ``name`` at ``step`` (moving it if it named another checkpoint). Tagged checkpoints are kept by retention."""
+        check_tag_name(name)
+        step = _check_step(step)
+        with self._mutex:
+            self._acquire()
+            if not self._exists(step):
+                raise CheckpointNotFoundError(f"{self._root}: no checkpoint at step {step}", step=step)
+            tags = self._read_tags()
+            tags[name] = TagEntry(step, time.time())
+            self._guarded(lambda: self._write_tags(tags), what=f"tag {name!r}")
+            return self._resolve_step(step)
+
+    def untag(self, name: str) -> None:
+        """Remove tag ``name``; CheckpointNotFoundError if no checkpoint carries it."""
+        check_tag_name(name)
+        with self._mutex:
+            self._acquire()
+            tags = self._read_tags()
+            if name not in tags:
+                raise CheckpointNotFoundError(f"{self._root}: no checkpoint is tagged {name!r}", step=name)
+            del tags[name]
+            self._guarded(lambda: self._write_tags(tags), what=f"untag {name!r}")
+
+    def _guarded(self, action, *, what: str) -> Any:
+        try:
+            return action()
+        except OSError as exc:
+            raise StorageError(f"{self._root}: {what} failed: {exc.strerror or exc}", errno=exc.errno, path=getattr(exc, "filename", None)) from exc
+
+    # ------------------------------------------------------------ save
+
+    def save(self, state: Any, *, step: int, metrics: Mapping[str, Any] | None = None, tags: Iterable[str] = ()) -> CheckpointInfo:
+        """Write ``state`` as checkpoint ``step``; returns once it is durable.
+
+        ``state`` is any nesting of dicts, lists and tuples holding tensors,
+        NumPy arrays, Python scalars, strings, bytes and None, and objects with
+        ``state_dict()``/``load_state_dict()`` (modules, optimizers, schedulers,
+        grad scalers, stateful data loaders). Raises CheckpointExistsError if the
+        step is committed, StateError naming the key of an unsupported value, and
+        StorageError if the disk fails (the partial checkpoint is removed; earlier
+        ones are intact). Retention runs after the new checkpoint is durable.
+        """
+        step = _check_step(step)
+        metrics = check_metrics(metrics)
+        if isinstance(tags, str):
+            tags = (tags,)
+        tag_names = sorted({check_tag_name(t) for t in tags})
+        with self._mutex:
+            self._acquire()
+            if self._exists(step):
+                raise CheckpointExistsError(f"{self._root}: step {step} is already committed; steps are never overwritten", step=step)
+            encoded = encode_state(state)
+            self._commit(encoded, step, metrics)
+            if tag_names:
+                current = self._read_tags()
+                now = time.time()
+                for name in tag_names:
+                    current[name] = TagEntry(step, now)
+                self._guarded(lambda: self._write_tags(current), what="tagging the new checkpoint")
+            self._apply_retention()
+            return self._resolve_step(step)
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._hash_pool is None:
+            self._hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckstore-hash")
+        return self._hash_pool
+
+    def _commit(self, encoded: Encoded, step: int, metrics: dict[str, float]) -> None:
+        final_name = step_dir_name(step)
+        staging = os.path.join(self._staging_dir, f"{final_name}.{secrets.token_hex(4)}")
+        committed = False
+        try:
+            _durable.make_dir(staging, site="staging")
+            files: dict[str, FileEntry] = {}
+            for name, entries in encoded.files.items():
+                written = write_tensor_file(os.path.join(staging, name), entries, algo=self.hash_algorithm, hash_pool=self._pool())
+                files[name] = FileEntry(written.size, written.hash)
+            retention = {"metric": self.policy.metric, "mode": self.policy.mode} if self.policy.metric else None
+            manifest = Manifest(step=step, created=time.time(), files=files, state=encoded.skeleton, metrics=metrics, retention=retention)
+            with _durable.FileWriter(os.path.join(staging, MANIFEST_NAME), site="manifest") as writer:
+                writer.write(manifest.to_json())
+                writer.sync()
+            _durable.sync_dir(staging, site="staging_dir")
+            _durable.rename(staging, os.path.join(self._ckpt_dir, final_name), site="commit")
+            committed = True
+            _durable.sync_dir(self._ckpt_dir, site="checkpoints_dir")
+            _durable.sync_dir(self._staging_dir, site="staging_parent_dir")
+        except BaseException as exc:
+            if not committed:
+                with contextlib.suppress(OSError):
+                    _durable.remove_tree(staging, site="abort")
+            if isinstance(exc, OSError):
+                state = "committed but its durability is unknown" if committed else "abandoned"
+                raise StorageError(
+                    f"{self._root}: saving step {step} failed ({exc.strerror or exc}); the save was {state}, "
+                    "earlier checkpoints are intact",
+                    errno=exc.errno,
+                    path=getattr(exc, "filename", None),
+                ) from exc
+            raise
+
+    # ------------------------------------------------------------ retention and deletion
+
+    def _apply_retention(self, policy: RetentionPolicy | None = None) -> list[int]:
+        policy = policy or self.policy
+        if not policy.prunes:
+            return []
+        try:
+            self._read_tags()
+        except (ManifestError, IntegrityError) as exc:
+            # Which checkpoints are pinned is unknown: deleting now could drop a pinned one.
+            warnings.warn(f"retention skipped: {exc}", CorruptCheckpointWarning, stacklevel=3)
+            return []
+        infos = self._listing(warn=False)
+        keep = select_kept(infos, policy)
+        doomed = [info.step for info in infos if info.step not in keep]
+        for step in doomed:
+            self._delete_dir(step)
+        return doomed
+
+    def _delete_dir(self, step: int) -> None:
+        name = step_dir_name(step)
+        trash = os.path.join(self._trash_dir, f"{name}.{secrets.token_hex(4)}")
+
+        def run() -> None:
+            # Leaving checkpoints/ is the deletion's commit point: one atomic rename.
+            _durable.rename(os.path.join(self._ckpt_dir, name), trash, site="delete")
+            _durable.sync_dir(self._ckpt_dir, site="delete_checkpoints_dir")
+            _durable.sync_dir(self._trash_dir, site="delete_trash_dir")
+            _durable.remove_tree(trash, site="delete_tree")
+
+        self._guarded(run, what=f"deleting step {step}")
+        self._manifest_cache.pop(name, None)
+
+    def delete(self, step: int, *, force: bool = False) -> None:
+        """Delete checkpoint ``step`` crash-safely. A tagged checkpoint needs ``force=True`` (its tags go too)."""
+        step = _check_step(step)
+        with self._mutex:
+            self._acquire()
+            if not os.path.isdir(os.path.join(self._ckpt_dir, step_dir_name(step))):
+                raise CheckpointNotFoundError(f"{self._root}: no checkpoint at step {step}", step=step)
+            tags = self._read_tags()
+            mine = sorted(t for t, e in tags.items() if e.step == step)
+            if mine and not force:
+                raise InvalidArgumentError(f"step {step} is tagged {mine}; untag it or pass force=True")
+            if mine:
+                self._guarded(lambda: self._write_tags({t: e for t, e in tags.items() if e.step != step}), what="untagging")
+            self._delete_dir(step)
+
+    def gc(self, *, policy: RetentionPolicy | None = None, dry_run: bool = False) -> list[int]:
+        """Recover leftovers and apply retention now (the store's policy, or ``policy``). Returns deleted steps."""
+        with self._mutex:
+            self._acquire()
+            if dry_run:
+                policy = policy or self.policy
+                infos = self._listing(warn=False)
+                keep = select_kept(infos, policy) if policy.prunes else {i.step for i in infos}
+                return [i.step for i in infos if i.step not in keep]
+            return self._apply_retention(policy)
+
+    # ------------------------------------------------------------ load and verify
+
+    def load(self, state: Any = None, *, step: int | str | None = None, map_location: Any = None, verify: bool = True) -> Any:
+        """Load a checkpoint; restore objects in ``state`` in place; return the restored nested state.
+
+        ``step`` is a step number, ``"latest"``, ``"best"`` or a tag; ``None``
+        loads the newest checkpoint that verifies, skipping (with a warning)
+        any newer one that does not. Asked for a specific checkpoint that is
+        corrupt, raises IntegrityError naming the file. ``map_location`` moves
+        tensors (a device, a mapping from saved device to device, or a
+        callable). Every file's size and hash are checked unless ``verify=False``.
+        """
+        self._check_open()
+        if step is not None:
+            return self._load_one(self.resolve(step), state, map_location, verify)
+        infos = self.checkpoints()
+        if not infos:
+            raise CheckpointNotFoundError(f"{self._root}: store has no checkpoints")
+        skipped = []
+        for info in reversed(infos):
+            try:
+                return self._load_one(info, state, map_location, verify)
+            except (IntegrityError, ManifestError) as exc:
+                warnings.warn(f"checkpoint step {info.step} failed verification and was skipped: {exc}", CorruptCheckpointWarning, stacklevel=2)
+                skipped.append(info.step)
+            except CheckpointNotFoundError:
+                continue  # deleted by retention while we looked
+        raise CheckpointNotFoundError(f"{self._root}: no checkpoint verifies (failed: steps {skipped})")
+
+    def _load_one(self, info: CheckpointInfo, state: Any, map_location: Any, verify: bool) -> Any:
+        directory = str(info.path)
+        manifest = self._manifest(info.path.name)
+        tensors: dict[str, dict[str, torch.Tensor]] = {}
+        for name, entry in manifest.files.items():
+            path = os.path.join(directory, name)
+            buffer = read_verified(path, size=entry.size, expected=entry.hash if verify else None)
+            tensors[name] = tensors_from_buffer(buffer, path)
+
+        def source(file: str, key: str) -> torch.Tensor:
+            try:
+                return tensors[file][key]
+            except KeyError:
+                path = os.path.join(directory, file)
+                raise IntegrityError(f"{path}: tensor {key!r} named by the manifest is missing", path=path, expected=key, actual="missing") from None
+
+        return decode_state(manifest.state, source, target=state, map_location=map_location)
+
+    def verify(self, step: int | str | None = None) -> list[Problem]:
+        """Check every file of one checkpoint (or all when None) against its manifest; return each problem found.
+
+        An empty list means everything verified. Nothing is modified or deleted.
+        """
+        self._check_open()
+        if step is None:
+            targets = self._step_dirs()
+        else:
+            info = self.resolve(step)
+            targets = [(info.step, info.path.name)]
+        problems: list[Problem] = []
+        for number, name in targets:
+            problems.extend(self._verify_dir(number, name))
+        with contextlib.suppress(FileNotFoundError):
+            try:
+                self._read_tags()
+            except (ManifestError, IntegrityError) as exc:
+                problems.append(Problem(None, os.path.join(self._root, TAGS_NAME), str(exc)))
+        return problems
+
+    def _verify_dir(self, step: int, name: str) -> list[Problem]:
+        directory = os.path.join(self._ckpt_dir, name)
+        try:
+            manifest = self._manifest(name)
+        except CheckpointNotFoundError as exc:
+            return [Problem(step, os.path.join(directory, MANIFEST_NAME), str(exc), "manifest.json", "missing")]
+        except IntegrityError as exc:
+            return [Problem(step, exc.path, str(exc), exc.expected, exc.actual)]
+        except ManifestError as exc:
+            return [Problem(step, exc.path or directory, str(exc))]
+        problems = []
+        for file, entry in manifest.files.items():
+            path = os.path.join(directory, file)
+            try:
+                buffer = read_verified(path, size=entry.size, expected=entry.hash)
+                parse_header(buffer, len(buffer), path)
+            except IntegrityError as exc:
+                problems.append(Problem(step, exc.path, str(exc), exc.expected, exc.actual))
+        try:
+            present = set(os.listdir(directory))
+        except OSError:
+            present = set()
+        for extra in sorted(present - set(manifest.files) - {MANIFEST_NAME}):
+            problems.append(Problem(step, os.path.join(directory, extra), "file not listed in the manifest", None, "unlisted file"))
+        return problems
+

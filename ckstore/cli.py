@@ -1,0 +1,214 @@
+"""The ``ckstore`` command: inspect, verify, tag and clean a store.
+
+Exit codes: 0 success; 1 verification found problems; 2 bad usage or a
+ckstore error (the message says which). Every command takes ``--json`` for
+scripts; the JSON goes to stdout, messages to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+from ._errors import CkstoreError
+from ._manifest import MANIFEST_NAME
+from ._retention import RetentionPolicy
+from ._store import CheckpointInfo, Store
+
+
+def _step_arg(text: str) -> int | str:
+    return int(text) if text.isdigit() else text
+
+
+def _info_json(info: CheckpointInfo) -> dict[str, Any]:
+    return {
+        "step": info.step,
+        "metrics": dict(info.metrics),
+        "tags": list(info.tags),
+        "path": str(info.path),
+        "created": info.created,
+        "nbytes": info.nbytes,
+    }
+
+
+def _when(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
+    if args.json:
+        json.dump(payload, sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+    elif text:
+        print(text)
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    with Store(args.store, readonly=True) as store:
+        infos = store.checkpoints()
+        best = None
+        if args.metric:
+            from ._retention import rank_best
+
+            ranked = rank_best(infos, args.metric, args.mode)
+            best = ranked[0].step if ranked else None
+        else:
+            try:
+                chosen = store.best()
+                best = chosen.step if chosen else None
+            except CkstoreError:
+                best = None
+    rows = [f"{'STEP':>10}  {'CREATED':19}  {'SIZE':>10}  METRICS / TAGS"]
+    for info in infos:
+        metrics = " ".join(f"{k}={v:.6g}" for k, v in sorted(info.metrics.items()))
+        marks = [*(f"[{t}]" for t in info.tags)]
+        if info.step == best:
+            marks.append("(best)")
+        if info is infos[-1]:
+            marks.append("(latest)")
+        rows.append(f"{info.step:>10}  {_when(info.created)}  {_size(info.nbytes):>10}  {metrics} {' '.join(marks)}".rstrip())
+    if not infos:
+        rows = ["(no checkpoints)"]
+    _emit(args, {"checkpoints": [_info_json(i) for i in infos], "best": best}, "\n".join(rows))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    with Store(args.store, readonly=True) as store:
+        info = store.resolve(_step_arg(args.step))
+    payload = _info_json(info) | {"files": {name: {"size": e.size, "hash": str(e.hash)} for name, e in info.files.items()}}
+    lines = [
+        f"step      {info.step}",
+        f"path      {info.path}",
+        f"created   {_when(info.created)}",
+        f"size      {_size(info.nbytes)} in {len(info.files)} tensor files + {MANIFEST_NAME}",
+        f"metrics   {json.dumps(dict(info.metrics), sort_keys=True)}",
+        f"tags      {', '.join(info.tags) or '-'}",
+        "files:",
+    ]
+    lines += [f"  {name:40} {_size(e.size):>10}  {e.hash}" for name, e in sorted(info.files.items())]
+    _emit(args, payload, "\n".join(lines))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    with Store(args.store, readonly=True) as store, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        target = _step_arg(args.step) if args.step is not None else None
+        problems = store.verify(target)
+        checked = [store.resolve(target).step] if target is not None else [i.step for i in store.checkpoints()]
+    payload = {
+        "ok": not problems,
+        "checked": checked,
+        "problems": [{"step": p.step, "path": p.path, "message": p.message, "expected": p.expected, "actual": p.actual} for p in problems],
+    }
+    if problems:
+        text = "\n".join(f"FAIL step {p.step}: {p.message}" for p in problems)
+    else:
+        text = f"OK: {len(checked)} checkpoint(s) verified"
+    _emit(args, payload, text)
+    return 1 if problems else 0
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    if args.delete:
+        with Store(args.store, lock_timeout=args.wait) as store:
+            store.untag(args.delete)
+        _emit(args, {"untagged": args.delete}, f"removed tag {args.delete}")
+        return 0
+    if args.name is None:
+        with Store(args.store, readonly=True) as store:
+            tags = {t: i.step for i in store.checkpoints() for t in i.tags}
+        _emit(args, {"tags": tags}, "\n".join(f"{t}\t{s}" for t, s in sorted(tags.items())) or "(no tags)")
+        return 0
+    with Store(args.store, lock_timeout=args.wait) as store:
+        target = store.resolve(_step_arg(args.step)).step
+        info = store.tag(target, args.name)
+    _emit(args, _info_json(info), f"tagged step {info.step} as {args.name}")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    policy = RetentionPolicy(
+        keep_last=args.keep_last, keep_best=args.keep_best, metric=args.metric, mode=args.mode, keep_every=args.keep_every
+    )
+    if not policy.prunes:
+        policy = None  # only recover leftovers
+    with Store(args.store, lock_timeout=args.wait) as store:
+        deleted = store.gc(policy=policy, dry_run=args.dry_run)
+        remaining = [i.step for i in store.checkpoints()]
+    verb = "would delete" if args.dry_run else "deleted"
+    _emit(
+        args,
+        {"dry_run": args.dry_run, "deleted": deleted, "remaining": remaining},
+        f"{verb} {len(deleted)} checkpoint(s){': ' + ', '.join(map(str, deleted)) if deleted else ''}; {len(remaining)} remain",
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ckstore", description="Inspect, verify, tag and clean a ckstore checkpoint store.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, fn) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("store", help="path of the store directory")
+        p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+        p.set_defaults(fn=fn)
+        return p
+
+    p = command("ls", "list committed checkpoints, ascending by step", cmd_ls)
+    p.add_argument("--metric", help="rank by this metric to mark the best (default: the metric the writer used)")
+    p.add_argument("--mode", choices=("min", "max"), default="min", help="whether lower or higher --metric is better")
+
+    p = command("show", "show one checkpoint: metrics, tags, files with sizes and hashes", cmd_show)
+    p.add_argument("step", help="step number, 'latest', 'best' or a tag")
+
+    p = command("verify", "check every file against its manifest (all checkpoints, or one); exit 1 on any problem", cmd_verify)
+    p.add_argument("step", nargs="?", help="step number, 'latest', 'best' or a tag (default: all)")
+
+    p = command("tag", "tag a checkpoint (pins it against retention), list tags, or remove one", cmd_tag)
+    p.add_argument("name", nargs="?", help="tag to set (omit to list tags)")
+    p.add_argument("step", nargs="?", default="latest", help="step number, 'latest', 'best' or a tag (default: latest)")
+    p.add_argument("-d", "--delete", metavar="NAME", help="remove tag NAME instead")
+    p.add_argument("--wait", type=float, default=0, help="seconds to wait for the writer lock (default: fail at once)")
+
+    p = command("gc", "remove leftovers of interrupted saves and deletes; apply a retention policy if given", cmd_gc)
+    p.add_argument("--keep-last", type=int, help="keep the N newest")
+    p.add_argument("--keep-best", type=int, help="keep the N best by --metric")
+    p.add_argument("--metric", help="metric that ranks checkpoints for --keep-best")
+    p.add_argument("--mode", choices=("min", "max"), default="min", help="whether lower or higher --metric is better")
+    p.add_argument("--keep-every", type=int, help="keep steps that are multiples of N")
+    p.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
+    p.add_argument("--wait", type=float, default=0, help="seconds to wait for the writer lock (default: fail at once)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except CkstoreError as exc:
+        if getattr(args, "json", False):
+            json.dump({"error": type(exc).__name__, "message": str(exc)}, sys.stdout)
+            sys.stdout.write("\n")
+        print(f"ckstore: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
