@@ -1,0 +1,196 @@
+"""Shared fixtures and hypothesis profiles for the ckstore test suite.
+
+Hypothesis profiles (choose with ``HYPOTHESIS_PROFILE=<name>``; ``ci`` is the default):
+
+* ``ci``: no deadline (a shared 2-core CI box has noisy timings), a modest
+  number of examples so the whole suite stays within its time budget;
+* ``dev``: fewer examples, for a quick local loop;
+* ``thorough``: many more examples, for a nightly or pre-release run.
+
+Fixtures other test modules may use:
+
+* ``store_path``: a fresh path (not yet created) for a store under ``tmp_path``;
+* ``store``: a writable :class:`ckstore.Store` at ``store_path``, closed afterwards;
+* ``make_model``: ``make_model(seed=0, width=8)`` -> a small deterministic ``nn.Module``;
+* ``make_training_state``: ``make_training_state(seed=0)`` -> ``(model, optimizer, scheduler)``
+  after one real optimisation step, so the optimizer has per-parameter state;
+* ``run_python``: run a Python snippet in a real subprocess with this interpreter
+  and ``ckstore`` importable; returns ``subprocess.CompletedProcess``.
+
+Plain helpers (import with ``from conftest import ...``): :func:`assert_same`
+(bitwise equality of nested states, tensors compared by dtype, shape and bytes),
+:func:`flip_byte`, :data:`PYTHON`, :data:`REPO_ROOT`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+import ckstore
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+settings.register_profile(
+    "ci",
+    deadline=None,
+    max_examples=60,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    print_blob=True,
+)
+settings.register_profile(
+    "dev",
+    deadline=None,
+    max_examples=15,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile(
+    "thorough",
+    deadline=None,
+    max_examples=1000,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def assert_same(actual: Any, expected: Any, path: str = "state") -> None:
+    """Assert two nested states are equal, tensors bitwise (dtype, shape and bytes), floats incl. NaN and -0.0."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor), f"{path}: expected a tensor, got {type(actual).__name__}"
+        assert actual.dtype == expected.dtype, f"{path}: dtype {actual.dtype} != {expected.dtype}"
+        assert tuple(actual.shape) == tuple(expected.shape), f"{path}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+        assert actual.device == expected.device, f"{path}: device {actual.device} != {expected.device}"
+        a = actual.detach().cpu().contiguous()
+        e = expected.detach().cpu().resolve_conj().resolve_neg().contiguous()
+        if e.numel():
+            assert bytes(a.view(-1).view(torch.uint8).numpy()) == bytes(e.view(-1).view(torch.uint8).numpy()), f"{path}: bytes differ"
+        return
+    if isinstance(expected, np.ndarray):
+        assert isinstance(actual, np.ndarray), f"{path}: expected ndarray, got {type(actual).__name__}"
+        assert actual.dtype == expected.dtype and actual.shape == expected.shape, f"{path}: {actual.dtype}{actual.shape} != {expected.dtype}{expected.shape}"
+        assert np.ascontiguousarray(actual).tobytes() == np.ascontiguousarray(expected).tobytes(), f"{path}: bytes differ"
+        return
+    if isinstance(expected, np.generic):
+        assert type(actual) is type(expected), f"{path}: {type(actual)} != {type(expected)}"
+        assert actual.tobytes() == expected.tobytes(), f"{path}: {actual!r} != {expected!r}"
+        return
+    if isinstance(expected, Mapping):
+        assert isinstance(actual, Mapping), f"{path}: expected a mapping, got {type(actual).__name__}"
+        assert list(actual.keys()) == list(expected.keys()), f"{path}: keys {list(actual)} != {list(expected)}"
+        for key in expected:
+            assert_same(actual[key], expected[key], f"{path}[{key!r}]")
+        return
+    if isinstance(expected, (list, tuple)):
+        assert type(actual) is type(expected), f"{path}: {type(actual).__name__} != {type(expected).__name__}"
+        assert len(actual) == len(expected), f"{path}: length {len(actual)} != {len(expected)}"
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_same(a, e, f"{path}[{i}]")
+        return
+    if isinstance(expected, float):
+        assert type(actual) is float, f"{path}: {type(actual).__name__} != float"
+        if math.isnan(expected):
+            assert math.isnan(actual), f"{path}: {actual!r} is not NaN"
+        else:
+            assert actual == expected and math.copysign(1, actual) == math.copysign(1, expected), f"{path}: {actual!r} != {expected!r}"
+        return
+    assert type(actual) is type(expected), f"{path}: {type(actual).__name__} != {type(expected).__name__}"
+    assert actual == expected, f"{path}: {actual!r} != {expected!r}"
+
+
+def flip_byte(path: str | os.PathLike[str], offset: int = -1) -> None:
+    """XOR one byte of a file in place (``offset`` may be negative, counted from the end)."""
+    with open(path, "r+b") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        position = offset % size
+        fh.seek(position)
+        byte = fh.read(1)
+        fh.seek(position)
+        fh.write(bytes([byte[0] ^ 0x01]))
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    env.setdefault("PYTHONHASHSEED", "0")
+    return env
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def store_path(tmp_path: Path) -> Path:
+    """A path for a new store (the directory does not exist yet)."""
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def store(store_path: Path) -> Iterator[ckstore.Store]:
+    """A writable store with no retention policy, closed after the test."""
+    with ckstore.Store(store_path) as s:
+        yield s
+
+
+def _make_model(seed: int = 0, width: int = 8) -> torch.nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.ReLU(), torch.nn.Linear(width, 2))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator))
+    return model
+
+
+@pytest.fixture
+def make_model() -> Callable[..., torch.nn.Module]:
+    return _make_model
+
+
+def _make_training_state(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:
+    model = _make_model(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    generator = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(16, 4, generator=generator)
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad()
+    return model, optimizer, scheduler
+
+
+@pytest.fixture
+def make_training_state() -> Callable[..., tuple[torch.nn.Module, torch.optim.Optimizer, Any]]:
+    return _make_training_state
+
+
+def _run_python(code: str, *args: str, timeout: float = 120, check: bool = False, **kwargs: Any) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [PYTHON, "-c", textwrap.dedent(code), *args],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=check,
+        **kwargs,
+    )
+
+
+@pytest.fixture
+def run_python() -> Callable[..., subprocess.CompletedProcess]:
+    return _run_python
