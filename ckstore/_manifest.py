@@ -125,21 +125,30 @@ def parse_manifest(data: bytes, *, path: str = MANIFEST_NAME) -> Manifest:
         expected = HashInfo.parse(checksum)
     except ManifestError as exc:
         raise bad(f"checksum: {exc}") from None
-    actual = hash_bytes(_canonical(raw), expected.algo)
+    try:
+        body = _canonical(raw)
+    except ValueError:  # a lone surrogate escaped in a string ("\ud800") has no UTF-8 form
+        raise bad("manifest holds text that is not valid Unicode") from None
+    actual = hash_bytes(body, expected.algo)
     if actual != expected:
         raise IntegrityError(f"{path}: manifest checksum mismatch (altered or corrupt manifest)", path=path, expected=str(expected), actual=str(actual))
+    # The checksum covers the parsed values, not the bytes: "1e-05" and "1E-05",
+    # or added whitespace, parse alike. Only the canonical bytes are accepted, so
+    # every altered byte is caught, not only those that change a value.
+    if _canonical({**raw, "checksum": checksum}) != bytes(data):
+        raise bad("manifest is not in canonical form (altered, or not written by ckstore)")
 
     step = raw["step"]
     if type(step) is not int or step < 0:
         raise bad("step must be a non-negative integer")
     created = raw["created"]
-    if type(created) not in (int, float) or not math.isfinite(created):
+    if type(created) not in (int, float) or not _finite(created):
         raise bad("created must be a finite number")
     metrics = raw["metrics"]
     if not isinstance(metrics, dict):
         raise bad("metrics must be an object")
     for name, value in metrics.items():
-        if type(value) not in (int, float) or not math.isfinite(value):
+        if type(value) not in (int, float) or not _finite(value):
             raise bad(f"metric {name[:60]!r} is not a finite number")
     retention = raw["retention"]
     if retention is not None and not (
@@ -182,6 +191,14 @@ def parse_manifest(data: bytes, *, path: str = MANIFEST_NAME) -> Manifest:
     )
 
 
+def _finite(value: int | float) -> bool:
+    """math.isfinite, except that an int too large for a float counts as not finite (instead of OverflowError)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def check_file_name(name: object, path: str = MANIFEST_NAME) -> str:
     """A file named by a manifest must be a plain name inside its checkpoint directory."""
     if not isinstance(name, str) or not _FILE_NAME.match(name) or name == MANIFEST_NAME or ".." in name:
@@ -198,6 +215,10 @@ def check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
     for name, value in metrics.items():
         if not isinstance(name, str) or not name:
             raise InvalidArgumentError(f"metric names must be non-empty strings, got {name!r}")
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidArgumentError(f"metric name {name!r} is not valid UTF-8 text") from None
         if hasattr(value, "item") and callable(value.item):  # 0-d tensors and NumPy scalars
             try:
                 value = value.item()
@@ -205,7 +226,7 @@ def check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
                 raise InvalidArgumentError(f"metric {name!r} is not a scalar") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InvalidArgumentError(f"metric {name!r} must be a number, got {type(value).__name__}")
-        if not math.isfinite(value):
-            raise InvalidArgumentError(f"metric {name!r} is {value}; NaN and infinite metrics cannot be ranked")
+        if not _finite(value):
+            raise InvalidArgumentError(f"metric {name!r} is {value}; NaN, infinite and out-of-range metrics cannot be ranked")
         out[name] = value
     return out

@@ -4,7 +4,9 @@ Saving walks the state once. Tensors (and NumPy arrays) go to tensor files;
 everything else becomes JSON in the manifest. JSON has no tuples, no non-string
 keys, no NaN and no bytes, so those are written as small tagged objects
 (``{"$ck": "tuple", "items": [...]}`` and so on); a plain dict whose keys are
-strings stays a plain JSON object, so the manifest reads naturally. Objects
+strings in sorted order stays a plain JSON object, so the manifest reads
+naturally (any other dict is a ``{"$ck": "dict", "items": [[key, value], ...]}``
+so that key order survives canonical JSON's sorted keys). Objects
 with ``state_dict()``/``load_state_dict()`` are stored as their state dict and
 restored in place. Nothing is pickled, on save or on load.
 
@@ -34,6 +36,8 @@ from ._tensorfile import prepare_tensor
 MARK = "$ck"
 MAX_FILE_BYTES = 1 << 30
 _MAX_DEPTH = 200
+#: JSON readers refuse integers of more than 4300 digits (CVE-2020-10735); stay well below.
+_MAX_INT_BITS = 12_000
 
 Path = tuple[Any, ...]
 
@@ -72,6 +76,13 @@ class _Encoder:
     def __init__(self, prepare: Callable[[torch.Tensor, str], torch.Tensor]) -> None:
         self.prepare = prepare
         self.seen: dict[tuple, dict[str, Any]] = {}  # shared tensors are stored once
+        # The identity of a tensor includes its storage address. A tensor made
+        # on the fly (a state_dict() that returns fresh non-contiguous views)
+        # would be freed once encoded, and the allocator could hand its address
+        # to the next fresh tensor of the same shape, which would then be
+        # mistaken for a shared one and silently saved as the first one's data.
+        # Holding every encoded tensor until the end keeps addresses unique.
+        self.keepalive: list[torch.Tensor] = []
         self.groups: dict[str, list[tuple[Path, torch.Tensor, dict[str, Any]]]] = {}
         self.active: set[int] = set()
 
@@ -83,12 +94,18 @@ class _Encoder:
         if isinstance(value, np.ndarray):
             if value.dtype.hasobject or value.dtype.kind not in "biufc":
                 raise StateError(f"{format_path(path)}: NumPy arrays of dtype {value.dtype} are not supported", key=format_path(path))
-            return self.tensor(torch.from_numpy(np.ascontiguousarray(value)), path, numpy=True)
-        if value is None or isinstance(value, (bool, str)):
+            # Not np.ascontiguousarray: it turns a 0-d array into a 1-d one.
+            contiguous = value if value.flags.c_contiguous else value.copy(order="C")
+            return self.tensor(torch.from_numpy(contiguous), path, numpy=True)
+        if value is None or isinstance(value, bool):
             return value
+        if isinstance(value, str):
+            return _check_text(value, path)
         if isinstance(value, np.generic):
             return {MARK: "numpy_scalar", "dtype": value.dtype.str, "value": self.encode(value.item(), path)}
         if isinstance(value, int):
+            if value.bit_length() > _MAX_INT_BITS:
+                raise StateError(f"{format_path(path)}: integer of {value.bit_length()} bits is too large to store", key=format_path(path))
             return int(value)
         if isinstance(value, float):
             return _encode_float(float(value))
@@ -104,8 +121,12 @@ class _Encoder:
                 return {MARK: "stateful", "class": type(value).__qualname__, "state": self.encode(state, path)}
         if isinstance(value, Mapping):
             with self._entered(value, path):
-                if all(isinstance(k, str) for k in value) and MARK not in value:
-                    return {k: self.encode(v, path + (k,)) for k, v in value.items()}
+                # Canonical JSON sorts object keys, so only a dict whose keys are
+                # already sorted may become a plain object; any other order is
+                # kept by the item list below (a round trip preserves key order).
+                keys = list(value)
+                if all(isinstance(k, str) for k in keys) and MARK not in value and keys == sorted(keys):
+                    return {_check_text(k, path): self.encode(v, path + (k,)) for k, v in value.items()}
                 items = []
                 for k, v in value.items():
                     items.append([self.key(k, path), self.encode(v, path + (k,))])
@@ -157,6 +178,7 @@ class _Encoder:
         if tensor.device.type != "cpu":
             ref["device"] = str(tensor.device)
         prepared = self.prepare(tensor, format_path(path))
+        self.keepalive.append(tensor)
         self.groups.setdefault(_group_name(path), []).append((path, prepared, ref))
         self.seen[identity] = ref
         return ref
@@ -193,16 +215,32 @@ def _encode_float(value: float) -> Any:
     return {MARK: "float", "value": "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
 
 
+def _check_text(text: str, path: Path) -> str:
+    """Refuse strings that UTF-8 cannot encode (lone surrogates): the manifest could not be written."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise StateError(f"{format_path(path)}: string {text[:40]!r} holds a lone surrogate and cannot be stored as UTF-8", key=format_path(path)) from None
+    return text
+
+
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+_DOTS = re.compile(r"\.{2,}")
 
 
 def _group_name(path: Path) -> str:
+    """A file stem from the state path that manifests accept (``_manifest.check_file_name``).
+
+    Keys may hold anything; the stem keeps letters, digits, ``_``, ``-`` and
+    single inner dots, and starts with a letter, digit or ``_``, so a key such
+    as ``"-x"``, ``".hidden"`` or ``"a..b"`` never yields a name the reader refuses.
+    """
     if not path:
         return "state"
     head = str(path[0])
     if len(path) > 1 and isinstance(path[1], str):
         head += "." + path[1].split(".", 1)[0]
-    name = _SAFE.sub("_", head)[:120].lstrip(".") or "state"
+    name = _DOTS.sub(".", _SAFE.sub("_", head))[:120].strip(".-") or "state"
     return name
 
 

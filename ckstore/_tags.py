@@ -48,6 +48,10 @@ def check_tag_name(name: object) -> str:
     return name
 
 
+def _refuse_constant(name: str) -> object:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
 def _canonical(obj: object) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
@@ -56,7 +60,7 @@ def dump_tags(tags: Mapping[str, TagEntry]) -> bytes:
     body = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "tags": {name: {"step": e.step, "time": e.time} for name, e in sorted(tags.items())},
+        "tags": {name: {"step": e.step, "time": float(e.time)} for name, e in sorted(tags.items())},
     }
     body["checksum"] = str(hash_bytes(_canonical(body), default_algorithm()))
     return _canonical(body)
@@ -69,7 +73,7 @@ def parse_tags(data: bytes, *, path: str = TAGS_NAME) -> dict[str, TagEntry]:
     if len(data) > MAX_TAGS_BYTES:
         raise bad("tags file is too large")
     try:
-        raw = json.loads(data.decode("utf-8"))
+        raw = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise bad("not valid JSON") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
@@ -85,6 +89,9 @@ def parse_tags(data: bytes, *, path: str = TAGS_NAME) -> dict[str, TagEntry]:
     actual = hash_bytes(_canonical(raw), expected.algo)
     if actual != expected:
         raise IntegrityError(f"{path}: checksum mismatch (altered or corrupt tags file)", path=path, expected=str(expected), actual=str(actual))
+    if _canonical({**raw, "checksum": str(expected)}) != bytes(data):
+        # Same value, other bytes ("1E3" for "1000.0", whitespace): altered all the same.
+        raise bad("tags file is not in canonical form (altered, or not written by ckstore)")
     tags = raw["tags"]
     if not isinstance(tags, dict):
         raise bad("tags must be an object")
@@ -97,7 +104,7 @@ def parse_tags(data: bytes, *, path: str = TAGS_NAME) -> dict[str, TagEntry]:
         if not isinstance(entry, dict) or set(entry) != {"step", "time"}:
             raise bad(f"tag {name!r}: entry must have exactly 'step' and 'time'")
         step, when = entry["step"], entry["time"]
-        if type(step) is not int or step < 0 or type(when) not in (int, float) or not math.isfinite(when):
+        if type(step) is not int or step < 0 or type(when) is not float or not math.isfinite(when):
             raise bad(f"tag {name!r}: step must be a non-negative integer and time a finite number")
         out[name] = TagEntry(step, float(when))
     return out

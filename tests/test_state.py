@@ -1,0 +1,403 @@
+"""State round-trips through a real store: nested values, every dtype, views, sharing, training objects."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_same
+from hypothesis import given
+from hypothesis import strategies as st
+
+import ckstore
+from ckstore._state import encode_state
+from ckstore._tensorfile import DTYPE_NAMES
+
+DTYPES = sorted(DTYPE_NAMES, key=str)
+
+
+@pytest.fixture(scope="module")
+def shared_store(tmp_path_factory):
+    """One store per module for the property tests (a fresh step for each example)."""
+    with ckstore.Store(tmp_path_factory.mktemp("state") / "store") as s:
+        yield s, itertools.count()
+
+
+def roundtrip(store_and_steps, state, target=None):
+    store, steps = store_and_steps
+    step = next(steps)
+    store.save(state, step=step)
+    return store.load(target, step=step)
+
+
+# ---------------------------------------------------------------- strategies
+
+
+@st.composite
+def tensors(draw, dtypes=st.sampled_from(DTYPES)):
+    dtype = draw(dtypes)
+    shape = tuple(draw(st.lists(st.integers(0, 4), max_size=3)))
+    n = math.prod(shape)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if dtype == torch.bool:
+        base = torch.tensor(draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=torch.bool).reshape(shape)
+    elif n == 0:
+        base = torch.empty(shape, dtype=dtype)
+    else:
+        raw = bytearray(draw(st.binary(min_size=n * itemsize, max_size=n * itemsize)))
+        base = torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(shape).clone()
+    view = draw(st.sampled_from(["plain", "transpose", "step", "narrow"]))
+    if view == "transpose" and base.dim() >= 2:
+        return base.transpose(0, 1)
+    if view == "step" and base.dim() >= 1:
+        return base[::2]
+    if view == "narrow" and base.dim() >= 1 and base.shape[0] >= 2:
+        return base[1:]
+    return base
+
+
+numpy_arrays = st.sampled_from([np.float32, np.float64, np.float16, np.int8, np.int64, np.uint16, np.uint64, np.bool_, np.complex64]).flatmap(
+    lambda dt: st.lists(st.integers(0, 3), max_size=3).map(
+        lambda shape: (np.arange(math.prod(shape)).reshape(shape) % 2 == 1).astype(dt) if dt is np.bool_ else np.arange(math.prod(shape)).reshape(shape).astype(dt)
+    )
+)
+numpy_scalars = st.one_of(
+    st.floats(width=32).map(np.float32),
+    st.floats().map(np.float64),
+    st.integers(-(2**63), 2**63 - 1).map(np.int64),
+    st.integers(0, 255).map(np.uint8),
+    st.booleans().map(np.bool_),
+)
+leaves = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=-(2**200), max_value=2**200),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([-0.0, 0.0, math.inf, -math.inf, math.nan, 5e-324, 1e-05]),
+    st.text(max_size=12),
+    st.binary(max_size=12),
+    tensors(),
+    numpy_arrays,
+    numpy_scalars,
+)
+keys = st.one_of(
+    st.text(max_size=8),
+    st.sampled_from(["$ck", "-x", ".hidden", "a..b", "model.encoder.weight", "manifest.json", "__metadata__", "../etc"]),
+    st.integers(-5, 5),
+    st.tuples(st.integers(0, 3), st.text(max_size=3)),
+)
+states = st.recursive(
+    leaves,
+    lambda children: st.one_of(
+        st.lists(children, max_size=4),
+        st.lists(children, max_size=4).map(tuple),
+        st.dictionaries(keys, children, max_size=4),
+    ),
+    max_leaves=12,
+)
+
+
+# ---------------------------------------------------------------- properties
+
+
+@given(state=states)
+def test_any_nested_state_round_trips(shared_store, state):
+    assert_same(roundtrip(shared_store, state), state)
+
+
+@given(state=st.dictionaries(keys, tensors(), min_size=1, max_size=5))
+def test_dict_of_tensors_round_trips_and_keeps_key_order(shared_store, state):
+    loaded = roundtrip(shared_store, state)
+    assert list(loaded) == list(state)
+    assert_same(loaded, state)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_dtype_round_trips(store, dtype):
+    values = torch.tensor([0.0, 1.0, -2.0, 0.5, 3.0, 1.0]).reshape(2, 3)
+    tensor = values.to(dtype) if dtype != torch.bool else values > 0
+    state = {
+        "plain": tensor,
+        "zero_d": tensor.reshape(-1)[1].clone(),
+        "empty": tensor[:0],
+        "empty_2d": tensor.new_empty((0, 5)),
+        "transposed": tensor.t(),
+        "stepped": tensor[:, ::2],
+        "column": tensor[:, 1],
+    }
+    store.save(state, step=0)
+    loaded = store.load(step=0)
+    assert_same(loaded, state)
+    assert loaded["zero_d"].dim() == 0
+
+
+def test_shared_tensors_are_stored_once_and_restored_shared(store):
+    weight = torch.randn(64, 64)
+    state = {"a": weight, "b": weight, "nested": [weight, {"again": weight}], "other": torch.randn(64, 64)}
+    info = store.save(state, step=0)
+    assert info.nbytes < 3 * 64 * 64 * 4  # two 16 KiB tensors, not five
+    loaded = store.load(step=0)
+    assert loaded["a"] is loaded["b"] is loaded["nested"][0] is loaded["nested"][1]["again"]
+    assert loaded["other"] is not loaded["a"]
+    assert_same(loaded["a"], weight)
+
+
+def test_tied_module_weights_stay_tied(store):
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 4)
+            self.head = torch.nn.Linear(4, 10, bias=False)
+            self.head.weight = self.embed.weight
+
+    model = Tied()
+    store.save({"model": model}, step=0)
+    fresh = Tied()
+    loaded = store.load({"model": fresh}, step=0)
+    assert fresh.head.weight is fresh.embed.weight
+    assert torch.equal(fresh.embed.weight, model.embed.weight)
+    state = loaded["model"]
+    assert state["embed.weight"].untyped_storage().data_ptr() == state["head.weight"].untyped_storage().data_ptr()
+
+
+def test_fresh_tensors_from_state_dict_are_never_mistaken_for_shared(store):
+    """Regression: tensor identity used the storage address of temporaries that were freed mid-encode,
+    so the allocator reused the address and later objects were silently saved with earlier objects' data."""
+
+    class Fresh:
+        def __init__(self, value):
+            self.value = value
+
+        def state_dict(self):
+            return {"w": torch.full((4, 4), float(self.value)).t()}  # a new non-contiguous tensor each call
+
+        def load_state_dict(self, state):
+            self.loaded = state["w"]
+
+    objects = {str(i): Fresh(i) for i in range(50)}
+    encoded = encode_state(objects)
+    assert sum(len(entries) for entries in encoded.files.values()) == 50
+    store.save(objects, step=0)
+    targets = {str(i): Fresh(None) for i in range(50)}
+    store.load(targets, step=0)
+    for i in range(50):
+        assert torch.equal(targets[str(i)].loaded, torch.full((4, 4), float(i)))
+
+
+def test_numpy_arrays_and_scalars(store):
+    state = {
+        "f32": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "transposed": np.arange(6, dtype=np.int64).reshape(2, 3).T,
+        "zero_d": np.array(2.5),
+        "empty": np.zeros((0, 3), dtype=np.uint16),
+        "bools": np.array([True, False]),
+        "scalars": [np.float32(1.5), np.int64(-7), np.bool_(True), np.float64("nan"), np.uint8(255)],
+    }
+    store.save(state, step=0)
+    assert_same(store.load(step=0), state)
+
+
+def test_python_scalars_edge_values(store):
+    state = {"big": 2**200, "neg_big": -(2**100), "nan": math.nan, "inf": math.inf, "ninf": -math.inf, "negzero": -0.0,
+             "tiny": 5e-324, "text": "é\n\"\\\u2028", "bytes": b"\x00\xff", "none": None, "bools": [True, False]}
+    store.save(state, step=0)
+    assert_same(store.load(step=0), state)
+
+
+def test_unsorted_and_non_string_keys_survive(store):
+    state = {"z": 1, "a": 2, "m": {"b": 1, "a": 2}, 3: "three", (1, "x"): "tuple", -1: None, "$ck": "mark"}
+    store.save(state, step=0)
+    loaded = store.load(step=0)
+    assert list(loaded) == list(state)
+    assert list(loaded["m"]) == ["b", "a"]
+    assert_same(loaded, state)
+
+
+# ---------------------------------------------------------------- training objects
+
+
+def _train(model, optimizer, steps=3, scheduler=None, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(8, 4, generator=generator)
+        loss = model(x).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
+def _assert_state_dicts_equal(actual, expected):
+    """Bitwise comparison of optimizer/scheduler state dicts (plain dict equality would ignore -0.0 and dtypes)."""
+    assert_same(_normalize(actual), _normalize(expected))
+
+
+def _normalize(value):
+    if isinstance(value, dict):
+        return {k: _normalize(value[k]) for k in sorted(value, key=repr)}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_normalize(v) for v in value)
+    return value
+
+
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True),
+        lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, nesterov=True),
+        lambda p: torch.optim.AdamW([{"params": p[:2], "lr": 1e-3}, {"params": p[2:], "weight_decay": 0.5}], lr=1e-2),
+    ],
+    ids=["adam", "sgd_momentum", "adamw_groups"],
+)
+def test_optimizer_state_round_trips_exactly(store, make_model, make_optimizer):
+    model = make_model(seed=1)
+    optimizer = make_optimizer(list(model.parameters()))
+    _train(model, optimizer)
+    store.save({"model": model, "optimizer": optimizer}, step=3)
+
+    fresh_model = make_model(seed=2)
+    fresh_optimizer = make_optimizer(list(fresh_model.parameters()))
+    store.load({"model": fresh_model, "optimizer": fresh_optimizer}, step=3)
+    _assert_state_dicts_equal(fresh_optimizer.state_dict(), optimizer.state_dict())
+    _assert_state_dicts_equal(fresh_model.state_dict(), model.state_dict())
+    assert all(isinstance(k, int) for k in fresh_optimizer.state_dict()["state"])
+
+    # Training on from the restored state gives bit-identical parameters.
+    _train(model, optimizer, steps=2, seed=9)
+    _train(fresh_model, fresh_optimizer, steps=2, seed=9)
+    _assert_state_dicts_equal(fresh_model.state_dict(), model.state_dict())
+
+
+@pytest.mark.parametrize(
+    "make_scheduler",
+    [
+        lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.3),
+        lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=20),
+        lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda=lambda epoch: 0.9**epoch),
+    ],
+    ids=["steplr", "onecycle", "lambdalr"],
+)
+def test_lr_scheduler_round_trips(store, make_model, make_scheduler):
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = make_scheduler(optimizer)
+    _train(model, optimizer, steps=5, scheduler=scheduler)
+    store.save({"model": model, "optimizer": optimizer, "scheduler": scheduler}, step=5)
+
+    fresh_model = make_model(seed=3)
+    fresh_optimizer = torch.optim.SGD(fresh_model.parameters(), lr=0.1, momentum=0.9)
+    fresh_scheduler = make_scheduler(fresh_optimizer)
+    store.load({"model": fresh_model, "optimizer": fresh_optimizer, "scheduler": fresh_scheduler}, step=5)
+    _assert_state_dicts_equal(fresh_scheduler.state_dict(), scheduler.state_dict())
+    assert fresh_scheduler.get_last_lr() == scheduler.get_last_lr()
+    _train(model, optimizer, steps=3, scheduler=scheduler, seed=4)
+    _train(fresh_model, fresh_optimizer, steps=3, scheduler=fresh_scheduler, seed=4)
+    assert fresh_scheduler.get_last_lr() == scheduler.get_last_lr()
+    _assert_state_dicts_equal(fresh_model.state_dict(), model.state_dict())
+
+
+def test_grad_scaler_round_trips(store):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # CPU GradScaler may warn on some builds
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=7)
+        scaler._init_scale = 1024.0
+        fresh = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=2)
+    store.save({"scaler": scaler}, step=0)
+    store.load({"scaler": fresh}, step=0)
+    assert fresh.state_dict() == scaler.state_dict()
+    assert fresh.state_dict()["growth_interval"] == 7
+
+
+def test_stateful_dataloader_resumes_where_it_stopped(store):
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    dataset = list(range(40))
+    loader = StatefulDataLoader(dataset, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    iterator = iter(loader)
+    for _ in range(3):
+        next(iterator)
+    store.save({"loader": loader}, step=3)
+    expected_rest = [batch.tolist() for batch in iterator]
+
+    fresh = StatefulDataLoader(dataset, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(123))
+    store.load({"loader": fresh}, step=3)
+    assert [batch.tolist() for batch in fresh] == expected_rest
+
+
+# ---------------------------------------------------------------- refusals
+
+
+class _Plain:
+    pass
+
+
+@pytest.mark.parametrize(
+    "state, key",
+    [
+        ({"a": {"fn": lambda: 1}}, "state['a']['fn']"),
+        ({"obj": [1, _Plain()]}, "state['obj'][1]"),
+        ({"s": {1, 2}}, "state['s']"),
+        ({"x": [1, "\ud800"]}, "state['x'][1]"),
+        ({"huge": 1 << 20000}, "state['huge']"),
+        ({"c": torch.zeros(2, dtype=torch.complex128)}, "state['c']"),
+        ({"sparse": torch.eye(3).to_sparse()}, "state['sparse']"),
+        ({"objs": np.array([object()])}, "state['objs']"),
+        ({"k": {frozenset([1]): 1}}, "state['k']"),
+    ],
+    ids=["lambda", "object", "set", "surrogate", "huge_int", "complex128", "sparse", "object_array", "frozenset_key"],
+)
+def test_unsupported_values_name_their_key(store, state, key):
+    with pytest.raises(ckstore.StateError) as excinfo:
+        store.save(state, step=0)
+    assert excinfo.value.key == key
+    assert key in str(excinfo.value)
+    assert store.checkpoints() == []
+    assert os.listdir(store.path / ".staging") == []
+
+
+def test_cyclic_structures_are_refused(store):
+    cyclic = [1, 2]
+    cyclic.append(cyclic)
+    with pytest.raises(ckstore.StateError) as excinfo:
+        store.save({"loop": cyclic}, step=0)
+    assert excinfo.value.key == "state['loop'][2]"
+    d = {}
+    d["self"] = d
+    with pytest.raises(ckstore.StateError):
+        store.save(d, step=1)
+    shared = [1]
+    store.save({"a": shared, "b": shared}, step=2)  # shared but acyclic is fine
+
+
+def test_loading_into_wrong_shape_or_dtype_is_refused(store, make_model):
+    model = make_model(width=8)
+    store.save({"model": model, "t": torch.zeros(3)}, step=0)
+    with pytest.raises(ckstore.StateError) as excinfo:
+        store.load({"model": make_model(width=16)}, step=0)
+    assert "model" in excinfo.value.key
+    with pytest.raises(ckstore.StateError):
+        store.load({"model": make_model().to(torch.float64)}, step=0)
+    with pytest.raises(ckstore.StateError):
+        store.load({"t": torch.zeros(4)}, step=0)
+    with pytest.raises(ckstore.StateError):
+        store.load({"t": torch.zeros(3, dtype=torch.int32)}, step=0)
+    target = torch.ones(3)
+    store.load({"t": target}, step=0)
+    assert torch.equal(target, torch.zeros(3))
+
+
+def test_loading_into_module_restores_in_place(store, make_model):
+    model = make_model(seed=1)
+    store.save({"model": model, "epoch": 4}, step=0)
+    other = make_model(seed=2)
+    loaded = store.load({"model": other}, step=0)
+    assert loaded["epoch"] == 4
+    for a, b in zip(other.parameters(), model.parameters()):
+        assert torch.equal(a, b)
