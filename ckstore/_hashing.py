@@ -61,7 +61,7 @@ class HashInfo:
     def parse(cls, text: object) -> HashInfo:
         if not isinstance(text, str):
             raise ManifestError(f"hash must be a string '<algo>:<hex>', got {type(text).__name__}")
-        match = _HASH_RE.match(text)
+        match = _HASH_RE.fullmatch(text)  # not match(): "$" would accept a trailing newline
         if match is None:
             raise ManifestError(f"malformed hash {text[:100]!r}; expected 'blake3:<64 hex>' or 'sha256:<64 hex>'")
         return cls(match.group(1), match.group(2))

@@ -201,7 +201,7 @@ def _finite(value: int | float) -> bool:
 
 def check_file_name(name: object, path: str = MANIFEST_NAME) -> str:
     """A file named by a manifest must be a plain name inside its checkpoint directory."""
-    if not isinstance(name, str) or not _FILE_NAME.match(name) or name == MANIFEST_NAME or ".." in name:
+    if not isinstance(name, str) or not _FILE_NAME.fullmatch(name) or name == MANIFEST_NAME or ".." in name:
         raise ManifestError(f"{path}: unsafe or invalid file name {str(name)[:80]!r} (must be a plain name inside the checkpoint)", path=path)
     return name
 

@@ -40,7 +40,7 @@ class TagEntry:
 
 
 def check_tag_name(name: object) -> str:
-    if not isinstance(name, str) or not _TAG_NAME.match(name) or name in RESERVED:
+    if not isinstance(name, str) or not _TAG_NAME.fullmatch(name) or name in RESERVED:  # fullmatch: "$" accepts "a\n"
         raise InvalidArgumentError(
             f"invalid tag {name!r}: a tag starts with a letter, holds letters, digits and _.@+:- "
             "(at most 128 characters), and is not 'latest' or 'best'"

@@ -126,7 +126,7 @@ def test_unknown_format_version_is_refused(version):
 
 @pytest.mark.parametrize(
     "name",
-    ["../x", "../../etc/passwd", "/etc/passwd", "a/b", "..", ".", "", ".hidden", "manifest.json", "x\x00y", "a\\b", "-rf", "x" * 300, "a..b"],
+    ["../x", "../../etc/passwd", "/etc/passwd", "a/b", "..", ".", "", ".hidden", "manifest.json", "x\x00y", "a\\b", "-rf", "x" * 300, "a..b", "a.safetensors\n"],
 )
 def test_unsafe_file_names_are_refused(name):
     raw = _valid_raw()
@@ -150,6 +150,7 @@ def test_unsafe_file_names_are_refused(name):
         ("retention", {"metric": "x", "mode": "median"}),
         ("files", []),
         ("files", {"a.safetensors": {"hash": "md5:00", "size": 1}}),
+        ("files", {"a.safetensors": {"hash": str(hash_bytes(b"")) + "\n", "size": 1}}),
         ("files", {"a.safetensors": {"hash": str(hash_bytes(b"")), "size": -1}}),
         ("state", {"w": {"$ck": "tensor", "file": "other.safetensors", "key": "w"}}),
         ("extra", 1),

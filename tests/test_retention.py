@@ -1,0 +1,229 @@
+"""Retention: the pure policy function (property tests) and how the store applies it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import ckstore
+from ckstore import RetentionPolicy, select_kept
+from ckstore._retention import rank_best
+
+
+@dataclass(frozen=True)
+class Ck:
+    step: int
+    metrics: dict = field(default_factory=dict)
+    tags: tuple = ()
+
+
+@st.composite
+def checkpoint_lists(draw):
+    steps = draw(st.lists(st.integers(0, 300), unique=True, max_size=25))
+    out = []
+    for step in steps:
+        metrics = {}
+        if draw(st.booleans()):
+            metrics["loss"] = draw(st.sampled_from([0.0, 0.5, 1.0, 2.0]) | st.floats(-10, 10))  # small set: ties are common
+        if draw(st.integers(0, 3)) == 0:
+            metrics["other"] = 1.0
+        tags = tuple(draw(st.lists(st.sampled_from(["release", "keep", "v1"]), max_size=1, unique=True)))
+        out.append(Ck(step, metrics, tags))
+    return out
+
+
+policies = st.builds(
+    RetentionPolicy,
+    keep_last=st.none() | st.integers(1, 6),
+    keep_best=st.none() | st.integers(1, 6),
+    metric=st.just("loss"),
+    mode=st.sampled_from(["min", "max"]),
+    keep_every=st.none() | st.integers(1, 50),
+)
+
+
+def _reference(checkpoints, policy):
+    """The specification, written independently of the implementation."""
+    if not checkpoints:
+        return set()
+    if policy.keep_last is None and policy.keep_best is None and policy.keep_every is None:
+        return {c.step for c in checkpoints}
+    by_step = sorted(checkpoints, key=lambda c: c.step)
+    keep = {by_step[-1].step}
+    if policy.keep_last:
+        keep |= {c.step for c in by_step[len(by_step) - policy.keep_last :]}
+    if policy.keep_best:
+        scored = [c for c in checkpoints if policy.metric in c.metrics]
+        # best first; equal values: the newer step wins
+        if policy.mode == "min":
+            scored.sort(key=lambda c: (c.metrics[policy.metric], -c.step))
+        else:
+            scored.sort(key=lambda c: (-c.metrics[policy.metric], -c.step))
+        keep |= {c.step for c in scored[: policy.keep_best]}
+    if policy.keep_every:
+        keep |= {c.step for c in checkpoints if c.step % policy.keep_every == 0}
+    keep |= {c.step for c in checkpoints if c.tags}
+    return keep
+
+
+@given(checkpoints=checkpoint_lists(), policy=policies, order=st.randoms())
+def test_kept_set_is_exactly_the_union(checkpoints, policy, order):
+    shuffled = list(checkpoints)
+    order.shuffle(shuffled)  # input order must not matter
+    kept = select_kept(shuffled, policy)
+    assert set(kept) == _reference(checkpoints, policy)
+
+
+@given(checkpoints=checkpoint_lists(), policy=policies)
+def test_invariants(checkpoints, policy):
+    kept = select_kept(checkpoints, policy)
+    steps = {c.step for c in checkpoints}
+    assert kept <= steps
+    if checkpoints:
+        assert max(steps) in kept  # the newest is always kept
+    assert {c.step for c in checkpoints if c.tags} <= kept  # every tagged one
+    if policy.keep_last:
+        assert set(sorted(steps)[-policy.keep_last :]) <= kept
+    if policy.keep_best:
+        with_metric = [c for c in checkpoints if "loss" in c.metrics]
+        kept_with_metric = [c for c in with_metric if c.step in kept]
+        assert len(kept_with_metric) >= min(policy.keep_best, len(with_metric))
+        # the best value is always among the kept
+        if with_metric:
+            best = (min if policy.mode == "min" else max)(c.metrics["loss"] for c in with_metric)
+            assert any(c.metrics["loss"] == best for c in kept_with_metric)
+    # Applying the policy again to what it kept deletes nothing that is pinned or newest.
+    again = select_kept([c for c in checkpoints if c.step in kept], policy)
+    assert {c.step for c in checkpoints if c.tags} <= again
+    if checkpoints:
+        assert max(steps) in again
+
+
+@given(checkpoints=checkpoint_lists(), mode=st.sampled_from(["min", "max"]), k=st.integers(1, 5))
+def test_checkpoints_without_the_metric_are_never_best(checkpoints, mode, k):
+    policy = RetentionPolicy(keep_best=k, metric="loss", mode=mode)
+    kept = select_kept(checkpoints, policy)
+    newest = max((c.step for c in checkpoints), default=None)
+    best_only = {s for s in kept if s != newest and not any(c.step == s and c.tags for c in checkpoints)}
+    assert all("loss" in c.metrics for c in checkpoints if c.step in best_only)
+    ranked = rank_best(checkpoints, "loss", mode)
+    assert all("loss" in c.metrics for c in ranked)
+
+
+@given(checkpoints=checkpoint_lists())
+def test_no_policy_keeps_everything(checkpoints):
+    assert select_kept(checkpoints, RetentionPolicy()) == {c.step for c in checkpoints}
+    assert select_kept(checkpoints, RetentionPolicy(metric="loss", mode="max")) == {c.step for c in checkpoints}
+    assert not RetentionPolicy().prunes
+
+
+def test_ties_go_to_the_newer_step():
+    cks = [Ck(1, {"loss": 1.0}), Ck(2, {"loss": 0.5}), Ck(3, {"loss": 0.5}), Ck(4, {"loss": 2.0}), Ck(5)]
+    assert select_kept(cks, RetentionPolicy(keep_best=1, metric="loss")) == {3, 5}
+    assert select_kept(cks, RetentionPolicy(keep_best=2, metric="loss")) == {2, 3, 5}
+    assert select_kept(cks, RetentionPolicy(keep_best=1, metric="loss", mode="max")) == {4, 5}
+
+
+def test_keep_every_and_keep_last():
+    cks = [Ck(s) for s in range(0, 100, 7)]
+    assert select_kept(cks, RetentionPolicy(keep_every=21)) == {0, 21, 42, 63, 84, 98}
+    assert select_kept(cks, RetentionPolicy(keep_last=2)) == {91, 98}
+    assert select_kept(cks, RetentionPolicy(keep_last=2, keep_every=50)) == {0, 91, 98}  # 0 is a multiple of 50
+    assert select_kept([], RetentionPolicy(keep_last=1)) == set()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"keep_last": 0},
+        {"keep_last": -1},
+        {"keep_last": 1.5},
+        {"keep_last": True},
+        {"keep_last": "3"},
+        {"keep_best": 2},  # no metric
+        {"keep_best": 0, "metric": "loss"},
+        {"keep_every": 0},
+        {"mode": "median"},
+        {"metric": ""},
+        {"metric": 3, "keep_best": 1},
+    ],
+)
+def test_invalid_policies_are_refused(kwargs, store_path):
+    with pytest.raises(ckstore.InvalidArgumentError):
+        RetentionPolicy(**kwargs)
+    with pytest.raises(ckstore.InvalidArgumentError):
+        ckstore.Store(store_path, **kwargs)
+
+
+# ---------------------------------------------------------------- in a store
+
+
+def test_store_applies_union_of_policies(store_path):
+    losses = {10: 0.9, 20: 0.1, 30: 0.5, 40: 0.7, 50: 0.8, 60: 0.95}
+    with ckstore.Store(store_path, keep_last=2, keep_best=1, metric="loss", keep_every=30) as store:
+        for step, loss in losses.items():
+            store.save({"step": step}, step=step, metrics={"loss": loss})
+        assert [i.step for i in store.checkpoints()] == [20, 30, 50, 60]
+        assert store.best().step == 20
+
+
+def test_best_k_survives_reopening(store_path):
+    with ckstore.Store(store_path, keep_last=1, keep_best=2, metric="acc", mode="max") as store:
+        for step, acc in [(1, 0.5), (2, 0.9), (3, 0.7), (4, 0.8)]:
+            store.save({}, step=step, metrics={"acc": acc})
+        assert [i.step for i in store.checkpoints()] == [2, 4]
+    # A new process would open the store afresh: bookkeeping comes from the manifests.
+    with ckstore.Store(store_path, keep_last=1, keep_best=2, metric="acc", mode="max") as store:
+        store.save({}, step=5, metrics={"acc": 0.1})
+        assert [i.step for i in store.checkpoints()] == [2, 4, 5]
+        store.save({}, step=6, metrics={"acc": 0.95})
+        assert [i.step for i in store.checkpoints()] == [2, 6]
+    with ckstore.Store(store_path, readonly=True) as store:
+        assert store.best().step == 6  # the policy the writer used is recorded in the manifests
+
+
+def test_checkpoints_without_metric_are_not_kept_as_best(store_path):
+    with ckstore.Store(store_path, keep_last=1, keep_best=1, metric="loss") as store:
+        store.save({}, step=1, metrics={"loss": 1.0})
+        store.save({}, step=2)  # no metric
+        store.save({}, step=3, metrics={"other": 0.0})
+        store.save({}, step=4)
+        assert [i.step for i in store.checkpoints()] == [1, 4]
+
+
+def test_deletion_happens_only_after_the_new_checkpoint_is_durable(store_path):
+    from ckstore import _durable
+
+    events = []
+
+    def hook(op, phase, path, info):
+        if phase == "after":
+            events.append((op, info.get("site"), path, info.get("dst")))
+
+    with ckstore.Store(store_path, keep_last=1) as store:
+        store.save({"w": torch.ones(2)}, step=1)
+        with _durable.hooked(hook):
+            store.save({"w": torch.ones(2)}, step=2)
+    commit = next(i for i, e in enumerate(events) if e[0] == "rename" and e[3] and e[3].endswith("step-00000002"))
+    synced = next(i for i, e in enumerate(events) if e[0] == "fsync_dir" and e[2] == str(store_path / "checkpoints") and i > commit)
+    deletion = next(i for i, e in enumerate(events) if e[0] == "rename" and e[2].endswith("step-00000001"))
+    first_unlink = next(i for i, e in enumerate(events) if e[0] in ("unlink", "rmdir") and "step-00000001" in e[2])
+    assert commit < synced < deletion < first_unlink
+    # the deletion leaves checkpoints/ in one rename; the trash entry is removed after that rename is durable
+    trash_sync = next(i for i, e in enumerate(events) if e[0] == "fsync_dir" and e[2] == str(store_path / "checkpoints") and i > deletion)
+    assert trash_sync < first_unlink
+
+
+def test_gc_applies_a_policy_on_demand(store_path):
+    with ckstore.Store(store_path) as store:
+        for step in range(1, 7):
+            store.save({}, step=step, metrics={"loss": {1: 5.0, 2: 4.0, 3: 0.0, 4: 3.0, 5: 2.0, 6: 1.0}[step]})
+        assert store.gc(policy=RetentionPolicy(keep_last=2), dry_run=True) == [1, 2, 3, 4]
+        assert len(store.checkpoints()) == 6
+        assert store.gc(policy=RetentionPolicy(keep_last=1, keep_best=1, metric="loss")) == [1, 2, 4, 5]
+        assert [i.step for i in store.checkpoints()] == [3, 6]
+        assert store.gc() == []  # the store's own policy keeps all
