@@ -1,0 +1,866 @@
+"""Publishing checkpoints to DVC, and pulling them back verified.
+
+ckstore owns crash safety; DVC (a git repository with ``.dvc/``) versions and
+transfers. A published *name* (``best``, ``release-3``) is one small store
+inside the DVC repository, tracked by one ``.dvc`` file::
+
+    <repo>/<dest>/<name>.dvc            in git: DVC's pointer to the directory object
+    <repo>/<dest>/<name>/               git-ignored, tracked by DVC: a one-checkpoint store
+        checkpoints/step-<N>/manifest.json, *.safetensors
+    <repo>/<dest>/.gitignore            written by DVC
+
+so ``git clone`` + ``dvc pull <dest>/<name>.dvc`` gives a directory that
+``ckstore verify`` and ``Store(...).load()`` accept, and ``ckstore pull`` does
+the same with every hash re-verified. DVC stores whole files by md5, so a
+tensor file that did not change between two published checkpoints is stored
+once in the cache and once in the remote.
+
+Stages of one publish, in this order (each is journaled and reported to the
+stage hook, see :func:`set_stage_hook`):
+
+``materialize``
+    hard-link (or copy and fsync) the committed checkpoint into
+    ``<dest>/.<name>.ckstore-tmp-<hex>/``, hashing every file against the
+    manifest: only a verified checkpoint is ever published;
+``swap``
+    rename the verified directory to ``<dest>/<name>`` (the old one, if any,
+    goes to ``.<name>.ckstore-old-<hex>`` first, then is removed);
+``add``
+    ``dvc add`` the directory (cache objects, ``<name>.dvc``);
+``push``
+    ``dvc push`` its objects to the remote;
+``commit``
+    ``git commit`` the ``.dvc`` file (and ``.gitignore``/``.dvcignore``),
+    with ``Ckstore-*`` trailers naming the name, step and source store;
+``tag``
+    an annotated git tag ``<name>@v<k>`` on that commit.
+
+Push comes before commit on purpose: git history never names an object that
+the remote lacks, so a kill at any point leaves ``HEAD`` and the remote
+consistent (at worst the remote holds objects no commit names yet). The
+journal (``<repo>/.dvc/tmp/ckstore/<key>.json``, written atomically) records
+the stage reached; the next publish into the same repository (from any
+store), or ``ckstore publish --recover``, first finishes what it finds: before
+``swap`` it rolls back (removes the temporary directory; the repository was not
+touched), from ``swap`` on it rolls forward (every later stage is idempotent).
+
+Publishing runs on one background thread per store, in order, so a training
+step never waits for DVC. Publishes into one repository are serialized by a
+lock file next to the journal, and every DVC operation waits for DVC's own
+repository lock instead of failing after 3 s. A failure is raised by the
+publication's :meth:`Publication.result`, by the next ``publish`` on that store
+(``wait=True`` waits for all of them), and any failure nobody collected is
+printed to stderr when the interpreter exits: never silently dropped.
+
+DVC itself is imported lazily, only here, with an install hint when missing.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import secrets
+import subprocess
+import sys
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import filelock
+
+from . import _durable
+from ._errors import CheckpointNotFoundError, CkstoreError, DvcError, IntegrityError, InvalidArgumentError, ManifestError
+from ._hashing import HashInfo, new_hasher
+from ._manifest import MANIFEST_NAME, Manifest, parse_manifest
+
+if TYPE_CHECKING:
+    from ._store import Store
+
+CHECKPOINTS_DIR = "checkpoints"
+DEFAULT_DEST = "models"
+STAGES = ("materialize", "swap", "add", "push", "commit", "tag")
+TAG_PREFIX = "published."
+INSTALL_HINT = "DVC is not installed; install it with: pip install 'ckstore[dvc]'"
+#: Patterns ckstore keeps in a repository's ``.dvcignore``: a store's private
+#: directories and files, and the temporary directories of publish and pull.
+DVCIGNORE_LINES = (
+    "# ckstore: staging, trash and lock files of stores, temporary dirs of publish/pull",
+    ".staging/",
+    ".trash/",
+    ".ckstore.lock",
+    ".ckstore.lock.owner",
+    ".*.ckstore-tmp-*",
+    ".*.ckstore-old-*",
+)
+
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}(\.[A-Za-z0-9_-]{1,63}){0,3}$")
+_STEP_DIR = re.compile(r"^step-(\d{1,30})$")
+_CHUNK = 8 << 20
+
+# ------------------------------------------------------------------ hooks
+
+StageHook = Callable[[str, str, Mapping[str, Any]], None]
+_stage_hook: StageHook | None = None
+
+
+def set_stage_hook(hook: StageHook | None) -> StageHook | None:
+    """Install ``hook(stage, phase, info)`` called ``"before"`` and ``"after"`` every publish stage; returns the previous one.
+
+    ``stage`` is one of :data:`STAGES`; ``info`` holds ``name``, ``step``,
+    ``repo`` and ``dest``. Tests and the fault-injection harness use it to kill
+    the process at a stage. A hook may raise to abort the publish.
+    """
+    global _stage_hook
+    previous, _stage_hook = _stage_hook, hook
+    return previous
+
+
+def _emit(stage: str, phase: str, job: PublishJob) -> None:
+    hook = _stage_hook
+    if hook is not None:
+        hook(stage, phase, {"name": job.name, "step": job.step, "repo": job.repo, "dest": job.dest})
+
+
+# ------------------------------------------------------------------ values
+
+
+@dataclasses.dataclass(frozen=True)
+class PublishJob:
+    """One publish: checkpoint ``step`` of the store at ``store`` under ``name`` in ``repo``."""
+
+    name: str
+    step: int
+    store: str
+    repo: str
+    dest: str = DEFAULT_DEST
+    remote: str | None = None
+    metrics: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def dest_dir(self) -> str:
+        return os.path.join(self.repo, self.dest)
+
+    @property
+    def alias_dir(self) -> str:
+        return os.path.join(self.dest_dir, self.name)
+
+    @property
+    def dvc_file(self) -> str:
+        return self.alias_dir + ".dvc"
+
+    @property
+    def source_dir(self) -> str:
+        return os.path.join(self.store, CHECKPOINTS_DIR, f"step-{self.step:08d}")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"metrics": dict(self.metrics)}
+
+
+@dataclasses.dataclass(frozen=True)
+class PublishResult:
+    """What a finished publish produced."""
+
+    name: str
+    step: int
+    dvc_file: Path
+    md5: str
+    commit: str | None
+    tag: str | None
+    remote: str | None
+
+
+# ------------------------------------------------------------------ small helpers
+
+
+def check_name(name: object) -> str:
+    """A publish name is a file name, a git tag component and a ckstore tag suffix at once."""
+    if not isinstance(name, str) or not _NAME.match(name) or name.endswith(".lock"):
+        raise InvalidArgumentError(
+            f"invalid publish name {name!r}: a name starts with a letter and holds letters, digits, '_', '-' "
+            "and single dots between them (at most 64 characters per part)"
+        )
+    return name
+
+
+def check_dest(dest: object) -> str:
+    if not isinstance(dest, str) or not dest or os.path.isabs(dest):
+        raise InvalidArgumentError(f"dest must be a relative directory inside the repository, got {dest!r}")
+    parts = Path(dest).parts
+    if any(p in ("..", ".", ".git", ".dvc") or p.startswith(".") for p in parts):
+        raise InvalidArgumentError(f"dest {dest!r} must not contain '..', '.' or hidden components")
+    return os.path.join(*parts)
+
+
+def find_repo(start: str | os.PathLike[str]) -> str | None:
+    """The nearest directory at or above ``start`` holding a ``.dvc`` directory, or None."""
+    here = Path(os.path.abspath(os.fspath(start)))
+    for candidate in (here, *here.parents):
+        if (candidate / ".dvc").is_dir():
+            return str(candidate)
+    return None
+
+
+def resolve_repo(repo: str | os.PathLike[str] | None, *starts: str | os.PathLike[str]) -> str:
+    if repo is not None:
+        root = os.path.abspath(os.fspath(repo))
+        if not os.path.isdir(os.path.join(root, ".dvc")):
+            raise InvalidArgumentError(f"{root}: not a DVC repository (no .dvc directory; run 'git init && dvc init' there)")
+        return root
+    for start in starts:
+        found = find_repo(start)
+        if found is not None:
+            return found
+    raise InvalidArgumentError(f"no DVC repository at or above {', '.join(map(str, starts))}; pass repo=... (or --repo)")
+
+
+def _import_dvc():
+    try:
+        from dvc.repo import Repo
+    except ImportError as exc:
+        raise DvcError(INSTALL_HINT) from exc
+    return Repo
+
+
+@contextlib.contextmanager
+def _dvc_repo(root: str) -> Iterator[Any]:
+    """A fresh ``dvc.repo.Repo`` per operation: a long-lived one caches stale state."""
+    Repo = _import_dvc()
+    try:
+        repo = Repo(root, _wait_for_lock=True)  # wait for DVC's lock instead of failing after 3 s
+    except TypeError:  # pragma: no cover - a DVC without the private flag
+        repo = Repo(root)
+    try:
+        repo.scm_context.quiet = True  # no "To track the changes with git" hints on stdout
+        yield repo
+    finally:
+        repo.close()
+
+
+def _dvc_call(what: str, fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except CkstoreError:
+        raise
+    except Exception as exc:  # DVC raises its own hierarchy (DvcException) and library errors
+        raise DvcError(f"dvc {what} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _git(repo: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    # core.fsync: the commits ckstore makes survive a power cut, not just a crash.
+    cmd = ["git", "-c", "core.fsync=committed", "-C", repo, *args]
+    env = dict(os.environ)
+    if not _has_identity(repo):
+        env.setdefault("GIT_AUTHOR_NAME", "ckstore")
+        env.setdefault("GIT_AUTHOR_EMAIL", "ckstore@localhost")
+        env.setdefault("GIT_COMMITTER_NAME", env["GIT_AUTHOR_NAME"])
+        env.setdefault("GIT_COMMITTER_EMAIL", env["GIT_AUTHOR_EMAIL"])
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+    except FileNotFoundError as exc:
+        raise DvcError("git is not installed; publishing needs git") from exc
+    if check and proc.returncode != 0:
+        raise DvcError(f"git {' '.join(args[:2])} failed in {repo}: {(proc.stderr or proc.stdout).strip()}")
+    return proc
+
+
+_identity_cache: dict[str, bool] = {}
+
+
+def _has_identity(repo: str) -> bool:
+    if repo not in _identity_cache:
+        proc = subprocess.run(["git", "-C", repo, "var", "GIT_COMMITTER_IDENT"], capture_output=True, stdin=subprocess.DEVNULL)
+        _identity_cache[repo] = proc.returncode == 0
+    return _identity_cache[repo]
+
+
+def read_dvc_file(path: str) -> tuple[str, str]:
+    """``(md5, path)`` of the single output of a ``.dvc`` file."""
+    try:
+        from ruamel.yaml import YAML
+    except ImportError as exc:  # ruamel.yaml comes with DVC
+        raise DvcError(INSTALL_HINT) from exc
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = YAML(typ="safe", pure=True).load(fh)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"{path}: no such .dvc file (not published, or not checked out at this revision)") from None
+    except Exception as exc:
+        raise DvcError(f"{path}: unreadable .dvc file: {exc}") from exc
+    try:
+        (out,) = data["outs"]
+        md5, rel = str(out["md5"]), str(out["path"])
+    except (TypeError, KeyError, ValueError):
+        raise DvcError(f"{path}: not a single-output .dvc file written by ckstore publish") from None
+    if not re.fullmatch(r"[0-9a-f]{32}\.dir", md5):
+        raise DvcError(f"{path}: output {rel!r} is not a directory (md5 {md5!r})")
+    return md5, rel
+
+
+def _hash_file(path: str, *, copy_to: str | None, expected: HashInfo | None, md5: str | None = None, site: str) -> tuple[int, str]:
+    """Stream ``path`` once: hash it (manifest algorithm and md5), optionally copying it to ``copy_to`` (fsynced).
+
+    Raises IntegrityError naming ``path`` (or ``md5``'s object) on any mismatch.
+    Returns ``(size, md5 hex)``.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise IntegrityError(f"{path}: missing", path=path, expected="file", actual="missing") from None
+    except OSError as exc:
+        raise IntegrityError(f"{path}: cannot open ({exc.strerror})", path=path, expected="readable file", actual=exc.strerror) from None
+    writer = _durable.FileWriter(copy_to, site=site) if copy_to is not None else None
+    hasher = new_hasher(expected.algo) if expected is not None else None
+    md5_hasher = hashlib.md5(usedforsecurity=False)
+    size = 0
+    try:
+        with os.fdopen(fd, "rb", buffering=0) as fh:
+            while True:
+                chunk = fh.read(_CHUNK)
+                if not chunk:
+                    break
+                size += len(chunk)
+                md5_hasher.update(chunk)
+                if hasher is not None:
+                    hasher.update(chunk)
+                if writer is not None:
+                    writer.write(chunk)
+        if writer is not None:
+            writer.sync()
+    finally:
+        if writer is not None:
+            writer.close()
+    actual_md5 = md5_hasher.hexdigest()
+    if md5 is not None and actual_md5 != md5:
+        raise IntegrityError(f"{path}: md5 {actual_md5} but DVC names it {md5}", path=path, expected=f"md5:{md5}", actual=f"md5:{actual_md5}")
+    if hasher is not None and expected is not None:
+        actual = HashInfo(expected.algo, hasher.hexdigest())
+        if actual != expected:
+            raise IntegrityError(f"{path}: hash {actual} but the manifest says {expected}", path=path, expected=str(expected), actual=str(actual))
+    return size, actual_md5
+
+
+def _read_small(path: str, limit: int = 256 << 20) -> bytes:
+    with open(path, "rb") as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise ManifestError(f"{path}: too large for a manifest", path=path)
+    return data
+
+
+def _remove(path: str, *, site: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        _durable.remove_tree(path, site=site)
+    elif os.path.lexists(path):
+        _durable.unlink(path, site=site)
+
+
+# ------------------------------------------------------------------ the journal
+
+
+def _journal_dir(repo: str) -> str:
+    return os.path.join(repo, ".dvc", "tmp", "ckstore")
+
+
+def _journal_path(repo: str, dest: str, name: str) -> str:
+    key = hashlib.sha256(f"{dest}\0{name}".encode()).hexdigest()[:16]
+    return os.path.join(_journal_dir(repo), f"publish-{name}-{key}.json")
+
+
+def _write_journal(job: PublishJob, stage: str, **extra: Any) -> None:
+    record = {"format": "ckstore.publish-journal", "format_version": 1, "stage": stage, "job": job.to_json(), **extra}
+    _durable.write_file_atomic(_journal_path(job.repo, job.dest, job.name), json.dumps(record, sort_keys=True).encode(), site="publish_journal")
+
+
+@contextlib.contextmanager
+def _repo_lock(repo: str) -> Iterator[None]:
+    """Serialize ckstore publishes and pulls into one repository (across processes)."""
+    directory = _journal_dir(repo)
+    os.makedirs(directory, exist_ok=True)
+    lock = filelock.FileLock(os.path.join(directory, "lock"), thread_local=False)
+    with lock.acquire(timeout=-1):
+        yield
+
+
+def pending(repo: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Journal records of publishes into ``repo`` that were interrupted (empty when none)."""
+    directory = _journal_dir(os.path.abspath(os.fspath(repo)))
+    out = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in sorted(os.listdir(directory)):
+            if entry.startswith("publish-") and entry.endswith(".json"):
+                with contextlib.suppress(OSError, ValueError):
+                    out.append(json.loads(_read_small(os.path.join(directory, entry))) | {"journal": os.path.join(directory, entry)})
+    return out
+
+
+def recover(repo: str | os.PathLike[str]) -> list[PublishResult]:
+    """Finish (or roll back) every interrupted publish into ``repo``; returns the publishes it completed."""
+    root = resolve_repo(repo)
+    with _repo_lock(root):
+        return _recover_locked(root)
+
+
+def _recover_locked(repo: str) -> list[PublishResult]:
+    done = []
+    for record in pending(repo):
+        journal = record["journal"]
+        try:
+            raw = record["job"]
+            job = PublishJob(**{k: raw[k] for k in ("name", "step", "store", "dest", "remote", "metrics")}, repo=repo)
+            stage = record["stage"]
+        except (KeyError, TypeError):
+            _durable.unlink(journal, site="publish_journal")  # not ours, or from a newer format: nothing to finish
+            continue
+        if stage == "materialize":
+            # Nothing in the repository was touched yet: roll back.
+            if record.get("tmp"):
+                _remove(record["tmp"], site="publish_rollback")
+            _durable.unlink(journal, site="publish_journal")
+            continue
+        if stage == "swap":
+            _swap(job, record["tmp"], record["old"])
+        done.append(_finish(job))
+    return done
+
+
+# ------------------------------------------------------------------ publish stages
+
+
+def _materialize(job: PublishJob, tmp: str) -> Manifest:
+    """Build a verified one-checkpoint store at ``tmp`` from the source checkpoint."""
+    source = job.source_dir
+    manifest_path = os.path.join(source, MANIFEST_NAME)
+    try:
+        data = _read_small(manifest_path)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"{job.store}: no committed checkpoint at step {job.step} to publish", step=job.step) from None
+    manifest = parse_manifest(data, path=manifest_path)
+    if manifest.step != job.step:
+        raise ManifestError(f"{manifest_path}: manifest says step {manifest.step}", path=manifest_path)
+    target = os.path.join(tmp, CHECKPOINTS_DIR, os.path.basename(source))
+    for path in (tmp, os.path.dirname(target), target):
+        _durable.make_dir(path, site="publish_materialize")
+    for name in [*manifest.files, MANIFEST_NAME]:
+        src, dst = os.path.join(source, name), os.path.join(target, name)
+        entry = manifest.files.get(name)
+        try:
+            # A hard link costs no space; committed checkpoint files are never written again.
+            os.link(src, dst, follow_symlinks=False)
+            linked = True
+        except OSError:
+            linked = False
+        size, _ = _hash_file(src, copy_to=None if linked else dst, expected=entry.hash if entry else None, site="publish_copy")
+        if entry is not None and size != entry.size:
+            raise IntegrityError(f"{src}: size {size} bytes, manifest says {entry.size}", path=src, expected=entry.size, actual=size)
+    for path in (target, os.path.dirname(target), tmp, os.path.dirname(tmp)):
+        _durable.sync_dir(path, site="publish_materialize_dir")
+    return manifest
+
+
+def _swap(job: PublishJob, tmp: str, old: str) -> None:
+    """Put the verified directory ``tmp`` at the alias path (idempotent: resumes a half-done swap)."""
+    alias = job.alias_dir
+    if os.path.isdir(tmp):
+        if os.path.lexists(alias):
+            _durable.rename(alias, old, site="publish_swap_old")
+        _durable.rename(tmp, alias, site="publish_swap")
+        _durable.sync_dir(job.dest_dir, site="publish_swap_dir")
+    if os.path.lexists(old):
+        _remove(old, site="publish_swap_cleanup")
+
+
+def _ensure_dvcignore(repo: str) -> bool:
+    """Add ckstore's patterns to ``.dvcignore``; True when the file changed."""
+    path = os.path.join(repo, ".dvcignore")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        text = ""
+    have = set(text.splitlines())
+    missing = [line for line in DVCIGNORE_LINES if line not in have]
+    if not missing:
+        return False
+    new = text + ("" if not text or text.endswith("\n") else "\n") + "\n".join(missing) + "\n"
+    _durable.write_file_atomic(path, new.encode("utf-8"), site="publish_dvcignore")
+    return True
+
+
+def _finish(job: PublishJob) -> PublishResult:
+    """Stages add, push, commit, tag: each idempotent, so this both runs and resumes a publish."""
+    repo = job.repo
+    _write_journal(job, "add")
+    _emit("add", "before", job)
+    with _dvc_repo(repo) as dvc:
+        _dvc_call("add", lambda: dvc.add([job.alias_dir], relink=False))
+    _emit("add", "after", job)
+    md5, _ = read_dvc_file(job.dvc_file)
+
+    _write_journal(job, "push")
+    _emit("push", "before", job)
+    with _dvc_repo(repo) as dvc:
+        _dvc_call("push", lambda: dvc.push(targets=[job.dvc_file], remote=job.remote))
+    _emit("push", "after", job)
+
+    _write_journal(job, "commit")
+    _emit("commit", "before", job)
+    rel_dvc = os.path.relpath(job.dvc_file, repo)
+    paths = [rel_dvc, os.path.join(job.dest, ".gitignore"), ".dvcignore"]
+    paths = [p for p in paths if os.path.exists(os.path.join(repo, p))]
+    _git(repo, "add", "--", *paths)
+    changed = _git(repo, "diff", "--cached", "--quiet", "--", *paths, check=False).returncode != 0
+    if changed:
+        metrics = " ".join(f"{k}={v:.6g}" for k, v in sorted(job.metrics.items()))
+        message = (
+            f"ckstore publish {job.name}: step {job.step}{' (' + metrics + ')' if metrics else ''}\n\n"
+            f"Ckstore-Name: {job.name}\nCkstore-Step: {job.step}\nCkstore-Store: {job.store}\n"
+            f"Ckstore-Dvc-File: {rel_dvc}\nCkstore-Md5: {md5}\n"
+        )
+        _git(repo, "commit", "-q", "--no-verify", "-m", message, "--", *paths)
+    commit = _git(repo, "log", "-1", "--format=%H", "--", rel_dvc).stdout.strip() or None
+    _emit("commit", "after", job)
+
+    _write_journal(job, "tag")
+    _emit("tag", "before", job)
+    tag = _tag(job, commit) if commit else None
+    _emit("tag", "after", job)
+    with contextlib.suppress(FileNotFoundError):
+        _durable.unlink(_journal_path(repo, job.dest, job.name), site="publish_journal")
+    return PublishResult(job.name, job.step, Path(job.dvc_file), md5, commit, tag, job.remote)
+
+
+def _tag(job: PublishJob, commit: str) -> str:
+    """Annotated tag ``<name>@v<k>`` on ``commit``, unless one of this name's tags already points there."""
+    listing = _git(job.repo, "tag", "--list", f"{job.name}@v*", "--format=%(refname:strip=2) %(*objectname)").stdout
+    versions = []
+    for line in listing.splitlines():
+        tag, _, target = line.partition(" ")
+        match = re.fullmatch(re.escape(job.name) + r"@v(\d+)", tag)
+        if match:
+            if target == commit:
+                return tag
+            versions.append(int(match.group(1)))
+    tag = f"{job.name}@v{max(versions, default=0) + 1}"
+    _git(job.repo, "tag", "-a", tag, "-m", f"ckstore publish {job.name}: step {job.step}", commit)
+    return tag
+
+
+def run_publish(job: PublishJob) -> PublishResult:
+    """Publish synchronously (the background worker calls this). Recovers interrupted publishes first."""
+    _import_dvc()
+    with _repo_lock(job.repo):
+        _recover_locked(job.repo)
+        _ensure_dvcignore(job.repo)
+        os.makedirs(job.dest_dir, exist_ok=True)
+        token = secrets.token_hex(4)
+        tmp = os.path.join(job.dest_dir, f".{job.name}.ckstore-tmp-{token}")
+        old = os.path.join(job.dest_dir, f".{job.name}.ckstore-old-{token}")
+        _write_journal(job, "materialize", tmp=tmp, old=old)
+        _emit("materialize", "before", job)
+        try:
+            _materialize(job, tmp)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                _remove(tmp, site="publish_rollback")
+                _durable.unlink(_journal_path(job.repo, job.dest, job.name), site="publish_journal")
+            raise
+        _emit("materialize", "after", job)
+        _write_journal(job, "swap", tmp=tmp, old=old)
+        _emit("swap", "before", job)
+        _swap(job, tmp, old)
+        _emit("swap", "after", job)
+        return _finish(job)
+
+
+# ------------------------------------------------------------------ the background worker
+
+
+class Publication:
+    """A queued publish. :meth:`result` waits for it and raises its failure."""
+
+    def __init__(self, job: PublishJob, future: Future[PublishResult], publisher: _Publisher) -> None:
+        self.job = job
+        self._future = future
+        self._publisher = publisher
+
+    @property
+    def name(self) -> str:
+        return self.job.name
+
+    @property
+    def step(self) -> int:
+        return self.job.step
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> PublishResult:
+        """Wait (up to ``timeout`` seconds) and return the result; raises DvcError (or the CkstoreError) on failure."""
+        try:
+            result = self._future.result(timeout)
+        except BaseException:
+            self._publisher.reported(self._future)
+            raise
+        return result
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "pending"
+        return f"Publication(name={self.name!r}, step={self.step}, {state})"
+
+
+class _Publisher:
+    """One worker thread per store: runs publishes in submission order."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: list[tuple[PublishJob, Future[PublishResult]]] = []
+        self._thread: threading.Thread | None = None
+        self._futures: list[Future[PublishResult]] = []
+        self._unreported: list[Future[PublishResult]] = []
+        _all_publishers.add(self)
+
+    def submit(self, job: PublishJob) -> Future[PublishResult]:
+        future: Future[PublishResult] = Future()
+        with self._lock:
+            self._queue.append((job, future))
+            self._futures.append(future)
+            if self._thread is None:
+                # Not a daemon: a script that ends right after publish() still finishes publishing.
+                self._thread = threading.Thread(target=self._work, name="ckstore-publish", daemon=False)
+                self._thread.start()
+        return future
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._thread = None
+                    return
+                job, future = self._queue.pop(0)
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = run_publish(job)
+            except BaseException as exc:
+                if not isinstance(exc, CkstoreError):
+                    wrapped = DvcError(f"publishing {job.name!r} (step {job.step}) failed: {type(exc).__name__}: {exc}")
+                    wrapped.__cause__ = exc
+                    exc = wrapped
+                with self._lock:
+                    self._unreported.append(future)
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+    def reported(self, future: Future[PublishResult]) -> None:
+        with self._lock:
+            if future in self._unreported:
+                self._unreported.remove(future)
+
+    def raise_unreported(self) -> None:
+        """Raise the oldest failure nobody has seen yet (as DvcError, cause chained)."""
+        with self._lock:
+            if not self._unreported:
+                return
+            future = self._unreported.pop(0)
+        exc = future.exception()
+        assert exc is not None
+        raise DvcError(f"an earlier publish failed: {exc}") from exc
+
+    def wait(self, timeout: float | None = None) -> None:
+        with self._lock:
+            futures = list(self._futures)
+        for future in futures:
+            with contextlib.suppress(BaseException):
+                future.result(timeout)
+        with self._lock:
+            self._futures = [f for f in self._futures if not f.done()]
+        self.raise_unreported()
+
+    def unreported_messages(self) -> list[str]:
+        with self._lock:
+            return [str(f.exception()) for f in self._unreported]
+
+
+_publishers: weakref.WeakKeyDictionary[Store, _Publisher] = weakref.WeakKeyDictionary()
+_all_publishers: weakref.WeakSet[_Publisher] = weakref.WeakSet()
+_publishers_lock = threading.Lock()
+
+
+@atexit.register
+def _report_at_exit() -> None:
+    # Runs after non-daemon worker threads have finished: print what nobody collected.
+    for publisher in list(_all_publishers):
+        for message in publisher.unreported_messages():
+            print(f"ckstore: publish failed and nobody collected the error: {message}", file=sys.stderr)
+
+
+def _publisher_for(store: Store) -> _Publisher:
+    with _publishers_lock:
+        publisher = _publishers.get(store)
+        if publisher is None:
+            publisher = _publishers[store] = _Publisher()
+        return publisher
+
+
+def wait(store: Store, timeout: float | None = None) -> None:
+    """Wait for every publish queued on ``store``; raise the first failure nobody has collected."""
+    publisher = _publishers.get(store)
+    if publisher is not None:
+        publisher.wait(timeout)
+
+
+def publish(
+    store: Store,
+    step_or_name: int | str,
+    *,
+    name: str,
+    repo: str | os.PathLike[str] | None = None,
+    dest: str = DEFAULT_DEST,
+    remote: str | None = None,
+    wait: bool = False,
+) -> Publication:
+    """Queue the publish of a committed checkpoint under ``name`` (see the module docstring).
+
+    Synchronous part (cheap): resolve the checkpoint, pin it with the store tag
+    ``published.<name>`` so retention keeps it, raise any earlier publish
+    failure. The rest runs on the store's publish thread. ``wait=True`` waits
+    for this and every earlier publish and raises the first failure.
+    """
+    check_name(name)
+    dest = check_dest(dest)
+    root = resolve_repo(repo, store.path, os.getcwd())
+    publisher = _publisher_for(store)
+    publisher.raise_unreported()
+    info = store.resolve(step_or_name)
+    store.tag(info.step, TAG_PREFIX + name)  # pins it: never removed by retention while named
+    job = PublishJob(name=name, step=info.step, store=str(store.path), repo=root, dest=dest, remote=remote, metrics=dict(info.metrics))
+    publication = Publication(job, publisher.submit(job), publisher)
+    if wait:
+        publication.result()
+        publisher.wait()
+    return publication
+
+
+# ------------------------------------------------------------------ pull
+
+
+def pull(
+    target: str | os.PathLike[str],
+    *,
+    repo: str | os.PathLike[str] | None = None,
+    remote: str | None = None,
+) -> Path:
+    """Fetch a published checkpoint and install it verified at ``target`` (``<dest>/<name>`` or its ``.dvc`` file).
+
+    DVC downloads the objects into its cache; ckstore then copies each file
+    into a temporary directory next to the target while checking both DVC's
+    md5 and the manifest's hash, and only then renames the directory into
+    place. A corrupted object raises IntegrityError naming the file; it is
+    removed from the local cache and nothing is installed. Returns the store
+    directory (``<dest>/<name>``).
+    """
+    path = os.path.abspath(os.fspath(target))
+    alias = path[: -len(".dvc")] if path.endswith(".dvc") else path
+    dvc_file = alias + ".dvc"
+    root = resolve_repo(repo, os.path.dirname(alias))
+    md5, rel = read_dvc_file(dvc_file)
+    if os.path.normpath(os.path.join(os.path.dirname(dvc_file), rel)) != alias:
+        raise DvcError(f"{dvc_file}: tracks {rel!r}, not {os.path.basename(alias)!r}; not a ckstore publish")
+    with _repo_lock(root):
+        with _dvc_repo(root) as dvc:
+            _dvc_call("fetch", lambda: dvc.fetch(targets=[dvc_file], remote=remote))
+            odb = dvc.cache.local
+            locate = odb.oid_to_path
+        token = secrets.token_hex(4)
+        parent, base = os.path.split(alias)
+        tmp = os.path.join(parent, f".{base}.ckstore-tmp-{token}")
+        old = os.path.join(parent, f".{base}.ckstore-old-{token}")
+        try:
+            _install_from_cache(locate, md5, tmp, dvc_file)
+            job = PublishJob(name=base, step=0, store="", repo=root, dest=os.path.relpath(parent, root))
+            _swap(job, tmp, old)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                _remove(tmp, site="pull_rollback")
+            raise
+    return Path(alias)
+
+
+def _install_from_cache(locate: Callable[[str], str], dir_md5: str, tmp: str, dvc_file: str) -> None:
+    dir_object = locate(dir_md5)
+    try:
+        listing = json.loads(_read_small(dir_object))
+        entries = {str(e["relpath"]): str(e["md5"]) for e in listing}
+    except FileNotFoundError:
+        raise DvcError(f"{dvc_file}: directory object {dir_md5} is not in the cache after fetch (missing from the remote?)") from None
+    except (ValueError, TypeError, KeyError) as exc:
+        raise IntegrityError(f"{dir_object}: corrupt DVC directory object for {dvc_file}", path=dir_object, expected=dir_md5, actual="unparsable") from exc
+    actual_dir_md5 = hashlib.md5(_read_small(dir_object), usedforsecurity=False).hexdigest()
+    steps = {rel.split("/")[1] for rel in entries if rel.count("/") == 2 and rel.startswith(CHECKPOINTS_DIR + "/")}
+    if len(steps) != 1 or len(entries) != sum(1 for rel in entries if rel.count("/") == 2) or not _STEP_DIR.match(next(iter(steps))):
+        raise DvcError(f"{dvc_file}: does not track a one-checkpoint ckstore directory")
+    if actual_dir_md5 + ".dir" != dir_md5:
+        _drop_cache_object(dir_object)
+        raise IntegrityError(
+            f"{dvc_file}: DVC directory object is corrupt (md5 {actual_dir_md5}); removed from the cache, nothing installed",
+            path=dir_object, expected=dir_md5, actual=actual_dir_md5 + ".dir",
+        )
+    (step_name,) = steps
+    prefix = f"{CHECKPOINTS_DIR}/{step_name}/"
+    target = os.path.join(tmp, CHECKPOINTS_DIR, step_name)
+    for path in (tmp, os.path.dirname(target), target):
+        _durable.make_dir(path, site="pull_install")
+    final_dir = os.path.join(os.path.dirname(tmp), os.path.basename(dvc_file)[: -len(".dvc")], CHECKPOINTS_DIR, step_name)
+
+    def copy(rel: str, expected: HashInfo | None) -> int:
+        md5 = entries[rel]
+        name = rel[len(prefix) :]
+        source = locate(md5)
+        try:
+            size, _ = _hash_file(source, copy_to=os.path.join(target, name), expected=expected, md5=md5, site="pull_file")
+        except IntegrityError as exc:
+            if exc.actual == "missing":
+                raise DvcError(f"{final_dir}/{name}: object {md5} was not fetched (missing from the remote?)") from None
+            _drop_cache_object(source)
+            raise IntegrityError(
+                f"{os.path.join(final_dir, name)}: the object DVC fetched for it is corrupt "
+                f"(expected {exc.expected}, got {exc.actual}; remote object {md5}); "
+                "removed from the local cache, nothing installed",
+                path=os.path.join(final_dir, name), expected=exc.expected, actual=exc.actual,
+            ) from None
+        return size
+
+    manifest_rel = prefix + MANIFEST_NAME
+    if manifest_rel not in entries:
+        raise DvcError(f"{dvc_file}: the tracked checkpoint has no {MANIFEST_NAME}")
+    copy(manifest_rel, None)
+    manifest_path = os.path.join(target, MANIFEST_NAME)
+    manifest = parse_manifest(_read_small(manifest_path), path=os.path.join(final_dir, MANIFEST_NAME))
+    listed = {prefix + n for n in manifest.files} | {manifest_rel}
+    if listed != set(entries):
+        raise IntegrityError(
+            f"{final_dir}: DVC tracks {sorted(set(entries) - listed) or 'fewer'} files than the manifest lists",
+            path=final_dir, expected=sorted(listed), actual=sorted(entries),
+        )
+    for name, entry in manifest.files.items():
+        size = copy(prefix + name, entry.hash)
+        if size != entry.size:
+            path = os.path.join(final_dir, name)
+            raise IntegrityError(f"{path}: size {size}, manifest says {entry.size}", path=path, expected=entry.size, actual=size)
+    for path in (target, os.path.dirname(target), tmp, os.path.dirname(tmp)):
+        _durable.sync_dir(path, site="pull_install_dir")
+
+
+def _drop_cache_object(path: str) -> None:
+    # A corrupt copy in the local cache would be installed by a later plain `dvc checkout`.
+    with contextlib.suppress(OSError):
+        _durable.unlink(path, site="pull_drop_corrupt")

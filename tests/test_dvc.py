@@ -1,0 +1,409 @@
+"""Publishing to DVC and pulling back (``ckstore._dvc``), against real git + DVC repositories.
+
+Every test is hermetic: a temporary git repository with ``dvc init``, a local
+directory remote, HOME/XDG/DVC site-cache dirs under ``tmp_path``, DVC
+analytics off, a git identity in the environment. The clone-side commands are
+the plain ones a DVC user types (``git clone``, ``dvc pull <name>.dvc``,
+``ckstore verify``), run as real subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import ckstore
+from ckstore import _dvc
+
+pytest.importorskip("dvc.repo", reason="DVC is an optional extra: pip install 'ckstore[dvc]'")
+
+PYTHON = sys.executable
+
+
+# ---------------------------------------------------------------- hermetic set-up
+
+
+def hermetic_env(base: Path) -> dict[str, str]:
+    home = base / "home"
+    env = {
+        "HOME": str(home),
+        "XDG_CONFIG_HOME": str(home / ".config"),
+        "XDG_CACHE_HOME": str(home / ".cache"),
+        "XDG_DATA_HOME": str(home / ".local" / "share"),
+        "DVC_SITE_CACHE_DIR": str(base / "dvc-site-cache"),
+        "DVC_GLOBAL_CONFIG_DIR": str(home / ".config" / "dvc"),
+        "DVC_SYSTEM_CONFIG_DIR": str(base / "dvc-system"),
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_AUTHOR_NAME": "ckstore tests",
+        "GIT_AUTHOR_EMAIL": "tests@ckstore.invalid",
+        "GIT_COMMITTER_NAME": "ckstore tests",
+        "GIT_COMMITTER_EMAIL": "tests@ckstore.invalid",
+        "TMPDIR": str(base / "tmp"),
+    }
+    for key in ("XDG_CONFIG_HOME", "DVC_SITE_CACHE_DIR", "TMPDIR"):
+        os.makedirs(env[key], exist_ok=True)
+    return env
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch) -> dict[str, str]:
+    values = hermetic_env(tmp_path)
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    for key in ("DVC_STUDIO_TOKEN", "DVC_ROOT", "GIT_DIR", "GIT_WORK_TREE", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    return dict(os.environ)
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def dvc(*args: str, cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    return run([PYTHON, "-m", "dvc", *args], cwd, env, check)
+
+
+def ck(*args: str, cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    return run([PYTHON, "-m", "ckstore", *args], cwd, env, check)
+
+
+def git(*args: str, cwd: Path, env: dict[str, str]) -> str:
+    return run(["git", *args], cwd, env).stdout
+
+
+def make_repo(base: Path, env: dict[str, str], remote_url: str | None = None) -> tuple[Path, Path]:
+    """A git + DVC repository with a default local remote; returns (repo, remote dir)."""
+    repo, remote = base / "repo", base / "remote"
+    repo.mkdir()
+    git("init", "-q", "-b", "main", cwd=repo, env=env)
+    dvc("init", "-q", cwd=repo, env=env)
+    dvc("remote", "add", "-d", "origin", remote_url or str(remote), cwd=repo, env=env)
+    git("add", ".dvc", ".dvcignore", cwd=repo, env=env)
+    git("commit", "-q", "-m", "init dvc", cwd=repo, env=env)
+    return repo, remote
+
+
+def remote_objects(remote: Path) -> list[str]:
+    return sorted(str(p.relative_to(remote)) for p in remote.rglob("*") if p.is_file() and not p.name.endswith(".tmp"))
+
+
+def train(store: ckstore.Store, steps=(10, 20, 30), losses=(0.5, 0.2, 0.4), frozen: torch.Tensor | None = None) -> None:
+    """A short real training run: a linear model, SGD, one checkpoint per 'epoch'."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 3)
+    embed = frozen if frozen is not None else torch.arange(64, dtype=torch.float32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 6), torch.randn(16, 3)
+    for step, loss in zip(steps, losses):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        store.save({"model": model, "frozen": {"embed": embed}}, step=step, metrics={"val_loss": loss})
+
+
+# ---------------------------------------------------------------- round trip
+
+
+def test_publish_best_then_plain_dvc_pull_in_a_fresh_clone_verifies(tmp_path, env):
+    repo, remote = make_repo(tmp_path, env)
+    store_dir = tmp_path / "run"  # outside the repo: publishing materializes it inside
+    with ckstore.Store(store_dir, keep_last=1, metric="val_loss") as store:
+        train(store, steps=(10, 20), losses=(0.5, 0.2))
+        publication = store.publish("best", name="best", repo=repo)  # queued; training goes on
+        # Pinned: retention (keep_last=1) keeps the published step 20 as more steps arrive.
+        train(store, steps=(30, 40), losses=(0.4, 0.3))
+        result = publication.result()
+        assert result.step == 20 and result.tag == "best@v1"
+        assert [i.step for i in store.checkpoints()] == [20, 40]
+        assert store.resolve("published.best").step == 20
+
+    assert (repo / "models" / "best.dvc").is_file()
+    log = git("log", "-1", "--format=%B", cwd=repo, env=env)
+    assert "Ckstore-Name: best" in log and "Ckstore-Step: 20" in log
+    assert git("status", "--porcelain", cwd=repo, env=env).strip() == ""
+    assert remote_objects(remote), "nothing was pushed"
+
+    clone = tmp_path / "clone"
+    git("clone", "-q", str(repo), str(clone), cwd=tmp_path, env=env)
+    assert not (clone / "models" / "best").exists()
+    dvc("pull", "models/best.dvc", cwd=clone, env=env)
+    out = ck("verify", "models/best", "--json", cwd=clone, env=env)
+    assert json.loads(out.stdout) | {"problems": []} == {"ok": True, "checked": [20], "problems": []}
+    with ckstore.Store(clone / "models" / "best", readonly=True) as pulled:
+        state = pulled.load()
+        assert pulled.latest().metrics == {"val_loss": 0.2}
+    with ckstore.Store(store_dir, readonly=True) as original:
+        expected = original.load(step=20)
+    assert torch.equal(state["model"]["weight"], expected["model"]["weight"])
+
+
+def test_ckstore_pull_cli_installs_verified_checkpoint(tmp_path, env):
+    repo, _ = make_repo(tmp_path, env)
+    with ckstore.Store(repo / "runs" / "exp", metric="val_loss") as store:  # a store inside the repo
+        train(store)
+    (repo / ".gitignore").write_text("/runs/\n")
+    out = ck("publish", "runs/exp", "latest", "--name", "last", "--json", cwd=repo, env=env)
+    payload = json.loads(out.stdout)
+    assert payload["step"] == 30 and payload["dvc_file"].endswith("models/last.dvc")
+    clone = tmp_path / "clone"
+    git("clone", "-q", str(repo), str(clone), cwd=tmp_path, env=env)
+    out = ck("pull", "models/last", "--json", cwd=clone, env=env)
+    assert json.loads(out.stdout)["ok"] is True
+    ck("verify", "models/last", cwd=clone, env=env)
+    # DVC agrees the workspace matches the .dvc file: the verified install is what dvc would check out.
+    assert "up to date" in dvc("status", "models/last.dvc", cwd=clone, env=env).stdout.lower()
+
+
+def test_republish_moves_name_and_keeps_history(tmp_path, env):
+    repo, _ = make_repo(tmp_path, env)
+    with ckstore.Store(tmp_path / "run", metric="val_loss") as store:
+        train(store)
+        first = store.publish(10, name="best", repo=repo).result()
+        second = store.publish(30, name="best", repo=repo).result()
+        assert (first.tag, second.tag) == ("best@v1", "best@v2")
+        assert store.resolve("published.best").step == 30  # the pin moved with the name
+        again = store.publish(30, name="best", repo=repo, wait=True).result()
+        assert again.tag == "best@v2" and again.commit == second.commit  # nothing changed: no new commit
+    assert sorted(os.listdir(repo / "models" / "best" / "checkpoints")) == ["step-00000030"]
+    assert len(git("log", "--format=%H", "--", "models/best.dvc", cwd=repo, env=env).split()) == 2
+    # An older version comes back with the commands a DVC user types.
+    clone = tmp_path / "clone"
+    git("clone", "-q", str(repo), str(clone), cwd=tmp_path, env=env)
+    git("checkout", "-q", "best@v1", "--", "models/best.dvc", cwd=clone, env=env)
+    dvc("pull", "models/best.dvc", cwd=clone, env=env)
+    assert sorted(os.listdir(clone / "models" / "best" / "checkpoints")) == ["step-00000010"]
+    ck("verify", "models/best", cwd=clone, env=env)
+
+
+# ---------------------------------------------------------------- dedup
+
+
+def test_unchanged_tensor_file_is_stored_once_in_the_remote(tmp_path, env):
+    repo, remote = make_repo(tmp_path, env)
+    frozen = torch.arange(4096, dtype=torch.float32)
+    with ckstore.Store(tmp_path / "run", metric="val_loss") as store:
+        train(store, steps=(1, 2), losses=(0.3, 0.2), frozen=frozen)
+        files = [set(store.resolve(s).files.items()) for s in (1, 2)]
+        shared = files[0] & files[1]
+        assert len(shared) == 1, "the frozen tensor's file must be byte-identical in both checkpoints"
+        store.publish(1, name="first", repo=repo)
+        store.publish(2, name="second", repo=repo, wait=True)
+    objects = remote_objects(remote)
+    dirs = [o for o in objects if o.endswith(".dir")]
+    # Each checkpoint has len(files) tensor files + a manifest; the shared one is stored once.
+    per_checkpoint = len(files[0]) + 1
+    assert len(dirs) == 2
+    assert len(objects) - len(dirs) == 2 * per_checkpoint - 1
+
+
+# ---------------------------------------------------------------- corruption
+
+
+def test_corrupt_remote_object_fails_pull_and_installs_nothing(tmp_path, env):
+    repo, remote = make_repo(tmp_path, env)
+    with ckstore.Store(tmp_path / "run", metric="val_loss") as store:
+        train(store)
+        info = store.resolve("best")
+        store.publish("best", name="best", repo=repo, wait=True)
+    victim_name = max(info.files, key=lambda n: info.files[n].size)
+    clone = tmp_path / "clone"
+    git("clone", "-q", str(repo), str(clone), cwd=tmp_path, env=env)
+    # Find the remote object of the largest tensor file through the .dir object, flip one byte.
+    md5, _ = _dvc.read_dvc_file(str(clone / "models" / "best.dvc"))
+    listing = json.loads((remote / "files" / "md5" / md5[:2] / md5[2:]).read_text())
+    (obj_md5,) = [e["md5"] for e in listing if e["relpath"].endswith("/" + victim_name)]
+    obj = remote / "files" / "md5" / obj_md5[:2] / obj_md5[2:]
+    os.chmod(obj, 0o644)
+    data = bytearray(obj.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    obj.write_bytes(bytes(data))
+
+    proc = ck("pull", "models/best", "--json", cwd=clone, env=env, check=False)
+    assert proc.returncode == 2
+    err = json.loads(proc.stdout)
+    assert err["error"] == "IntegrityError"
+    assert victim_name in err["message"] and "corrupt" in err["message"]
+    assert not (clone / "models" / "best").exists()
+    assert not [p for p in (clone / "models").iterdir() if "ckstore-tmp" in p.name]
+    # The corrupt copy is not left in the local cache for a later `dvc checkout` to install.
+    assert not list((clone / ".dvc" / "cache").rglob(obj_md5[2:]))
+
+    with pytest.raises(ckstore.IntegrityError) as info_exc:
+        _dvc.pull(clone / "models" / "best.dvc")
+    assert info_exc.value.path.endswith(victim_name)
+
+
+# ---------------------------------------------------------------- errors and the worker
+
+
+def test_bad_inputs_raise_typed_errors(tmp_path, env):
+    repo, _ = make_repo(tmp_path, env)
+    with ckstore.Store(tmp_path / "run", metric="val_loss") as store:
+        train(store, steps=(1,), losses=(0.1,))
+        for bad in ("", "1abc", "a/b", "../x", "a..b", "x.lock", "a b", None):
+            with pytest.raises(ckstore.InvalidArgumentError):
+                store.publish(1, name=bad, repo=repo)
+        with pytest.raises(ckstore.InvalidArgumentError):
+            store.publish(1, name="ok", repo=repo, dest="../outside")
+        with pytest.raises(ckstore.InvalidArgumentError):
+            store.publish(1, name="ok", repo=tmp_path / "run")  # not a DVC repository
+        with pytest.raises(ckstore.CheckpointNotFoundError):
+            store.publish(99, name="ok", repo=repo)
+    with pytest.raises(ckstore.CheckpointNotFoundError):
+        _dvc.pull(repo / "models" / "never")
+    proc = ck("pull", str(repo / "models" / "never"), cwd=repo, env=env, check=False)
+    assert proc.returncode == 2 and "no such .dvc file" in proc.stderr
+
+
+def test_background_failure_surfaces_on_result_and_next_publish(tmp_path, env):
+    repo, _ = make_repo(tmp_path, env)
+    dvc("remote", "modify", "origin", "url", str(tmp_path / "blocker" / "remote"), cwd=repo, env=env)
+    (tmp_path / "blocker").write_text("a file where the remote's parent directory should be")
+    with ckstore.Store(tmp_path / "run", metric="val_loss") as store:
+        train(store, steps=(1, 2), losses=(0.1, 0.2))
+        pub = store.publish(1, name="one", repo=repo)
+        with pytest.raises(ckstore.DvcError, match="push"):
+            pub.result(timeout=120)
+        failing = store.publish(2, name="two", repo=repo)
+        failing._future.exception(timeout=120)  # let it fail without collecting it
+        with pytest.raises(ckstore.DvcError, match="earlier publish failed"):
+            store.publish(2, name="three", repo=repo)
+    # Git history never names what the remote lacks: the failed publishes made no commit.
+    assert "ckstore publish" not in git("log", "--format=%s", cwd=repo, env=env)
+
+
+def test_publish_waits_for_dvc_lock_held_by_another_process(tmp_path, env):
+    repo, _ = make_repo(tmp_path, env)
+    holder = subprocess.Popen(
+        [PYTHON, "-c", textwrap.dedent(f"""
+            import sys, time
+            from dvc.repo import Repo
+            r = Repo({str(repo)!r})
+            with r.lock:
+                print("locked", flush=True)
+                time.sleep(5)
+        """)],
+        env=env, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with ckstore.Store(tmp_path / "run", metric="val_loss") as store:
+            train(store, steps=(1,), losses=(0.1,))
+            result = store.publish(1, name="one", repo=repo, wait=True).result()
+        assert result.tag == "one@v1"
+    finally:
+        holder.wait(timeout=60)
+    assert holder.returncode == 0
+
+
+# ---------------------------------------------------------------- kill -9 at every stage
+
+KILL_SCRIPT = textwrap.dedent("""
+    import os, signal, sys, threading, time
+    import ckstore
+    from ckstore import _dvc
+    store_dir, repo, stage, phase = sys.argv[1:5]
+
+    def hook(s, p, info):
+        if s == stage and p == phase:
+            print(f"killing at {s}/{p}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if s == "push" and p == "before" and stage == "push-mid":
+            # Kill in the middle of the upload: after the first object lands in the remote.
+            from dvc_objects.fs import local
+            original = local.LocalFileSystem.put_file
+            count = [0]
+            def put_file(self, *a, **k):
+                original(self, *a, **k)
+                count[0] += 1
+                if count[0] == 2:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            local.LocalFileSystem.put_file = put_file
+    _dvc.set_stage_hook(hook)
+    with ckstore.Store(store_dir) as store:
+        store.publish(int(sys.argv[5]), name="best", repo=repo, wait=True)
+    print("finished", flush=True)
+""")
+
+
+def assert_consistent(repo: Path, remote: Path, env: dict[str, str]) -> None:
+    """Git HEAD names only objects the remote holds, and the repo has no stray staged state."""
+    committed = git("ls-tree", "-r", "--name-only", "HEAD", cwd=repo, env=env).split()
+    for rel in committed:
+        if rel.endswith(".dvc") and rel.startswith("models/"):
+            text = git("show", f"HEAD:{rel}", cwd=repo, env=env)
+            md5 = text.split("md5: ")[1].split()[0]
+            dir_obj = remote / "files" / "md5" / md5[:2] / md5[2:]
+            assert dir_obj.is_file(), f"HEAD names {md5} that the remote lacks"
+            for entry in json.loads(dir_obj.read_text()):
+                assert (remote / "files" / "md5" / entry["md5"][:2] / entry["md5"][2:]).is_file()
+
+
+@pytest.mark.parametrize(
+    "stage,phase",
+    [
+        ("materialize", "before"),
+        ("materialize", "after"),
+        ("swap", "after"),
+        ("add", "after"),
+        ("push", "before"),
+        ("push-mid", "none"),
+        ("push", "after"),
+        ("commit", "after"),
+    ],
+)
+def test_sigkill_at_each_publish_stage_then_rerun_completes(tmp_path, env, stage, phase):
+    repo, remote = make_repo(tmp_path, env)
+    store_dir = tmp_path / "run"
+    with ckstore.Store(store_dir, metric="val_loss") as store:
+        train(store)
+    # A first, complete publish (step 10) so the kill interrupts a *re*-publish of the name.
+    ok = run([PYTHON, "-c", KILL_SCRIPT, str(store_dir), str(repo), "none", "none", "10"], tmp_path, env)
+    assert "finished" in ok.stdout
+    proc = run([PYTHON, "-c", KILL_SCRIPT, str(store_dir), str(repo), stage, phase, "20"], tmp_path, env, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    assert_consistent(repo, remote, env)
+    head_step = git("log", "-1", "--format=%B", "--", "models/best.dvc", cwd=repo, env=env)
+    assert ("Ckstore-Step: 20" in head_step) == (stage == "commit")
+
+    # Re-running the publish completes it (recovery runs first, under the repo lock).
+    rerun = run([PYTHON, "-c", KILL_SCRIPT, str(store_dir), str(repo), "none", "none", "20"], tmp_path, env)
+    assert "finished" in rerun.stdout
+    assert_consistent(repo, remote, env)
+    assert _dvc.pending(repo) == []
+    assert not [p for p in (repo / "models").iterdir() if ".ckstore-" in p.name]
+    assert git("status", "--porcelain", cwd=repo, env=env).strip() == ""
+    tags = git("tag", "--list", "best@v*", cwd=repo, env=env).split()
+    assert tags == ["best@v1", "best@v2"]
+    clone = tmp_path / "clone"
+    git("clone", "-q", str(repo), str(clone), cwd=tmp_path, env=env)
+    dvc("pull", "models/best.dvc", cwd=clone, env=env)
+    assert sorted(os.listdir(clone / "models" / "best" / "checkpoints")) == ["step-00000020"]
+    ck("verify", "models/best", cwd=clone, env=env)
+
+
+def test_recover_alone_finishes_an_interrupted_publish(tmp_path, env):
+    repo, remote = make_repo(tmp_path, env)
+    store_dir = tmp_path / "run"
+    with ckstore.Store(store_dir, metric="val_loss") as store:
+        train(store)
+    proc = run([PYTHON, "-c", KILL_SCRIPT, str(store_dir), str(repo), "add", "after", "20"], tmp_path, env, check=False)
+    assert proc.returncode == -signal.SIGKILL
+    assert [r["stage"] for r in _dvc.pending(repo)] == ["add"]
+    out = ck("publish", str(store_dir), "--recover", "--repo", str(repo), "--json", cwd=tmp_path, env=env)
+    assert [r["step"] for r in json.loads(out.stdout)["recovered"]] == [20]
+    assert _dvc.pending(repo) == []
+    assert_consistent(repo, remote, env)
+    assert "Ckstore-Step: 20" in git("log", "-1", "--format=%B", cwd=repo, env=env)
