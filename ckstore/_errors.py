@@ -14,7 +14,8 @@ builtin exception says the same thing, the class also subclasses it, so
     ├── StateError (TypeError)    a state value cannot be saved, or does not fit on load
     ├── InvalidArgumentError (ValueError)  a bad step, metric, tag or option
     ├── StorageError (OSError)    the filesystem failed mid-write (ENOSPC, EIO); nothing committed is lost
-    └── AsyncSaveError            a background save failed; raised on the next call
+    ├── AsyncSaveError            a background save failed; raised on the next call
+    └── DvcError                  publishing to or pulling from DVC failed (DVC, git or the remote; DVC missing)
 """
 
 from __future__ import annotations
@@ -122,3 +123,11 @@ class StorageError(CkstoreError, OSError):
 
 class AsyncSaveError(CkstoreError):
     """A background save failed. Raised by the next ``save``, ``wait`` or ``close``; the cause is chained."""
+
+
+class DvcError(CkstoreError):
+    """A DVC or git operation of ``publish``/``pull`` failed, or DVC is not installed.
+
+    A failure of a background publish is raised by its ``Publication.result()``
+    and by the next ``publish`` on the same store; the cause is chained.
+    """

@@ -440,6 +440,28 @@ class Store:
             del tags[name]
             self._guarded(lambda: self._write_tags(tags), what=f"untag {name!r}")
 
+    def publish(
+        self,
+        step: int | str,
+        *,
+        name: str,
+        repo: str | os.PathLike[str] | None = None,
+        dest: str = "models",
+        remote: str | None = None,
+        wait: bool = False,
+    ) -> Any:
+        """Publish a committed checkpoint to DVC as ``<repo>/<dest>/<name>.dvc``, in the background.
+
+        Pins the checkpoint (tag ``published.<name>``) now, then a worker thread
+        verifies it, ``dvc add``s and ``dvc push``es it and commits and tags the
+        ``.dvc`` file in git. Returns a ``Publication``; its ``result()`` waits and
+        raises a failure (also raised by the next ``publish``). ``wait=True``
+        waits for this and every earlier publish. See ``ckstore._dvc``.
+        """
+        from . import _dvc
+
+        return _dvc.publish(self, step, name=name, repo=repo, dest=dest, remote=remote, wait=wait)
+
     def _guarded(self, action, *, what: str) -> Any:
         try:
             return action()

@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from ._errors import CkstoreError
+from ._errors import CkstoreError, InvalidArgumentError
 from ._manifest import MANIFEST_NAME
 from ._retention import RetentionPolicy
 from ._store import CheckpointInfo, Store
@@ -159,6 +160,47 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_publish(args: argparse.Namespace) -> int:
+    from . import _dvc
+
+    if args.recover:
+        root = _dvc.resolve_repo(args.repo, args.store, ".")
+        results = _dvc.recover(root)
+        payload = {"recovered": [{"name": r.name, "step": r.step, "dvc_file": str(r.dvc_file), "tag": r.tag} for r in results]}
+        _emit(args, payload, f"recovered {len(results)} interrupted publish(es) in {root}")
+        return 0
+    if args.name is None:
+        raise InvalidArgumentError("publish needs --name NAME (or --recover)")
+    with Store(args.store, lock_timeout=args.wait) as store:
+        publication = store.publish(_step_arg(args.step), name=args.name, repo=args.repo, dest=args.dest, remote=args.remote)
+        result = publication.result()
+    payload = {
+        "name": result.name,
+        "step": result.step,
+        "dvc_file": str(result.dvc_file),
+        "md5": result.md5,
+        "commit": result.commit,
+        "tag": result.tag,
+        "remote": result.remote,
+    }
+    rel = os.path.relpath(result.dvc_file)
+    _emit(args, payload, f"published step {result.step} as {result.name} ({result.tag}); fetch it with: dvc pull {rel}")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from . import _dvc
+
+    path = _dvc.pull(args.store, repo=args.repo, remote=args.remote)
+    with Store(path, readonly=True) as store, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        problems = store.verify()
+        checked = [i.step for i in store.checkpoints()]
+    payload = {"ok": not problems, "path": str(path), "checked": checked, "problems": [p.message for p in problems]}
+    _emit(args, payload, f"pulled {path}: step {', '.join(map(str, checked))}, every file verified" if not problems else "\n".join(payload["problems"]))
+    return 1 if problems else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ckstore", description="Inspect, verify, tag and clean a ckstore checkpoint store.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -194,6 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-every", type=int, help="keep steps that are multiples of N")
     p.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
     p.add_argument("--wait", type=float, default=0, help="seconds to wait for the writer lock (default: fail at once)")
+
+    p = command("publish", "publish a checkpoint to DVC as <repo>/<dest>/NAME.dvc: verify, dvc add, dvc push, git commit + tag", cmd_publish)
+    p.add_argument("step", nargs="?", default="best", help="step number, 'latest', 'best' or a tag (default: best)")
+    p.add_argument("--name", help="the published name: dvc pull <dest>/NAME.dvc fetches it")
+    p.add_argument("--repo", help="the git + DVC repository (default: the one holding the store, else the current directory)")
+    p.add_argument("--dest", default="models", help="directory inside the repository for NAME.dvc (default: models)")
+    p.add_argument("--remote", help="DVC remote to push to (default: the repository's default remote)")
+    p.add_argument("--recover", action="store_true", help="only finish or roll back interrupted publishes into the repository")
+    p.add_argument("--wait", type=float, default=0, help="seconds to wait for the writer lock (default: fail at once)")
+
+    p = command("pull", "fetch a published checkpoint (STORE is <dest>/NAME or its .dvc file) and install it verified", cmd_pull)
+    p.add_argument("--repo", help="the git + DVC repository (default: the one holding STORE)")
+    p.add_argument("--remote", help="DVC remote to fetch from (default: the repository's default remote)")
     return parser
 
 
