@@ -18,7 +18,7 @@ import time
 import filelock
 
 from . import _durable
-from ._errors import StoreLockedError
+from ._errors import StorageError, StoreLockedError
 
 LOCK_NAME = ".ckstore.lock"
 OWNER_NAME = ".ckstore.lock.owner"
@@ -40,22 +40,30 @@ class WriterLock:
             return
         try:
             self._lock.acquire(timeout=-1 if timeout is None else timeout)
-        except filelock.Timeout:
-            pid, host = self.holder()
-            who = f"pid {pid} on {host}" if pid is not None else "another process"
-            raise StoreLockedError(
-                f"{self.root}: the store is being written by {who}; one writer per store "
-                "(open with readonly=True to read, or pass lock_timeout= to wait)",
-                path=self.root,
-                pid=pid,
-                host=host,
-            ) from None
+        except OSError as exc:  # not a busy lock: the lock file cannot be created or opened (EACCES, EROFS, ENOSPC)
+            if isinstance(exc, filelock.Timeout):
+                raise self._locked_error() from None
+            raise StorageError(f"{self.path}: cannot take the writer lock: {exc.strerror or exc}", errno=exc.errno, path=self.path) from exc
         owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
         try:
             _durable.write_file_atomic(os.path.join(self.root, OWNER_NAME), json.dumps(owner).encode(), site="lock_owner")
-        except BaseException:
+        except BaseException as exc:
             self._lock.release()
+            if isinstance(exc, OSError):
+                # Disk full while recording who holds the lock: nothing of the store was touched.
+                raise StorageError(f"{self.root}: cannot record the lock holder: {exc.strerror or exc}", errno=exc.errno, path=self.root) from exc
             raise
+
+    def _locked_error(self) -> StoreLockedError:
+        pid, host = self.holder()
+        who = f"pid {pid} on {host}" if pid is not None else "another process"
+        return StoreLockedError(
+            f"{self.root}: the store is being written by {who}; one writer per store "
+            "(open with readonly=True to read, or pass lock_timeout= to wait)",
+            path=self.root,
+            pid=pid,
+            host=host,
+        )
 
     def try_acquire(self) -> bool:
         try:

@@ -1,0 +1,492 @@
+"""Store behaviour: ordering, bad input, corruption on load, verify, recovery, readonly, disk full."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import subprocess
+import uuid
+import warnings
+
+import pytest
+import torch
+from conftest import flip_byte
+
+import ckstore
+from ckstore import _durable
+
+
+def _state(value: float, n: int = 16) -> dict:
+    return {"model": {"w": torch.full((n,), value), "b": torch.arange(n, dtype=torch.int32)}, "opt": {"lr": value}, "epoch": int(value)}
+
+
+def _tensor_file(info: ckstore.CheckpointInfo) -> str:
+    return str(info.path / sorted(info.files)[0])
+
+
+def _leftovers(root) -> list[str]:
+    out = [f".staging/{n}" for n in os.listdir(root / ".staging")] + [f".trash/{n}" for n in os.listdir(root / ".trash")]
+    return out + [n for n in os.listdir(root) if ".tmp-" in n]
+
+
+# ---------------------------------------------------------------- basics
+
+
+def test_save_returns_info_and_load_round_trips(store):
+    info = store.save(_state(1.0), step=5, metrics={"loss": 0.5}, tags=["first"])
+    assert info.step == 5 and info.metrics == {"loss": 0.5} and info.tags == ("first",)
+    assert info.path == store.path / "checkpoints" / "step-00000005"
+    assert info.nbytes == sum(e.size for e in info.files.values()) > 0
+    assert abs(info.created - os.path.getmtime(info.path / "manifest.json")) < 60
+    loaded = store.load(step=5)
+    assert torch.equal(loaded["model"]["w"], torch.full((16,), 1.0)) and loaded["opt"] == {"lr": 1.0} and loaded["epoch"] == 1
+    assert store.checkpoints() == [info] and store.latest() == info
+    assert store.load()["epoch"] == 1 and store.load(step="latest")["epoch"] == 1 and store.load(step="first")["epoch"] == 1
+
+
+def test_steps_order_numerically(store):
+    for step in (9, 10, 2, 100, 99_999_999, 100_000_000, 0):
+        store.save({"s": step}, step=step)
+    assert [i.step for i in store.checkpoints()] == [0, 2, 9, 10, 100, 99_999_999, 100_000_000]
+    assert store.latest().step == 100_000_000
+    assert store.load()["s"] == 100_000_000
+    # Stray entries that are not step directories are never taken for checkpoints.
+    for stray in ("step-abc", "step-", "notes", "step-00000007.partial", "step-00000003\n"):
+        (store.path / "checkpoints" / stray).mkdir()
+    assert [i.step for i in store.checkpoints()] == [0, 2, 9, 10, 100, 99_999_999, 100_000_000]
+
+
+def test_existing_step_is_refused(store):
+    store.save({"v": 1}, step=3)
+    with pytest.raises(ckstore.CheckpointExistsError) as excinfo:
+        store.save({"v": 2}, step=3)
+    assert excinfo.value.step == 3
+    assert isinstance(excinfo.value, FileExistsError)
+    assert store.load(step=3) == {"v": 1}
+
+
+@pytest.mark.parametrize("step", [-1, True, False, 1.0, "3", None, 2**63, 10**40])
+def test_bad_steps_are_refused(store, step):
+    with pytest.raises(ckstore.InvalidArgumentError):
+        store.save({}, step=step)
+    assert store.checkpoints() == []
+    assert _leftovers(store.path) == []
+
+
+@pytest.mark.parametrize("metrics", [{"loss": float("nan")}, {"loss": float("inf")}, {"loss": -float("inf")}, {"loss": "0.1"}, {"": 1.0}, [1.0]])
+def test_bad_metrics_are_refused(store, metrics):
+    with pytest.raises(ckstore.InvalidArgumentError):
+        store.save({}, step=1, metrics=metrics)
+    assert store.checkpoints() == []
+
+
+@pytest.mark.parametrize("tags", [["latest"], ["best"], ["a b"], ["../x"], [""], [3]])
+def test_bad_tags_are_refused(store, tags):
+    with pytest.raises(ckstore.InvalidArgumentError):
+        store.save({}, step=1, tags=tags)
+    assert store.checkpoints() == []
+
+
+def test_resolving_unknown_steps(store):
+    with pytest.raises(ckstore.CheckpointNotFoundError):
+        store.load()
+    assert store.latest() is None and store.best() is None
+    store.save({}, step=1)
+    for step in (2, "nope", "latest-ish"):
+        with pytest.raises(ckstore.CheckpointNotFoundError):
+            store.load(step=step)
+    with pytest.raises(ckstore.InvalidArgumentError):
+        store.load(step="bad tag!")
+    with pytest.raises(ckstore.InvalidArgumentError):
+        store.best()  # no metric configured or recorded
+
+
+def test_best_uses_the_configured_metric(store_path):
+    with ckstore.Store(store_path, metric="acc", mode="max") as store:
+        store.save({}, step=1, metrics={"acc": 0.7})
+        store.save({}, step=2, metrics={"acc": 0.9})
+        store.save({}, step=3, metrics={"acc": 0.8})
+        store.save({}, step=4)
+        assert store.best().step == 2 and store.resolve("best").step == 2
+
+
+def test_sha256_store_verifies(store_path):
+    with ckstore.Store(store_path, hash_algorithm="sha256") as store:
+        info = store.save(_state(2.0), step=1)
+        assert all(e.hash.algo == "sha256" for e in info.files.values())
+        assert store.verify() == []
+        assert store.load(step=1)["epoch"] == 2
+    with pytest.raises(ckstore.ManifestError):
+        ckstore.Store(store_path, hash_algorithm="md5")
+
+
+def test_store_path_that_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ckstore.InvalidArgumentError):
+        ckstore.Store(tmp_path / "file")
+    with pytest.raises(ckstore.CheckpointNotFoundError):
+        ckstore.Store(tmp_path / "absent", readonly=True)
+
+
+def test_closed_store_refuses_work(store_path):
+    store = ckstore.Store(store_path)
+    store.save({}, step=1)
+    store.close()
+    store.close()  # idempotent
+    for call in (lambda: store.save({}, step=2), lambda: store.load(), store.checkpoints, store.verify):
+        with pytest.raises(ckstore.InvalidArgumentError):
+            call()
+
+
+# ---------------------------------------------------------------- corruption
+
+
+def _truncate(path):
+    with open(path, "r+b") as fh:
+        fh.truncate(os.path.getsize(path) // 2)
+
+
+def _zero_fill(path):
+    size = os.path.getsize(path)
+    with open(path, "r+b") as fh:
+        fh.write(b"\0" * size)  # same size: only the hash can tell (a power cut after a rename without fsync)
+
+
+def _flip_last(path):
+    flip_byte(path, -1)
+
+
+def _flip_header(path):
+    flip_byte(path, 9)
+
+
+CORRUPTIONS = {"flip_data": _flip_last, "flip_header": _flip_header, "truncate": _truncate, "zero_fill": _zero_fill, "delete": os.unlink}
+
+
+@pytest.mark.parametrize("corrupt", sorted(CORRUPTIONS))
+def test_load_of_a_corrupt_checkpoint_names_the_file(store, corrupt):
+    store.save(_state(1.0), step=1)
+    info = store.save(_state(2.0), step=2)
+    victim = _tensor_file(info)
+    CORRUPTIONS[corrupt](victim)
+    with pytest.raises(ckstore.IntegrityError) as excinfo:
+        store.load(step=2)
+    assert excinfo.value.path == victim
+    assert victim in str(excinfo.value)
+    assert excinfo.value.expected is not None and excinfo.value.actual is not None
+    with pytest.raises(ckstore.IntegrityError):
+        store.load(step="latest")
+    # No step: fall back to the newest that verifies, with a warning; keep the corrupt one on disk.
+    with pytest.warns(ckstore.CorruptCheckpointWarning, match="step 2"):
+        loaded = store.load()
+    assert loaded["epoch"] == 1
+    assert info.path.is_dir() and (info.path / "manifest.json").exists()
+    assert [p.path for p in store.verify()] == [victim]
+    assert [p.step for p in store.verify(2)] == [2] and store.verify(1) == []
+    # Load into live objects: nothing is modified when the checkpoint is corrupt.
+    target = torch.zeros(16)
+    with pytest.raises(ckstore.IntegrityError):
+        store.load({"model": {"w": target}}, step=2)
+    assert torch.equal(target, torch.zeros(16))
+
+
+def test_flipped_manifest_byte_is_an_integrity_error(store):
+    store.save(_state(1.0), step=1)
+    info = store.save(_state(2.0), step=2)
+    manifest = info.path / "manifest.json"
+    data = manifest.read_bytes()
+    position = data.index(b'"hash":"') + len('"hash":"blake3:') + 3  # inside a file hash
+    flip_byte(manifest, position)
+    with pytest.raises(ckstore.IntegrityError) as excinfo:
+        store.load(step=2)
+    assert excinfo.value.path == str(manifest)
+    with pytest.warns(ckstore.CorruptCheckpointWarning):
+        assert store.load()["epoch"] == 1
+    problems = store.verify(2)
+    assert [p.path for p in problems] == [str(manifest)]
+    assert manifest.exists()
+
+
+@pytest.mark.parametrize("position", [0, 1, 10, 50, 100, -2, -1])
+def test_any_manifest_flip_fails_loudly(store, position):
+    info = store.save(_state(2.0), step=2)
+    manifest = info.path / "manifest.json"
+    flip_byte(manifest, position)
+    with pytest.raises((ckstore.IntegrityError, ckstore.ManifestError)) as excinfo:
+        store.load(step=2)
+    assert excinfo.value.path == str(manifest)
+    assert len(store.verify()) == 1
+
+
+def test_no_checkpoint_verifies(store):
+    for step in (1, 2):
+        info = store.save(_state(float(step)), step=step)
+        _flip_last(_tensor_file(info))
+    with pytest.warns(ckstore.CorruptCheckpointWarning):
+        with pytest.raises(ckstore.CheckpointNotFoundError, match="no checkpoint verifies"):
+            store.load()
+    assert len(store.checkpoints()) == 2
+
+
+def test_verify_reports_every_problem(store):
+    a = store.save(_state(1.0), step=1)
+    b = store.save(_state(2.0), step=2)
+    c = store.save(_state(3.0), step=3)
+    store.save(_state(4.0), step=4)
+    _flip_last(_tensor_file(a))
+    os.unlink(_tensor_file(b))
+    (c.path / "extra.bin").write_bytes(b"not listed")
+    os.unlink(store.path / "checkpoints" / "step-00000004" / "manifest.json")
+    problems = store.verify()
+    by_step = {}
+    for p in problems:
+        by_step.setdefault(p.step, []).append(p)
+    assert sorted(by_step) == [1, 2, 3, 4]
+    assert by_step[1][0].path == _tensor_file(a) and "hash" in by_step[1][0].message
+    assert by_step[2][0].actual == "missing"
+    assert by_step[3][0].path == str(c.path / "extra.bin") and "not listed" in by_step[3][0].message
+    assert by_step[4][0].actual == "missing"
+    assert len(problems) == 4
+    # verify modified nothing
+    assert (c.path / "extra.bin").exists() and a.path.exists()
+
+
+# ---------------------------------------------------------------- recovery and readonly
+
+
+def _plant_leftovers(root):
+    staging = root / ".staging" / "step-00000009.deadbeef"
+    staging.mkdir()
+    (staging / "model.safetensors").write_bytes(b"\0" * 100)
+    trash = root / ".trash" / "step-00000001.cafebabe"
+    trash.mkdir()
+    (trash / "manifest.json").write_bytes(b"{}")
+    (root / ".tags.json.tmp-0123456789ab").write_bytes(b"partial")
+
+
+def test_leftovers_are_removed_on_writable_open_but_ignored_readonly(store_path):
+    with ckstore.Store(store_path) as store:
+        store.save(_state(1.0), step=1)
+    _plant_leftovers(store_path)
+    with ckstore.Store(store_path, readonly=True) as reader:
+        assert [i.step for i in reader.checkpoints()] == [1]
+        assert reader.load()["epoch"] == 1
+        assert reader.verify() == []
+    assert len(_leftovers(store_path)) == 3  # readonly touched nothing
+    with ckstore.Store(store_path) as store:
+        assert _leftovers(store_path) == []
+        assert store.load(step=1)["epoch"] == 1
+
+
+def test_recovery_waits_for_the_lock_holder(store_path, run_python):
+    """A writable open while another process writes must not remove that writer's staging."""
+    with ckstore.Store(store_path) as store:
+        store.save({}, step=1)  # holds the lock from here on
+        _plant_leftovers(store_path)
+        result = run_python(
+            "import sys, ckstore\ns = ckstore.Store(sys.argv[1])\nprint(len(s.checkpoints()))\ns.close()",
+            str(store_path),
+        )
+        assert result.returncode == 0, result.stderr
+        assert len(_leftovers(store_path)) == 3
+    with ckstore.Store(store_path) as store:
+        assert _leftovers(store_path) == []
+
+
+def test_tags_of_missing_checkpoints_are_dropped_on_recovery(store_path):
+    with ckstore.Store(store_path) as store:
+        store.save({}, step=1, tags=["a"])
+        store.save({}, step=2, tags=["b"])
+    shutil.move(store_path / "checkpoints" / "step-00000002", store_path / ".trash" / "step-00000002.x")  # a delete cut short
+    with ckstore.Store(store_path) as store:
+        assert [(i.step, i.tags) for i in store.checkpoints()] == [(1, ("a",))]
+        with pytest.raises(ckstore.CheckpointNotFoundError):
+            store.resolve("b")
+
+
+def test_readonly_store_refuses_writes(store_path):
+    with ckstore.Store(store_path) as store:
+        store.save({}, step=1, tags=["t"])
+    with ckstore.Store(store_path, readonly=True) as reader:
+        for call in (
+            lambda: reader.save({}, step=2),
+            lambda: reader.tag(1, "x"),
+            lambda: reader.untag("t"),
+            lambda: reader.delete(1),
+            lambda: reader.gc(),
+        ):
+            with pytest.raises(ckstore.ReadOnlyStoreError):
+                call()
+        assert [(i.step, i.tags) for i in reader.checkpoints()] == [(1, ("t",))]
+    assert not (store_path / "checkpoints" / "step-00000002").exists()
+
+
+def test_readonly_store_takes_no_lock(store_path):
+    with ckstore.Store(store_path) as writer:
+        writer.save({}, step=1)
+        with ckstore.Store(store_path, readonly=True) as reader:
+            assert reader.latest().step == 1
+            writer.save({}, step=2)
+            assert reader.latest().step == 2
+
+
+def test_delete(store):
+    for step in (1, 2, 3):
+        store.save({}, step=step)
+    store.delete(2)
+    assert [i.step for i in store.checkpoints()] == [1, 3]
+    assert os.listdir(store.path / ".trash") == []
+    with pytest.raises(ckstore.CheckpointNotFoundError):
+        store.delete(2)
+    with pytest.raises(ckstore.InvalidArgumentError):
+        store.delete(-2)
+
+
+# ---------------------------------------------------------------- disk full
+
+
+def _record_ops(action, phase):
+    ops = []
+
+    def hook(op, phase_, path, info):
+        if phase_ == phase:
+            ops.append((op, info.get("site"), path))
+
+    with _durable.hooked(hook):
+        action()
+    return ops
+
+
+def _seed(template):
+    with ckstore.Store(template, keep_last=2) as store:
+        store.save(_state(1.0), step=1, metrics={"loss": 1.0})
+        store.save(_state(2.0), step=2, metrics={"loss": 2.0}, tags=["keep"])
+
+
+def _failing_save(root):
+    with ckstore.Store(root, keep_last=2) as store:
+        store.save(_state(3.0, n=1000), step=3, metrics={"loss": 3.0}, tags=["new"])
+
+
+@pytest.mark.parametrize("phase", ["before", "after"])
+def test_enospc_at_each_operation_of_a_save(tmp_path, phase):
+    """Open a store and save (with tags and retention); fail the i-th durable operation with ENOSPC, for every i.
+
+    ``before``: the system call fails; ``after``: it took effect, then reported failure (as a failed fsync does).
+    """
+    template = tmp_path / "template"
+    _seed(template)
+    probe = tmp_path / "probe"
+    shutil.copytree(template, probe, symlinks=True)
+    ops = _record_ops(lambda: _failing_save(probe), phase)
+    assert [o for o in ops if o[0] == "rename" and "step-00000003" in o[2]], "the save never committed?"
+    assert any(o[0] == "fsync" for o in ops) and any(o[0] == "fsync_dir" for o in ops)
+    # keep_last=2 with step 2 tagged: the save also deletes step 1, so retention's operations are covered too.
+    assert any(o[0] == "rename" and "step-00000001" in o[2] for o in ops)
+
+    for index, (op, site, _) in enumerate(ops):
+        root = tmp_path / f"case{index}"
+        shutil.copytree(template, root, symlinks=True)
+        events = iter(range(10**6))
+
+        def counting(op_, phase_, path, info, index=index):
+            if phase_ == phase and next(events) == index:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+        raised = None
+        with _durable.hooked(counting):
+            try:
+                _failing_save(root)
+            except Exception as exc:  # noqa: BLE001 - checked below
+                raised = exc
+        where = f"ENOSPC {phase} op #{index} {op} at {site}"
+        assert isinstance(raised, ckstore.StorageError), f"{where}: got {raised!r}"
+        assert raised.errno == errno.ENOSPC, where
+        # Earlier checkpoints are intact and loadable; the next writable open leaves no debris.
+        with ckstore.Store(root) as store:
+            assert _leftovers(root) == [], where
+            steps = [i.step for i in store.checkpoints()]
+            assert 2 in steps, where
+            assert store.load(step=2)["epoch"] == 2, where
+            assert store.verify() == [], where
+            if 1 in steps:
+                assert store.load(step=1)["epoch"] == 1, where
+            if 3 in steps:  # failed after the commit point: whole, never partial
+                assert store.load(step=3)["epoch"] == 3, where
+            # and the store keeps working once space is back
+            store.save(_state(4.0), step=4)
+            assert store.load()["epoch"] == 4, where
+
+
+def test_store_keeps_working_after_a_failed_save_in_the_same_object(store_path):
+    with ckstore.Store(store_path) as store:
+        store.save(_state(1.0), step=1)
+
+        def hook(op, phase, path, info):
+            if op == "fsync" and phase == "before":
+                raise OSError(errno.EIO, "I/O error", path)
+
+        with _durable.hooked(hook), pytest.raises(ckstore.StorageError) as excinfo:
+            store.save(_state(2.0), step=2)
+        assert excinfo.value.errno == errno.EIO
+        assert os.listdir(store_path / ".staging") == []  # the failed save cleaned up after itself
+        assert [i.step for i in store.checkpoints()] == [1]
+        store.save(_state(2.0), step=2)
+        assert store.load()["epoch"] == 2
+
+
+@contextlib.contextmanager
+def _tmpfs(path, size):
+    path.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", f"ckstore-test-{uuid.uuid4().hex[:8]}", str(path)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()}); CI runs as root with mount rights")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root (CI runs as root)")
+def test_real_full_filesystem(tmp_path):
+    with _tmpfs(tmp_path / "small", "1m") as mount:
+        root = mount / "store"
+        with ckstore.Store(root) as store:
+            store.save({"w": torch.ones(100_000, dtype=torch.uint8)}, step=1)  # ~100 KB
+            with pytest.raises(ckstore.StorageError) as excinfo:
+                store.save({"w": torch.ones(2_000_000, dtype=torch.uint8)}, step=2)  # 2 MB: cannot fit
+            assert excinfo.value.errno == errno.ENOSPC
+            assert [i.step for i in store.checkpoints()] == [1]
+            assert store.verify() == []
+            assert os.listdir(root / ".staging") == []
+            store.save({"w": torch.zeros(100_000, dtype=torch.uint8)}, step=2)  # space came back
+        with ckstore.Store(root) as store:
+            assert _leftovers(root) == []
+            assert torch.equal(store.load(step=1)["w"], torch.ones(100_000, dtype=torch.uint8))
+            assert [i.step for i in store.checkpoints()] == [1, 2]
+
+
+def test_committed_files_are_never_rewritten(store):
+    """A committed checkpoint is immutable: tagging and later saves leave its bytes alone."""
+    info = store.save(_state(1.0), step=1)
+    before = {name: (info.path / name).read_bytes() for name in os.listdir(info.path)}
+    store.tag(1, "x")
+    store.save(_state(2.0), step=2, tags=["x"])
+    store.untag("x")
+    after = {name: (info.path / name).read_bytes() for name in os.listdir(info.path)}
+    assert before == after
+    assert json.loads(before["manifest.json"])["step"] == 1
+
+
+def test_no_pickle_on_disk(store, make_training_state):
+    model, optimizer, scheduler = make_training_state()
+    info = store.save({"model": model, "optimizer": optimizer, "scheduler": scheduler}, step=1)
+    for name in os.listdir(info.path):
+        data = (info.path / name).read_bytes()
+        assert not data.startswith(b"\x80") and b"PK\x03\x04" not in data[:4]  # pickle protocol marker / torch.save zip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        store.load({"model": model, "optimizer": optimizer, "scheduler": scheduler}, step=1)
