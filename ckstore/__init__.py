@@ -23,7 +23,10 @@ from ._errors import (
     StorageError,
     StoreLockedError,
 )
+from ._data import ResumableSampler
+from ._loop import Checkpointer, EarlyStopping, checkpoint_interval, resume
 from ._retention import RetentionPolicy, select_kept
+from ._rng import RNGState
 from ._store import CheckpointInfo, CorruptCheckpointWarning, Problem, Store
 
 __version__ = "0.1.0"
@@ -33,19 +36,25 @@ __all__ = [
     "CheckpointExistsError",
     "CheckpointInfo",
     "CheckpointNotFoundError",
+    "Checkpointer",
     "CkstoreError",
     "CorruptCheckpointWarning",
     "DvcError",
+    "EarlyStopping",
     "IntegrityError",
     "InvalidArgumentError",
     "ManifestError",
     "Problem",
+    "RNGState",
     "ReadOnlyStoreError",
+    "ResumableSampler",
     "RetentionPolicy",
     "StateError",
     "StorageError",
     "Store",
     "StoreLockedError",
     "__version__",
+    "checkpoint_interval",
+    "resume",
     "select_kept",
 ]

@@ -1,0 +1,389 @@
+"""A run killed and resumed many times is bit-for-bit the uninterrupted run.
+
+The trainer below runs in real child processes (``python this_file.py child
+...``): CPU, ``torch.use_deterministic_algorithms(True)``, dropout, a shuffled
+loader (``ckstore.ResumableSampler``), Adam, a StepLR scheduler, on
+scikit-learn's breast-cancer data. The parent kills it with real signals:
+
+* SIGKILL at random moments (random step counts plus random sub-step delays),
+  once right after the child announces it is inside a save;
+* SIGTERM at random moments: the child must finish the step, save it and exit
+  with status 143;
+* SIGKILL with a loader of 2 worker processes.
+
+Every attempt appends ``step loss.hex()`` lines to a log; every logged loss
+(including steps re-run after a kill) and the final parameters, optimizer,
+scheduler, RNG and per-step loss tensor must equal the uninterrupted run's,
+byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+HERE = Path(__file__).resolve()
+STEPS = 150
+EVERY = 5
+BATCH = 32
+BATCHES_PER_EPOCH = 18  # 569 samples / 32, last batch partial
+
+
+# ---------------------------------------------------------------- the child trainer
+
+
+def child_main(argv: list[str]) -> None:
+    import argparse
+
+    import numpy as np
+    import torch
+    from sklearn.datasets import load_breast_cancer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import ckstore
+    from ckstore import _durable
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--store", required=True)
+    parser.add_argument("--log", required=True)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--announce-saves", action="store_true")
+    parser.add_argument("--step-sleep", type=float, default=0.004)
+    args = parser.parse_args(argv)
+
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
+    features, labels = load_breast_cancer(return_X_y=True)
+    features = (features - features.mean(0)) / features.std(0)
+    dataset = TensorDataset(torch.tensor(features, dtype=torch.float32), torch.tensor(labels, dtype=torch.int64))
+
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(30, 32), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(32, 2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=40, gamma=0.5)
+    sampler = ckstore.ResumableSampler(len(dataset), seed=7, shuffle=True)
+    loader = DataLoader(dataset, batch_size=BATCH, sampler=sampler, num_workers=args.workers)
+    losses = torch.zeros(STEPS, dtype=torch.float32)
+    state = {
+        "model": model,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "data": sampler,
+        "rng": ckstore.RNGState(),
+        "losses": losses,
+    }
+
+    if args.announce_saves:
+        announced = set()
+
+        def hook(op: str, phase: str, path: str, info: dict[str, Any]) -> None:
+            # The first file created in a staging directory: the save is under way.
+            if op == "create" and phase == "after" and "/.staging/" in path:
+                staging = path.split("/.staging/", 1)[1].split("/", 1)[0]
+                if staging not in announced:
+                    announced.add(staging)
+                    print("SAVING", flush=True)
+                    time.sleep(0.3)  # hold the save open so the parent's SIGKILL lands inside it
+
+        _durable.set_hook(hook)
+
+    log = os.open(args.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    # lock_timeout: after a SIGKILL, forked DataLoader workers of the dead run
+    # may hold the inherited lock descriptor until they notice their parent died.
+    with ckstore.Store(args.store, keep_last=2, lock_timeout=30) as store:
+        step = ckstore.resume(store, state)
+        print(f"START {step}", flush=True)
+        with ckstore.Checkpointer(store, state, every=EVERY, at_exit=True) as ckpt:
+            while step < STEPS:
+                for x, y in sampler.track(loader):
+                    model.train()
+                    optimizer.zero_grad()
+                    loss = torch.nn.functional.cross_entropy(model(x), y)
+                    loss.backward()
+                    optimizer.step()
+                    scheduler.step()
+                    losses[step] = loss.detach()
+                    step += 1
+                    os.write(log, f"{step} {float(loss.item()).hex()}\n".encode())
+                    print(f"STEP {step}", flush=True)
+                    time.sleep(args.step_sleep)
+                    ckpt.step(step)
+                    if step >= STEPS:
+                        break
+    os.close(log)
+    print("DONE", flush=True)
+
+
+# ---------------------------------------------------------------- the zygote
+
+# Importing torch, scikit-learn and (through use_deterministic_algorithms)
+# torch's compiler stack takes 10-20 s per interpreter on a loaded 2-core
+# machine. A "zygote" process imports everything once and forks one real
+# process per training attempt; the parent kills that process by pid and the
+# zygote reports how it ended. Each attempt still starts from nothing but the
+# store on disk.
+
+
+def zygote_main() -> None:
+    import json
+
+    import numpy  # noqa: F401
+    import sklearn.datasets  # noqa: F401
+    import torch
+    import torch.utils.data  # noqa: F401
+
+    import ckstore  # noqa: F401
+
+    torch.set_num_threads(1)  # no OpenMP pool before fork
+    torch.use_deterministic_algorithms(True)
+    print("READY", flush=True)
+    pid = None
+    for line in sys.stdin:
+        command = json.loads(line)
+        if command["cmd"] == "run":
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    child_main(command["argv"])
+                    code = 0
+                except SystemExit as exc:
+                    code = exc.code if isinstance(exc.code, int) else 1
+                except BaseException:
+                    import traceback
+
+                    traceback.print_exc()
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code)
+            print(f"PID {pid}", flush=True)
+        elif command["cmd"] == "wait":
+            _, status = os.waitpid(pid, 0)
+            print(f"EXIT {os.waitstatus_to_exitcode(status)}", flush=True)
+
+
+class Zygote:
+    def __init__(self, stderr_path: Path) -> None:
+        self.stderr_path = stderr_path
+        self._stderr = open(stderr_path, "w")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE), "zygote"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env
+        )
+        assert self.read_until(lambda line: line == "READY") is not None, self.stderr()
+        self.pid: int | None = None
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()[-3000:]
+
+    def _send(self, **command: Any) -> None:
+        import json
+
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+
+    def read_until(self, predicate, *, stop_at_done: bool = True) -> str | None:
+        """Read output lines until ``predicate(line)``; None at EOF or (``stop_at_done``) when the trainer finished."""
+        assert self.proc.stdout is not None
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                return None
+            line = line.strip()
+            if predicate(line):
+                return line
+            if stop_at_done and line == "DONE":
+                return None
+
+    def start(self, store: Path, log: Path, *extra: str) -> None:
+        self._send(cmd="run", argv=["--store", str(store), "--log", str(log), *extra])
+        line = self.read_until(lambda line: line.startswith("PID "))
+        assert line is not None, self.stderr()
+        self.pid = int(line.split()[1])
+
+    def kill(self, sig: int) -> None:
+        assert self.pid is not None
+        os.kill(self.pid, sig)
+
+    def wait(self) -> int:
+        """The trainer's exit status (negative: killed by that signal)."""
+        self._send(cmd="wait")
+        line = self.read_until(lambda line: line.startswith("EXIT "), stop_at_done=False)
+        assert line is not None, self.stderr()
+        self.pid = None
+        return int(line.split()[1])
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+        self._stderr.close()
+
+
+@pytest.fixture(scope="module")
+def zygote(tmp_path_factory):
+    z = Zygote(tmp_path_factory.mktemp("zygote") / "stderr")
+    yield z
+    z.close()
+
+
+def _run_to_end(zygote: Zygote, store: Path, log: Path, *extra: str) -> None:
+    zygote.start(store, log, *extra)
+    status = zygote.wait()
+    assert status == 0, f"trainer failed with {status}:\n{zygote.stderr()}"
+
+
+def _last_logged_step(log: Path) -> int:
+    steps = [s for s, _ in _logged(log)]
+    return steps[-1] if steps else 0
+
+
+def _logged(log: Path) -> list[tuple[int, str]]:
+    out = []
+    for line in log.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0].isdigit() and parts[1].startswith(("0x", "-0x")):
+            out.append((int(parts[0]), parts[1]))
+    return out
+
+
+def _final_state(store_path: Path) -> Any:
+    import ckstore
+
+    with ckstore.Store(store_path, readonly=True) as store:
+        latest = store.checkpoints()[-1]
+        assert latest.step == STEPS
+        return store.load(step=STEPS)
+
+
+def _assert_bitwise_equal(a: Any, b: Any, path: str = "state") -> None:
+    import numpy as np
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), path
+        assert a.dtype == b.dtype and a.shape == b.shape, path
+        assert a.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() == b.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes(), f"{path} differs"
+    elif isinstance(a, np.ndarray):
+        assert isinstance(b, np.ndarray) and a.dtype == b.dtype and a.tobytes() == b.tobytes(), f"{path} differs"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys {sorted(map(str, a))} vs {sorted(map(str, b))}"
+        for key in a:
+            _assert_bitwise_equal(a[key], b[key], f"{path}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_bitwise_equal(x, y, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert isinstance(b, float) and a.hex() == b.hex(), f"{path}: {a!r} vs {b!r}"
+    else:
+        assert a == b, f"{path}: {a!r} vs {b!r}"
+
+
+@pytest.fixture(scope="module")
+def reference(zygote, tmp_path_factory) -> dict[str, Any]:
+    """The uninterrupted run (no workers): its final state and its loss per step."""
+    root = tmp_path_factory.mktemp("reference")
+    _run_to_end(zygote, root / "store", root / "log")
+    logged = _logged(root / "log")
+    assert [s for s, _ in logged] == list(range(1, STEPS + 1))
+    return {"state": _final_state(root / "store"), "losses": dict(logged)}
+
+
+def _check_against(reference: dict[str, Any], store: Path, log: Path) -> None:
+    logged = _logged(log)
+    assert {s for s, _ in logged} == set(range(1, STEPS + 1))
+    mismatched = [(s, v, reference["losses"][s]) for s, v in logged if reference["losses"][s] != v]
+    assert not mismatched, f"re-run steps diverged from the uninterrupted run: {mismatched[:5]}"
+    final = _final_state(store)
+    _assert_bitwise_equal(reference["state"], final)
+    # The loss sequence inside the state, too (it was restored across every kill).
+    ref_losses = [float.fromhex(reference["losses"][s]) for s in range(1, STEPS + 1)]
+    assert final["losses"].tolist() == pytest.approx(ref_losses, abs=0)
+
+
+def _kill_randomly(
+    zygote: Zygote, store: Path, log: Path, rng: random.Random, kills: int, *, sig: int, workers: int = 0, mid_save: int | None = None
+) -> list[dict]:
+    """Start the trainer, kill it ``kills`` times (restarting it each time), then let it finish."""
+    extra = ["--workers", str(workers)]
+    attempts = []
+    for attempt in range(kills):
+        announce = attempt == mid_save
+        zygote.start(store, log, *extra, *(["--announce-saves"] if announce else []))
+        start = zygote.read_until(lambda line: line.startswith("START"))
+        assert start is not None, zygote.stderr()
+        start_step = int(start.split()[1])
+        assert start_step < STEPS - 5, "the run finished before it could be killed; too few steps"
+        if announce:
+            assert zygote.read_until(lambda line: line == "SAVING") is not None, zygote.stderr()
+        else:
+            target = min(start_step + rng.randint(2, 25), STEPS - 3)
+            assert zygote.read_until(lambda line, t=target: line.startswith("STEP") and int(line.split()[1]) >= t) is not None
+            time.sleep(rng.uniform(0, 0.006))
+        zygote.kill(sig)
+        status = zygote.wait()
+        record = {"start": start_step, "status": status, "last_logged": _last_logged_step(log), "staging": sorted(os.listdir(store / ".staging"))}
+        attempts.append(record)
+        if sig == signal.SIGKILL:
+            assert status == -signal.SIGKILL, zygote.stderr()
+        if announce:
+            assert record["staging"], "the kill was meant to land inside a save, but no save was in progress"
+    _run_to_end(zygote, store, log, *extra)
+    return attempts
+
+
+def test_sigkill_at_random_moments_is_bitwise_identical(zygote, reference, tmp_path):
+    rng = random.Random(1234)
+    attempts = _kill_randomly(zygote, tmp_path / "store", tmp_path / "log", rng, kills=6, sig=signal.SIGKILL, mid_save=2)
+    assert len(attempts) >= 5
+    assert any(a["last_logged"] % BATCHES_PER_EPOCH for a in attempts), "no kill landed mid-epoch"
+    # Each restart made progress: it resumed from a checkpoint of the previous attempt.
+    assert [a["start"] for a in attempts] == sorted(a["start"] for a in attempts)
+    assert attempts[-1]["start"] > 0
+    _check_against(reference, tmp_path / "store", tmp_path / "log")
+
+
+def test_sigterm_saves_the_finished_step_and_exits_143(zygote, reference, tmp_path):
+    import ckstore
+
+    rng = random.Random(99)
+    store, log = tmp_path / "store", tmp_path / "log"
+    attempts = _kill_randomly(zygote, store, log, rng, kills=3, sig=signal.SIGTERM)
+    for attempt in attempts:
+        assert attempt["status"] == 143, attempt
+    # No work lost: each SIGTERM'd attempt saved the very step it had finished,
+    # so the next attempt started exactly there.
+    starts = [a["start"] for a in attempts[1:]]
+    assert starts == [a["last_logged"] for a in attempts[:-1]]
+    with ckstore.Store(store, readonly=True) as s:
+        assert s.checkpoints()[-1].step == STEPS
+    _check_against(reference, store, log)
+
+
+def test_sigkill_with_two_loader_workers_is_bitwise_identical(zygote, reference, tmp_path):
+    rng = random.Random(7)
+    attempts = _kill_randomly(zygote, tmp_path / "store", tmp_path / "log", rng, kills=5, sig=signal.SIGKILL, workers=2)
+    assert len(attempts) == 5
+    _check_against(reference, tmp_path / "store", tmp_path / "log")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["child"]:
+        child_main(sys.argv[2:])
+    elif sys.argv[1:2] == ["zygote"]:
+        zygote_main()
+    else:
+        raise SystemExit(f"usage: {sys.argv[0]} child --store DIR --log FILE [--workers N] | zygote")
