@@ -15,7 +15,13 @@ Commit protocol of :meth:`Store.save` (every step goes through ``_durable``):
 
 1. Take the writer lock (first write only) and recover leftovers (below).
 2. Create ``.staging/step-<N>.<random>/``.
-3. Write each tensor file there, fsync it, close it.
+3. Write each tensor file there, fsync it, close it. (Files stream through
+   a few reused page-aligned buffers, written with ``O_DIRECT`` where the
+   filesystem allows, hashed while they are written, and fsynced by a sync
+   thread while the next file is written; every fsync is done before step 4.
+   With ``incremental=True`` a file whose content hash equals the same file
+   of the previous checkpoint this store wrote is hard-linked from it instead:
+   its data was fsynced before that checkpoint committed.)
 4. Write ``manifest.json`` there last, fsync it.
 5. fsync the staging directory: its entries (the files) are now durable.
 6. Rename the staging directory to ``checkpoints/step-<N>`` (refused if it
@@ -37,6 +43,12 @@ readonly store ignores leftovers. A crash at any moment therefore leaves each
 checkpoint either absent or whole, and a kill mid-delete never leaves a half
 checkpoint in ``checkpoints/``.
 
+``save(..., blocking=False)`` copies the state into reused staging memory,
+returns, and runs steps 2-9 in a background thread (``ckstore._async``); the
+checkpoint is durable once :meth:`Store.wait` or the returned handle's
+``result()`` returns. At most one save is in flight; a background failure is
+raised (as AsyncSaveError) by the next save, ``wait`` or ``close``.
+
 Steps are ordered numerically from the manifest, never by name or mtime.
 Loading verifies each file's size and hash as it is read; with no step given,
 a checkpoint that fails verification is skipped with a warning and the newest
@@ -47,6 +59,7 @@ verify.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -62,6 +75,7 @@ from typing import Any
 import torch
 
 from . import _durable
+from ._async import AsyncSave, BackgroundSaver, StagingArea, check_tensor
 from ._errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -75,9 +89,9 @@ from ._hashing import default_algorithm, new_hasher
 from ._lock import WriterLock
 from ._manifest import MANIFEST_NAME, FileEntry, Manifest, check_metrics, parse_manifest
 from ._retention import RetentionPolicy, rank_best, select_kept
-from ._state import Encoded, decode_state, encode_state
+from ._state import MARK, Encoded, decode_state, encode_state, tensor_refs
 from ._tags import TAGS_NAME, TagEntry, check_tag_name, dump_tags, parse_tags
-from ._tensorfile import parse_header, read_verified, tensors_from_buffer, write_tensor_file
+from ._tensorfile import WritePipeline, WrittenFile, parse_header, prepare_tensor, read_one_tensor, read_tensor_file, read_verified
 
 CHECKPOINTS_DIR = "checkpoints"
 STAGING_DIR = ".staging"
@@ -122,6 +136,8 @@ def _check_step(step: object) -> int:
         raise InvalidArgumentError(f"step must be an integer, got {type(step).__name__}")
     if step < 0:
         raise InvalidArgumentError(f"step must be non-negative, got {step}")
+    if step >= 1 << 63:  # step directories hold at most 30 digits; int64 is plenty and portable
+        raise InvalidArgumentError(f"step must be below 2**63, got {step}")
     return int(step)
 
 
@@ -145,8 +161,15 @@ class Store:
         readonly: bool = False,
         lock_timeout: float | None = 0,
         hash_algorithm: str | None = None,
+        incremental: bool = False,
+        direct_io: bool = True,
+        wait_at_exit: bool = True,
     ) -> None:
         self.path = Path(os.path.abspath(os.fspath(path)))
+        self.incremental = bool(incremental)
+        self.direct_io = bool(direct_io)
+        #: Metrics of the last save: seconds stalled, waited, copied, written; files and bytes written and linked.
+        self.stats: dict[str, Any] = {"saves": 0}
         self.policy = RetentionPolicy(keep_last=keep_last, keep_best=keep_best, metric=metric, mode=mode, keep_every=keep_every)
         self.readonly = bool(readonly)
         self.lock_timeout = lock_timeout
@@ -159,6 +182,13 @@ class Store:
         self._manifest_cache: dict[str, tuple[tuple[int, int, int], Manifest]] = {}
         self._mutex = threading.RLock()
         self._hash_pool: ThreadPoolExecutor | None = None
+        self._pipeline: WritePipeline | None = None
+        self._staging = StagingArea()
+        self._saver = BackgroundSaver(wait_at_exit=wait_at_exit)
+        self._save_gate = threading.Lock()  # one save call at a time, so at most one in flight
+        # Incremental saves: per file of the last checkpoint this store wrote,
+        # the tensors' identity and version counters, its entry and directory.
+        self._previous: dict[str, tuple[tuple, FileEntry, str]] = {}
         self._closed = False
         if self.readonly:
             if not os.path.isdir(self._root):
@@ -183,16 +213,28 @@ class Store:
         self.close()
 
     def close(self) -> None:
-        """Release the writer lock and the hashing thread. Idempotent."""
+        """Wait for a background save, release the writer lock and the threads. Idempotent.
+
+        Raises AsyncSaveError (after releasing everything) if the background
+        save failed and no earlier call reported it.
+        """
+        with self._save_gate:
+            self._saver.wait()
         with self._mutex:
             if self._closed:
                 return
             self._closed = True
-            if self._hash_pool is not None:
-                self._hash_pool.shutdown(wait=True)
-                self._hash_pool = None
-            if self._lock is not None:
-                self._lock.release()
+            try:
+                self._saver.raise_unseen()
+            finally:
+                if self._hash_pool is not None:
+                    self._hash_pool.shutdown(wait=True)
+                    self._hash_pool = None
+                if self._pipeline is not None:
+                    self._pipeline.close()
+                    self._pipeline = None
+                if self._lock is not None:
+                    self._lock.release()
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r}{', readonly=True' if self.readonly else ''})"
@@ -261,7 +303,7 @@ class Store:
             return []
         out = []
         for name in names:
-            match = _STEP_DIR.match(name)
+            match = _STEP_DIR.fullmatch(name)  # not match(): "$" also accepts "step-00000001\n"
             if match:
                 out.append((int(match.group(1)), name))
         out.sort()
@@ -470,7 +512,15 @@ class Store:
 
     # ------------------------------------------------------------ save
 
-    def save(self, state: Any, *, step: int, metrics: Mapping[str, Any] | None = None, tags: Iterable[str] = ()) -> CheckpointInfo:
+    def save(
+        self,
+        state: Any,
+        *,
+        step: int,
+        metrics: Mapping[str, Any] | None = None,
+        tags: Iterable[str] = (),
+        blocking: bool = True,
+    ) -> Any:
         """Write ``state`` as checkpoint ``step``; returns once it is durable.
 
         ``state`` is any nesting of dicts, lists and tuples holding tensors,
@@ -480,42 +530,164 @@ class Store:
         step is committed, StateError naming the key of an unsupported value, and
         StorageError if the disk fails (the partial checkpoint is removed; earlier
         ones are intact). Retention runs after the new checkpoint is durable.
+
+        With ``blocking=False`` the call returns an :class:`AsyncSave` handle as
+        soon as the state is copied into reused staging memory (the caller may
+        then modify its tensors); writing, fsync, commit, tags and retention
+        run in a background thread. A call made while a background save is
+        running first waits for it (the wait is reported as ``wait_s``); if
+        that save failed, the call raises AsyncSaveError and saves nothing.
         """
         step = _check_step(step)
         metrics = check_metrics(metrics)
         if isinstance(tags, str):
             tags = (tags,)
         tag_names = sorted({check_tag_name(t) for t in tags})
-        with self._mutex:
-            self._acquire()
-            if self._exists(step):
-                raise CheckpointExistsError(f"{self._root}: step {step} is already committed; steps are never overwritten", step=step)
-            encoded = encode_state(state)
-            self._commit(encoded, step, metrics)
-            if tag_names:
-                current = self._read_tags()
-                now = time.time()
-                for name in tag_names:
-                    current[name] = TagEntry(step, now)
-                self._guarded(lambda: self._write_tags(current), what="tagging the new checkpoint")
-            self._apply_retention()
-            return self._resolve_step(step)
+        called = time.perf_counter()
+        with self._save_gate:
+            waited = self._saver.wait()
+            self._saver.raise_unseen()
+            with self._mutex:
+                self._acquire()
+                if self._exists(step):
+                    raise CheckpointExistsError(f"{self._root}: step {step} is already committed; steps are never overwritten", step=step)
+                fingerprints: dict[int, tuple] = {}
+                encoded = encode_state(state, prepare=self._preparer(fingerprints, staged=not blocking))
+                file_prints = {
+                    name: tuple((key, fingerprints.get(id(tensor))) for key, tensor in entries) for name, entries in encoded.files.items()
+                }
+                if blocking:
+                    self.stats.update(wait_s=waited, copy_s=0.0)
+                    info = self._persist(encoded, step, metrics, tag_names, file_prints)
+                    self.stats["stall_s"] = time.perf_counter() - called
+                    return info
+                copy_started = time.perf_counter()
+                order = [(name, i) for name, entries in encoded.files.items() for i in range(len(entries))]
+                staged = self._staging.stage([encoded.files[name][i][1] for name, i in order])
+                for (name, i), tensor in zip(order, staged):
+                    encoded.files[name][i] = (encoded.files[name][i][0], tensor)
+                handle = AsyncSave(step, self._saver)
+                handle.wait_s = waited
+                handle.copy_s = time.perf_counter() - copy_started
+                handle.stall_s = time.perf_counter() - called
+                self.stats.update(wait_s=waited, copy_s=handle.copy_s, stall_s=handle.stall_s, staging_bytes=self._staging.capacity)
+
+                def work() -> CheckpointInfo:
+                    with self._mutex:
+                        return self._persist(encoded, step, metrics, tag_names, file_prints)
+
+                self._saver.start(handle, work)
+                return handle
+
+    def wait(self) -> CheckpointInfo | None:
+        """Block until the background save (if any) is durable and return its checkpoint.
+
+        Raises AsyncSaveError, with the cause chained, if a background save
+        failed and no earlier call reported it. Returns None when no
+        background save was made.
+        """
+        self._saver.wait()
+        self._saver.raise_unseen()
+        handle = self._saver._current
+        if handle is None or handle._future.exception() is not None:
+            return None
+        return handle._future.result()
+
+    def _preparer(self, fingerprints: dict[int, tuple], *, staged: bool) -> Any:
+        """The per-tensor check for encode_state; records each tensor's identity for incremental saves."""
+        check = check_tensor if staged else prepare_tensor
+        if not self.incremental:
+            return check
+
+        def prepare(tensor: torch.Tensor, key: str) -> torch.Tensor:
+            prepared = check(tensor, key)
+            # detach() shares the version counter, so an in-place update of the
+            # original (optimizer step, copy_, fill_) changes ``_version``.
+            storage = tensor.untyped_storage().data_ptr() if tensor.numel() else 0
+            fingerprints[id(prepared)] = (
+                str(tensor.device), storage, tensor.storage_offset(), tensor._version, tensor.dtype, tuple(tensor.shape), tuple(tensor.stride())
+            )
+            return prepared
+
+        return prepare
+
+    def _persist(self, encoded: Encoded, step: int, metrics: dict[str, float], tag_names: list[str], file_prints: Mapping[str, tuple]) -> CheckpointInfo:
+        started = time.perf_counter()
+        self._commit(encoded, step, metrics, file_prints)
+        if tag_names:
+            current = self._read_tags()
+            now = time.time()
+            for name in tag_names:
+                current[name] = TagEntry(step, now)
+            self._guarded(lambda: self._write_tags(current), what="tagging the new checkpoint")
+        self._apply_retention()
+        self.stats["saves"] += 1
+        self.stats["write_s"] = time.perf_counter() - started
+        return self._resolve_step(step)
 
     def _pool(self) -> ThreadPoolExecutor:
         if self._hash_pool is None:
             self._hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckstore-hash")
         return self._hash_pool
 
-    def _commit(self, encoded: Encoded, step: int, metrics: dict[str, float]) -> None:
+    def _writer(self) -> WritePipeline:
+        if self._pipeline is None:
+            self._pipeline = WritePipeline(direct=self.direct_io)
+        return self._pipeline
+
+    def _link_unchanged(self, encoded: Encoded, staging: str, file_prints: Mapping[str, tuple]) -> dict[str, FileEntry]:
+        """Hard-link each file identical to the previous checkpoint's; return the linked entries.
+
+        The version counters only pick the candidates (a file whose tensors
+        were not modified in place since the last save); what proves a file
+        identical is its content hash, computed from memory and compared with
+        the previous manifest's. A failed link (the previous checkpoint was
+        deleted meanwhile, a filesystem without hard links) falls back to a write.
+        """
+        if not self.incremental or not self._previous:
+            return {}
+        candidates = []
+        for name in encoded.files:
+            prints = file_prints.get(name)
+            if prints and name in self._previous and all(fp is not None for _, fp in prints) and self._previous[name][0] == prints:
+                candidates.append(name)
+        if not candidates:
+            return {}
+        hashed = self._writer().hash_files([encoded.files[name] for name in candidates], algo=self.hash_algorithm)
+        linked: dict[str, FileEntry] = {}
+        for name, written in zip(candidates, hashed):
+            _, entry, directory = self._previous[name]
+            if written.size != entry.size or written.hash != entry.hash:
+                continue
+            try:
+                _durable.link(os.path.join(self._ckpt_dir, directory, name), os.path.join(staging, name), site="incremental")
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.EMLINK, errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise
+                continue
+            linked[name] = entry
+        return linked
+
+    def _commit(self, encoded: Encoded, step: int, metrics: dict[str, float], file_prints: Mapping[str, tuple] | None = None) -> None:
         final_name = step_dir_name(step)
         staging = os.path.join(self._staging_dir, f"{final_name}.{secrets.token_hex(4)}")
         committed = False
+        file_prints = file_prints or {}
         try:
             _durable.make_dir(staging, site="staging")
+            linked = self._link_unchanged(encoded, staging, file_prints)
+            jobs = [(name, entries) for name, entries in encoded.files.items() if name not in linked]
+            results = self._writer().write_files([(os.path.join(staging, name), entries) for name, entries in jobs], algo=self.hash_algorithm)
+            written: dict[str, WrittenFile] = dict(zip((name for name, _ in jobs), results))
             files: dict[str, FileEntry] = {}
-            for name, entries in encoded.files.items():
-                written = write_tensor_file(os.path.join(staging, name), entries, algo=self.hash_algorithm, hash_pool=self._pool())
-                files[name] = FileEntry(written.size, written.hash)
+            for name in encoded.files:  # manifest order follows the state, linked or written
+                files[name] = linked[name] if name in linked else FileEntry(written[name].size, written[name].hash)
+            self.stats.update(
+                files_written=len(written),
+                files_linked=len(linked),
+                bytes_written=sum(w.size for w in written.values()),
+                bytes_linked=sum(e.size for e in linked.values()),
+            )
             retention = {"metric": self.policy.metric, "mode": self.policy.mode} if self.policy.metric else None
             manifest = Manifest(step=step, created=time.time(), files=files, state=encoded.skeleton, metrics=metrics, retention=retention)
             with _durable.FileWriter(os.path.join(staging, MANIFEST_NAME), site="manifest") as writer:
@@ -524,6 +696,8 @@ class Store:
             _durable.sync_dir(staging, site="staging_dir")
             _durable.rename(staging, os.path.join(self._ckpt_dir, final_name), site="commit")
             committed = True
+            if self.incremental:
+                self._previous = {name: (file_prints.get(name, ()), entry, final_name) for name, entry in files.items()}
             _durable.sync_dir(self._ckpt_dir, site="checkpoints_dir")
             _durable.sync_dir(self._staging_dir, site="staging_parent_dir")
         except BaseException as exc:
@@ -631,11 +805,19 @@ class Store:
     def _load_one(self, info: CheckpointInfo, state: Any, map_location: Any, verify: bool) -> Any:
         directory = str(info.path)
         manifest = self._manifest(info.path.name)
+        # Tensors of ``state`` (module parameters and buffers, plain tensors)
+        # that the checkpoint overwrites are read straight into their memory.
+        # Should verification then fail, those tensors hold partial data until
+        # a checkpoint that verifies is loaded (load() with no step does that).
+        targets: dict[str, dict[str, torch.Tensor]] = {}
+        if state is not None and map_location is None:
+            _collect_targets(manifest.state, state, targets)
         tensors: dict[str, dict[str, torch.Tensor]] = {}
         for name, entry in manifest.files.items():
             path = os.path.join(directory, name)
-            buffer = read_verified(path, size=entry.size, expected=entry.hash if verify else None)
-            tensors[name] = tensors_from_buffer(buffer, path)
+            tensors[name] = read_tensor_file(
+                path, size=entry.size, expected=entry.hash if verify else None, targets=targets.get(name), hash_pool=self._pool()
+            )
 
         def source(file: str, key: str) -> torch.Tensor:
             try:
@@ -646,6 +828,34 @@ class Store:
 
         return decode_state(manifest.state, source, target=state, map_location=map_location)
 
+    def tensor_keys(self, step: int | str = "latest") -> list[str]:
+        """The keys :meth:`read_tensor` accepts for a checkpoint: state paths joined by ``/`` (``model/fc.weight``)."""
+        self._check_open()
+        info = self.resolve(step)
+        return sorted(key for _, key in tensor_refs(self._manifest(info.path.name).state))
+
+    def read_tensor(self, key: str, *, step: int | str = "latest", verify: bool = False) -> torch.Tensor:
+        """Read one tensor of a checkpoint without reading the rest (a header parse and one ``pread``).
+
+        ``key`` is the tensor's path in the saved state joined by ``/``, e.g.
+        ``"model/fc.weight"`` or ``"optimizer/state/0/exp_avg"`` (see
+        :meth:`tensor_keys`). Always checked: the file's size against the
+        manifest and its whole header. The tensor's bytes are covered only by
+        the file's hash, so they are verified only with ``verify=True``, which
+        hashes the whole file (a full read, in bounded memory).
+        """
+        self._check_open()
+        if not isinstance(key, str):
+            raise InvalidArgumentError(f"key must be a string, got {type(key).__name__}")
+        info = self.resolve(step)
+        manifest = self._manifest(info.path.name)
+        for file, name in tensor_refs(manifest.state):
+            if name == key:
+                entry = manifest.files[file]
+                path = os.path.join(str(info.path), file)
+                return read_one_tensor(path, key, size=entry.size, expected=entry.hash if verify else None)
+        raise InvalidArgumentError(f"step {info.step} has no tensor {key!r}; see Store.tensor_keys()")
+
     def verify(self, step: int | str | None = None) -> list[Problem]:
         """Check every file of one checkpoint (or all when None) against its manifest; return each problem found.
 
@@ -654,6 +864,12 @@ class Store:
         self._check_open()
         if step is None:
             targets = self._step_dirs()
+        elif isinstance(step, int) and not isinstance(step, bool):
+            # By number, without parsing the manifest: a corrupt manifest is a problem to report, not an error.
+            number = _check_step(step)
+            if not os.path.isdir(os.path.join(self._ckpt_dir, step_dir_name(number))):
+                raise CheckpointNotFoundError(f"{self._root}: no checkpoint at step {number}", step=number)
+            targets = [(number, step_dir_name(number))]
         else:
             info = self.resolve(step)
             targets = [(info.step, info.path.name)]
@@ -693,3 +909,35 @@ class Store:
             problems.append(Problem(step, os.path.join(directory, extra), "file not listed in the manifest", None, "unlisted file"))
         return problems
 
+
+def _collect_targets(node: Any, target: Any, out: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Map (file, key) to the tensor of ``target`` that a load will overwrite, following the skeleton."""
+    if target is None:
+        return
+    if isinstance(node, list):
+        if isinstance(target, (list, tuple)) and len(target) == len(node):
+            for item, sub in zip(node, target):
+                _collect_targets(item, sub, out)
+        return
+    if not isinstance(node, dict):
+        return
+    kind = node.get(MARK)
+    if kind is None:
+        if isinstance(target, Mapping):
+            for key, item in node.items():
+                _collect_targets(item, target.get(key), out)
+    elif kind == "tensor":
+        if isinstance(target, torch.Tensor) and not node.get("numpy") and "device" not in node:
+            out.setdefault(node["file"], {}).setdefault(node["key"], target.detach())
+    elif kind == "stateful":
+        # Only modules: their state_dict() tensors share memory with the
+        # parameters and buffers that load_state_dict copies into.
+        if isinstance(target, torch.nn.Module):
+            _collect_targets(node["state"], target.state_dict(), out)
+    elif kind == "dict" and isinstance(target, Mapping):
+        for key_node, value_node in node["items"]:
+            if isinstance(key_node, (str, int, float, bool)) and key_node in target:
+                _collect_targets(value_node, target[key_node], out)
+    elif kind in ("tuple", "size") and isinstance(target, (list, tuple)) and len(target) == len(node["items"]):
+        for item, sub in zip(node["items"], target):
+            _collect_targets(item, sub, out)

@@ -16,20 +16,27 @@ match their byte ranges) and reports every violation as a typed error.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import mmap
 import os
+import queue
 import struct
 import sys
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from . import _durable
 from ._errors import IntegrityError, StateError
-from ._hashing import HashInfo, new_hasher
+from ._hashing import Hasher, HashInfo, new_hasher
 
 if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
     raise ImportError("ckstore's tensor files are little-endian; big-endian hosts are not supported")
@@ -63,8 +70,8 @@ DTYPES_BY_NAME: dict[str, torch.dtype] = {v: k for k, v in DTYPE_NAMES.items()}
 
 #: safetensors refuses headers above this size; so do we.
 MAX_HEADER_SIZE = 100_000_000
-#: Small tensors are gathered into buffers of this size before a write.
-_COALESCE = 8 << 20
+#: Tensors at least this large are copied with torch (outside the GIL), smaller ones with memoryview slices.
+_TORCH_COPY_MIN = 1 << 20
 _READ_CHUNK = 16 << 20
 
 
@@ -73,7 +80,19 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     if tensor.numel() == 0:
         return memoryview(b"")
     flat = tensor.reshape(-1)
+    if flat.stride(0) != 1:  # a single element with any stride counts as contiguous; view() needs stride 1
+        flat = flat.clone(memory_format=torch.contiguous_format)
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's memory as a 1-d uint8 tensor (a view, no copy)."""
+    flat = tensor.reshape(-1)
+    if flat.stride(0) != 1:
+        # A contiguous tensor with size-1 dimensions may carry any stride for
+        # them (shape [1], stride [2]); its memory is still one dense run.
+        flat = flat.as_strided((flat.numel(),), (1,))
+    return flat.view(torch.uint8)
 
 
 def prepare_tensor(tensor: torch.Tensor, key: str) -> torch.Tensor:
@@ -117,57 +136,222 @@ class WrittenFile:
     hash: HashInfo
 
 
+class _Slot:
+    """One page-aligned chunk buffer (anonymous mmap), seen as bytes and as a uint8 tensor."""
+
+    __slots__ = ("mm", "view", "tensor")
+
+    def __init__(self, size: int) -> None:
+        self.mm = mmap.mmap(-1, size)
+        self.view = memoryview(self.mm)
+        self.tensor = torch.frombuffer(self.mm, dtype=torch.uint8)
+
+
+def _file_pieces(entries: Sequence[tuple[str, torch.Tensor]]) -> Iterator[bytes | torch.Tensor]:
+    yield build_header(entries)
+    for _, tensor in entries:
+        if tensor.numel():
+            yield tensor
+
+
+class _Worker:
+    """One daemon thread running submitted calls in order.
+
+    Not a ThreadPoolExecutor: those refuse work once interpreter shutdown
+    begins, which is exactly when the exit handler must let a background
+    save finish.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        self._queue.put((future, fn, args))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            future, fn, args = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def shutdown(self) -> None:
+        self._queue.put(None)
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+
+class WritePipeline:
+    """Streams tensor files to disk through reused aligned buffers: copy, then write and hash in parallel, then fsync.
+
+    The calling thread copies tensor bytes into one of ``depth`` page-aligned
+    chunk buffers of ``chunk`` bytes (many small tensors land in one buffer, so
+    10,000 tensors cost a few dozen writes, not 10,000). A writer thread writes
+    each buffer with ``O_DIRECT`` where the filesystem allows it while a hash
+    thread hashes the same buffer; a sync thread fsyncs and closes each file
+    once its last write is done, while the next file is being written. A
+    buffer is refilled only after both its write and its hash are finished.
+    The buffers are allocated once and reused by every save, so a save adds
+    at most ``depth * chunk`` bytes to the process's memory. Every system
+    call runs outside the GIL, as does BLAKE3 on large buffers.
+    """
+
+    def __init__(self, *, chunk: int = 16 << 20, depth: int = 3, direct: bool = True) -> None:
+        if chunk % _durable.DIRECT_ALIGN or depth < 2:
+            raise ValueError("chunk must be a multiple of DIRECT_ALIGN and depth at least 2")
+        self.chunk = chunk
+        self.depth = depth
+        self.direct = direct
+        self._slots: list[_Slot] = []
+        self._write = _Worker("ckstore-write")
+        self._hash = _Worker("ckstore-hash")
+        self._sync = _Worker("ckstore-sync")
+
+    def close(self) -> None:
+        for worker in (self._write, self._hash, self._sync):
+            worker.shutdown()
+        for slot in self._slots:
+            slot.view.release()
+        self._slots.clear()
+
+    def hash_files(self, jobs: Sequence[Sequence[tuple[str, torch.Tensor]]], *, algo: str) -> list[WrittenFile]:
+        """Size and hash of the files :meth:`write_files` would write for ``jobs``, without writing anything."""
+        out = []
+        for entries in jobs:
+            hasher = new_hasher(algo)
+            size = 0
+            for piece in _file_pieces(entries):
+                data = piece if isinstance(piece, bytes) else tensor_bytes(piece)
+                hasher.update(data)
+                size += len(data)
+            out.append(WrittenFile(size, HashInfo(algo, hasher.hexdigest())))
+        return out
+
+    def write_files(self, jobs: Sequence[tuple[str, Sequence[tuple[str, torch.Tensor]]]], *, algo: str) -> list[WrittenFile]:
+        """Write each ``(path, entries)`` as a new safetensors file, fsync and close it; return sizes and hashes.
+
+        On any failure every thread is drained before the error propagates (no
+        buffer is touched after return); the caller removes the partial files.
+        """
+        if not self._slots:
+            self._slots = [_Slot(self.chunk) for _ in range(self.depth)]
+        free = list(self._slots)
+        inflight: deque[tuple[_Slot, Future, Future]] = deque()
+        finished: list[tuple[_durable.FileWriter, Hasher, Future]] = []
+        writers: list[_durable.FileWriter] = []
+
+        def take() -> _Slot:
+            if free:
+                return free.pop()
+            slot, wrote, hashed = inflight.popleft()
+            wrote.result()
+            hashed.result()
+            return slot
+
+        try:
+            for path, entries in jobs:
+                writer = _durable.FileWriter(path, site="tensor_file", direct=self.direct)
+                writers.append(writer)
+                hasher = new_hasher(algo)
+                slot, fill, last = take(), 0, None
+                for piece in _file_pieces(entries):
+                    if isinstance(piece, bytes):
+                        source_view, source_tensor = memoryview(piece), None
+                        total = len(piece)
+                    else:
+                        source_tensor = flat_bytes(piece)
+                        source_view = None
+                        total = source_tensor.numel()
+                    pos = 0
+                    while pos < total:
+                        n = min(total - pos, self.chunk - fill)
+                        if source_tensor is not None and n >= _TORCH_COPY_MIN:
+                            slot.tensor[fill : fill + n].copy_(source_tensor[pos : pos + n])  # outside the GIL
+                        else:
+                            if source_view is None:
+                                source_view = tensor_bytes(piece)
+                            slot.view[fill : fill + n] = source_view[pos : pos + n]
+                        fill += n
+                        pos += n
+                        if fill == self.chunk:
+                            last = self._submit(writer, hasher, slot, fill, inflight)
+                            slot, fill = take(), 0
+                if fill:
+                    last = self._submit(writer, hasher, slot, fill, inflight)
+                else:
+                    free.append(slot)
+                finished.append((writer, hasher, self._sync.submit(_finish_file, last, writer)))
+            while inflight:
+                _, wrote, hashed = inflight.popleft()
+                wrote.result()
+                hashed.result()
+            for _, _, synced in finished:
+                synced.result()
+        except BaseException:
+            # Drain every thread before the caller sees the error: no buffer or
+            # file may still be in use once we return.
+            for _, wrote, hashed in inflight:
+                futures_wait([wrote, hashed])
+            futures_wait([synced for _, _, synced in finished])
+            for writer in writers:
+                with contextlib.suppress(OSError):
+                    writer.close()
+            raise
+        return [WrittenFile(writer.offset, HashInfo(algo, hasher.hexdigest())) for writer, hasher, _ in finished]
+
+    def _submit(self, writer: _durable.FileWriter, hasher: Hasher, slot: _Slot, n: int, inflight: deque) -> Future:
+        view = slot.view[:n]
+        wrote = self._write.submit(_write_split, writer, view)
+        hashed = self._hash.submit(hasher.update, view)
+        inflight.append((slot, wrote, hashed))
+        return wrote
+
+
+def _write_split(writer: _durable.FileWriter, view: memoryview) -> None:
+    # A file's last chunk is rarely a multiple of the alignment: write the
+    # aligned part directly and only the short tail through the page cache.
+    aligned = len(view) - len(view) % _durable.DIRECT_ALIGN
+    if writer.direct and 0 < aligned < len(view):
+        writer.write(view[:aligned])
+        writer.write(view[aligned:])
+    else:
+        writer.write(view)
+
+
+def _finish_file(last_write: Future | None, writer: _durable.FileWriter) -> None:
+    try:
+        if last_write is not None:
+            last_write.result()  # the writes of one file run in order: the last done means all done
+        writer.sync()
+    finally:
+        writer.close()
+
+
 def write_tensor_file(
     path: str | os.PathLike[str],
     entries: Sequence[tuple[str, torch.Tensor]],
     *,
     algo: str,
-    hash_pool: ThreadPoolExecutor | None = None,
+    pipeline: WritePipeline | None = None,
 ) -> WrittenFile:
-    """Write ``entries`` (prepared CPU tensors) to a new file, fsync it, and return its size and hash.
-
-    Hashing runs in ``hash_pool`` (one worker, so chunks are hashed in order)
-    while the next chunk is written; both release the GIL on large buffers.
-    """
-    hasher = new_hasher(algo)
-    pending = []
-
-    def feed(chunk: memoryview | bytes) -> None:
-        if hash_pool is None:
-            hasher.update(chunk)
-        else:
-            pending.append(hash_pool.submit(hasher.update, chunk))
-
-    writer = _durable.FileWriter(path, site="tensor_file")
+    """Write ``entries`` (prepared CPU tensors) to a new file, fsync it, and return its size and hash."""
+    if pipeline is not None:
+        return pipeline.write_files([(os.fspath(path), entries)], algo=algo)[0]
+    own = WritePipeline(chunk=4 << 20, depth=2)
     try:
-        head = build_header(entries)
-        buffer = bytearray(head)
-        for _, tensor in entries:
-            data = tensor_bytes(tensor)
-            if len(buffer) + len(data) <= _COALESCE:
-                buffer += data
-                continue
-            if buffer:
-                # Hand the full buffer to the hasher and start a new one: the
-                # old buffer is never mutated again while it is being hashed.
-                chunk = memoryview(buffer)
-                writer.write(chunk)
-                feed(chunk)
-                buffer = bytearray()
-            if len(data) >= _COALESCE:
-                writer.write(data)
-                feed(data)
-            else:
-                buffer += data
-        if buffer:
-            writer.write(buffer)
-            feed(memoryview(buffer))
-        for future in pending:
-            future.result()
-        writer.sync()
+        return own.write_files([(os.fspath(path), entries)], algo=algo)[0]
     finally:
-        writer.close()
-    return WrittenFile(writer.offset, HashInfo(algo, hasher.hexdigest()))
+        own.close()
 
 
 @dataclass(frozen=True)
@@ -197,7 +381,7 @@ def parse_header(data: bytes | bytearray | memoryview, file_size: int, path: str
         raise bad(f"header length {size} runs past the end of the file ({file_size} bytes)")
     try:
         header = json.loads(bytes(data[8 : 8 + size]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError also covers ints of more than 4300 digits
         raise bad(f"header is not JSON ({exc.__class__.__name__})") from None
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
@@ -308,3 +492,207 @@ def _tensor_at(buffer: bytearray, start: int, spec: TensorSpec) -> torch.Tensor:
         raw = torch.frombuffer(buffer, dtype=torch.uint8, count=count, offset=offset).clone()
         return raw.view(spec.dtype).reshape(spec.shape)
     return torch.frombuffer(buffer, dtype=spec.dtype, count=count // itemsize, offset=offset).reshape(spec.shape)
+
+
+# ---------------------------------------------------------------- fast reads
+
+#: preadv takes at most IOV_MAX (1024 on Linux) buffers per call.
+_MAX_IOV = 512
+
+
+def _pread_exact(fd: int, view: memoryview, offset: int, path: str) -> None:
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise IntegrityError(f"{path}: file shrank while being read", path=path, expected=offset + len(view), actual=offset + done)
+        done += n
+
+
+def _open_checked(path: str, size: int | None) -> tuple[int, int]:
+    """Open a checkpoint file for reading and check its size against the manifest."""
+    try:
+        fd = open_regular(path)
+    except FileNotFoundError:
+        raise IntegrityError(f"{path}: file listed in the manifest is missing", path=path, expected=size, actual="missing") from None
+    except OSError as exc:
+        raise IntegrityError(f"{path}: cannot open ({exc.strerror})", path=path, expected="readable file", actual=exc.strerror) from None
+    try:
+        actual = os.fstat(fd).st_size
+        if size is not None and actual != size:
+            raise IntegrityError(f"{path}: size {actual} bytes, manifest says {size} (torn or altered file)", path=path, expected=size, actual=actual)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, actual
+
+
+def _read_header(fd: int, size: int, path: str) -> tuple[bytes, dict[str, TensorSpec], int]:
+    """The raw header bytes (8-byte length + JSON), the validated specs and the data offset."""
+    head = bytearray(8)
+    if size < 8:
+        parse_header(b"", size, path)  # raises the standard "too short" error
+    _pread_exact(fd, memoryview(head), 0, path)
+    (length,) = struct.unpack("<Q", head)
+    if length <= MAX_HEADER_SIZE and 8 + length <= size:
+        head += bytes(length)
+        _pread_exact(fd, memoryview(head)[8:], 8, path)
+    specs, start = parse_header(head, size, path)
+    return bytes(head), specs, start
+
+
+def _check_hash(path: str, hasher: Hasher | None, expected: HashInfo | None) -> None:
+    if hasher is None or expected is None:
+        return
+    actual = HashInfo(expected.algo, hasher.hexdigest())
+    if actual != expected:
+        raise IntegrityError(f"{path}: content hash mismatch (expected {expected}, got {actual})", path=path, expected=str(expected), actual=str(actual))
+
+
+def _update_all(hasher: Hasher, views: list[memoryview]) -> None:
+    for view in views:
+        hasher.update(view)
+
+
+def fits(target: torch.Tensor, spec: TensorSpec) -> bool:
+    """Whether the file's bytes for ``spec`` can be read straight into ``target``'s memory."""
+    return (
+        target.device.type == "cpu"
+        and target.dtype == spec.dtype
+        and tuple(target.shape) == spec.shape
+        and target.layout == torch.strided
+        and target.is_contiguous()
+        and not target.is_conj()
+        and not target.is_neg()
+    )
+
+
+def read_tensor_file(
+    path: str,
+    *,
+    size: int | None,
+    expected: HashInfo | None,
+    targets: Mapping[str, torch.Tensor] | None = None,
+    hash_pool: ThreadPoolExecutor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Read a whole tensor file, checking its size and (unless ``expected`` is None) its hash.
+
+    A tensor whose key is in ``targets`` (and whose dtype and shape match, see
+    :func:`fits`) is read straight into that tensor's memory, so loading into a
+    model needs no second copy and no fresh allocation; the others are read
+    into one new buffer. Reads are batched (``preadv`` of up to
+    :data:`_MAX_IOV` buffers or 16 MiB), and each batch is hashed in
+    ``hash_pool`` while the next one is read. The bytes hashed are the bytes
+    returned. If the hash does not match, IntegrityError is raised *after* the
+    targets were written: their content is then undefined and must be
+    reloaded from a checkpoint that verifies.
+    """
+    targets = targets or {}
+    fd, actual = _open_checked(path, size)
+    pending: list[Future] = []
+    try:
+        head, specs, start = _read_header(fd, actual, path)
+        hasher = new_hasher(expected.algo) if expected is not None else None
+        if hasher is not None:
+            hasher.update(head)
+        ordered = sorted(specs.items(), key=lambda item: item[1].begin)
+        out: dict[str, torch.Tensor] = {}
+        spare_bytes = 0
+        for key, spec in ordered:
+            target = targets.get(key)
+            if target is not None and fits(target, spec):
+                out[key] = target
+            elif spec.end > spec.begin:
+                spare_bytes += -(-(spec.end - spec.begin) // 64) * 64
+        spare = torch.empty(spare_bytes, dtype=torch.uint8) if spare_bytes else None
+        used = 0
+        batch: list[memoryview] = []
+        batch_offset = start
+        batch_bytes = 0
+
+        def flush() -> None:
+            nonlocal batch, batch_offset, batch_bytes
+            if not batch:
+                return
+            n = os.preadv(fd, batch, batch_offset)
+            if n != batch_bytes:  # short read: finish buffer by buffer
+                skip = n
+                for view in batch:
+                    if skip >= len(view):
+                        skip -= len(view)
+                        continue
+                    _pread_exact(fd, view[skip:], batch_offset + n, path)
+                    n += len(view) - skip
+                    skip = 0
+            if hasher is not None:
+                if hash_pool is None:
+                    _update_all(hasher, batch)
+                else:
+                    pending.append(hash_pool.submit(_update_all, hasher, batch))
+            batch_offset += batch_bytes
+            batch, batch_bytes = [], 0
+
+        for key, spec in ordered:
+            count = spec.end - spec.begin
+            if count == 0:
+                out.setdefault(key, torch.empty(spec.shape, dtype=spec.dtype))
+                continue
+            if key in out:
+                view = tensor_bytes(out[key])
+            else:
+                region = spare[used : used + count]  # type: ignore[index]
+                used += -(-count // 64) * 64
+                out[key] = region.view(spec.dtype).reshape(spec.shape)
+                view = memoryview(region.numpy()).cast("B")
+            pos = 0
+            while pos < count:
+                n = min(count - pos, _READ_CHUNK - batch_bytes)
+                batch.append(view[pos : pos + n])
+                batch_bytes += n
+                pos += n
+                if batch_bytes >= _READ_CHUNK or len(batch) >= _MAX_IOV:
+                    flush()
+        flush()
+        for future in pending:
+            future.result()
+    except BaseException:
+        futures_wait(pending)
+        raise
+    finally:
+        os.close(fd)
+    _check_hash(path, hasher, expected)
+    return out
+
+
+def read_one_tensor(path: str, key: str, *, size: int | None, expected: HashInfo | None = None) -> torch.Tensor:
+    """Read one tensor without reading the others: parse the header, then ``pread`` its byte range.
+
+    Checked: the file's size against the manifest, the whole header (as
+    strictly as a full read), and the tensor's dtype, shape and byte range.
+    The tensor's bytes are covered by the file's hash only; with
+    ``expected`` given the whole file is hashed too (streamed through a
+    small buffer), which costs a full read but not the memory of one.
+    """
+    fd, actual = _open_checked(path, size)
+    try:
+        head, specs, start = _read_header(fd, actual, path)
+        spec = specs.get(key)
+        if spec is None:
+            raise IntegrityError(f"{path}: no tensor {key!r} in this file", path=path, expected=key, actual="missing")
+        tensor = torch.empty(spec.shape, dtype=spec.dtype)
+        if spec.end > spec.begin:
+            _pread_exact(fd, tensor_bytes(tensor), start + spec.begin, path)
+        if expected is not None:
+            hasher = new_hasher(expected.algo)
+            buffer = bytearray(min(_READ_CHUNK, max(actual, 1)))
+            view = memoryview(buffer)
+            offset = 0
+            while offset < actual:
+                n = min(len(buffer), actual - offset)
+                _pread_exact(fd, view[:n], offset, path)
+                hasher.update(view[:n])
+                offset += n
+            _check_hash(path, hasher, expected)
+    finally:
+        os.close(fd)
+    return tensor

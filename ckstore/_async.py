@@ -1,0 +1,221 @@
+"""Background saves: copy the state into reused staging memory, persist it in a thread.
+
+``Store.save(..., blocking=False)`` does three things before it returns:
+
+1. waits for the previous background save, if one is still running (at most
+   one save is in flight; the wait is recorded as ``AsyncSave.wait_s``), and
+   raises :class:`AsyncSaveError` if that save failed and nobody saw it yet;
+2. encodes the state and copies every tensor into a :class:`StagingArea`, one
+   block of host memory allocated on first use and reused by every later save
+   (pinned when tensors live on a GPU, so the device-to-host copy is a DMA);
+3. starts a daemon thread that runs the ordinary commit protocol (write,
+   fsync, rename, directory fsync, tags, retention) on the staged copy.
+
+Because the copy is complete when ``save`` returns, the caller may modify its
+tensors at once: the checkpoint holds the values at the moment of the call.
+
+Failures are never silent. An exception in the background is kept and raised,
+wrapped in :class:`AsyncSaveError` with the cause chained, by the next
+``save``, by ``Store.wait()``, by ``Store.close()``, or by the handle's
+``result()`` (whichever comes first; once raised it is not raised again).
+
+Exit: an exit handler waits for the save in flight, so a process that returns
+from ``main`` (or raises) never drops a checkpoint that ``save`` acknowledged;
+a failure found then is printed to stderr. ``Store(..., wait_at_exit=False)``
+opts out: the save is then abandoned at exit and the next writer's recovery
+removes its staging directory. A ``SIGKILL`` or power loss mid-save leaves the
+same state as for a synchronous save: every checkpoint is absent or whole.
+"""
+
+from __future__ import annotations
+
+import atexit
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+
+from ._errors import AsyncSaveError, StateError
+from ._tensorfile import DTYPE_NAMES
+
+_ALIGN = 64  # every staged tensor starts on a cache line
+
+
+def check_tensor(tensor: torch.Tensor, key: str) -> torch.Tensor:
+    """Validate a tensor for storage without copying it (the staging copy is the only one).
+
+    Non-contiguous, conjugate and negative views are fine: the staging copy
+    materialises them, as ``prepare_tensor`` would with a copy of its own.
+    """
+    if tensor.layout != torch.strided:
+        raise StateError(f"{key}: {tensor.layout} tensors are not supported; convert with .to_dense()", key=key)
+    if tensor.is_quantized:
+        raise StateError(f"{key}: quantized tensors are not supported", key=key)
+    if tensor.dtype not in DTYPE_NAMES:
+        raise StateError(f"{key}: dtype {tensor.dtype} has no safetensors encoding", key=key)
+    return tensor.detach()
+
+
+class StagingArea:
+    """Host memory the state is copied into, sized on first use and reused by every later save.
+
+    It grows (one new allocation) only when a save's state is larger than any
+    before; a training run whose state keeps its shape allocates it once.
+    ``allocations`` counts the allocations made, for tests and metrics.
+    """
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None
+        self.capacity = 0
+        self.pinned = False
+        self.allocations = 0
+
+    def stage(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Copy ``tensors`` into the area; returns contiguous CPU copies that alias it."""
+        sizes = [t.numel() * t.element_size() for t in tensors]
+        total = sum(-(-n // _ALIGN) * _ALIGN for n in sizes)
+        on_gpu = any(t.device.type == "cuda" for t in tensors)
+        pin = on_gpu and torch.cuda.is_available()
+        if self._buffer is None or total > self.capacity or (pin and not self.pinned):
+            self._buffer = None  # drop the old block before taking the new one
+            self._buffer = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=pin)
+            self.capacity = max(total, 1)
+            self.pinned = pin
+            self.allocations += 1
+        out = []
+        offset = 0
+        with torch.no_grad():
+            for tensor, nbytes in zip(tensors, sizes):
+                region = self._buffer[offset : offset + nbytes]
+                offset += -(-nbytes // _ALIGN) * _ALIGN
+                staged = region.view(tensor.dtype).view(tensor.shape) if nbytes else torch.empty(tensor.shape, dtype=tensor.dtype)
+                if nbytes:
+                    staged.copy_(tensor, non_blocking=pin and tensor.device.type == "cuda")
+                out.append(staged)
+        if pin:
+            torch.cuda.synchronize()  # the copies must be complete before the caller may touch its tensors
+        return out
+
+
+class AsyncSave:
+    """Handle of a background save, returned by ``Store.save(..., blocking=False)``.
+
+    ``stall_s`` is how long the ``save`` call blocked its caller: ``wait_s``
+    waiting for the previous save, plus ``copy_s`` encoding and copying the
+    state. ``write_s`` is the background time (None until done).
+    """
+
+    def __init__(self, step: int, saver: BackgroundSaver) -> None:
+        self.step = step
+        self.wait_s = 0.0
+        self.copy_s = 0.0
+        self.stall_s = 0.0
+        self.write_s: float | None = None
+        self._future: Future = Future()
+        self._saver = saver
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the save; return its CheckpointInfo, or raise AsyncSaveError with the cause chained."""
+        try:
+            return self._future.result(timeout)
+        except TimeoutError:
+            raise
+        except BaseException as exc:
+            self._saver.mark_seen(self)
+            raise AsyncSaveError(f"background save of step {self.step} failed: {exc}") from exc
+
+    def __repr__(self) -> str:
+        state = "running" if not self.done() else ("failed" if self._future.exception() else "done")
+        return f"AsyncSave(step={self.step}, {state}, stall_s={self.stall_s:.4f})"
+
+
+class BackgroundSaver:
+    """At most one save running in a daemon thread; keeps its failure until someone sees it."""
+
+    def __init__(self, *, wait_at_exit: bool = True) -> None:
+        self.wait_at_exit = wait_at_exit
+        self._current: AsyncSave | None = None
+        self._unseen: AsyncSave | None = None
+        self._lock = threading.Lock()
+        _savers.add(self)
+
+    @property
+    def in_flight(self) -> AsyncSave | None:
+        current = self._current
+        return current if current is not None and not current.done() else None
+
+    def wait(self) -> float:
+        """Wait for the save in flight (if any); returns the seconds waited. Never raises the save's error."""
+        current = self._current
+        if current is None or current.done():
+            return 0.0
+        start = time.perf_counter()
+        with _suppress_all():
+            current._future.exception()
+        return time.perf_counter() - start
+
+    def raise_unseen(self) -> None:
+        """Raise AsyncSaveError for a failed save nobody has seen yet (once)."""
+        with self._lock:
+            failed, self._unseen = self._unseen, None
+        if failed is not None:
+            exc = failed._future.exception()
+            raise AsyncSaveError(f"background save of step {failed.step} failed: {exc}") from exc
+
+    def mark_seen(self, handle: AsyncSave) -> None:
+        with self._lock:
+            if self._unseen is handle:
+                self._unseen = None
+
+    def start(self, handle: AsyncSave, work: Callable[[], Any]) -> None:
+        """Run ``work`` in a daemon thread; its result or exception lands on ``handle``."""
+        started = time.perf_counter()
+
+        def run() -> None:
+            try:
+                result = work()
+            except BaseException as exc:
+                handle.write_s = time.perf_counter() - started
+                with self._lock:
+                    self._unseen = handle
+                handle._future.set_exception(exc)
+            else:
+                handle.write_s = time.perf_counter() - started
+                handle._future.set_result(result)
+
+        handle._future.set_running_or_notify_cancel()
+        self._current = handle
+        threading.Thread(target=run, name=f"ckstore-save-{handle.step}", daemon=True).start()
+
+
+class _suppress_all:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return True
+
+
+_savers: weakref.WeakSet[BackgroundSaver] = weakref.WeakSet()
+
+
+@atexit.register
+def _wait_at_exit() -> None:
+    # Daemon threads keep running until the interpreter finalizes, which
+    # happens after this handler: waiting here lets an acknowledged save finish.
+    for saver in list(_savers):
+        if not saver.wait_at_exit or saver._current is None:
+            continue
+        saver.wait()
+        try:
+            saver.raise_unseen()
+        except AsyncSaveError as exc:
+            print(f"ckstore: {exc} (found at interpreter exit; the checkpoint was not committed)", file=sys.stderr)
