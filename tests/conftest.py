@@ -15,7 +15,9 @@ Fixtures other test modules may use:
 * ``make_training_state``: ``make_training_state(seed=0)`` -> ``(model, optimizer, scheduler)``
   after one real optimisation step, so the optimizer has per-parameter state;
 * ``run_python``: run a Python snippet in a real subprocess with this interpreter
-  and ``ckstore`` importable; returns ``subprocess.CompletedProcess``.
+  and ``ckstore`` importable; returns ``subprocess.CompletedProcess``;
+* ``peer``: a session-wide second process (see :class:`Peer`) for lock and
+  reader tests, so that torch is imported once rather than once per test.
 
 Plain helpers (import with ``from conftest import ...``): :func:`assert_same`
 (bitwise equality of nested states, tensors compared by dtype, shape and bytes),
@@ -24,8 +26,11 @@ Plain helpers (import with ``from conftest import ...``): :func:`assert_same`
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
+import select
 import subprocess
 import sys
 import textwrap
@@ -195,3 +200,127 @@ def _run_python(code: str, *args: str, timeout: float = 120, check: bool = False
 @pytest.fixture
 def run_python() -> Callable[..., subprocess.CompletedProcess]:
     return _run_python
+
+
+# ---------------------------------------------------------------- a second process
+
+_PEER = r"""
+import json, socket, sys, os, warnings
+import torch, ckstore
+
+def reply(**payload):
+    sys.stdout.write(json.dumps(payload) + "\n")
+    sys.stdout.flush()
+
+def error(exc):
+    return {"error": type(exc).__name__, "message": str(exc), "pid": getattr(exc, "pid", None), "host": getattr(exc, "host", None)}
+
+def read_loop(path, rounds):
+    warnings.simplefilter("error")  # a CorruptCheckpointWarning would mean a partial checkpoint was visible
+    seen, gone, done = set(), 0, 0
+    while done < rounds:
+        with ckstore.Store(path, readonly=True) as store:
+            infos = store.checkpoints()
+            if not infos:
+                continue
+            steps = [i.step for i in infos]
+            assert steps == sorted(steps), steps
+            state = store.load()
+            assert torch.equal(state["w"], torch.full_like(state["w"], float(state["step"]))), state["step"]
+            assert state["meta"] == {"step": state["step"], "tag": "x" * (state["step"] % 7)}, state["meta"]
+            seen.add(state["step"])
+            try:
+                old = store.load(step=infos[0].step)  # the oldest listed: often deleted by retention meanwhile
+                assert torch.equal(old["w"], torch.full_like(old["w"], float(infos[0].step)))
+            except ckstore.CheckpointNotFoundError:
+                gone += 1
+            done += 1
+    return {"rounds": done, "distinct": len(seen), "gone": gone}
+
+reply(ready=True, pid=os.getpid(), host=socket.gethostname())
+for line in sys.stdin:
+    cmd = json.loads(line)
+    op = cmd.pop("op")
+    try:
+        if op == "save":
+            with ckstore.Store(cmd["path"], lock_timeout=cmd.get("timeout", 0)) as store:
+                store.save(cmd.get("state", {}), step=cmd["step"])
+            reply(ok=True)
+        elif op == "open":
+            with ckstore.Store(cmd["path"]) as store:
+                reply(ok=True, steps=[i.step for i in store.checkpoints()])
+        elif op == "read_loop":
+            reply(ok=True, **read_loop(cmd["path"], cmd["rounds"]))
+        elif op == "quit":
+            break
+        else:
+            reply(error="unknown op " + op)
+    except Exception as exc:
+        reply(**error(exc))
+"""
+
+
+class Peer:
+    """A second Python process with ckstore imported, driven by JSON lines (imports torch once per session).
+
+    ``peer.call(op="save", path=..., step=..., timeout=0)`` -> reply dict; ``peer.send(...)`` and
+    ``peer.reply(timeout)`` split a call so the test can act while the peer is blocked (``reply``
+    returns None if nothing arrived within ``timeout`` seconds). Ops: ``save`` (opens a writable
+    store with ``lock_timeout=timeout``, saves ``state`` at ``step``, closes), ``open`` (a writable
+    open, which recovers leftovers if it can take the lock), ``read_loop`` (``rounds`` readonly
+    list-and-load rounds, asserting that every checkpoint seen is whole). Errors come back as
+    ``{"error": class name, "message", "pid", "host"}``.
+    """
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [PYTHON, "-c", _PEER], env=subprocess_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        hello = self.reply(timeout=300)
+        assert hello and hello.get("ready"), self._stderr()
+        self.pid = hello["pid"]
+
+    def send(self, **command: Any) -> None:
+        self.process.stdin.write(json.dumps(command, default=os.fspath) + "\n")
+        self.process.stdin.flush()
+
+    def reply(self, timeout: float = 300) -> dict[str, Any] | None:
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        if not ready:
+            return None
+        line = self.process.stdout.readline()
+        assert line, f"peer process died: {self._stderr()}"
+        return json.loads(line)
+
+    def call(self, **command: Any) -> dict[str, Any]:
+        self.send(**command)
+        answer = self.reply()
+        assert answer is not None, "peer did not answer"
+        return answer
+
+    def _stderr(self) -> str:
+        if self.process.poll() is None:
+            return "(still running)"
+        return self.process.stderr.read()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            with contextlib.suppress(OSError):
+                self.send(op="quit")
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
+            stream.close()
+
+
+@pytest.fixture(scope="session")
+def peer() -> Iterator[Peer]:
+    """One long-lived second process shared by the tests that need a real other process."""
+    p = Peer()
+    try:
+        yield p
+    finally:
+        p.close()
