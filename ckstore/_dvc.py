@@ -234,9 +234,11 @@ def _dvc_repo(root: str) -> Iterator[Any]:
     """A fresh ``dvc.repo.Repo`` per operation: a long-lived one caches stale state."""
     Repo = _import_dvc()
     try:
-        repo = Repo(root, _wait_for_lock=True)  # wait for DVC's lock instead of failing after 3 s
-    except TypeError:  # pragma: no cover - a DVC without the private flag
-        repo = Repo(root)
+        repo = _dvc_call("open", lambda: Repo(root, _wait_for_lock=True))  # wait for DVC's lock, don't fail after 3 s
+    except DvcError as exc:
+        if not isinstance(exc.__cause__, TypeError):
+            raise
+        repo = _dvc_call("open", lambda: Repo(root))  # pragma: no cover - a DVC without the private flag
     try:
         repo.scm_context.quiet = True  # no "To track the changes with git" hints on stdout
         yield repo

@@ -170,7 +170,9 @@ def cmd_publish(args: argparse.Namespace) -> int:
         _emit(args, payload, f"recovered {len(results)} interrupted publish(es) in {root}")
         return 0
     if args.name is None:
-        raise InvalidArgumentError("publish needs --name NAME (or --recover)")
+        if args.step.isdigit():
+            raise InvalidArgumentError("publish needs --name NAME for a step number (or --recover)")
+        args.name = args.step  # `ckstore publish STORE best` publishes the best checkpoint as "best"
     with Store(args.store, lock_timeout=args.wait) as store:
         publication = store.publish(_step_arg(args.step), name=args.name, repo=args.repo, dest=args.dest, remote=args.remote)
         result = publication.result()
@@ -239,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("publish", "publish a checkpoint to DVC as <repo>/<dest>/NAME.dvc: verify, dvc add, dvc push, git commit + tag", cmd_publish)
     p.add_argument("step", nargs="?", default="best", help="step number, 'latest', 'best' or a tag (default: best)")
-    p.add_argument("--name", help="the published name: dvc pull <dest>/NAME.dvc fetches it")
+    p.add_argument("--name", help="the published name: dvc pull <dest>/NAME.dvc fetches it (default: STEP when it is a word)")
     p.add_argument("--repo", help="the git + DVC repository (default: the one holding the store, else the current directory)")
     p.add_argument("--dest", default="models", help="directory inside the repository for NAME.dvc (default: models)")
     p.add_argument("--remote", help="DVC remote to push to (default: the repository's default remote)")

@@ -351,59 +351,50 @@ def assert_consistent(repo: Path, remote: Path, env: dict[str, str]) -> None:
                 assert (remote / "files" / "md5" / entry["md5"][:2] / entry["md5"][2:]).is_file()
 
 
-@pytest.mark.parametrize(
-    "stage,phase",
-    [
-        ("materialize", "before"),
-        ("materialize", "after"),
-        ("swap", "after"),
-        ("add", "after"),
-        ("push", "before"),
-        ("push-mid", "none"),
-        ("push", "after"),
-        ("commit", "after"),
-    ],
-)
-def test_sigkill_at_each_publish_stage_then_rerun_completes(tmp_path, env, stage, phase):
+#: Where the publishing process is killed: before anything touched the repository, with the
+#: verified copy in place but not added, after ``dvc add``, in the middle of the upload (after
+#: the second object), after the push, and after the git commit (before the tag).
+KILL_POINTS = [
+    ("materialize", "before"),
+    ("swap", "after"),
+    ("add", "after"),
+    ("push-mid", "none"),
+    ("push", "after"),
+    ("commit", "after"),
+]
+
+
+def test_sigkill_at_each_publish_stage_then_rerun_or_recover_completes(tmp_path, env):
+    """A real SIGKILL of a real publishing process at every stage; each time HEAD and the remote stay
+    consistent, and re-running the publish (or ``ckstore publish --recover``) completes it."""
     repo, remote = make_repo(tmp_path, env)
     store_dir = tmp_path / "run"
+    steps = [10 * (i + 1) for i in range(len(KILL_POINTS) + 1)]
     with ckstore.Store(store_dir, metric="val_loss") as store:
-        train(store)
-    # A first, complete publish (step 10) so the kill interrupts a *re*-publish of the name.
-    ok = run([PYTHON, "-c", KILL_SCRIPT, str(store_dir), str(repo), "none", "none", "10"], tmp_path, env)
-    assert "finished" in ok.stdout
-    proc = run([PYTHON, "-c", KILL_SCRIPT, str(store_dir), str(repo), stage, phase, "20"], tmp_path, env, check=False)
-    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
-    assert_consistent(repo, remote, env)
-    head_step = git("log", "-1", "--format=%B", "--", "models/best.dvc", cwd=repo, env=env)
-    assert ("Ckstore-Step: 20" in head_step) == (stage == "commit")
-
-    # Re-running the publish completes it (recovery runs first, under the repo lock).
-    rerun = run([PYTHON, "-c", KILL_SCRIPT, str(store_dir), str(repo), "none", "none", "20"], tmp_path, env)
-    assert "finished" in rerun.stdout
-    assert_consistent(repo, remote, env)
-    assert _dvc.pending(repo) == []
-    assert not [p for p in (repo / "models").iterdir() if ".ckstore-" in p.name]
-    assert git("status", "--porcelain", cwd=repo, env=env).strip() == ""
+        train(store, steps=steps, losses=[1.0 / s for s in steps])
+        store.publish(steps[0], name="best", repo=repo, wait=True)  # the name exists before the first kill
+        store.close()
+        for (stage, phase), step in zip(KILL_POINTS, steps[1:]):
+            proc = run([PYTHON, "-c", KILL_SCRIPT, str(store_dir), str(repo), stage, phase, str(step)], tmp_path, env, check=False)
+            assert proc.returncode == -signal.SIGKILL, (stage, proc.stdout + proc.stderr)
+            assert_consistent(repo, remote, env)
+            head = git("log", "-1", "--format=%B", "--", "models/best.dvc", cwd=repo, env=env)
+            assert (f"Ckstore-Step: {step}" in head) == (stage == "commit"), (stage, head)
+            if stage == "add":  # recovery alone (the CLI), without re-running the publish
+                out = ck("publish", str(store_dir), "--recover", "--repo", str(repo), "--json", cwd=tmp_path, env=env)
+                assert [r["step"] for r in json.loads(out.stdout)["recovered"]] == [step]
+            else:
+                with ckstore.Store(store_dir) as again:
+                    assert again.publish(step, name="best", repo=repo, wait=True).result().step == step
+            assert _dvc.pending(repo) == []
+            assert_consistent(repo, remote, env)
+            assert f"Ckstore-Step: {step}" in git("log", "-1", "--format=%B", "--", "models/best.dvc", cwd=repo, env=env)
+            assert not [p for p in (repo / "models").iterdir() if ".ckstore-" in p.name], stage
+            assert git("status", "--porcelain", cwd=repo, env=env).strip() == "", stage
     tags = git("tag", "--list", "best@v*", cwd=repo, env=env).split()
-    assert tags == ["best@v1", "best@v2"]
+    assert sorted(tags, key=lambda t: int(t.split("@v")[1])) == [f"best@v{k}" for k in range(1, len(steps) + 1)]
     clone = tmp_path / "clone"
     git("clone", "-q", str(repo), str(clone), cwd=tmp_path, env=env)
     dvc("pull", "models/best.dvc", cwd=clone, env=env)
-    assert sorted(os.listdir(clone / "models" / "best" / "checkpoints")) == ["step-00000020"]
+    assert os.listdir(clone / "models" / "best" / "checkpoints") == [f"step-{steps[-1]:08d}"]
     ck("verify", "models/best", cwd=clone, env=env)
-
-
-def test_recover_alone_finishes_an_interrupted_publish(tmp_path, env):
-    repo, remote = make_repo(tmp_path, env)
-    store_dir = tmp_path / "run"
-    with ckstore.Store(store_dir, metric="val_loss") as store:
-        train(store)
-    proc = run([PYTHON, "-c", KILL_SCRIPT, str(store_dir), str(repo), "add", "after", "20"], tmp_path, env, check=False)
-    assert proc.returncode == -signal.SIGKILL
-    assert [r["stage"] for r in _dvc.pending(repo)] == ["add"]
-    out = ck("publish", str(store_dir), "--recover", "--repo", str(repo), "--json", cwd=tmp_path, env=env)
-    assert [r["step"] for r in json.loads(out.stdout)["recovered"]] == [20]
-    assert _dvc.pending(repo) == []
-    assert_consistent(repo, remote, env)
-    assert "Ckstore-Step: 20" in git("log", "-1", "--format=%B", cwd=repo, env=env)
