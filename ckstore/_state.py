@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._errors import StateError
+from ._errors import CkstoreError, StateError
 from ._tensorfile import prepare_tensor
 
 MARK = "$ck"
@@ -186,7 +186,7 @@ class _Encoder:
     def finish(self, skeleton: Any) -> Encoded:
         encoded = Encoded(skeleton)
         used_names: set[str] = set()
-        for group, members in self.groups.items():
+        for group, members in _pool_small_groups(self.groups).items():
             shards: list[list[tuple[Path, torch.Tensor, dict[str, Any]]]] = [[]]
             size = 0
             for member in members:
@@ -207,6 +207,32 @@ class _Encoder:
                     entries.append((key, tensor))
                 encoded.files[name] = entries
         return encoded
+
+
+#: A state with more groups than this pools its small ones (see _pool_small_groups).
+MAX_GROUPS = 64
+SMALL_GROUP_BYTES = 4 << 20
+
+
+def _pool_small_groups(groups: dict[str, list]) -> dict[str, list]:
+    """Merge groups under :data:`SMALL_GROUP_BYTES` into one group per top-level key.
+
+    Every file costs a create, an fsync and a directory entry: a model whose
+    top-level modules are thousands of tiny layers would otherwise become
+    thousands of files, and a save would be bound by fsync latency rather than
+    by the disk's bandwidth. States with few groups keep one file per group.
+    """
+    if len(groups) <= MAX_GROUPS:
+        return groups
+    pooled: dict[str, list] = {}
+    for group, members in groups.items():
+        if sum(m[1].numel() * m[1].element_size() for m in members) >= SMALL_GROUP_BYTES:
+            pooled.setdefault(group, []).extend(members)
+            continue
+        path = members[0][0]
+        top = _group_name(path[:1]) if len(path) > 1 else "state"
+        pooled.setdefault(f"{top}.small", []).extend(members)
+    return pooled
 
 
 def _encode_float(value: float) -> Any:
@@ -399,7 +425,15 @@ def load_into(target: Any, state: Any, path: Path) -> None:
 
 def decode_state(skeleton: Any, source: TensorSource, *, target: Any = None, map_location: Any = None) -> Any:
     """Rebuild the saved state; objects with ``load_state_dict`` in ``target`` are restored in place."""
-    return _Decoder(source, map_location).decode(skeleton, target, ())
+    try:
+        return _Decoder(source, map_location).decode(skeleton, target, ())
+    except CkstoreError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        # A skeleton with a valid checksum can still be malformed (crafted, or
+        # written by a buggy tool): a missing field, a bad float or base64, a
+        # device name torch rejects. Say so with a typed error, not a KeyError.
+        raise StateError(f"malformed state in the manifest: {type(exc).__name__}: {str(exc)[:200]}") from exc
 
 
 def tensor_refs(skeleton: Any) -> Iterator[tuple[str, str]]:
