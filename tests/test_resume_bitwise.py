@@ -98,9 +98,9 @@ def child_main(argv: list[str]) -> None:
         _durable.set_hook(hook)
 
     log = os.open(args.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    # lock_timeout: after a SIGKILL, forked DataLoader workers of the dead run
-    # may hold the inherited lock descriptor until they notice their parent died.
-    with ckstore.Store(args.store, keep_last=2, lock_timeout=30) as store:
+    # No lock_timeout: a restart right after a SIGKILL must get the writer lock
+    # at once, even while the dead run's forked loader workers linger.
+    with ckstore.Store(args.store, keep_last=2) as store:
         step = ckstore.resume(store, state)
         print(f"START {step}", flush=True)
         with ckstore.Checkpointer(store, state, every=EVERY, at_exit=True) as ckpt:
