@@ -315,8 +315,11 @@ class Store:
     def _manifest(self, name: str) -> Manifest:
         """Parse (or reuse the parse of) a checkpoint's manifest. Raises ManifestError/IntegrityError."""
         path = os.path.join(self._ckpt_dir, name, MANIFEST_NAME)
+        if os.path.islink(os.path.join(self._ckpt_dir, name)):
+            # A symlinked checkpoint directory would make every read leave the store.
+            raise ManifestError(f"{os.path.join(self._ckpt_dir, name)}: checkpoint directory is a symlink; refusing to read outside the store", path=path)
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
         except FileNotFoundError:
             raise CheckpointNotFoundError(f"{path}: checkpoint vanished or has no manifest") from None
         except OSError as exc:

@@ -420,7 +420,9 @@ def parse_header(data: bytes | bytearray | memoryview, file_size: int, path: str
 
 def open_regular(path: str) -> int:
     """Open an existing regular file for reading without following a symlink."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    # O_NONBLOCK: opening a FIFO planted where a tensor file belongs would
+    # otherwise block forever; it has no effect on reads of a regular file.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
     try:
         import stat as _stat
 
