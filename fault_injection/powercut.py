@@ -124,9 +124,10 @@ def _check(store: ckstore.Store, acks: list[tuple[str, Any]]) -> list[str]:
     out = []
     if acked:
         last = acked[-1]
-        # keep_last: the newest acknowledged save and the ones before it within the window must be there
+        # keep_last: the acknowledged saves still inside the retention window must be there. The
+        # window counts the save in flight, which may have committed and pruned before its ack.
         for step in acked:
-            if step > last - KEEP_LAST and step not in steps:
+            if step > last + 1 - KEEP_LAST and step not in steps:
                 out.append(f"acknowledged save of step {step} lost")
         head = {t: info.step for info in store.checkpoints() for t in info.tags}.get("head")
         if head not in (last, last + 1):

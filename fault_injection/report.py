@@ -18,7 +18,7 @@ class Row:
 
     def violation(self, message: str) -> None:
         self.violations += 1
-        if len(self.examples) < 5:
+        if len(self.examples) < 40:
             self.examples.append(message)
 
 

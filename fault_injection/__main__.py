@@ -1,0 +1,188 @@
+"""``python -m fault_injection run --profile ci``: run every tier, print one table, exit 1 on any violation.
+
+Profiles: ``smoke`` (seconds; used by the pytest smoke test), ``ci`` (the
+issue's numbers, a few minutes on 2 cores; run by ``make test``), ``full``
+(longer: more power cuts, random subsets, fuzz inputs). ``--tiers`` picks a
+subset, e.g. ``--tiers kill,model``. ``--report FILE`` also writes the table
+to a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+TIERS = ("kill", "model", "power", "errors", "mutation", "badfiles")
+
+ALL_WORKLOADS = ["first_save", "next_save", "retention", "tag_update", "second_writer", "recover_leftovers", "train_resume"]
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "smoke": {
+        "kill_workloads": ["first_save", "tag_update", "second_writer"],
+        "kill_stride": 3,
+        "random_cycles": 3,
+        "random_scale": 1 << 16,
+        "model_workloads": ["first_save", "retention"],
+        "random_subsets": 2,
+        "power_fs": ["ext4"],
+        "power_cycles": 4,
+        "power_scale": 1 << 14,
+        "error_workloads": ["first_save", "tag_update"],
+        "mutation": False,
+        "mutant_power_cycles": 0,
+        "crafted": True,
+        "fuzz_inputs": 3_000,
+    },
+    "ci": {
+        "kill_workloads": ALL_WORKLOADS,
+        "kill_stride": 1,
+        "random_cycles": 30,
+        "random_scale": 1 << 19,
+        "model_workloads": ALL_WORKLOADS,
+        "random_subsets": 12,
+        "power_fs": ["ext4", "xfs", "btrfs"],
+        "power_cycles": 50,
+        "power_scale": 1 << 16,
+        "error_workloads": ["first_save", "next_save", "retention", "tag_update", "recover_leftovers"],
+        "mutation": True,
+        "mutant_power_cycles": 12,
+        "crafted": True,
+        "fuzz_inputs": 100_000,
+    },
+    "full": {
+        "kill_workloads": ALL_WORKLOADS,
+        "kill_stride": 1,
+        "random_cycles": 300,
+        "random_scale": 1 << 20,
+        "model_workloads": ALL_WORKLOADS,
+        "random_subsets": 60,
+        "power_fs": ["ext4", "xfs", "btrfs"],
+        "power_cycles": 1000,
+        "power_scale": 1 << 17,
+        "error_workloads": ["first_save", "next_save", "retention", "tag_update", "recover_leftovers", "second_writer"],
+        "mutation": True,
+        "mutant_power_cycles": 40,
+        "crafted": True,
+        "fuzz_inputs": 1_000_000,
+    },
+}
+
+
+def _workdir(base: str | None) -> str:
+    parent = base or ("/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None)
+    return tempfile.mkdtemp(prefix="ckstore-fi-", dir=parent)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.set_num_threads(1)  # the harness forks; a forked child must not inherit a busy OpenMP pool
+
+    from . import report
+
+    profile = PROFILES[args.profile]
+    tiers = TIERS if args.tiers == "all" else tuple(t.strip() for t in args.tiers.split(","))
+    unknown = set(tiers) - set(TIERS)
+    if unknown:
+        print(f"unknown tiers {sorted(unknown)}; known: {', '.join(TIERS)}", file=sys.stderr)
+        return 2
+    workdir = _workdir(args.workdir)
+    rows: list[report.Row] = []
+    start = time.monotonic()
+
+    def show(new: list[report.Row]) -> None:
+        rows.extend(new)
+        for row in new:
+            print(f"  {row.tier:<14} {row.workload:<34} cycles {row.cycles:>5}  states {row.states:>5}  violations {row.violations}  ({row.seconds:.1f} s) {row.note}", flush=True)
+
+    try:
+        print(f"fault_injection: profile {args.profile}, tiers {','.join(tiers)}, workdir {workdir}", flush=True)
+        if "kill" in tiers:
+            from . import killpoints
+
+            show(
+                killpoints.run_tier(
+                    workdir,
+                    workloads=profile["kill_workloads"],
+                    stride=profile["kill_stride"],
+                    random_cycles=profile["random_cycles"],
+                    random_scale=profile["random_scale"],
+                    seed=args.seed,
+                )
+            )
+        if "model" in tiers:
+            from . import crashmodel
+
+            show(crashmodel.run_tier(workdir, workloads=profile["model_workloads"], random_subsets=profile["random_subsets"], seed=args.seed))
+        if "power" in tiers:
+            from . import powercut
+
+            show(powercut.run_tier(workdir, filesystems=profile["power_fs"], cycles=profile["power_cycles"], scale=profile["power_scale"], seed=args.seed))
+        if "errors" in tiers:
+            from . import diskerrors
+
+            show(diskerrors.run_tier(workdir, workloads=profile["error_workloads"], seed=args.seed))
+        if "mutation" in tiers and profile["mutation"]:
+            from . import mutation
+
+            show(mutation.run_tier(workdir, power_cycles=profile["mutant_power_cycles"]))
+        if "badfiles" in tiers:
+            from . import badfiles
+
+            show(badfiles.run_tier(workdir, crafted=profile["crafted"], fuzz_inputs=profile["fuzz_inputs"], seed=args.seed))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    elapsed = time.monotonic() - start
+    table = report.format_table(rows)
+    total = sum(r.violations for r in rows)
+    text = f"\n{table}\n\nprofile {args.profile}: {len(rows)} rows, {total} violations, {elapsed:.0f} s\n"
+    notes = report.format_examples(rows)
+    if notes:
+        text += "\nfindings and notes:\n" + notes + "\n"
+    print(text, flush=True)
+    if args.report:
+        with open(args.report, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    return 1 if total else 0
+
+
+def cmd_mutant_check(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.set_num_threads(1)
+    from . import mutation
+
+    try:
+        result = mutation.mutant_check(args.workdir, power_cycles=args.power_cycles)
+    except Exception as exc:  # report, so the parent can tell a crash of the harness from a surviving mutant
+        result = {"error": f"{type(exc).__name__}: {exc}"}
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fault_injection", description="Crash-safety harness for ckstore.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the tiers of a profile and print the table")
+    run.add_argument("--profile", choices=sorted(PROFILES), default="ci")
+    run.add_argument("--tiers", default="all", help=f"comma-separated subset of {', '.join(TIERS)} (default: all)")
+    run.add_argument("--seed", type=int, default=20261125)
+    run.add_argument("--workdir", help="parent directory for scratch files (default: /dev/shm)")
+    run.add_argument("--report", help="also write the table to this file")
+    run.set_defaults(func=cmd_run)
+    check = sub.add_parser("mutant-check", help="(internal) run tiers 2 and 3 against the ckstore on PYTHONPATH; print JSON")
+    check.add_argument("--workdir", required=True)
+    check.add_argument("--power-cycles", type=int, default=12)
+    check.set_defaults(func=cmd_mutant_check)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

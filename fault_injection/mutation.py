@@ -1,0 +1,176 @@
+"""Tier 5: the mutation check. Remove each fsync, one at a time; tier 2 or 3 must notice.
+
+The mutants are real code: the installed ``ckstore`` package is copied to a
+temp directory and one statement is replaced there, textually:
+
+* each ``os.fsync(...)`` inside ``_durable.py`` (the file fsync and the
+  directory fsync themselves: every caller loses it, and the hook still
+  reports the fsync, so only the power-cut tier can see these);
+* each call of ``sync_dir(...)`` and each ``<writer>.sync()`` anywhere in the
+  package (one call site loses its fsync; the hook no longer reports it, so
+  the crash model sees it).
+
+The replacement statement records that it was reached. A fresh interpreter
+runs tier 2 (then, if that found nothing, tier 3 on ext4) against the copy via
+``PYTHONPATH`` and stops at the first violation. A mutant is *caught* when a
+violation is found. One that no workload reaches (a write path without a
+workload yet) is reported as not exercised. A reached mutant that survives is
+listed with the site, for a person to judge: either the harness is blind
+there, or that fsync protects nothing an invariant promises.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import ckstore
+
+from .report import Row
+
+REACHED_ENV = "FI_MUTANT_REACHED"
+MARKER = f'__import__("os").environ.__setitem__("{REACHED_ENV}", "1")'
+
+_DURABLE_FSYNC = re.compile(r"^os\.fsync\([^()]*\)$")
+_SYNC_DIR = re.compile(r"^(_durable\.)?sync_dir\(.*\)$")
+_WRITER_SYNC = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*\.sync\(\)$")
+_SITE = re.compile(r'site=(?:"([^"]+)"|([A-Za-z_][A-Za-z0-9_ +"]*))')
+
+#: Functions whose fsyncs make only the removal of garbage durable: losing one can bring
+#: back a leftover that the next recovery removes again, which no invariant forbids.
+CLEANUP_FUNCTIONS = {"_recover"}
+
+
+@dataclass
+class Mutant:
+    file: str  # relative to the package
+    line: int  # 1-based
+    text: str
+    kind: str  # "fsync in _durable" | "sync_dir call" | "writer.sync call"
+    function: str = ""  # the enclosing def
+
+    @property
+    def label(self) -> str:
+        return f"{self.file}:{self.line} {self.text}"
+
+    @property
+    def site(self) -> str | None:
+        match = _SITE.search(self.text)
+        return (match.group(1) or match.group(2)) if match else None
+
+
+def _balanced(text: str) -> bool:
+    return text.count("(") == text.count(")")
+
+
+def find_mutants(package_dir: str) -> list[Mutant]:
+    out = []
+    for name in sorted(os.listdir(package_dir)):
+        if not name.endswith(".py"):
+            continue
+        with open(os.path.join(package_dir, name), encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+        function = ""
+        for n, line in enumerate(lines, 1):
+            text = line.strip()
+            match = re.match(r"^\s*(?:async\s+)?def\s+(\w+)", line)
+            if match:
+                function = match.group(1)
+            if not _balanced(text):
+                continue
+            if name == "_durable.py" and _DURABLE_FSYNC.match(text):
+                out.append(Mutant(name, n, text, "fsync in _durable", function))
+            elif _SYNC_DIR.match(text):
+                out.append(Mutant(name, n, text, "sync_dir call", function))
+            elif _WRITER_SYNC.match(text):
+                out.append(Mutant(name, n, text, "writer.sync call", function))
+    return out
+
+
+def make_mutant(package_dir: str, mutant: Mutant, target: str) -> str:
+    """Copy the package under ``target`` with the mutant's statement replaced; return the PYTHONPATH entry."""
+    shutil.rmtree(target, ignore_errors=True)
+    dest = os.path.join(target, "ckstore")
+    shutil.copytree(package_dir, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    path = os.path.join(dest, mutant.file)
+    with open(path, encoding="utf-8") as fh:
+        lines = fh.read().split("\n")
+    line = lines[mutant.line - 1]
+    indent = line[: len(line) - len(line.lstrip())]
+    assert line.strip() == mutant.text, (line, mutant.text)
+    lines[mutant.line - 1] = indent + MARKER
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(lines))
+    return target
+
+
+def run_tier(workdir: str, *, power_cycles: int, timeout: float = 240) -> list[Row]:
+    package_dir = os.path.dirname(os.path.abspath(ckstore.__file__))
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    mutants = find_mutants(package_dir)
+    row = Row("5 mutation", "fsync removals")
+    survivors_ok, unreached, caught = [], [], {"model": 0, "power": 0}
+    start = time.monotonic()
+    for i, mutant in enumerate(mutants):
+        target = make_mutant(package_dir, mutant, os.path.join(workdir, f"mutant-{i}"))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([target, repo_root]))
+        env.pop(REACHED_ENV, None)
+        cmd = [sys.executable, "-m", "fault_injection", "mutant-check", "--workdir", os.path.join(workdir, f"mutant-{i}-work"), "--power-cycles", str(power_cycles)]
+        try:
+            proc = subprocess.run(cmd, env=env, cwd=workdir, capture_output=True, text=True, timeout=timeout)
+            result = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else {}
+        except subprocess.TimeoutExpired:
+            result = {"error": f"timed out after {timeout}s"}
+        except ValueError:
+            result = {"error": f"bad output: {proc.stdout[-300:]} {proc.stderr[-500:]}"}
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.rmtree(os.path.join(workdir, f"mutant-{i}-work"), ignore_errors=True)
+        row.cycles += 1
+        if "error" in result or ("caught_by" not in result):
+            row.violation(f"mutant {mutant.label}: harness error {result.get('error') or proc.stderr[-500:]}")
+        elif result["caught_by"]:
+            caught[result["caught_by"]] += 1
+            row.states += 1
+        elif not result["reached"]:
+            unreached.append(mutant.label)
+        elif mutant.function in CLEANUP_FUNCTIONS:
+            survivors_ok.append(mutant.label)
+        else:
+            row.violation(f"mutant survived (no tier noticed the missing fsync): {mutant.label}")
+    row.seconds = time.monotonic() - start
+    exercised = len(mutants) - len(unreached)
+    row.note = (
+        f"{row.states}/{exercised} exercised mutants caught (model {caught['model']}, power {caught['power']})"
+        + (f"; {len(survivors_ok)} cleanup-only sites survive" if survivors_ok else "")
+        + (f"; {len(unreached)} not reached by any workload" if unreached else "")
+    )
+    for label in survivors_ok:
+        row.examples.append(f"survived, cleanup-only fsync (a lost removal of a leftover is redone by the next recovery): {label}")
+    for label in unreached:
+        row.examples.append(f"not reached by any workload: {label}")
+    return [row]
+
+
+def mutant_check(workdir: str, *, power_cycles: int) -> dict:
+    """Run inside the mutant's interpreter: tier 2, then tier 3 on ext4, stopping at the first violation."""
+    from . import crashmodel, powercut
+
+    os.makedirs(workdir, exist_ok=True)
+    names = ["first_save", "next_save", "retention", "tag_update", "second_writer", "recover_leftovers"]
+    rows = crashmodel.run_tier(workdir, workloads=names, random_subsets=2, seed=0, stop_on_violation=True)
+    found = [r for r in rows if r.violations]
+    if found:
+        return {"caught_by": "model", "reached": True, "example": found[0].examples[0]}
+    reached = os.environ.get(REACHED_ENV) == "1"
+    if power_cycles and reached and powercut.skip_reason("ext4") is None:
+        for fs in ("ext4",):
+            row = powercut.run_fs(fs, workdir, cycles=power_cycles, scale=1 << 16, seed=0, stop_on_violation=True)
+            if row.violations:
+                return {"caught_by": "power", "reached": True, "example": row.examples[0]}
+    return {"caught_by": None, "reached": reached or os.environ.get(REACHED_ENV) == "1"}
