@@ -23,6 +23,7 @@ from ._errors import (
     StorageError,
     StoreLockedError,
 )
+from ._async import AsyncSave
 from ._data import ResumableSampler
 from ._loop import Checkpointer, EarlyStopping, checkpoint_interval, resume
 from ._retention import RetentionPolicy, select_kept
@@ -32,6 +33,7 @@ from ._store import CheckpointInfo, CorruptCheckpointWarning, Problem, Store
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncSave",
     "AsyncSaveError",
     "CheckpointExistsError",
     "CheckpointInfo",

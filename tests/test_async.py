@@ -1,0 +1,260 @@
+"""Background saves: the stored values are the ones at the call, failures surface, crashes leave whole checkpoints."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+import torch
+from conftest import assert_same, subprocess_env
+
+import ckstore
+from ckstore import _durable
+
+
+def _state(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return {"model": model, "extra": {"a": torch.randn(1000, generator=g), "b": torch.arange(10)}, "step_note": "x"}
+
+
+def _snapshot(state: dict) -> dict:
+    return {
+        "model": {k: v.detach().clone() for k, v in state["model"].state_dict().items()},
+        "extra": {k: v.clone() for k, v in state["extra"].items()},
+        "step_note": state["step_note"],
+    }
+
+
+def test_tensors_modified_right_after_the_call_do_not_leak_into_the_checkpoint(store):
+    state = _state()
+    expected = _snapshot(state)
+    handle = store.save(state, step=1, blocking=False)
+    assert isinstance(handle, ckstore.AsyncSave)
+    with torch.no_grad():  # the training loop goes on at once
+        for p in state["model"].parameters():
+            p.add_(1000.0)
+        state["extra"]["a"].zero_()
+        state["extra"]["b"].fill_(-1)
+    info = handle.result()
+    assert info.step == 1
+    assert_same(store.load(step=1), expected)
+    assert store.verify() == []
+
+
+def test_at_most_one_save_in_flight_and_the_wait_is_recorded(store):
+    release = threading.Event()
+    entered = threading.Event()
+
+    def hook(op, phase, path, info):
+        if op == "fsync" and phase == "before" and info["site"] == "tensor_file" and not release.is_set():
+            entered.set()
+            release.wait(30)  # hold the first background save mid-write
+
+    state = _state()
+    with _durable.hooked(hook):
+        first = store.save(state, step=1, blocking=False)
+        assert entered.wait(30)
+        assert not first.done()
+        threading.Timer(0.2, release.set).start()
+        second = store.save(state, step=2, blocking=False)  # must wait for the first
+        assert first.done(), "a second save started while the first was still in flight"
+        assert second.wait_s > 0 and second.stall_s >= second.wait_s
+        assert store.stats["wait_s"] == second.wait_s
+        assert store.wait().step == 2
+    assert [i.step for i in store.checkpoints()] == [1, 2]
+
+
+def test_staging_memory_is_allocated_once_and_reused(store):
+    state = _state()
+    for step in range(1, 5):
+        store.save(state, step=step, blocking=False)
+    store.wait()
+    assert store._staging.allocations == 1
+    assert store.stats["staging_bytes"] == store._staging.capacity
+    assert [i.step for i in store.checkpoints()] == [1, 2, 3, 4]
+
+
+def _fail_fsync(op, phase, path, info):
+    if op == "fsync" and phase == "before" and info["site"] == "tensor_file":
+        raise OSError(errno.EIO, "injected EIO", path)
+
+
+def test_background_failure_surfaces_on_the_next_save_with_the_cause_chained(store):
+    state = _state()
+    store.save(state, step=1)
+    with _durable.hooked(_fail_fsync):
+        store.save(state, step=2, blocking=False)
+        with pytest.raises(ckstore.AsyncSaveError) as caught:
+            store.save(state, step=3, blocking=False)
+    assert isinstance(caught.value.__cause__, ckstore.StorageError)
+    assert caught.value.__cause__.errno == errno.EIO
+    # Reported once; the failed step left nothing behind, the earlier one is intact.
+    assert [i.step for i in store.checkpoints()] == [1]
+    assert os.listdir(store.path / ".staging") == []
+    store.save(state, step=2, blocking=False)
+    assert store.wait().step == 2
+    assert store.verify() == []
+
+
+def test_background_failure_surfaces_on_wait_and_on_the_handle(store):
+    state = _state()
+    with _durable.hooked(_fail_fsync):
+        handle = store.save(state, step=1, blocking=False)
+        with pytest.raises(ckstore.AsyncSaveError) as caught:
+            store.wait()
+    assert isinstance(caught.value.__cause__, ckstore.StorageError)
+    with pytest.raises(ckstore.AsyncSaveError):
+        handle.result()  # the handle always reports its own outcome
+    assert store.wait() is None  # already reported: not raised twice
+    with _durable.hooked(_fail_fsync):
+        handle = store.save(state, step=2, blocking=False)
+        with pytest.raises(ckstore.AsyncSaveError):
+            handle.result()
+    store.save(state, step=3)  # seen through the handle: the next save is not refused
+    assert [i.step for i in store.checkpoints()] == [3]
+
+
+def test_background_failure_surfaces_on_close(store_path):
+    store = ckstore.Store(store_path)
+    with _durable.hooked(_fail_fsync):
+        store.save(_state(), step=1, blocking=False)
+        with pytest.raises(ckstore.AsyncSaveError):
+            store.close()
+    # close released the lock even though it raised
+    with ckstore.Store(store_path) as again:
+        again.save(_state(), step=1)
+
+
+def test_existing_step_and_bad_state_are_refused_at_the_call(store):
+    store.save(_state(), step=1)
+    with pytest.raises(ckstore.CheckpointExistsError):
+        store.save(_state(), step=1, blocking=False)
+    with pytest.raises(ckstore.StateError):
+        store.save({"bad": object()}, step=2, blocking=False)
+    with pytest.raises(ckstore.StateError):
+        store.save({"sparse": torch.eye(3).to_sparse()}, step=2, blocking=False)
+    assert store.wait() is None
+
+
+def test_non_contiguous_and_conjugate_views_are_staged_by_value(store):
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    z = torch.randn(5, dtype=torch.complex64)
+    state = {"t": base.t(), "slice": base[:, ::2], "conj": z.conj(), "scalar": base[1, 1]}
+    expected = {k: v.clone().resolve_conj() for k, v in state.items()}
+    store.save(state, step=1, blocking=False)
+    base.zero_()
+    store.wait()
+    assert_same(store.load(step=1), expected)
+
+
+_CHILD = r"""
+import os, sys, time, torch, ckstore
+from ckstore import _durable
+path, mode = sys.argv[1], sys.argv[2]
+state = {"w": torch.full((1 << 20,), 1.0), "m": {f"l{i}": torch.full((4096,), float(i)) for i in range(8)}}
+store = ckstore.Store(path, wait_at_exit=(mode != "no-wait"))
+store.save(state, step=1)
+
+def hook(op, phase, p, info):
+    if mode.startswith("kill-at-") and op == mode[8:] and phase == "before" and threading.current_thread() is not main:
+        print("POINT", op, info.get("site"), flush=True)
+        time.sleep(60)  # the parent SIGKILLs us here
+    if mode in ("exit-raise", "no-wait") and op == "write" and phase == "before":
+        time.sleep(0.1)  # a slow disk: the save is still running when main returns
+
+import threading
+main = threading.main_thread()
+_durable.set_hook(hook)
+state["w"].fill_(2.0)
+handle = store.save(state, step=2, blocking=False)
+state["w"].fill_(3.0)
+print("ACK", flush=True)
+if mode == "exit-raise":
+    raise SystemExit(7)
+"""
+
+
+def _spawn(path, mode):
+    return subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(path), mode], env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _steps_and_values(path):
+    with ckstore.Store(path) as store:  # a writer: recovery runs
+        assert store.verify() == []
+        assert os.listdir(os.path.join(path, ".staging")) == []
+        out = {}
+        for info in store.checkpoints():
+            out[info.step] = float(store.load(step=info.step)["w"][0])
+        return out
+
+
+@pytest.mark.parametrize("op", ["write", "rename", "fsync_dir"])
+def test_sigkill_during_a_background_save_leaves_only_whole_checkpoints(store_path, op):
+    """A real SIGKILL of a real process while the background thread is at ``op`` (mid-file, at the commit rename, after it)."""
+    child = _spawn(store_path, f"kill-at-{op}")
+    try:
+        lines = []
+        for line in child.stdout:
+            lines.append(line)
+            if line.startswith("POINT"):
+                break
+        assert any(line.startswith("POINT") for line in lines), (lines, child.stderr.read() if child.poll() is not None else "")
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == -signal.SIGKILL
+    found = _steps_and_values(store_path)
+    # step 2 is absent, or whole with the values at the call (2.0, never 3.0)
+    assert found.get(1) == 1.0
+    assert set(found) <= {1, 2}
+    if 2 in found:
+        assert found[2] == 2.0
+
+
+def test_process_exit_waits_for_the_acknowledged_save(store_path):
+    # main ends by raising SystemExit while the (slowed) background save runs
+    child = _spawn(store_path, "exit-raise")
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 7, err
+    assert "ACK" in out
+    assert _steps_and_values(store_path) == {1: 1.0, 2: 2.0}
+
+
+def test_opting_out_of_the_exit_wait_abandons_the_save_cleanly(store_path):
+    child = _spawn(store_path, "no-wait")
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 0, err
+    assert _steps_and_values(store_path) == {1: 1.0}  # recovery removed the abandoned staging
+
+
+def test_a_failure_found_at_exit_is_printed(run_python, store_path):
+    code = textwrap.dedent(
+        """
+        import errno, sys, torch, ckstore
+        from ckstore import _durable
+        def hook(op, phase, path, info):
+            if op == "fsync" and phase == "before" and info["site"] == "tensor_file":
+                raise OSError(errno.ENOSPC, "injected ENOSPC", path)
+        _durable.set_hook(hook)
+        store = ckstore.Store(sys.argv[1])
+        store.save({"w": torch.ones(100)}, step=5, blocking=False)
+        """
+    )
+    proc = run_python(code, str(store_path))
+    assert "background save of step 5 failed" in proc.stderr
+    assert _steps_and_values(store_path) == {}
