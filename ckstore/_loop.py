@@ -307,12 +307,11 @@ class Checkpointer:
         save_cost = recent[len(recent) // 2]
         step_time = self._step_time_total / max(self._step_count, 1)
         chosen = checkpoint_interval(save_cost, step_time, max_overhead=self.max_overhead, mtbf=self.mtbf)
-        if chosen != self.interval:
+        # Log the first choice and real changes, not every re-estimate's jitter.
+        if self.interval is None or abs(chosen - self.interval) > 0.25 * self.interval:
             rule = f"Young/Daly sqrt(2*save*MTBF), MTBF {self.mtbf:g} s" if self.mtbf else f"overhead budget {self.max_overhead:.1%}"
-            logger.info(
-                "checkpoint interval: every %d step(s) (save %.3f s, step %.4f s, %s)", chosen, save_cost, step_time, rule
-            )
-            self.interval = chosen
+            logger.info("checkpoint interval: every %d step(s) (save %.3f s, step %.4f s, %s)", chosen, save_cost, step_time, rule)
+        self.interval = chosen
 
     # ------------------------------------------------------------ lifecycle
 

@@ -394,3 +394,36 @@ def test_early_stopping_bad_updates_and_states():
         stopper.load_state_dict(ckstore.EarlyStopping(metric="m", mode="max").state_dict())
     with pytest.raises(ckstore.StateError):
         stopper.load_state_dict({"metric": "m", "mode": "min"})
+
+
+# ---------------------------------------------------------------- the examples
+
+
+def test_examples_run(tmp_path, run_python):
+    """Every example in examples/ (except the demo and its DVC step) runs to a successful end, in one interpreter."""
+    from conftest import REPO_ROOT
+
+    code = """
+        import runpy, sys
+        import torch
+        torch.set_num_threads(1)  # a shared 2-core box: no intra-op thread contention
+        examples, root = sys.argv[1], sys.argv[2]
+        runs = [
+            ("plain_loop.py", [root + "/plain", "--steps", "120"]),
+            ("early_stopping.py", [root + "/early", "--patience", "2", "--max-epochs", "12"]),
+            ("mid_epoch_resume.py", [root + "/mid", "--workers", "2"]),
+        ]
+        for name, argv in runs:
+            sys.argv = [name, *argv]
+            try:
+                runpy.run_path(examples + "/" + name, run_name="__main__")
+            except SystemExit as exc:
+                assert exc.code in (0, None), (name, exc.code)
+            print("EXAMPLE-OK", name, flush=True)
+    """
+    result = run_python(code, str(REPO_ROOT / "examples"), str(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("EXAMPLE-OK") == 3, result.stdout
+    assert "done at step 120" in result.stdout
+    assert "restored the best model" in result.stdout
+    assert "same order as the uninterrupted run: yes" in result.stdout
