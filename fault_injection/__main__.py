@@ -20,12 +20,12 @@ from typing import Any
 
 TIERS = ("kill", "model", "power", "errors", "mutation", "badfiles")
 
-ALL_WORKLOADS = ["first_save", "next_save", "retention", "tag_update", "second_writer", "recover_leftovers", "train_resume"]
+ALL_WORKLOADS = ["first_save", "next_save", "retention", "tag_update", "second_writer", "recover_leftovers", "async_save", "train_resume"]
 
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {
-        "kill_workloads": ["first_save", "tag_update", "second_writer"],
-        "kill_stride": 3,
+        "kill_workloads": ["first_save", "tag_update", "second_writer", "async_save"],
+        "kill_stride": {"*": 3},
         "random_cycles": 3,
         "random_scale": 1 << 16,
         "model_workloads": ["first_save", "retention"],
@@ -40,8 +40,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "fuzz_inputs": 3_000,
     },
     "ci": {
-        "kill_workloads": ALL_WORKLOADS,
-        "kill_stride": 1,
+        "kill_workloads": ALL_WORKLOADS + ["dvc_publish"],
+        # every boundary, except in the two workloads whose check is a whole resumed run / a DVC re-publish
+        "kill_stride": {"*": 1, "train_resume": 6, "dvc_publish": 6},
         "random_cycles": 30,
         "random_scale": 1 << 19,
         "model_workloads": ALL_WORKLOADS,
@@ -56,8 +57,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "fuzz_inputs": 100_000,
     },
     "full": {
-        "kill_workloads": ALL_WORKLOADS,
-        "kill_stride": 1,
+        "kill_workloads": ALL_WORKLOADS + ["dvc_publish"],
+        "kill_stride": {"*": 1},
         "random_cycles": 300,
         "random_scale": 1 << 20,
         "model_workloads": ALL_WORKLOADS,
@@ -106,28 +107,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         if "kill" in tiers:
             from . import killpoints
 
-            show(
-                killpoints.run_tier(
-                    workdir,
-                    workloads=profile["kill_workloads"],
-                    stride=profile["kill_stride"],
-                    random_cycles=profile["random_cycles"],
-                    random_scale=profile["random_scale"],
-                    seed=args.seed,
-                )
-            )
+            for name in profile["kill_workloads"]:
+                stride = profile["kill_stride"].get(name, profile["kill_stride"]["*"])
+                show([killpoints.run_boundaries(killpoints.WORKLOADS[name], workdir, stride=stride)])
+            if profile["random_cycles"]:
+                show([killpoints.run_random_large(workdir, cycles=profile["random_cycles"], scale=profile["random_scale"], seed=args.seed)])
         if "model" in tiers:
             from . import crashmodel
 
-            show(crashmodel.run_tier(workdir, workloads=profile["model_workloads"], random_subsets=profile["random_subsets"], seed=args.seed))
+            for n, name in enumerate(profile["model_workloads"]):
+                show([crashmodel.run_workload(crashmodel.WORKLOADS[name], workdir, random_subsets=profile["random_subsets"], seed=args.seed + n)])
         if "power" in tiers:
             from . import powercut
 
-            show(powercut.run_tier(workdir, filesystems=profile["power_fs"], cycles=profile["power_cycles"], scale=profile["power_scale"], seed=args.seed))
+            for n, fs in enumerate(profile["power_fs"]):
+                show([powercut.run_fs(fs, workdir, cycles=profile["power_cycles"], scale=profile["power_scale"], seed=args.seed + n)])
         if "errors" in tiers:
             from . import diskerrors
 
-            show(diskerrors.run_tier(workdir, workloads=profile["error_workloads"], seed=args.seed))
+            for name in profile["error_workloads"]:
+                show([diskerrors.run_injected(diskerrors.WORKLOADS[name], workdir)])
+            show([diskerrors.run_real_enospc(workdir), diskerrors.run_short_write(workdir), diskerrors.run_signal_storm(workdir)])
         if "mutation" in tiers and profile["mutation"]:
             from . import mutation
 

@@ -11,6 +11,7 @@ for the parent to read, so acknowledgements survive the SIGKILL.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -54,17 +55,21 @@ def fork_workload(
     hook: _durable.Hook | None = None,
     wait: Callable[[int], None] | None = None,
 ) -> ChildResult:
-    """Run ``workload.run`` in a child; SIGKILL it at the ``kill_at``-th hook event (1-based; 0 never).
+    """Run ``workload.run`` in a child; SIGKILL its process group at the ``kill_at``-th hook event (1-based; 0 never).
 
     ``before_run`` runs in the child first (rlimits, signal timers); ``hook`` is
     called for every event before the kill counter; ``wait(pid)`` runs in the
-    parent while the child works (e.g. to kill it after a random delay).
+    parent while the child works (e.g. to kill it after a random delay; the
+    child leads a process group of its own, ``os.killpg(pid, ...)`` kills it all).
     """
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:
         code = 3
         try:
+            # Its own process group, so that a kill takes any helper it started
+            # (git under a DVC publish, a lock holder) with it, as a power cut would.
+            os.setpgid(0, 0)
             os.close(read_fd)
 
             def send(obj: Any) -> None:
@@ -78,7 +83,7 @@ def fork_workload(
                     hook(op, phase, path, info)
                 count += 1
                 if count == kill_at:
-                    os.kill(os.getpid(), signal.SIGKILL)
+                    os.killpg(0, signal.SIGKILL)
 
             if before_run is not None:
                 before_run()
@@ -95,6 +100,8 @@ def fork_workload(
             code = 3
         finally:
             os._exit(code)
+    with contextlib.suppress(OSError):  # the child may already have done it (or exited)
+        os.setpgid(pid, pid)
     os.close(write_fd)
     if wait is not None:
         wait(pid)

@@ -120,7 +120,7 @@ def run_random_large(workdir: str, *, cycles: int, scale: int, seed: int) -> Row
         def wait(pid: int, delay: float = delay) -> None:
             time.sleep(delay)
             try:
-                os.kill(pid, signal.SIGKILL)
+                os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
 

@@ -181,7 +181,7 @@ def run_fs(fs: str, workdir: str, *, cycles: int, scale: int, seed: int, stop_on
             def wait(pid: int, delay: float = delay) -> None:
                 time.sleep(delay)
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+                    os.killpg(pid, signal.SIGKILL)
 
             result = _child.fork_workload(workload, os.path.join(mnt, "store"), wait=wait)
             _copy(work, crash)  # the power cut: only what reached the device survives

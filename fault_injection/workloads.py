@@ -179,6 +179,28 @@ def _run_leftovers(root: str, ack: Ack, scale: int) -> None:
         _save(store, 2, scale, ack)
 
 
+# ---------------------------------------------------------------- async saves
+
+
+def _run_async(root: str, ack: Ack, scale: int) -> None:
+    """Background saves: a crash while the writer thread commits must leave each checkpoint absent or whole.
+
+    The caller overwrites its tensors as soon as ``save`` returns: the
+    checkpoint must still hold the values of the moment of the call.
+    """
+    with ckstore.Store(root, keep_last=2) as store:
+        state = expected_state(3, scale)
+        store.save(state, step=3, blocking=False)
+        state["model"]["enc.weight"].zero_()  # allowed at once: the state was copied before save returned
+        handle = store.save(expected_state(4, scale), step=4, blocking=False)
+        ack("save", 3)  # the second save waited for the first one to be durable
+        handle.result()
+        ack("save", 4)
+        store.save(expected_state(5, scale), step=5, blocking=False, tags=["async"])
+        store.wait()
+        ack("save", 5)
+
+
 # ---------------------------------------------------------------- second writer
 
 
@@ -253,8 +275,8 @@ def _second_writer_body(root: str, ack: Ack, scale: int, release: Callable[[], N
 # ---------------------------------------------------------------- resumed training
 
 
-TRAIN_STEPS = 24
-TRAIN_EVERY = 4
+TRAIN_STEPS = 12
+TRAIN_EVERY = 3
 
 
 def train_objects(seed: int = 0) -> dict[str, Any]:
@@ -335,6 +357,7 @@ WORKLOADS: dict[str, Workload] = {
         Workload("tag_update", _run_tags, _prepare_steps(1, 2, tags={"top": 1, "old": 1}), check=_check_tags),
         Workload("second_writer", _run_second_writer, _prepare_steps(1)),
         Workload("recover_leftovers", _run_leftovers, _prepare_leftovers),
+        Workload("async_save", _run_async, _prepare_steps(1, 2), {"keep_last": 2}, may_vanish=frozenset({1, 2, 3})),
         Workload(
             "train_resume",
             _run_train,
@@ -353,3 +376,12 @@ def run_in_process_variant(workload: Workload) -> Callable[[str, Ack, int], None
     if workload.name == "second_writer":
         return lambda root, ack, scale: _run_second_writer(root, ack, scale, holder_in_process=True)
     return workload.run
+
+
+def _register_later_write_paths() -> None:
+    from .publish import PUBLISH  # the DVC publish path (imports this module, hence the late import)
+
+    WORKLOADS[PUBLISH.name] = PUBLISH
+
+
+_register_later_write_paths()

@@ -1,0 +1,116 @@
+"""Smoke tests of the fault-injection harness (``fault_injection/``), so harness bugs show up in pytest too.
+
+The full tiers run in ``make test`` as ``python -m fault_injection run --profile ci``;
+here: the tiny ``smoke`` profile end to end, plus checks that the harness can see
+what it claims to see (a lost acknowledged save, a torn file, a missing fsync).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import ckstore
+from fault_injection import crashmodel, mutation
+from fault_injection.invariants import check_store
+from fault_injection.workloads import WORKLOADS, expected_state
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(extra)
+    return env
+
+
+def test_smoke_profile_runs_clean(tmp_path: Path) -> None:
+    tiers = "kill,model,errors,badfiles" + (",power" if os.geteuid() == 0 else "")
+    report = tmp_path / "report.txt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fault_injection", "run", "--profile", "smoke", "--tiers", tiers, "--workdir", str(tmp_path), "--report", str(report)],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    table = report.read_text()
+    for tier in ("1 kill points", "2 crash model", "4 disk errors", "6 bad files"):
+        assert tier in table
+    assert ", 0 violations" in table
+
+
+def test_invariants_see_a_lost_save_and_a_torn_file(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    with ckstore.Store(root) as store:
+        store.save(expected_state(1), step=1)
+        info = store.save(expected_state(2), step=2)
+    workload = WORKLOADS["next_save"]
+    assert check_store(str(root), workload, [("save", 1), ("save", 2)]) == []
+    lost = check_store(str(root), workload, [("save", 3)])
+    assert any("acknowledged save of step 3 lost" in m for m in lost), lost
+    name = sorted(info.files)[0]
+    with open(info.path / name, "r+b") as fh:
+        fh.seek(-4, os.SEEK_END)
+        fh.write(b"\0\0\0\0")
+    torn = check_store(str(root), workload, [("save", 2)])
+    assert any("fails verification" in m for m in torn), torn
+
+
+def test_model_rename_needs_both_directories_fsynced() -> None:
+    Op = crashmodel.Op
+    ops = [
+        Op("link", 1, "f", 10, new="f"),  # create f in dir 1
+        Op("write", 10, b=0, data=b"abc"),
+        Op("fsync", 10),
+        Op("rename", 1, "f", 2, "g", 10),  # move it to dir 2
+        Op("fsync_dir", 2),
+    ]
+    # the write is durable after the fsync; the creation is not (dir 1 never fsynced)
+    assert crashmodel.pending_at(ops, 3) == [0]
+    # after fsyncing only the destination, the rename is still pending
+    assert crashmodel.pending_at(ops, 5) == [0, 3]
+    ops.append(Op("fsync_dir", 1))
+    assert crashmodel.pending_at(ops, 6) == []
+    variants = crashmodel.states_at(ops[:5], 5, __import__("random").Random(0), 3)
+    assert {} in variants and {0: "full", 3: "full"} in variants
+
+
+def test_a_missing_directory_fsync_is_caught(tmp_path: Path) -> None:
+    package = os.path.dirname(ckstore.__file__)
+    mutants = [m for m in mutation.find_mutants(package) if m.site == "checkpoints_dir"]
+    assert mutants, "the commit's directory fsync site was not found"
+    target = mutation.make_mutant(package, mutants[0], str(tmp_path / "mutant"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "fault_injection", "mutant-check", "--workdir", str(tmp_path / "work"), "--power-cycles", "0"],
+        cwd=tmp_path,
+        env=_env(PYTHONPATH=os.pathsep.join([target, str(REPO)])),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result.get("caught_by") == "model", (result, proc.stderr[-2000:])
+
+
+@pytest.mark.parametrize("name", sorted(WORKLOADS))
+def test_workloads_run_to_completion(tmp_path: Path, name: str) -> None:
+    """Each workload runs unhooked and leaves a store that passes every invariant."""
+    from fault_injection import _child
+    from fault_injection.killpoints import fresh_copy, prepare_template
+
+    workload = WORKLOADS[name]
+    template, base_steps = prepare_template(workload, str(tmp_path))
+    root = fresh_copy(template, str(tmp_path), "run")
+    result = _child.fork_workload(workload, root)
+    assert result.ok, result.error
+    assert result.events and result.events > 10
+    assert check_store(root, workload, result.acks, base_steps) == []
