@@ -32,6 +32,7 @@ import atexit
 import datetime
 import logging
 import math
+import os
 import re
 import signal
 import sys
@@ -204,6 +205,7 @@ class Checkpointer:
         self._last_save_time = self._last_mark
         self._closed = False
         self._previous: dict[signal.Signals, Any] = {}
+        self._pid = os.getpid()
         if self.signals:
             if threading.current_thread() is not threading.main_thread():
                 raise InvalidArgumentError("signal handling needs the Checkpointer to be created in the main thread (or pass signals=())")
@@ -215,12 +217,26 @@ class Checkpointer:
     # ------------------------------------------------------------ signals
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:
+            # A forked child (a DataLoader worker) inherited this handler: act as
+            # it would have without ckstore (SIGTERM ends it, SIGINT raises
+            # KeyboardInterrupt, which torch's worker loop ignores).
+            self._forward(signum, frame)
+            return
         # Only set a flag: saving from a handler could interleave with a step
         # that is half applied (optimizer updated, scheduler not yet).
         if signum == signal.SIGINT and self.pending_signal == signal.SIGINT:
             raise KeyboardInterrupt
         if self.pending_signal is None:
             self.pending_signal = signal.Signals(signum)
+
+    def _forward(self, signum: int, frame: Any) -> None:
+        previous = self._previous.get(signal.Signals(signum), signal.SIG_DFL)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
 
     def _exit_status(self) -> int:
         if self.exit_code is not None:

@@ -224,3 +224,22 @@ def test_track_refuses_a_loader_that_is_not_its_own():
         next(sampler.track(DataLoader(list(range(4)), batch_size=None, sampler=sampler)))
     with pytest.raises(ckstore.InvalidArgumentError):
         next(sampler.track([1, 2, 3]))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stateful_dataloader_state_survives_a_real_store(tmp_path, workers):
+    """First-class StatefulDataLoader support: its snapshot (prefetching included) goes through the store."""
+    dataset = list(range(22))
+    reference = uninterrupted(stateful, dataset, tracked=False, num_workers=workers)
+    sampler = ckstore.ResumableSampler(len(dataset), seed=3)
+    loader = stateful(dataset, sampler, num_workers=workers)
+    got, saved = read(loader, sampler, tracked=False, cut=8)  # epoch 1, second batch
+    with ckstore.Store(tmp_path / "s") as store:
+        store.save({"loader": loader, "sampler": sampler}, step=8)
+        del loader
+        sampler = ckstore.ResumableSampler(len(dataset), seed=3)
+        loader = stateful(dataset, sampler, num_workers=workers)
+        assert ckstore.resume(store, {"loader": loader, "sampler": sampler}) == 8
+    assert sampler.epoch == 1
+    rest, _ = read(loader, sampler, tracked=False)
+    assert got + rest == reference

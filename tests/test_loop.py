@@ -427,3 +427,17 @@ def test_examples_run(tmp_path, run_python):
     assert "done at step 120" in result.stdout
     assert "restored the best model" in result.stdout
     assert "same order as the uninterrupted run: yes" in result.stdout
+
+
+def test_forked_children_keep_their_usual_signal_behaviour(store):
+    """DataLoader workers are forked with the handler installed; a SIGTERM must still end them."""
+    import multiprocessing
+    import time
+
+    with ckstore.Checkpointer(store, {}, every=None):
+        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+        child.start()
+        time.sleep(0.2)
+        os.kill(child.pid, signal.SIGTERM)
+        child.join(timeout=30)
+        assert child.exitcode == -signal.SIGTERM
