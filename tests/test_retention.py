@@ -55,7 +55,7 @@ def _reference(checkpoints, policy):
     by_step = sorted(checkpoints, key=lambda c: c.step)
     keep = {by_step[-1].step}
     if policy.keep_last:
-        keep |= {c.step for c in by_step[len(by_step) - policy.keep_last :]}
+        keep |= {c.step for c in by_step[max(0, len(by_step) - policy.keep_last) :]}
     if policy.keep_best:
         scored = [c for c in checkpoints if policy.metric in c.metrics]
         # best first; equal values: the newer step wins

@@ -186,11 +186,13 @@ def test_load_of_a_corrupt_checkpoint_names_the_file(store, corrupt):
     assert info.path.is_dir() and (info.path / "manifest.json").exists()
     assert [p.path for p in store.verify()] == [victim]
     assert [p.step for p in store.verify(2)] == [2] and store.verify(1) == []
-    # Load into live objects: nothing is modified when the checkpoint is corrupt.
+    # Loading into live tensors: a corrupt checkpoint raises; falling back restores the good one in place.
     target = torch.zeros(16)
     with pytest.raises(ckstore.IntegrityError):
         store.load({"model": {"w": target}}, step=2)
-    assert torch.equal(target, torch.zeros(16))
+    with pytest.warns(ckstore.CorruptCheckpointWarning):
+        store.load({"model": {"w": target}})
+    assert torch.equal(target, torch.full((16,), 1.0))
 
 
 def test_flipped_manifest_byte_is_an_integrity_error(store):
