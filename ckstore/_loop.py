@@ -193,7 +193,10 @@ class Checkpointer:
             raise InvalidArgumentError(f"exit_code must be an int in 0..255, got {exit_code!r}")
         self.exit_code = exit_code
         self.at_exit = bool(at_exit)
-        self.signals = tuple(signal.Signals(s) for s in signals)
+        try:
+            self.signals = tuple(signal.Signals(s) for s in signals)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgumentError(f"signals must be signal numbers, e.g. (signal.SIGTERM,): {exc}") from None
         self.interval: int | None = self._every if self._mode == "steps" else None  # type: ignore[assignment]
         self.last_step: int | None = None
         self.last_saved_step: int | None = None
@@ -264,7 +267,8 @@ class Checkpointer:
         self._last_mark = now
         self.last_step = step
         info = None
-        if self.pending_signal is None and (save if save is not None else self._due(step, metrics)):
+        wanted = save if save is not None else self._due(step, metrics)
+        if self.pending_signal is None and wanted and step != self.last_saved_step:
             info = self._save(step, metrics)
         if self.pending_signal is not None:
             self._exit_on_signal(metrics)

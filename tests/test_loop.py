@@ -197,11 +197,12 @@ def test_bad_every_is_refused(store, every):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"max_overhead": 0}, {"max_overhead": 1.5}, {"mtbf": 0}, {"mtbf": float("inf")}, {"exit_code": 300}, {"exit_code": "x"}],
+    [{"max_overhead": 0}, {"max_overhead": 1.5}, {"mtbf": 0}, {"mtbf": float("inf")}, {"exit_code": 300}, {"exit_code": "x"}, {"signals": (9999,)}],
 )
 def test_bad_options_are_refused(store, kwargs):
+    kwargs.setdefault("signals", ())
     with pytest.raises(ckstore.InvalidArgumentError):
-        ckstore.Checkpointer(store, {}, signals=(), **kwargs)
+        ckstore.Checkpointer(store, {}, **kwargs)
 
 
 @pytest.mark.parametrize("args", [(-1.0, 1.0), (1.0, float("nan")), ("1", 1.0)])
