@@ -269,23 +269,35 @@ def test_a_second_sigint_interrupts_at_once(store):
 
 
 def test_at_exit_saves_at_interpreter_exit(tmp_path, run_python):
+    """Two real interpreter exits (forked from one process, so torch is imported once): sys.exit and an unhandled error."""
     code = """
-        import sys, torch, ckstore
-        store = ckstore.Store(sys.argv[1])
-        ckpt = ckstore.Checkpointer(store, {"w": torch.ones(2)}, every=5, at_exit=True)
-        for step in range(1, 8):
-            ckpt.step(step)
-        if sys.argv[2] == "raise":
-            raise RuntimeError("unhandled")
-        sys.exit(0)
+        import os, sys, torch, ckstore
+
+        def scenario(path, how):
+            store = ckstore.Store(path)
+            ckpt = ckstore.Checkpointer(store, {"w": torch.ones(2)}, every=5, at_exit=True)
+            for step in range(1, 8):
+                ckpt.step(step)
+            if how == "raise":
+                raise RuntimeError("unhandled")
+            sys.exit(0)
+
+        pids = []
+        for how in ("exit", "raise"):
+            pid = os.fork()
+            if pid == 0:
+                scenario(os.path.join(sys.argv[1], how), how)  # the child's interpreter exits from in here
+            pids.append(pid)
+        for how, pid in zip(("exit", "raise"), pids):
+            print("STATUS", how, os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
     """
-    clean = run_python(code, str(tmp_path / "clean"), "exit")
-    assert clean.returncode == 0, clean.stderr
-    crashed = run_python(code, str(tmp_path / "crashed"), "raise")
-    assert crashed.returncode == 1 and "unhandled" in crashed.stderr
-    with ckstore.Store(tmp_path / "clean", readonly=True) as s:
+    result = run_python(code, str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "STATUS exit 0" in result.stdout and "STATUS raise 1" in result.stdout, result.stdout + result.stderr[-3000:]
+    assert "RuntimeError: unhandled" in result.stderr
+    with ckstore.Store(tmp_path / "exit", readonly=True) as s:
         assert steps_of(s) == [5, 7]
-    with ckstore.Store(tmp_path / "crashed", readonly=True) as s:
+    with ckstore.Store(tmp_path / "raise", readonly=True) as s:
         assert steps_of(s) == [5]  # an unhandled exception may have left the state mid-step
 
 
