@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from ._errors import AsyncSaveError, StateError
-from ._tensorfile import DTYPE_NAMES
+from ._tensorfile import DTYPE_NAMES, flat_bytes
 
 _ALIGN = 64  # every staged tensor starts on a cache line
 
@@ -94,7 +94,13 @@ class StagingArea:
                 region = self._buffer[offset : offset + nbytes]
                 offset += -(-nbytes // _ALIGN) * _ALIGN
                 staged = region.view(tensor.dtype).view(tensor.shape) if nbytes else torch.empty(tensor.shape, dtype=tensor.dtype)
-                if nbytes:
+                if not nbytes:
+                    pass
+                elif tensor.device.type == "cpu" and tensor.is_contiguous() and not tensor.is_conj() and not tensor.is_neg():
+                    # One single-threaded memcpy: torch's copy_ fans out to
+                    # OpenMP threads, which spin badly on a busy small machine.
+                    memoryview(region.numpy())[:] = memoryview(flat_bytes(tensor).numpy())
+                else:
                     staged.copy_(tensor, non_blocking=pin and tensor.device.type == "cuda")
                 out.append(staged)
         if pin:

@@ -67,11 +67,11 @@ for _name, _code in (
     if hasattr(torch, _name):
         DTYPE_NAMES[getattr(torch, _name)] = _code
 DTYPES_BY_NAME: dict[str, torch.dtype] = {v: k for k, v in DTYPE_NAMES.items()}
+#: Bytes per element of each dtype (a dict lookup: headers may list 10,000s of tensors).
+ITEMSIZE: dict[torch.dtype, int] = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in DTYPE_NAMES}
 
 #: safetensors refuses headers above this size; so do we.
 MAX_HEADER_SIZE = 100_000_000
-#: Tensors at least this large are copied with torch (outside the GIL), smaller ones with memoryview slices.
-_TORCH_COPY_MIN = 1 << 20
 _READ_CHUNK = 16 << 20
 
 
@@ -137,14 +137,13 @@ class WrittenFile:
 
 
 class _Slot:
-    """One page-aligned chunk buffer (anonymous mmap), seen as bytes and as a uint8 tensor."""
+    """One page-aligned chunk buffer (an anonymous mmap)."""
 
-    __slots__ = ("mm", "view", "tensor")
+    __slots__ = ("mm", "view")
 
     def __init__(self, size: int) -> None:
         self.mm = mmap.mmap(-1, size)
         self.view = memoryview(self.mm)
-        self.tensor = torch.frombuffer(self.mm, dtype=torch.uint8)
 
 
 def _file_pieces(entries: Sequence[tuple[str, torch.Tensor]]) -> Iterator[bytes | torch.Tensor]:
@@ -265,22 +264,15 @@ class WritePipeline:
                 hasher = new_hasher(algo)
                 slot, fill, last = take(), 0, None
                 for piece in _file_pieces(entries):
-                    if isinstance(piece, bytes):
-                        source_view, source_tensor = memoryview(piece), None
-                        total = len(piece)
-                    else:
-                        source_tensor = flat_bytes(piece)
-                        source_view = None
-                        total = source_tensor.numel()
+                    # A plain single-threaded memcpy: torch's copy_ would fan
+                    # out to OpenMP threads that spin against the write and
+                    # hash threads on a small machine.
+                    source = memoryview(piece) if isinstance(piece, bytes) else memoryview(flat_bytes(piece).numpy())
+                    total = len(source)
                     pos = 0
                     while pos < total:
                         n = min(total - pos, self.chunk - fill)
-                        if source_tensor is not None and n >= _TORCH_COPY_MIN:
-                            slot.tensor[fill : fill + n].copy_(source_tensor[pos : pos + n])  # outside the GIL
-                        else:
-                            if source_view is None:
-                                source_view = tensor_bytes(piece)
-                            slot.view[fill : fill + n] = source_view[pos : pos + n]
+                        slot.view[fill : fill + n] = source[pos : pos + n]
                         fill += n
                         pos += n
                         if fill == self.chunk:
@@ -404,7 +396,7 @@ def parse_header(data: bytes | bytearray | memoryview, file_size: int, path: str
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int and o >= 0 for o in offsets):
             raise bad(f"tensor {key[:80]!r}: data_offsets must be two non-negative integers")
         begin, end = offsets
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * ITEMSIZE[dtype]
         if end < begin or end - begin != nbytes:
             raise bad(f"tensor {key[:80]!r}: byte range {begin}..{end} does not hold shape {shape} of {entry['dtype']}")
         specs[key] = TensorSpec(dtype, tuple(shape), begin, end)

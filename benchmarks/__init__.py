@@ -1,0 +1,1 @@
+"""ckstore benchmarks: ``python -m benchmarks [--quick]`` (``make bench``). See ``benchmarks/__main__.py``."""
