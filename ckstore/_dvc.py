@@ -479,9 +479,31 @@ def _swap(job: PublishJob, tmp: str, old: str) -> None:
         _remove(old, site="publish_swap_cleanup")
 
 
+#: What may sit in a published directory: the checkpoint, and what opening it as a store adds.
+_ALIAS_ENTRIES = frozenset({CHECKPOINTS_DIR, ".staging", ".trash", ".ckstore.lock", ".ckstore.lock.owner", "tags.json"})
+
+
+def _check_alias(job: PublishJob) -> None:
+    """Refuse to replace anything at ``<dest>/<name>`` that an earlier publish did not put there."""
+    alias = job.alias_dir
+    if os.path.lexists(job.dvc_file):
+        _, rel = read_dvc_file(job.dvc_file)
+        if os.path.normpath(os.path.join(job.dest_dir, rel)) != alias:
+            raise InvalidArgumentError(f"{job.dvc_file} tracks {rel!r}, not {job.name!r}: not a ckstore publish; choose another name or dest")
+    elif os.path.lexists(alias):
+        raise InvalidArgumentError(f"{alias} exists and was not published by ckstore (no {job.name}.dvc); choose another name or dest")
+    if os.path.lexists(alias):
+        if os.path.islink(alias) or not os.path.isdir(alias) or set(os.listdir(alias)) - _ALIAS_ENTRIES:
+            raise InvalidArgumentError(f"{alias} holds files a ckstore publish did not put there; refusing to replace it")
+
+
 def _ensure_dvcignore(repo: str) -> bool:
     """Add ckstore's patterns to ``.dvcignore``; True when the file changed."""
     path = os.path.join(repo, ".dvcignore")
+    for leftover in os.listdir(repo):
+        # A publish killed mid-update leaves the atomic replace's temp file: an untracked file in git.
+        if leftover.startswith("..dvcignore") and _durable.is_temp_name(leftover):
+            _durable.unlink(os.path.join(repo, leftover), site="publish_dvcignore")
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
@@ -560,6 +582,7 @@ def run_publish(job: PublishJob) -> PublishResult:
     _import_dvc()
     with _repo_lock(job.repo):
         _recover_locked(job.repo)
+        _check_alias(job)
         _ensure_dvcignore(job.repo)
         os.makedirs(job.dest_dir, exist_ok=True)
         token = secrets.token_hex(4)
@@ -687,6 +710,15 @@ class _Publisher:
             self._futures = [f for f in self._futures if not f.done()]
         self.raise_unreported()
 
+    def drain(self) -> None:
+        """Wait until the queue is empty and the worker has stopped (failures stay recorded)."""
+        while True:
+            with self._lock:
+                thread = self._thread
+            if thread is None:
+                return
+            thread.join()
+
     def unreported_messages(self) -> list[str]:
         with self._lock:
             return [str(f.exception()) for f in self._unreported]
@@ -697,12 +729,28 @@ _all_publishers: weakref.WeakSet[_Publisher] = weakref.WeakSet()
 _publishers_lock = threading.Lock()
 
 
+def _drain_at_exit() -> None:
+    # When the main thread ends, concurrent.futures refuses new work ("cannot schedule new
+    # futures after interpreter shutdown"), which DVC's push needs. Threading's own exit
+    # callbacks run last-registered first, so this one (registered after concurrent.futures
+    # was imported) lets queued publishes finish before that door closes.
+    for publisher in list(_all_publishers):
+        with contextlib.suppress(BaseException):
+            publisher.drain()
+
+
 @atexit.register
 def _report_at_exit() -> None:
-    # Runs after non-daemon worker threads have finished: print what nobody collected.
+    # Runs after the publish threads have finished: print what nobody collected.
     for publisher in list(_all_publishers):
         for message in publisher.unreported_messages():
             print(f"ckstore: publish failed and nobody collected the error: {message}", file=sys.stderr)
+
+
+import concurrent.futures.thread  # noqa: E402  (registers its exit hook first, so ours runs before it)
+
+if hasattr(threading, "_register_atexit"):
+    threading._register_atexit(_drain_at_exit)
 
 
 def _publisher_for(store: Store) -> _Publisher:
@@ -750,6 +798,25 @@ def publish(
         publication.result()
         publisher.wait()
     return publication
+
+
+# ------------------------------------------------------------------ DVC garbage collection
+
+
+def gc(repo: str | os.PathLike[str], *, cloud: bool = False, remote: str | None = None, dry: bool = False) -> None:
+    """``dvc gc`` that keeps everything any branch, tag or the workspace names.
+
+    Plain ``dvc gc -w`` (and ``-w -c``) deletes the objects behind git tags, i.e.
+    every earlier published version (``<name>@v<k>``); ckstore only ever passes
+    ``--workspace --all-branches --all-tags``. ``cloud=True`` also collects the
+    remote, with the same protection.
+    """
+    root = resolve_repo(repo)
+    with _repo_lock(root), _dvc_repo(root) as dvc:
+        _dvc_call(
+            "gc",
+            lambda: dvc.gc(workspace=True, all_branches=True, all_tags=True, cloud=cloud, remote=remote if cloud else None, force=True, dry=dry),
+        )
 
 
 # ------------------------------------------------------------------ pull

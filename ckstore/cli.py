@@ -151,6 +151,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
     with Store(args.store, lock_timeout=args.wait) as store:
         deleted = store.gc(policy=policy, dry_run=args.dry_run)
         remaining = [i.step for i in store.checkpoints()]
+    if args.dvc:  # also the DVC cache (and remote with --cloud), keeping what any branch or tag names
+        from . import _dvc
+
+        _dvc.gc(_dvc.resolve_repo(args.repo, args.store, "."), cloud=args.cloud, remote=args.remote, dry=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
     _emit(
         args,
@@ -238,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-every", type=int, help="keep steps that are multiples of N")
     p.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
     p.add_argument("--wait", type=float, default=0, help="seconds to wait for the writer lock (default: fail at once)")
+    p.add_argument("--dvc", action="store_true", help="also dvc gc the repository's cache, keeping what the workspace, any branch or tag names")
+    p.add_argument("--cloud", action="store_true", help="with --dvc: collect the DVC remote too (same protection)")
+    p.add_argument("--repo", help="with --dvc: the git + DVC repository (default: the one holding the store, else the current directory)")
+    p.add_argument("--remote", help="with --dvc --cloud: the DVC remote (default: the repository's default remote)")
 
     p = command("publish", "publish a checkpoint to DVC as <repo>/<dest>/NAME.dvc: verify, dvc add, dvc push, git commit + tag", cmd_publish)
     p.add_argument("step", nargs="?", default="best", help="step number, 'latest', 'best' or a tag (default: best)")

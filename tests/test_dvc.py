@@ -9,6 +9,8 @@ the plain ones a DVC user types (``git clone``, ``dvc pull <name>.dvc``,
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -79,17 +81,39 @@ def ck(*args: str, cwd: Path, env: dict[str, str], check: bool = True) -> subpro
     return run([PYTHON, "-m", "ckstore", *args], cwd, env, check)
 
 
+def ck_here(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The ``ckstore`` command run in this process (``cli.main``): same code, no interpreter start-up."""
+    from ckstore import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    previous = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = cli.main(list(args))
+    finally:
+        os.chdir(previous)
+    return subprocess.CompletedProcess(["ckstore", *args], rc, out.getvalue(), err.getvalue())
+
+
 def git(*args: str, cwd: Path, env: dict[str, str]) -> str:
     return run(["git", *args], cwd, env).stdout
 
 
 def make_repo(base: Path, env: dict[str, str], remote_url: str | None = None) -> tuple[Path, Path]:
-    """A git + DVC repository with a default local remote; returns (repo, remote dir)."""
+    """A git + DVC repository with a default remote (a local directory unless ``remote_url``); returns (repo, remote dir).
+
+    ``dvc init`` and ``dvc remote add -d`` are done through DVC's Python API (same files, no interpreter start-up).
+    """
+    from dvc.repo import Repo
+
     repo, remote = base / "repo", base / "remote"
-    repo.mkdir()
+    repo.mkdir(parents=True)
     git("init", "-q", "-b", "main", cwd=repo, env=env)
-    dvc("init", "-q", cwd=repo, env=env)
-    dvc("remote", "add", "-d", "origin", remote_url or str(remote), cwd=repo, env=env)
+    Repo.init(str(repo)).close()
+    with Repo(str(repo)) as dvc_repo, dvc_repo.config.edit() as conf:
+        conf["remote"]["origin"] = {"url": remote_url or str(remote)}
+        conf["core"]["remote"] = "origin"
     git("add", ".dvc", ".dvcignore", cwd=repo, env=env)
     git("commit", "-q", "-m", "init dvc", cwd=repo, env=env)
     return repo, remote
@@ -154,20 +178,19 @@ def test_ckstore_pull_cli_installs_verified_checkpoint(tmp_path, env):
     with ckstore.Store(repo / "runs" / "exp", metric="val_loss") as store:  # a store inside the repo
         train(store)
     (repo / ".gitignore").write_text("/runs/\n")
-    out = ck("publish", "runs/exp", "latest", "--name", "last", "--json", cwd=repo, env=env)
+    out = ck_here("publish", "runs/exp", "latest", "--name", "last", "--json", cwd=repo)
     payload = json.loads(out.stdout)
     assert payload["step"] == 30 and payload["dvc_file"].endswith("models/last.dvc")
     clone = tmp_path / "clone"
     git("clone", "-q", str(repo), str(clone), cwd=tmp_path, env=env)
-    out = ck("pull", "models/last", "--json", cwd=clone, env=env)
-    assert json.loads(out.stdout)["ok"] is True
-    ck("verify", "models/last", cwd=clone, env=env)
+    out = ck_here("pull", "models/last", "--json", cwd=clone)
+    assert json.loads(out.stdout) | {"path": None} == {"ok": True, "checked": [30], "path": None, "problems": []}
     # DVC agrees the workspace matches the .dvc file: the verified install is what dvc would check out.
     assert "up to date" in dvc("status", "models/last.dvc", cwd=clone, env=env).stdout.lower()
 
 
 def test_republish_moves_name_and_keeps_history(tmp_path, env):
-    repo, _ = make_repo(tmp_path, env)
+    repo, remote = make_repo(tmp_path, env)
     with ckstore.Store(tmp_path / "run", metric="val_loss") as store:
         train(store)
         first = store.publish(10, name="best", repo=repo).result()
@@ -178,13 +201,29 @@ def test_republish_moves_name_and_keeps_history(tmp_path, env):
         assert again.tag == "best@v2" and again.commit == second.commit  # nothing changed: no new commit
     assert sorted(os.listdir(repo / "models" / "best" / "checkpoints")) == ["step-00000030"]
     assert len(git("log", "--format=%H", "--", "models/best.dvc", cwd=repo, env=env).split()) == 2
+
+    # `ckstore gc --dvc --cloud` collects what nothing names, and keeps what the tags name (best@v1).
+    from dvc.repo import Repo
+
+    (repo / "scratch.bin").write_bytes(os.urandom(1000))
+    with Repo(str(repo)) as dvc_repo:
+        dvc_repo.add([str(repo / "scratch.bin")])
+        dvc_repo.push([str(repo / "scratch.bin.dvc")])
+    orphan = (repo / "scratch.bin.dvc").read_text().split("md5: ")[1].split()[0]
+    (repo / "scratch.bin.dvc").unlink()
+    (repo / "scratch.bin").unlink()
+    before = set(remote_objects(remote))
+    assert ck_here("gc", str(tmp_path / "run"), "--dvc", "--cloud", "--repo", str(repo), cwd=repo).returncode == 0
+    after = set(remote_objects(remote))
+    assert before - after == {f"files/md5/{orphan[:2]}/{orphan[2:]}"}
+    assert not list((repo / ".dvc" / "cache").rglob(orphan[2:]))
     # An older version comes back with the commands a DVC user types.
     clone = tmp_path / "clone"
     git("clone", "-q", str(repo), str(clone), cwd=tmp_path, env=env)
     git("checkout", "-q", "best@v1", "--", "models/best.dvc", cwd=clone, env=env)
     dvc("pull", "models/best.dvc", cwd=clone, env=env)
     assert sorted(os.listdir(clone / "models" / "best" / "checkpoints")) == ["step-00000010"]
-    ck("verify", "models/best", cwd=clone, env=env)
+    assert ck_here("verify", "models/best", cwd=clone).returncode == 0
 
 
 # ---------------------------------------------------------------- dedup
@@ -230,7 +269,7 @@ def test_corrupt_remote_object_fails_pull_and_installs_nothing(tmp_path, env):
     data[len(data) // 2] ^= 0x01
     obj.write_bytes(bytes(data))
 
-    proc = ck("pull", "models/best", "--json", cwd=clone, env=env, check=False)
+    proc = ck_here("pull", "models/best", "--json", cwd=clone)
     assert proc.returncode == 2
     err = json.loads(proc.stdout)
     assert err["error"] == "IntegrityError"
@@ -263,7 +302,7 @@ def test_bad_inputs_raise_typed_errors(tmp_path, env):
             store.publish(99, name="ok", repo=repo)
     with pytest.raises(ckstore.CheckpointNotFoundError):
         _dvc.pull(repo / "models" / "never")
-    proc = ck("pull", str(repo / "models" / "never"), cwd=repo, env=env, check=False)
+    proc = ck_here("pull", str(repo / "models" / "never"), cwd=repo)
     assert proc.returncode == 2 and "no such .dvc file" in proc.stderr
 
 
@@ -284,6 +323,39 @@ def test_background_failure_surfaces_on_result_and_next_publish(tmp_path, env):
     assert "ckstore publish" not in git("log", "--format=%s", cwd=repo, env=env)
 
 
+def test_refuses_to_replace_what_it_did_not_publish(tmp_path, env):
+    repo, _ = make_repo(tmp_path, env)
+    (repo / "models" / "mine").mkdir(parents=True)
+    (repo / "models" / "mine" / "notes.txt").write_text("user data")
+    with ckstore.Store(tmp_path / "run", metric="val_loss") as store:
+        train(store, steps=(1,), losses=(0.1,))
+        with pytest.raises(ckstore.InvalidArgumentError, match="not published by ckstore"):
+            store.publish(1, name="mine", repo=repo, wait=True)
+    assert (repo / "models" / "mine" / "notes.txt").read_text() == "user data"
+
+
+EXIT_SCRIPT = textwrap.dedent("""
+    import sys, torch, ckstore
+    good, bad = sys.argv[1:3]
+    store = ckstore.Store(sys.argv[3], metric="val_loss")
+    store.save({"w": torch.ones(100)}, step=1, metrics={"val_loss": 1.0})
+    store.publish(1, name="kept", repo=good)   # never waited for: must still finish
+    store.publish(1, name="lost", repo=bad)    # fails; nobody collects the error
+    print("main thread done", flush=True)
+""")
+
+
+def test_script_exit_finishes_queued_publishes_and_reports_uncollected_failures(tmp_path, env):
+    good, _ = make_repo(tmp_path / "a", env)
+    bad, _ = make_repo(tmp_path / "b", env)
+    dvc("remote", "modify", "origin", "url", str(tmp_path / "blocker" / "x"), cwd=bad, env=env)
+    (tmp_path / "blocker").write_text("not a directory")
+    proc = run([PYTHON, "-c", EXIT_SCRIPT, str(good), str(bad), str(tmp_path / "run")], tmp_path, env)
+    assert "main thread done" in proc.stdout
+    assert "Ckstore-Name: kept" in git("log", "-1", "--format=%B", cwd=good, env=env)
+    assert "publish failed and nobody collected the error" in proc.stderr and "push" in proc.stderr
+
+
 def test_publish_waits_for_dvc_lock_held_by_another_process(tmp_path, env):
     repo, _ = make_repo(tmp_path, env)
     holder = subprocess.Popen(
@@ -293,7 +365,7 @@ def test_publish_waits_for_dvc_lock_held_by_another_process(tmp_path, env):
             r = Repo({str(repo)!r})
             with r.lock:
                 print("locked", flush=True)
-                time.sleep(5)
+                time.sleep(4)  # longer than the 3 s after which a DVC command that does not wait fails
         """)],
         env=env, stdout=subprocess.PIPE, text=True,
     )
@@ -381,7 +453,7 @@ def test_sigkill_at_each_publish_stage_then_rerun_or_recover_completes(tmp_path,
             head = git("log", "-1", "--format=%B", "--", "models/best.dvc", cwd=repo, env=env)
             assert (f"Ckstore-Step: {step}" in head) == (stage == "commit"), (stage, head)
             if stage == "add":  # recovery alone (the CLI), without re-running the publish
-                out = ck("publish", str(store_dir), "--recover", "--repo", str(repo), "--json", cwd=tmp_path, env=env)
+                out = ck_here("publish", str(store_dir), "--recover", "--repo", str(repo), "--json", cwd=tmp_path)
                 assert [r["step"] for r in json.loads(out.stdout)["recovered"]] == [step]
             else:
                 with ckstore.Store(store_dir) as again:

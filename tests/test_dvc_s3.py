@@ -12,7 +12,7 @@ import json
 import socket
 
 import pytest
-from test_dvc import ck, dvc, env, git, make_repo, train  # noqa: F401  (env is a fixture)
+from test_dvc import ck_here, dvc, env, git, make_repo, train  # noqa: F401  (env is a fixture)
 
 import ckstore
 
@@ -66,10 +66,10 @@ def test_publish_and_pull_over_s3(tmp_path, env, s3):
     clone = tmp_path / "clone"
     git("clone", "-q", str(repo), str(clone), cwd=tmp_path, env=env)
     dvc("pull", "models/best.dvc", cwd=clone, env=env)  # the plain DVC command, over S3
-    out = ck("verify", "models/best", "--json", cwd=clone, env=env)
+    out = ck_here("verify", "models/best", "--json", cwd=clone)
     assert json.loads(out.stdout)["ok"] is True
 
     clone2 = tmp_path / "clone2"
     git("clone", "-q", str(repo), str(clone2), cwd=tmp_path, env=env)
-    out = ck("pull", "models/best", "--json", cwd=clone2, env=env)  # ckstore's verified pull, over S3
+    out = ck_here("pull", "models/best", "--json", cwd=clone2)  # ckstore's verified pull, over S3
     assert json.loads(out.stdout) | {"path": None} == {"ok": True, "path": None, "checked": [20], "problems": []}
