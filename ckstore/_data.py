@@ -31,7 +31,14 @@ What a resume does not restore: the RNG state *inside* worker processes
 mid-epoch. Workers of a tracked loader are seeded from ``(seed, epoch)`` (the
 loader's generator is set for that), so random transforms in workers are
 reproducible across epochs; to be exact across a mid-epoch resume, derive a
-transform's randomness from the sample index (:meth:`sample_seed`).
+transform's randomness from the sample index (:meth:`sample_seed`). With
+``persistent_workers=True`` the order is still exact, but workers keep the
+seed of the first epoch their process read.
+
+Not supported: iterable-style datasets (their position lives in the dataset:
+use StatefulDataLoader with a stateful dataset), a custom ``batch_sampler``
+without a ``batch_size``, and changing the dataset length across a resume
+(refused with :class:`StateError`).
 """
 
 from __future__ import annotations

@@ -225,10 +225,12 @@ def step_early_stopping(demo: Demo) -> None:
                 ckpt.step(epoch, metrics={"val_loss": val_loss})  # saved: the store ranks by val_loss
                 mark = "new best" if stopper.improved else f"{stopper.since_best} without improvement"
                 print(f"   epoch {epoch:2d}: val_loss {val_loss:.5f}  ({mark})")
-        print(f"   stopped after {stopper.patience} evaluations without improvement; best: epoch {stopper.best_step}, val_loss {stopper.best:.5f}")
+        print(f"   stopped after {stopper.patience} evaluations without improvement")
+        print(f"   best: epoch {stopper.best_step}, val_loss {stopper.best:.5f}")
         info = stopper.restore_best(store, {"model": model})
         again = validation_loss(model, val)
-        print(f"   restored checkpoint step {info.step}; val_loss recomputed: {again:.5f} ({'matches' if again == stopper.best else 'DIFFERS'})")
+        verdict = "matches" if again == stopper.best else "DIFFERS"
+        print(f"   restored checkpoint step {info.step}; val_loss recomputed: {again:.5f} ({verdict} the best)")
         demo.ok &= again == stopper.best and stopper.stopped
     print()
 

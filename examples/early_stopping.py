@@ -57,7 +57,8 @@ def main() -> None:
                     val_loss = torch.nn.functional.cross_entropy(model(val_x), val_y).item()
                 stopper.update(val_loss, step=epoch)
                 ckpt.step(epoch, metrics={"val_loss": val_loss})  # a step with the store's metric is always saved
-                print(f"epoch {epoch}: val_loss {val_loss:.5f}" + ("  (best so far)" if stopper.improved else f"  ({stopper.since_best} without improvement)"))
+                note = "best so far" if stopper.improved else f"{stopper.since_best} without improvement"
+                print(f"epoch {epoch}: val_loss {val_loss:.5f}  ({note})")
         info = stopper.restore_best(store, {"model": model})
         print(f"stopped at epoch {epoch}; restored the best model: epoch {info.step}, val_loss {info.metrics['val_loss']:.5f}")
 

@@ -197,7 +197,15 @@ def test_bad_every_is_refused(store, every):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"max_overhead": 0}, {"max_overhead": 1.5}, {"mtbf": 0}, {"mtbf": float("inf")}, {"exit_code": 300}, {"exit_code": "x"}, {"signals": (9999,)}],
+    [
+        {"max_overhead": 0},
+        {"max_overhead": 1.5},
+        {"mtbf": 0},
+        {"mtbf": float("inf")},
+        {"exit_code": 300},
+        {"exit_code": "x"},
+        {"signals": (9999,)},
+    ],
 )
 def test_bad_options_are_refused(store, kwargs):
     kwargs.setdefault("signals", ())
@@ -321,7 +329,13 @@ def reference_early_stopping(values, mode, patience, min_delta):
 values_strategy = st.lists(st.one_of(st.floats(-10, 10), st.just(float("nan"))), min_size=1, max_size=30)
 
 
-@given(values=values_strategy, mode=st.sampled_from(["min", "max"]), patience=st.integers(1, 5), min_delta=st.sampled_from([0.0, 0.1, 1.0]), cut=st.integers(0, 30))
+@given(
+    values=values_strategy,
+    mode=st.sampled_from(["min", "max"]),
+    patience=st.integers(1, 5),
+    min_delta=st.sampled_from([0.0, 0.1, 1.0]),
+    cut=st.integers(0, 30),
+)
 def test_property_early_stopping_rule_and_resume(values, mode, patience, min_delta, cut):
     best, stop_at = reference_early_stopping(values, mode, patience, min_delta)
     stopper = ckstore.EarlyStopping(metric="m", mode=mode, patience=patience, min_delta=min_delta)
@@ -386,7 +400,13 @@ def test_restore_best_explains_a_missing_checkpoint(store):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"metric": ""}, {"metric": "m", "mode": "up"}, {"metric": "m", "patience": 0}, {"metric": "m", "min_delta": -1}, {"metric": "m", "patience": 1.5}],
+    [
+        {"metric": ""},
+        {"metric": "m", "mode": "up"},
+        {"metric": "m", "patience": 0},
+        {"metric": "m", "min_delta": -1},
+        {"metric": "m", "patience": 1.5},
+    ],
 )
 def test_early_stopping_bad_arguments(kwargs):
     with pytest.raises(ckstore.InvalidArgumentError):

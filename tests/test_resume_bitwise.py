@@ -268,30 +268,6 @@ def _final_state(store_path: Path) -> Any:
         return store.load(step=STEPS)
 
 
-def _assert_bitwise_equal(a: Any, b: Any, path: str = "state") -> None:
-    import numpy as np
-    import torch
-
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor), path
-        assert a.dtype == b.dtype and a.shape == b.shape, path
-        assert a.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() == b.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes(), f"{path} differs"
-    elif isinstance(a, np.ndarray):
-        assert isinstance(b, np.ndarray) and a.dtype == b.dtype and a.tobytes() == b.tobytes(), f"{path} differs"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys {sorted(map(str, a))} vs {sorted(map(str, b))}"
-        for key in a:
-            _assert_bitwise_equal(a[key], b[key], f"{path}[{key!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_bitwise_equal(x, y, f"{path}[{i}]")
-    elif isinstance(a, float):
-        assert isinstance(b, float) and a.hex() == b.hex(), f"{path}: {a!r} vs {b!r}"
-    else:
-        assert a == b, f"{path}: {a!r} vs {b!r}"
-
-
 @pytest.fixture(scope="module")
 def reference(zygote, tmp_path_factory) -> dict[str, Any]:
     """The uninterrupted run (no workers): its final state and its loss per step."""
@@ -307,8 +283,10 @@ def _check_against(reference: dict[str, Any], store: Path, log: Path) -> None:
     assert {s for s, _ in logged} == set(range(1, STEPS + 1))
     mismatched = [(s, v, reference["losses"][s]) for s, v in logged if reference["losses"][s] != v]
     assert not mismatched, f"re-run steps diverged from the uninterrupted run: {mismatched[:5]}"
+    from conftest import assert_same  # bitwise: dtype, shape and bytes of every tensor
+
     final = _final_state(store)
-    _assert_bitwise_equal(reference["state"], final)
+    assert_same(final, reference["state"])
     # The loss sequence inside the state, too (it was restored across every kill).
     ref_losses = [float.fromhex(reference["losses"][s]) for s in range(1, STEPS + 1)]
     assert final["losses"].tolist() == pytest.approx(ref_losses, abs=0)
@@ -335,7 +313,12 @@ def _kill_randomly(
             time.sleep(rng.uniform(0, 0.006))
         zygote.kill(sig)
         status = zygote.wait()
-        record = {"start": start_step, "status": status, "last_logged": _last_logged_step(log), "staging": sorted(os.listdir(store / ".staging"))}
+        record = {
+            "start": start_step,
+            "status": status,
+            "last_logged": _last_logged_step(log),
+            "staging": sorted(os.listdir(store / ".staging")),
+        }
         attempts.append(record)
         if sig == signal.SIGKILL:
             assert status == -signal.SIGKILL, zygote.stderr()
