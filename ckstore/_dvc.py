@@ -68,6 +68,7 @@ import secrets
 import subprocess
 import sys
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
@@ -77,7 +78,7 @@ from typing import TYPE_CHECKING, Any
 import filelock
 
 from . import _durable
-from ._errors import CheckpointNotFoundError, CkstoreError, DvcError, IntegrityError, InvalidArgumentError, ManifestError
+from ._errors import CheckpointNotFoundError, CkstoreError, DvcError, IntegrityError, InvalidArgumentError, ManifestError, StorageError
 from ._hashing import HashInfo, new_hasher
 from ._manifest import MANIFEST_NAME, Manifest, parse_manifest
 
@@ -312,18 +313,20 @@ def _hash_file(path: str, *, copy_to: str | None, expected: HashInfo | None, md5
     Raises IntegrityError naming ``path`` (or ``md5``'s object) on any mismatch.
     Returns ``(size, md5 hex)``.
     """
+    hasher = new_hasher(expected.algo) if expected is not None else None
+    md5_hasher = hashlib.md5(usedforsecurity=False)
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise IntegrityError(f"{path}: missing", path=path, expected="file", actual="missing") from None
     except OSError as exc:
         raise IntegrityError(f"{path}: cannot open ({exc.strerror})", path=path, expected="readable file", actual=exc.strerror) from None
-    writer = _durable.FileWriter(copy_to, site=site) if copy_to is not None else None
-    hasher = new_hasher(expected.algo) if expected is not None else None
-    md5_hasher = hashlib.md5(usedforsecurity=False)
+    fh = os.fdopen(fd, "rb", buffering=0)
+    writer = None
     size = 0
     try:
-        with os.fdopen(fd, "rb", buffering=0) as fh:
+        with fh:
+            writer = _durable.FileWriter(copy_to, site=site) if copy_to is not None else None
             while True:
                 chunk = fh.read(_CHUNK)
                 if not chunk:
@@ -406,8 +409,18 @@ def pending(repo: str | os.PathLike[str]) -> list[dict[str, Any]]:
 def recover(repo: str | os.PathLike[str]) -> list[PublishResult]:
     """Finish (or roll back) every interrupted publish into ``repo``; returns the publishes it completed."""
     root = resolve_repo(repo)
-    with _repo_lock(root):
+    with _storage_errors(f"recovering publishes in {root}"), _repo_lock(root):
         return _recover_locked(root)
+
+
+@contextlib.contextmanager
+def _storage_errors(what: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, CkstoreError):
+            raise
+        raise StorageError(f"{what} failed: {exc.strerror or exc}", errno=exc.errno, path=getattr(exc, "filename", None)) from exc
 
 
 def _recover_locked(repo: str) -> list[PublishResult]:
@@ -429,6 +442,12 @@ def _recover_locked(repo: str) -> list[PublishResult]:
             continue
         if stage == "swap":
             _swap(job, record["tmp"], record["old"])
+        step_dir = os.path.join(job.alias_dir, CHECKPOINTS_DIR, f"step-{job.step:08d}")
+        if not os.path.isfile(os.path.join(step_dir, MANIFEST_NAME)):
+            # Someone removed or replaced the published directory since: nothing left to finish.
+            warnings.warn(f"interrupted publish of {job.name!r} (step {job.step}) dropped: {step_dir} is gone", RuntimeWarning, stacklevel=2)
+            _durable.unlink(journal, site="publish_journal")
+            continue
         done.append(_finish(job))
     return done
 
@@ -844,7 +863,7 @@ def pull(
     md5, rel = read_dvc_file(dvc_file)
     if os.path.normpath(os.path.join(os.path.dirname(dvc_file), rel)) != alias:
         raise DvcError(f"{dvc_file}: tracks {rel!r}, not {os.path.basename(alias)!r}; not a ckstore publish")
-    with _repo_lock(root):
+    with _storage_errors(f"pulling {alias}"), _repo_lock(root):
         with _dvc_repo(root) as dvc:
             _dvc_call("fetch", lambda: dvc.fetch(targets=[dvc_file], remote=remote))
             odb = dvc.cache.local

@@ -26,6 +26,8 @@ import ckstore
 from ckstore import _dvc
 
 pytest.importorskip("dvc.repo", reason="DVC is an optional extra: pip install 'ckstore[dvc]'")
+# DVC 3.67 trips a pygtrie deprecation on every index build; it is DVC's, not ours.
+pytestmark = pytest.mark.filterwarnings("ignore:_NoneStep.value:DeprecationWarning")
 
 PYTHON = sys.executable
 
@@ -332,6 +334,47 @@ def test_refuses_to_replace_what_it_did_not_publish(tmp_path, env):
         with pytest.raises(ckstore.InvalidArgumentError, match="not published by ckstore"):
             store.publish(1, name="mine", repo=repo, wait=True)
     assert (repo / "models" / "mine" / "notes.txt").read_text() == "user data"
+
+
+def test_failed_publish_is_finished_by_the_next_one_or_dropped_if_its_directory_is_gone(tmp_path, env):
+    repo, remote = make_repo(tmp_path, env)
+
+    def fail_at(stage: str, phase: str):
+        def hook(s, p, info):
+            if (s, p) == (stage, phase):
+                raise RuntimeError(f"injected failure at {s}/{p}")
+
+        return hook
+
+    with ckstore.Store(tmp_path / "run", metric="val_loss") as store:
+        train(store)
+        previous = _dvc.set_stage_hook(fail_at("push", "before"))
+        try:
+            with pytest.raises(ckstore.DvcError, match="injected failure at push/before"):
+                store.publish(10, name="first", repo=repo).result()
+        finally:
+            _dvc.set_stage_hook(previous)
+        assert [(r["job"]["name"], r["stage"]) for r in _dvc.pending(repo)] == [("first", "push")]
+        assert "first" not in git("log", "--format=%B", cwd=repo, env=env)  # HEAD never names unpushed data
+        store.publish(20, name="second", repo=repo, wait=True)
+        log = git("log", "--format=%s", cwd=repo, env=env)
+        assert "ckstore publish first: step 10" in log and "ckstore publish second: step 20" in log
+        assert_consistent(repo, remote, env)
+
+        previous = _dvc.set_stage_hook(fail_at("add", "after"))
+        try:
+            with pytest.raises(ckstore.DvcError):
+                store.publish(30, name="third", repo=repo).result()
+        finally:
+            _dvc.set_stage_hook(previous)
+        import shutil
+
+        shutil.rmtree(repo / "models" / "third")  # the user removed the half-published directory
+        with pytest.warns(RuntimeWarning, match="third"):
+            store.publish(30, name="fourth", repo=repo, wait=True)
+    assert _dvc.pending(repo) == []
+    assert "third" not in git("log", "--format=%B", cwd=repo, env=env)
+    assert_consistent(repo, remote, env)
 
 
 EXIT_SCRIPT = textwrap.dedent("""

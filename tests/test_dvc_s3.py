@@ -19,6 +19,7 @@ import ckstore
 pytest.importorskip("dvc_s3", reason="the S3 remote needs dvc-s3: pip install 'ckstore[dvc]'")
 moto_server = pytest.importorskip("moto.server", reason="the local S3 server needs moto[server] (a dev dependency)")
 boto3 = pytest.importorskip("boto3")
+pytestmark = pytest.mark.filterwarnings("ignore:_NoneStep.value:DeprecationWarning")
 
 
 def free_port() -> int:
