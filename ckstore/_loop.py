@@ -168,6 +168,12 @@ class Checkpointer:
     checkpointer closes or the interpreter exits normally (``sys.exit``
     included); never while an exception propagates, because the state may then
     be halfway through a step.
+
+    ``blocking=False`` makes the interval saves asynchronous
+    (``Store.save(..., blocking=False)``: the loop pays only for the copy into
+    staging memory; the save cost ``"auto"`` measures is that stall). Saves for
+    a signal or at exit are always waited for: the process exits only once its
+    last checkpoint is durable.
     """
 
     def __init__(
@@ -181,6 +187,7 @@ class Checkpointer:
         exit_code: int | None = None,
         max_overhead: float = 0.02,
         mtbf: float | None = None,
+        blocking: bool = True,
     ) -> None:
         if not isinstance(store, Store):
             raise InvalidArgumentError(f"Checkpointer needs a ckstore.Store, got {type(store).__name__}")
@@ -193,6 +200,7 @@ class Checkpointer:
             raise InvalidArgumentError(f"exit_code must be an int in 0..255, got {exit_code!r}")
         self.exit_code = exit_code
         self.at_exit = bool(at_exit)
+        self.blocking = bool(blocking)
         try:
             self.signals = tuple(signal.Signals(s) for s in signals)
         except (TypeError, ValueError) as exc:
@@ -249,8 +257,11 @@ class Checkpointer:
 
     # ------------------------------------------------------------ the loop's call
 
-    def step(self, step: int, metrics: Mapping[str, Any] | None = None, *, save: bool | None = None) -> CheckpointInfo | None:
-        """Record that ``step`` steps are complete; save if due. Returns the new checkpoint's info, or None.
+    def step(self, step: int, metrics: Mapping[str, Any] | None = None, *, save: bool | None = None) -> Any:
+        """Record that ``step`` steps are complete; save if due.
+
+        Returns the new checkpoint's info (with ``blocking=False``, the save's
+        ``AsyncSave`` handle), or None when nothing was saved.
 
         ``save=True`` forces a save, ``save=False`` skips it (a pending signal
         still saves). After a signal this saves and raises ``SystemExit`` with
@@ -293,7 +304,8 @@ class Checkpointer:
         assert signum is not None
         step = self.last_step
         if step is not None and step != self.last_saved_step:
-            self._save(step, metrics)
+            self._save(step, metrics, wait=True)
+        self._make_durable()
         status = self._exit_status()
         logger.warning("received %s: saved step %s, exiting with status %d", signum.name, step, status)
         self.close(final_save=False)
@@ -302,17 +314,24 @@ class Checkpointer:
     # ------------------------------------------------------------ saving
 
     def save(self, step: int | None = None, metrics: Mapping[str, Any] | None = None) -> CheckpointInfo:
-        """Save now, as ``step`` (default: the last step passed to :meth:`step`)."""
+        """Save now, as ``step`` (default: the last step passed to :meth:`step`), and wait until it is durable."""
         self._check_open()
         if step is None:
             step = self.last_step
             if step is None:
                 raise InvalidArgumentError("no step completed yet; pass step=")
-        return self._save(step, metrics)
+        return self._save(step, metrics, wait=True)
 
-    def _save(self, step: int, metrics: Mapping[str, Any] | None) -> CheckpointInfo:
+    def _make_durable(self) -> None:
+        if not self.blocking:
+            self.store.wait()  # the last background save; raises AsyncSaveError if it failed
+
+    def _save(self, step: int, metrics: Mapping[str, Any] | None, *, wait: bool = False) -> Any:
         started = time.monotonic()
-        info = self.store.save(self.state, step=step, metrics=metrics)
+        if self.blocking or wait:
+            info = self.store.save(self.state, step=step, metrics=metrics)
+        else:
+            info = self.store.save(self.state, step=step, metrics=metrics, blocking=False)
         finished = time.monotonic()
         self.last_saved_step = step
         self._last_save_time = finished
@@ -344,13 +363,15 @@ class Checkpointer:
                 self._final_save()
             if self.pending_signal is not None and final_save:
                 self._exit_on_signal(None)
+            if final_save:
+                self._make_durable()
         finally:
             self._release()
 
     def _final_save(self) -> None:
         step = self.last_step
         if step is not None and step != self.last_saved_step:
-            self._save(step, None)
+            self._save(step, None, wait=True)
 
     def _release(self) -> None:
         if self._closed:
@@ -370,6 +391,7 @@ class Checkpointer:
             return
         try:
             self._final_save()
+            self._make_durable()
         except Exception as exc:  # the store may already be closed; say so rather than crash at exit
             logger.warning("at-exit save failed: %s", exc)
         finally:

@@ -230,6 +230,30 @@ def test_steps_must_increase(store):
         ckpt.step(6)  # closed
 
 
+def test_background_saves_are_durable_when_the_checkpointer_closes(store):
+    state = {"w": torch.zeros(1000)}
+    with ckstore.Checkpointer(store, state, every=2, blocking=False, at_exit=True, signals=()) as ckpt:
+        for step in range(1, 8):
+            state["w"] += 1  # changes after the call must not reach the saved copy
+            handle = ckpt.step(step)
+            if step % 2 == 0:
+                assert handle is not None and not isinstance(handle, ckstore.CheckpointInfo)
+    assert steps_of(store) == [2, 4, 6, 7]
+    assert [store.load(step=s)["w"][0].item() for s in (2, 4, 6, 7)] == [2.0, 4.0, 6.0, 7.0]
+
+
+def test_signal_with_background_saves_exits_after_a_durable_save(store):
+    state = {"w": torch.zeros(10)}
+    with pytest.raises(SystemExit) as info, ckstore.Checkpointer(store, state, every=1, blocking=False) as ckpt:
+        ckpt.step(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        state["w"] += 2
+        ckpt.step(2)
+    assert info.value.code == 143
+    assert steps_of(store) == [1, 2]
+    assert store.load(step=2)["w"][0].item() == 2.0
+
+
 # ---------------------------------------------------------------- signals
 
 

@@ -57,6 +57,7 @@ def child_main(argv: list[str]) -> None:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--announce-saves", action="store_true")
     parser.add_argument("--step-sleep", type=float, default=0.004)
+    parser.add_argument("--async-saves", action="store_true")
     args = parser.parse_args(argv)
 
     torch.use_deterministic_algorithms(True)
@@ -103,7 +104,7 @@ def child_main(argv: list[str]) -> None:
     with ckstore.Store(args.store, keep_last=2) as store:
         step = ckstore.resume(store, state)
         print(f"START {step}", flush=True)
-        with ckstore.Checkpointer(store, state, every=EVERY, at_exit=True) as ckpt:
+        with ckstore.Checkpointer(store, state, every=EVERY, at_exit=True, blocking=not args.async_saves) as ckpt:
             while step < STEPS:
                 for x, y in sampler.track(loader):
                     model.train()
@@ -293,10 +294,19 @@ def _check_against(reference: dict[str, Any], store: Path, log: Path) -> None:
 
 
 def _kill_randomly(
-    zygote: Zygote, store: Path, log: Path, rng: random.Random, kills: int, *, sig: int, workers: int = 0, mid_save: int | None = None
+    zygote: Zygote,
+    store: Path,
+    log: Path,
+    rng: random.Random,
+    kills: int,
+    *,
+    sig: int,
+    workers: int = 0,
+    mid_save: int | None = None,
+    async_saves: bool = False,
 ) -> list[dict]:
     """Start the trainer, kill it ``kills`` times (restarting it each time), then let it finish."""
-    extra = ["--workers", str(workers)]
+    extra = ["--workers", str(workers), *(["--async-saves"] if async_saves else [])]
     attempts = []
     for attempt in range(kills):
         announce = attempt == mid_save
@@ -359,6 +369,14 @@ def test_sigterm_saves_the_finished_step_and_exits_143(zygote, reference, tmp_pa
 def test_sigkill_with_two_loader_workers_is_bitwise_identical(zygote, reference, tmp_path):
     rng = random.Random(7)
     attempts = _kill_randomly(zygote, tmp_path / "store", tmp_path / "log", rng, kills=5, sig=signal.SIGKILL, workers=2)
+    assert len(attempts) == 5
+    _check_against(reference, tmp_path / "store", tmp_path / "log")
+
+
+def test_sigkill_with_background_saves_is_bitwise_identical(zygote, reference, tmp_path):
+    """Checkpointer(blocking=False): saves run in a background thread while training goes on; kills land anywhere."""
+    rng = random.Random(31)
+    attempts = _kill_randomly(zygote, tmp_path / "store", tmp_path / "log", rng, kills=5, sig=signal.SIGKILL, mid_save=1, async_saves=True)
     assert len(attempts) == 5
     _check_against(reference, tmp_path / "store", tmp_path / "log")
 
