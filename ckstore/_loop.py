@@ -307,7 +307,8 @@ class Checkpointer:
             self._save(step, metrics, wait=True)
         self._make_durable()
         status = self._exit_status()
-        logger.warning("received %s: saved step %s, exiting with status %d", signum.name, step, status)
+        what = f"saved step {step}" if step is not None else "no step completed in this run, nothing new to save"
+        logger.warning("received %s: %s, exiting with status %d", signum.name, what, status)
         self.close(final_save=False)
         raise SystemExit(status)
 
