@@ -701,6 +701,11 @@ class Store:
             committed = True
             if self.incremental:
                 self._previous = {name: (file_prints.get(name, ()), entry, final_name) for name, entry in files.items()}
+            # The manifest we just wrote need not be read back and parsed again
+            # (a 10,000-tensor skeleton costs tens of milliseconds to check).
+            with contextlib.suppress(OSError):
+                st = os.stat(os.path.join(self._ckpt_dir, final_name, MANIFEST_NAME))
+                self._manifest_cache[final_name] = ((st.st_ino, st.st_mtime_ns, st.st_size), manifest)
             _durable.sync_dir(self._ckpt_dir, site="checkpoints_dir")
             _durable.sync_dir(self._staging_dir, site="staging_parent_dir")
         except BaseException as exc:
@@ -818,9 +823,15 @@ class Store:
         tensors: dict[str, dict[str, torch.Tensor]] = {}
         for name, entry in manifest.files.items():
             path = os.path.join(directory, name)
-            tensors[name] = read_tensor_file(
-                path, size=entry.size, expected=entry.hash if verify else None, targets=targets.get(name), hash_pool=self._pool()
-            )
+            try:
+                tensors[name] = read_tensor_file(
+                    path, size=entry.size, expected=entry.hash if verify else None, targets=targets.get(name), hash_pool=self._pool()
+                )
+            except IntegrityError:
+                if not os.path.isdir(directory):
+                    # Deleted (by a writer's retention) while being read: gone, not corrupt.
+                    raise CheckpointNotFoundError(f"{directory}: checkpoint was deleted while being loaded", step=info.step) from None
+                raise
 
         def source(file: str, key: str) -> torch.Tensor:
             try:
