@@ -38,11 +38,16 @@ stage hook, see :func:`set_stage_hook`):
 Push comes before commit on purpose: git history never names an object that
 the remote lacks, so a kill at any point leaves ``HEAD`` and the remote
 consistent (at worst the remote holds objects no commit names yet). The
-journal (``<repo>/.dvc/tmp/ckstore/<key>.json``, written atomically) records
+journal (``<repo>/.dvc/tmp/ckstore/publish-<name>-<key>.json``, atomic) records
 the stage reached; the next publish into the same repository (from any
 store), or ``ckstore publish --recover``, first finishes what it finds: before
 ``swap`` it rolls back (removes the temporary directory; the repository was not
 touched), from ``swap`` on it rolls forward (every later stage is idempotent).
+
+Before anything is queued, ``publish`` tags the checkpoint ``published.<name>``
+in its store: a tag pins a checkpoint against retention, and the tag moves
+when the name is published again. Committed checkpoint directories never
+change, which is what keeps a published directory's DVC hash stable.
 
 Publishing runs on one background thread per store, in order, so a training
 step never waits for DVC. Publishes into one repository are serialized by a
@@ -51,6 +56,9 @@ repository lock instead of failing after 3 s. A failure is raised by the
 publication's :meth:`Publication.result`, by the next ``publish`` on that store
 (``wait=True`` waits for all of them), and any failure nobody collected is
 printed to stderr when the interpreter exits: never silently dropped.
+
+:func:`gc` runs ``dvc gc`` only as ``--workspace --all-branches --all-tags``:
+plain ``dvc gc -w -c`` would delete the objects of every earlier version.
 
 DVC itself is imported lazily, only here, with an install hint when missing.
 """
