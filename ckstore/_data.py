@@ -168,20 +168,23 @@ class _SamplerIterator(Iterator[int]):
         self.sampler = sampler
         self.epoch = epoch
         self.position = position
+        self._order: list[int] | None = None
 
     def __iter__(self) -> _SamplerIterator:
         return self
 
     def __next__(self) -> int:
-        order = self.sampler.order(self.epoch)
-        if self.position >= len(order):
+        order = self._order
+        if order is None:
+            order = self._order = self.sampler.order(self.epoch)
+        position = self.position
+        if position >= len(order):
             self._mark_done()
             raise StopIteration
-        index = order[self.position]
-        self.position += 1
-        if self.position >= len(order):
+        self.position = position + 1
+        if position + 1 == len(order):
             self._mark_done()
-        return index
+        return order[position]
 
     def _mark_done(self) -> None:
         if self.sampler.epoch == self.epoch:
@@ -195,6 +198,7 @@ class _SamplerIterator(Iterator[int]):
         if position > self.sampler.length:
             raise StateError(f"sampler iterator: position {position} is past the end of the epoch", key="sampler.position")
         self.epoch, self.position = epoch, position
+        self._order = None
         self.sampler.epoch = epoch
         self.sampler._handed_out_all = position >= self.sampler.length
 
