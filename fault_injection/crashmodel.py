@@ -19,8 +19,8 @@ harness enumerates the on-disk states POSIX allows:
 * an entry whose creation or rename was lost takes its subtree with it.
 
 Per crash point the states tried are: all pending ops, none, each one
-omitted, each one alone, each pending write truncated or zero-filled, and a
-few seeded random subsets. Each distinct state is written to a real
+omitted, each one alone, each prefix of them in program order, each pending
+write truncated or zero-filled, and seeded random subsets. Each distinct state is written to a real
 directory, recovery runs on it (a writable Store opens), and the invariants
 of :mod:`fault_injection.invariants` are checked.
 """
@@ -273,9 +273,10 @@ def states_at(ops: list[Op], k: int, rng: random.Random, random_subsets: int) ->
     writes = [j for j in pending if ops[j].kind == "write"]
     full = {j: "full" for j in pending}
     out = [full, {}]
-    for j in pending:
+    for n, j in enumerate(pending):
         out.append({i: v for i, v in full.items() if i != j})
         out.append({j: "full"})
+        out.append({i: "full" for i in pending[:n]})  # persisted in program order up to j
     for j in writes:
         out.append({**full, j: "half"})
         out.append({**full, j: "zeros"})

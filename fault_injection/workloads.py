@@ -125,6 +125,25 @@ def _run_retention(root: str, ack: Ack, scale: int) -> None:
         ack("delete", 3)
 
 
+# ---------------------------------------------------------------- explicit delete and gc
+
+
+def _prepare_ranked(root: str, scale: int) -> None:
+    with ckstore.Store(root) as store:
+        for step, loss in ((1, 0.9), (2, 0.3), (3, 0.5), (4, 0.2), (5, 0.8)):
+            store.save(expected_state(step, scale), step=step, metrics={"loss": loss})
+        store.tag(3, "keep")
+
+
+def _run_gc(root: str, ack: Any, scale: int) -> None:
+    with ckstore.Store(root, keep_best=1, metric="loss") as store:
+        store.gc()  # keeps 4 (best), 5 (newest), 3 (tagged); deletes 1 and 2
+        ack("delete", 1)
+        ack("delete", 2)
+        store.delete(3, force=True)  # tagged: its tag goes first, then the directory
+        ack("delete", 3)
+
+
 # ---------------------------------------------------------------- tag update
 
 
@@ -358,6 +377,9 @@ WORKLOADS: dict[str, Workload] = {
         Workload("second_writer", _run_second_writer, _prepare_steps(1)),
         Workload("recover_leftovers", _run_leftovers, _prepare_leftovers),
         Workload("async_save", _run_async, _prepare_steps(1, 2), {"keep_last": 2}, may_vanish=frozenset({1, 2, 3})),
+        Workload("gc_delete", _run_gc, _prepare_ranked, {"keep_best": 1, "metric": "loss"}, may_vanish=frozenset({1, 2, 3})),
+        # next_save with 8 MB tensors: the large-write path (direct writes, several chunks per file)
+        Workload("next_save_large", _run_next, _prepare_steps(1, 2), scale=1 << 19),
         Workload(
             "train_resume",
             _run_train,
