@@ -22,8 +22,9 @@ unit: env
 fault: env
 	$(PY) -m fault_injection run --profile ci
 
+# `make bench ARGS=--quick` for a fast check; ARGS goes to `python -m benchmarks` (see --help).
 bench: env
-	$(PY) -m benchmarks
+	$(PY) -m benchmarks $(ARGS)
 
 clean:
 	rm -rf .venv .demo .bench .pytest_cache .hypothesis

@@ -328,6 +328,9 @@ class Bench:
             self.timed(f"ckstore load into model {word}", lambda: self.store.load(self.load_targets, step=step))
             if cold:
                 drop_caches()
+            self.timed(f"ckstore load into model, verify=False {word}", lambda: self.store.load(self.load_targets, step=step, verify=False))
+            if cold:
+                drop_caches()
 
             def torch_load() -> None:
                 loaded = torch.load(self.files["torch"], weights_only=True)
