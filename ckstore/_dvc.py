@@ -69,6 +69,7 @@ import atexit
 import contextlib
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -236,6 +237,15 @@ def _import_dvc():
     except ImportError as exc:
         raise DvcError(INSTALL_HINT) from exc
     return Repo
+
+
+def _check_installed() -> None:
+    try:
+        found = importlib.util.find_spec("dvc.repo") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise DvcError(INSTALL_HINT)
 
 
 @contextlib.contextmanager
@@ -814,6 +824,7 @@ def publish(
     """
     check_name(name)
     dest = check_dest(dest)
+    _check_installed()  # cheaply here; the import itself (about 0.5 s) happens on the publish thread
     root = resolve_repo(repo, store.path, os.getcwd())
     publisher = _publisher_for(store)
     publisher.raise_unreported()

@@ -302,6 +302,12 @@ def test_bad_inputs_raise_typed_errors(tmp_path, env):
             store.publish(1, name="ok", repo=tmp_path / "run")  # not a DVC repository
         with pytest.raises(ckstore.CheckpointNotFoundError):
             store.publish(99, name="ok", repo=repo)
+        with pytest.MonkeyPatch.context() as mp:  # DVC missing: a typed error with the install hint
+            mp.setitem(sys.modules, "dvc", None)
+            mp.setitem(sys.modules, "dvc.repo", None)
+            with pytest.raises(ckstore.DvcError, match=r"pip install 'ckstore\[dvc\]'"):
+                store.publish(1, name="ok", repo=repo)
+        assert store.checkpoints()[0].tags == ()  # refused before pinning anything
     with pytest.raises(ckstore.CheckpointNotFoundError):
         _dvc.pull(repo / "models" / "never")
     proc = ck_here("pull", str(repo / "models" / "never"), cwd=repo)
