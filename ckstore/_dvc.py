@@ -905,22 +905,23 @@ def pull(
 def _install_from_cache(locate: Callable[[str], str], dir_md5: str, tmp: str, dvc_file: str) -> None:
     dir_object = locate(dir_md5)
     try:
-        listing = json.loads(_read_small(dir_object))
-        entries = {str(e["relpath"]): str(e["md5"]) for e in listing}
+        raw = _read_small(dir_object)
     except FileNotFoundError:
         raise DvcError(f"{dvc_file}: directory object {dir_md5} is not in the cache after fetch (missing from the remote?)") from None
-    except (ValueError, TypeError, KeyError) as exc:
-        raise IntegrityError(f"{dir_object}: corrupt DVC directory object for {dvc_file}", path=dir_object, expected=dir_md5, actual="unparsable") from exc
-    actual_dir_md5 = hashlib.md5(_read_small(dir_object), usedforsecurity=False).hexdigest()
-    steps = {rel.split("/")[1] for rel in entries if rel.count("/") == 2 and rel.startswith(CHECKPOINTS_DIR + "/")}
-    if len(steps) != 1 or len(entries) != sum(1 for rel in entries if rel.count("/") == 2) or not _STEP_DIR.match(next(iter(steps))):
-        raise DvcError(f"{dvc_file}: does not track a one-checkpoint ckstore directory")
+    actual_dir_md5 = hashlib.md5(raw, usedforsecurity=False).hexdigest()
     if actual_dir_md5 + ".dir" != dir_md5:
         _drop_cache_object(dir_object)
         raise IntegrityError(
             f"{dvc_file}: DVC directory object is corrupt (md5 {actual_dir_md5}); removed from the cache, nothing installed",
             path=dir_object, expected=dir_md5, actual=actual_dir_md5 + ".dir",
         )
+    try:
+        entries = {str(e["relpath"]): str(e["md5"]) for e in json.loads(raw)}
+    except (ValueError, TypeError, KeyError):
+        raise DvcError(f"{dvc_file}: directory object {dir_md5} is not a DVC directory listing") from None
+    steps = {rel.split("/")[1] for rel in entries if rel.count("/") == 2 and rel.startswith(CHECKPOINTS_DIR + "/")}
+    if len(steps) != 1 or len(entries) != sum(1 for rel in entries if rel.count("/") == 2) or not _STEP_DIR.match(next(iter(steps))):
+        raise DvcError(f"{dvc_file}: does not track a one-checkpoint ckstore directory")
     (step_name,) = steps
     prefix = f"{CHECKPOINTS_DIR}/{step_name}/"
     target = os.path.join(tmp, CHECKPOINTS_DIR, step_name)

@@ -286,6 +286,49 @@ def test_corrupt_remote_object_fails_pull_and_installs_nothing(tmp_path, env):
     assert info_exc.value.path.endswith(victim_name)
 
 
+def test_corrupt_source_checkpoint_is_never_published(tmp_path, env):
+    repo, remote = make_repo(tmp_path, env)
+    with ckstore.Store(tmp_path / "run", metric="val_loss") as store:
+        train(store)
+        info = store.resolve(20)
+        victim = info.path / max(info.files, key=lambda n: info.files[n].size)
+        data = bytearray(victim.read_bytes())
+        data[-1] ^= 0x80
+        victim.write_bytes(bytes(data))
+        with pytest.raises(ckstore.IntegrityError) as exc:
+            store.publish(20, name="best", repo=repo).result()
+        assert exc.value.path == str(victim)
+    assert _dvc.pending(repo) == [] and remote_objects(remote) == []
+    assert not (repo / "models" / "best").exists() and not (repo / "models" / "best.dvc").exists()
+    assert "ckstore publish" not in git("log", "--format=%s", cwd=repo, env=env)
+
+
+def test_publish_copies_and_fsyncs_when_hard_links_are_impossible(tmp_path, env, monkeypatch):
+    """Store and repository on different filesystems (EXDEV): the files are copied, hashed while copied."""
+    import errno
+
+    def no_link(*args, **kwargs):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(_dvc.os, "link", no_link)
+    repo, _ = make_repo(tmp_path, env)
+    synced = []
+    previous = ckstore._durable.set_hook(lambda op, phase, path, info: synced.append(path) if (op, phase) == ("fsync", "after") else None)
+    try:
+        with ckstore.Store(tmp_path / "run", metric="val_loss") as store:
+            train(store, steps=(1,), losses=(0.1,))
+            store.publish(1, name="copied", repo=repo, wait=True)
+            source = store.resolve(1)
+    finally:
+        ckstore._durable.set_hook(previous)
+    published = repo / "models" / "copied" / "checkpoints" / "step-00000001"
+    for name in [*source.files, "manifest.json"]:
+        assert os.stat(published / name).st_ino != os.stat(source.path / name).st_ino
+        assert any(".copied.ckstore-tmp-" in p and p.endswith(f"/step-00000001/{name}") for p in synced), name
+    with ckstore.Store(repo / "models" / "copied", readonly=True) as copy:
+        assert copy.verify() == []
+
+
 # ---------------------------------------------------------------- errors and the worker
 
 
