@@ -16,14 +16,22 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from ._errors import CkstoreError, InvalidArgumentError
+from ._errors import CheckpointNotFoundError, CkstoreError, InvalidArgumentError
 from ._manifest import MANIFEST_NAME
 from ._retention import RetentionPolicy
-from ._store import CheckpointInfo, Store
+from ._store import CHECKPOINTS_DIR, CheckpointInfo, Store
 
 
 def _step_arg(text: str) -> int | str:
-    return int(text) if text.isdigit() else text
+    # isascii: str.isdigit() is also true for "²" and other digits int() refuses.
+    return int(text) if text.isascii() and text.isdigit() else text
+
+
+def _existing_store(path: str) -> str:
+    """Writable commands act on an existing store only: a mistyped path must not create a new, empty one."""
+    if not os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)):
+        raise CheckpointNotFoundError(f"{path}: no ckstore store here (no {CHECKPOINTS_DIR}/ directory)")
+    return path
 
 
 def _info_json(info: CheckpointInfo) -> dict[str, Any]:
@@ -110,7 +118,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore")
         target = _step_arg(args.step) if args.step is not None else None
         problems = store.verify(target)
-        checked = [store.resolve(target).step] if target is not None else [i.step for i in store.checkpoints()]
+        if target is None:
+            checked = sorted({i.step for i in store.checkpoints()} | {p.step for p in problems if p.step is not None})
+        else:  # by number without reading the manifest, which may be the corrupt part
+            checked = [target if isinstance(target, int) else store.resolve(target).step]
     payload = {
         "ok": not problems,
         "checked": checked,
@@ -126,7 +137,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_tag(args: argparse.Namespace) -> int:
     if args.delete:
-        with Store(args.store, lock_timeout=args.wait) as store:
+        with Store(_existing_store(args.store), lock_timeout=args.wait) as store:
             store.untag(args.delete)
         _emit(args, {"untagged": args.delete}, f"removed tag {args.delete}")
         return 0
@@ -135,7 +146,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
             tags = {t: i.step for i in store.checkpoints() for t in i.tags}
         _emit(args, {"tags": tags}, "\n".join(f"{t}\t{s}" for t, s in sorted(tags.items())) or "(no tags)")
         return 0
-    with Store(args.store, lock_timeout=args.wait) as store:
+    with Store(_existing_store(args.store), lock_timeout=args.wait) as store:
         target = store.resolve(_step_arg(args.step)).step
         info = store.tag(target, args.name)
     _emit(args, _info_json(info), f"tagged step {info.step} as {args.name}")
@@ -148,7 +159,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     )
     if not policy.prunes:
         policy = None  # only recover leftovers
-    with Store(args.store, lock_timeout=args.wait) as store:
+    with Store(_existing_store(args.store), lock_timeout=args.wait) as store:
         deleted = store.gc(policy=policy, dry_run=args.dry_run)
         remaining = [i.step for i in store.checkpoints()]
     if args.dvc:  # also the DVC cache (and remote with --cloud), keeping what any branch or tag names
