@@ -1,0 +1,115 @@
+"""API hygiene: the public names, the exception tree, and source rules checked by reading the code."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+
+import pytest
+
+import ckstore
+from ckstore import _errors
+
+PACKAGE = Path(ckstore.__file__).parent
+MODULES = sorted(PACKAGE.glob("*.py"))
+
+#: Calls that change store files on disk: only ``_durable`` may make them (so fault injection sees every one).
+DURABILITY_CALLS = {("os", "fsync"), ("os", "fdatasync"), ("os", "replace"), ("os", "rename"), ("os", "renames"), ("os", "unlink"),
+                    ("os", "remove"), ("os", "rmdir"), ("os", "removedirs"), ("shutil", "rmtree"), ("shutil", "move")}
+PICKLE_CALLS = {("torch", "save"), ("torch", "load"), ("pickle", "load"), ("pickle", "loads"), ("pickle", "dump"), ("pickle", "dumps"),
+                ("numpy", "load"), ("np", "load")}
+
+
+def _calls(tree: ast.AST) -> list[tuple[str, str, int]]:
+    """(module alias, attribute, line) for every ``x.y(...)`` call and every ``from x import y`` of interest."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            found.append((node.value.id, node.attr, node.lineno))  # also catches references like fn = os.replace
+        elif isinstance(node, ast.ImportFrom) and node.module in ("os", "shutil", "torch", "pickle", "numpy"):
+            found.extend((node.module, alias.name, node.lineno) for alias in node.names)
+    return found
+
+
+def test_all_is_sorted_and_complete():
+    assert ckstore.__all__ == sorted(ckstore.__all__)
+    assert len(set(ckstore.__all__)) == len(ckstore.__all__)
+    for name in ckstore.__all__:
+        assert hasattr(ckstore, name), name
+    public = {name for name, value in vars(ckstore).items() if not name.startswith("_") and not inspect.ismodule(value)}
+    assert public <= set(ckstore.__all__) | {"annotations"}, public - set(ckstore.__all__)
+
+
+def test_contract_names_exist():
+    for name in ("Store", "CheckpointInfo", "CkstoreError", "IntegrityError", "CheckpointNotFoundError", "CheckpointExistsError",
+                 "ManifestError", "StoreLockedError"):
+        assert name in ckstore.__all__
+    for method in ("save", "load", "checkpoints", "latest", "best", "verify", "tag", "untag", "delete", "close", "__enter__", "__exit__"):
+        assert callable(getattr(ckstore.Store, method)), method
+    fields = set(ckstore.CheckpointInfo.__dataclass_fields__)
+    assert {"step", "metrics", "tags", "path", "created", "nbytes"} <= fields
+    signature = inspect.signature(ckstore.Store)
+    for option in ("keep_last", "keep_best", "metric", "mode", "keep_every", "readonly"):
+        assert signature.parameters[option].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+def test_every_exception_is_a_ckstore_error():
+    exceptions = [value for value in vars(_errors).values() if isinstance(value, type) and issubclass(value, BaseException)]
+    assert len(exceptions) >= 10
+    for exc in exceptions:
+        assert issubclass(exc, ckstore.CkstoreError), exc
+        if not exc.__name__.startswith("_"):
+            assert exc.__name__ in ckstore.__all__, f"{exc.__name__} is not exported"
+    for name in ckstore.__all__:
+        value = getattr(ckstore, name)
+        if isinstance(value, type) and issubclass(value, BaseException) and not issubclass(value, Warning):
+            assert issubclass(value, ckstore.CkstoreError), name
+    assert issubclass(ckstore.CheckpointNotFoundError, LookupError)
+    assert issubclass(ckstore.CheckpointExistsError, FileExistsError)
+    assert issubclass(ckstore.StoreLockedError, TimeoutError)
+    assert issubclass(ckstore.StorageError, OSError)
+    assert issubclass(ckstore.CorruptCheckpointWarning, UserWarning)
+
+
+def test_exceptions_carry_their_details():
+    err = ckstore.IntegrityError("m", path="/p", expected="a", actual="b")
+    assert (err.path, err.expected, err.actual) == ("/p", "a", "b")
+    import pickle  # only to check that errors survive a process boundary (multiprocessing pickles them)
+
+    again = pickle.loads(pickle.dumps(err))
+    assert (again.path, again.expected, again.actual, str(again)) == ("/p", "a", "b", "m")
+    locked = ckstore.StoreLockedError("m", path="/s", pid=12, host="h")
+    assert (locked.pid, locked.host) == (12, "h")
+    storage = ckstore.StorageError("disk full", errno=28, path="/x")
+    assert storage.errno == 28 and storage.filename == "/x" and str(storage) == "disk full"
+
+
+@pytest.mark.parametrize("module", [m for m in MODULES if m.name != "_durable.py"], ids=lambda m: m.name)
+def test_only_durable_touches_store_files(module):
+    tree = ast.parse(module.read_text(), filename=str(module))
+    offending = [f"{module.name}:{line} {mod}.{attr}" for mod, attr, line in _calls(tree) if (mod, attr) in DURABILITY_CALLS]
+    assert offending == [], "durability calls must go through ckstore._durable"
+
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.name)
+def test_no_pickle(module):
+    tree = ast.parse(module.read_text(), filename=str(module))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            assert not any(alias.name in ("pickle", "cPickle", "dill", "cloudpickle", "joblib") for alias in node.names), f"{module.name}:{node.lineno}"
+        if isinstance(node, ast.ImportFrom):
+            assert node.module not in ("pickle", "cPickle", "dill", "cloudpickle", "joblib"), f"{module.name}:{node.lineno}"
+    offending = [f"{module.name}:{line} {mod}.{attr}" for mod, attr, line in _calls(tree) if (mod, attr) in PICKLE_CALLS]
+    assert offending == []
+
+
+def test_the_scan_catches_what_it_looks_for():
+    """The AST scans above must be able to fail."""
+    bad = ast.parse("import os, torch\nos.replace('a', 'b')\ntorch.save({}, 'x')\nfrom shutil import rmtree\n")
+    found = {(m, a) for m, a, _ in _calls(bad)}
+    assert ("os", "replace") in found and ("torch", "save") in found and ("shutil", "rmtree") in found
+
+
+def test_version():
+    assert isinstance(ckstore.__version__, str) and ckstore.__version__.count(".") >= 2
