@@ -401,3 +401,66 @@ def test_loading_into_module_restores_in_place(store, make_model):
     assert loaded["epoch"] == 4
     for a, b in zip(other.parameters(), model.parameters()):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- devices
+
+
+def _resign(manifest_path):
+    """Rewrite a manifest after editing it, with a correct checksum (as a writer on another machine would have)."""
+    import json
+
+    from ckstore._hashing import hash_bytes
+
+    raw = json.loads(manifest_path.read_bytes())
+    return raw, lambda: manifest_path.write_bytes(_signed(raw, hash_bytes))
+
+
+def _signed(raw, hash_bytes):
+    import json
+
+    canonical = lambda obj: json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()  # noqa: E731
+    body = {k: v for k, v in raw.items() if k != "checksum"}
+    body["checksum"] = str(hash_bytes(canonical(body)))
+    return canonical(body)
+
+
+@pytest.mark.parametrize("map_location", ["cpu", torch.device("cpu"), {"cpu": "cpu"}, lambda saved: "cpu"], ids=["str", "device", "mapping", "callable"])
+def test_map_location_forms(store, map_location):
+    store.save({"w": torch.arange(4.0), "n": np.arange(3)}, step=0)
+    loaded = store.load(step=0, map_location=map_location)
+    assert loaded["w"].device.type == "cpu" and torch.equal(loaded["w"], torch.arange(4.0))
+    assert isinstance(loaded["n"], np.ndarray)
+
+
+def test_tensor_saved_on_a_missing_gpu_needs_map_location(store):
+    """A checkpoint written on a CUDA machine (device recorded in the manifest) loaded on a CPU-only one."""
+    info = store.save({"cpu": torch.ones(2), "w": torch.arange(4.0)}, step=0)
+    raw, write = _resign(info.path / "manifest.json")
+    raw["state"]["w"]["device"] = "cuda:3"
+    write()
+    with ckstore.Store(store.path, readonly=True) as reader:
+        if not torch.cuda.is_available() or torch.cuda.device_count() < 4:
+            with pytest.raises(ckstore.StateError) as excinfo:
+                reader.load(step=0)
+            assert excinfo.value.key == "state['w']" and "map_location" in str(excinfo.value)
+        loaded = reader.load(step=0, map_location="cpu")
+        assert torch.equal(loaded["w"], torch.arange(4.0)) and loaded["w"].device.type == "cpu"
+        loaded = reader.load(step=0, map_location={"cuda:3": "cpu"})
+        assert loaded["w"].device.type == "cpu"
+
+
+def test_many_groups_are_pooled_and_round_trip(store):
+    """More than 64 file groups are pooled into a few files; every tensor still comes back, modules load in place."""
+    state = {f"k{i}": torch.full((3,), float(i)) for i in range(100)}
+    state["state"] = {"small": torch.ones(2), "x.y": torch.zeros(1)}  # "state.small" is also the pool's own name
+    state["m"] = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(80)])
+    info = store.save(state, step=0)
+    assert len(info.files) < 10
+    loaded = store.load(step=0)
+    for i in range(100):
+        assert torch.equal(loaded[f"k{i}"], state[f"k{i}"])
+    assert torch.equal(loaded["state"]["small"], torch.ones(2)) and torch.equal(loaded["state"]["x.y"], torch.zeros(1))
+    fresh = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(80)])
+    store.load({"m": fresh}, step=0)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), state["m"].parameters()))
