@@ -20,7 +20,7 @@ from typing import Any
 
 TIERS = ("kill", "model", "power", "errors", "mutation", "badfiles")
 
-ALL_WORKLOADS = ["first_save", "next_save", "retention", "tag_update", "second_writer", "recover_leftovers", "async_save", "train_resume"]
+ALL_WORKLOADS = ["first_save", "next_save", "many_files", "retention", "tag_update", "gc_delete", "second_writer", "recover_leftovers", "async_save", "train_resume"]
 
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {
@@ -42,8 +42,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     "ci": {
         "kill_workloads": ALL_WORKLOADS + ["dvc_publish"],
         # every boundary, except in the two workloads whose check is a whole resumed run / a DVC re-publish
-        "kill_stride": {"*": 1, "train_resume": 6, "dvc_publish": 6},
-        "random_cycles": 30,
+        "kill_stride": {"*": 1, "train_resume": 8, "dvc_publish": 8},
+        "random_cycles": 20,
         "random_scale": 1 << 19,
         "model_workloads": ALL_WORKLOADS,
         "random_subsets": 12,
@@ -57,7 +57,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "fuzz_inputs": 100_000,
     },
     "full": {
-        "kill_workloads": ALL_WORKLOADS + ["dvc_publish"],
+        "kill_workloads": ALL_WORKLOADS + ["next_save_large", "dvc_publish"],
         "kill_stride": {"*": 1},
         "random_cycles": 300,
         "random_scale": 1 << 20,

@@ -20,7 +20,8 @@ harness enumerates the on-disk states POSIX allows:
 
 Per crash point the states tried are: all pending ops, none, each one
 omitted, each one alone, each prefix of them in program order, each pending
-write truncated or zero-filled, and seeded random subsets. Each distinct state is written to a real
+write truncated or zero-filled, and every subset when at most
+:data:`EXHAUSTIVE` operations are pending (seeded random subsets otherwise). Each distinct state is written to a real
 directory, recovery runs on it (a writable Store opens), and the invariants
 of :mod:`fault_injection.invariants` are checked.
 """
@@ -267,7 +268,11 @@ def pending_at(ops: list[Op], k: int) -> list[int]:
     return pending
 
 
-def states_at(ops: list[Op], k: int, rng: random.Random, random_subsets: int) -> list[dict[int, str]]:
+#: Up to this many pending operations, every subset of them is a crash state.
+EXHAUSTIVE = 8
+
+
+def states_at(ops: list[Op], k: int, rng: random.Random, random_subsets: int, exhaustive: int = EXHAUSTIVE) -> list[dict[int, str]]:
     """Crash states at crash point ``k``: each maps pending op index -> variant ("full", "half", "zeros"); absent = lost."""
     pending = pending_at(ops, k)
     writes = [j for j in pending if ops[j].kind == "write"]
@@ -280,7 +285,10 @@ def states_at(ops: list[Op], k: int, rng: random.Random, random_subsets: int) ->
     for j in writes:
         out.append({**full, j: "half"})
         out.append({**full, j: "zeros"})
-    for _ in range(random_subsets if len(pending) > 1 else 0):
+    if len(pending) <= exhaustive:  # a small window: every subset of the pending operations
+        for mask in range(1 << len(pending)):
+            out.append({j: "full" for bit, j in enumerate(pending) if mask >> bit & 1})
+    for _ in range(random_subsets if len(pending) > exhaustive else 0):
         chosen = {}
         for j in pending:
             if rng.random() < 0.5:
@@ -308,7 +316,16 @@ def build(tree: Tree, ops: list[Op], k: int, chosen: dict[int, str]) -> Tree:
     return state
 
 
-def run_workload(workload: Workload, workdir: str, *, random_subsets: int, seed: int, max_states: int | None = None, stop_on_violation: bool = False) -> Row:
+def run_workload(
+    workload: Workload,
+    workdir: str,
+    *,
+    random_subsets: int,
+    seed: int,
+    exhaustive: int = EXHAUSTIVE,
+    max_states: int | None = None,
+    stop_on_violation: bool = False,
+) -> Row:
     row = Row("2 crash model", workload.name)
     start = time.monotonic()
     tree, base_ino, ops, base_steps = record(workload, workdir)
@@ -317,7 +334,7 @@ def run_workload(workload: Workload, workdir: str, *, random_subsets: int, seed:
     states_dir = os.path.join(workdir, "model-state")
     for k in range(len(ops) + 1):
         acks = [(op.name, op.data) for op in ops[:k] if op.kind == "ack"]
-        for chosen in states_at(ops, k, rng, random_subsets):
+        for chosen in states_at(ops, k, rng, random_subsets, exhaustive):
             state = build(tree, ops, k, chosen)
             digest = state.digest(base_ino)
             key = digest + repr(sorted(acks, key=repr))
@@ -343,10 +360,12 @@ def run_workload(workload: Workload, workdir: str, *, random_subsets: int, seed:
     return row
 
 
-def run_tier(workdir: str, *, workloads: list[str], random_subsets: int, seed: int, stop_on_violation: bool = False) -> list[Row]:
+def run_tier(workdir: str, *, workloads: list[str], random_subsets: int, seed: int, exhaustive: int = EXHAUSTIVE, stop_on_violation: bool = False) -> list[Row]:
     rows = []
     for n, name in enumerate(workloads):
-        rows.append(run_workload(WORKLOADS[name], workdir, random_subsets=random_subsets, seed=seed + n, stop_on_violation=stop_on_violation))
+        rows.append(
+            run_workload(WORKLOADS[name], workdir, random_subsets=random_subsets, seed=seed + n, exhaustive=exhaustive, stop_on_violation=stop_on_violation)
+        )
         if stop_on_violation and rows[-1].violations:
             break
     return rows

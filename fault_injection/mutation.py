@@ -223,7 +223,7 @@ def mutant_check(workdir: str, *, power_cycles: int) -> dict:
         run_in_process_variant(workload)(fresh_copy(template, workdir, "reach"), lambda kind, value: None, workload.scale)
     if os.environ.get(REACHED_ENV) != "1":
         return {"caught_by": None, "reached": False}
-    rows = crashmodel.run_tier(workdir, workloads=names, random_subsets=2, seed=0, stop_on_violation=True)
+    rows = crashmodel.run_tier(workdir, workloads=names, random_subsets=2, seed=0, exhaustive=4, stop_on_violation=True)
     found = [r for r in rows if r.violations]
     if found:
         return {"caught_by": "model", "reached": True, "example": found[0].examples[0]}

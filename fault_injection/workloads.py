@@ -125,6 +125,26 @@ def _run_retention(root: str, ack: Ack, scale: int) -> None:
         ack("delete", 3)
 
 
+# ---------------------------------------------------------------- a save of many tensor files
+
+
+def many_files_state(step: int, scale: int = 64) -> dict[str, Any]:
+    """A state whose tensors fall into 16 groups, hence 16 tensor files (one per layer)."""
+    gen = torch.Generator().manual_seed(5000 + step)
+    return {"model": {f"layer{i}.weight": torch.randn(scale, generator=gen) for i in range(16)}, "step": step}
+
+
+def _run_many(root: str, ack: Ack, scale: int) -> None:
+    with ckstore.Store(root, keep_last=1) as store:
+        store.save(many_files_state(3, scale), step=3)
+        ack("save", 3)
+
+
+def _prepare_many(root: str, scale: int) -> None:
+    with ckstore.Store(root) as store:
+        store.save(many_files_state(2, scale), step=2)
+
+
 # ---------------------------------------------------------------- explicit delete and gc
 
 
@@ -377,6 +397,7 @@ WORKLOADS: dict[str, Workload] = {
         Workload("second_writer", _run_second_writer, _prepare_steps(1)),
         Workload("recover_leftovers", _run_leftovers, _prepare_leftovers),
         Workload("async_save", _run_async, _prepare_steps(1, 2), {"keep_last": 2}, may_vanish=frozenset({1, 2, 3})),
+        Workload("many_files", _run_many, _prepare_many, {"keep_last": 1}, may_vanish=frozenset({2}), content=many_files_state),
         Workload("gc_delete", _run_gc, _prepare_ranked, {"keep_best": 1, "metric": "loss"}, may_vanish=frozenset({1, 2, 3})),
         # next_save with 8 MB tensors: the large-write path (direct writes, several chunks per file)
         Workload("next_save_large", _run_next, _prepare_steps(1, 2), scale=1 << 19),
