@@ -189,6 +189,7 @@ class Store:
         # Incremental saves: per file of the last checkpoint this store wrote,
         # the tensors' identity and version counters, its entry and directory.
         self._previous: dict[str, tuple[tuple, FileEntry, str]] = {}
+        self._key_index: dict[str, tuple[Manifest, dict[str, str]]] = {}  # read_tensor: key -> file, per manifest
         self._closed = False
         if self.readonly:
             if not os.path.isdir(self._root):
@@ -821,17 +822,33 @@ class Store:
         if state is not None and map_location is None:
             _collect_targets(manifest.state, state, targets)
         tensors: dict[str, dict[str, torch.Tensor]] = {}
-        for name, entry in manifest.files.items():
-            path = os.path.join(directory, name)
-            try:
-                tensors[name] = read_tensor_file(
-                    path, size=entry.size, expected=entry.hash if verify else None, targets=targets.get(name), hash_pool=self._pool()
-                )
-            except IntegrityError:
-                if not os.path.isdir(directory):
-                    # Deleted (by a writer's retention) while being read: gone, not corrupt.
-                    raise CheckpointNotFoundError(f"{directory}: checkpoint was deleted while being loaded", step=info.step) from None
-                raise
+        checks: list[Any] = []  # each file's hash is checked after the next is read, all before any use
+        try:
+            for name, entry in manifest.files.items():
+                path = os.path.join(directory, name)
+                try:
+                    tensors[name] = read_tensor_file(
+                        path,
+                        size=entry.size,
+                        expected=entry.hash if verify else None,
+                        targets=targets.get(name),
+                        hash_pool=self._pool(),
+                        deferred=checks,
+                    )
+                except IntegrityError:
+                    if not os.path.isdir(directory):
+                        # Deleted (by a writer's retention) while being read: gone, not corrupt.
+                        raise CheckpointNotFoundError(f"{directory}: checkpoint was deleted while being loaded", step=info.step) from None
+                    raise
+        finally:
+            failure = None
+            for check in checks:  # every one runs, so no hash task outlives this call
+                try:
+                    check()
+                except IntegrityError as exc:
+                    failure = failure or exc
+        if failure is not None:
+            raise failure
 
         def source(file: str, key: str) -> torch.Tensor:
             try:
@@ -854,21 +871,26 @@ class Store:
         ``key`` is the tensor's path in the saved state joined by ``/``, e.g.
         ``"model/fc.weight"`` or ``"optimizer/state/0/exp_avg"`` (see
         :meth:`tensor_keys`). Always checked: the file's size against the
-        manifest and its whole header. The tensor's bytes are covered only by
-        the file's hash, so they are verified only with ``verify=True``, which
-        hashes the whole file (a full read, in bounded memory).
+        manifest and the tensor's own header entry (dtype, shape, a byte
+        range inside the file). The tensor's bytes are covered only by the
+        file's hash, so they are verified only with ``verify=True``, which
+        hashes the whole file (a full read, in bounded memory) and checks the
+        whole header.
         """
         self._check_open()
         if not isinstance(key, str):
             raise InvalidArgumentError(f"key must be a string, got {type(key).__name__}")
         info = self.resolve(step)
         manifest = self._manifest(info.path.name)
-        for file, name in tensor_refs(manifest.state):
-            if name == key:
-                entry = manifest.files[file]
-                path = os.path.join(str(info.path), file)
-                return read_one_tensor(path, key, size=entry.size, expected=entry.hash if verify else None)
-        raise InvalidArgumentError(f"step {info.step} has no tensor {key!r}; see Store.tensor_keys()")
+        cached = self._key_index.get(info.path.name)
+        if cached is None or cached[0] is not manifest:
+            cached = (manifest, {name: file for file, name in tensor_refs(manifest.state)})
+            self._key_index[info.path.name] = cached
+        file = cached[1].get(key)
+        if file is None:
+            raise InvalidArgumentError(f"step {info.step} has no tensor {key!r}; see Store.tensor_keys()")
+        entry = manifest.files[file]
+        return read_one_tensor(os.path.join(str(info.path), file), key, size=entry.size, expected=entry.hash if verify else None)
 
     def verify(self, step: int | str | None = None) -> list[Problem]:
         """Check every file of one checkpoint (or all when None) against its manifest; return each problem found.

@@ -568,6 +568,7 @@ def read_tensor_file(
     expected: HashInfo | None,
     targets: Mapping[str, torch.Tensor] | None = None,
     hash_pool: ThreadPoolExecutor | None = None,
+    deferred: list[Callable[[], None]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read a whole tensor file, checking its size and (unless ``expected`` is None) its hash.
 
@@ -580,6 +581,11 @@ def read_tensor_file(
     returned. If the hash does not match, IntegrityError is raised *after* the
     targets were written: their content is then undefined and must be
     reloaded from a checkpoint that verifies.
+
+    With ``deferred`` (a list) the hash is not awaited here: a check that
+    waits and raises IntegrityError is appended instead, so hashing this file
+    overlaps reading the next one. The caller must run every check before it
+    uses any tensor returned.
     """
     targets = targets or {}
     fd, actual = _open_checked(path, size)
@@ -647,46 +653,114 @@ def read_tensor_file(
                 if batch_bytes >= _READ_CHUNK or len(batch) >= _MAX_IOV:
                     flush()
         flush()
-        for future in pending:
-            future.result()
+        if deferred is None:
+            for future in pending:
+                future.result()
     except BaseException:
         futures_wait(pending)
         raise
     finally:
         os.close(fd)
-    _check_hash(path, hasher, expected)
+    if deferred is None:
+        _check_hash(path, hasher, expected)
+    else:
+
+        def check() -> None:
+            for future in pending:
+                future.result()
+            _check_hash(path, hasher, expected)
+
+        deferred.append(check)
     return out
 
 
 def read_one_tensor(path: str, key: str, *, size: int | None, expected: HashInfo | None = None) -> torch.Tensor:
     """Read one tensor without reading the others: parse the header, then ``pread`` its byte range.
 
-    Checked: the file's size against the manifest, the whole header (as
-    strictly as a full read), and the tensor's dtype, shape and byte range.
-    The tensor's bytes are covered by the file's hash only; with
-    ``expected`` given the whole file is hashed too (streamed through a
-    small buffer), which costs a full read but not the memory of one.
+    Without ``expected``, checked are: the file's size against the manifest,
+    that the header is a JSON object within the file, and the tensor's own
+    entry (dtype, shape, a byte range that holds them and lies inside the
+    file); the other entries are not examined, so a 10,000-tensor header
+    costs one JSON parse. The bytes themselves are covered only by the
+    file's hash: with ``expected`` given, the whole file is hashed (streamed
+    through a small buffer, the tensor's bytes copied from that same stream),
+    and the header is validated in full, as for a full read.
     """
     fd, actual = _open_checked(path, size)
     try:
-        head, specs, start = _read_header(fd, actual, path)
-        spec = specs.get(key)
-        if spec is None:
-            raise IntegrityError(f"{path}: no tensor {key!r} in this file", path=path, expected=key, actual="missing")
+        if expected is None:
+            head = _read_header_bytes(fd, actual, path)
+            spec, start = _one_spec(head, actual, key, path)
+        else:
+            head, specs, start = _read_header(fd, actual, path)
+            spec = specs.get(key)
+            if spec is None:
+                raise IntegrityError(f"{path}: no tensor {key!r} in this file", path=path, expected=key, actual="missing")
         tensor = torch.empty(spec.shape, dtype=spec.dtype)
-        if spec.end > spec.begin:
-            _pread_exact(fd, tensor_bytes(tensor), start + spec.begin, path)
-        if expected is not None:
-            hasher = new_hasher(expected.algo)
-            buffer = bytearray(min(_READ_CHUNK, max(actual, 1)))
-            view = memoryview(buffer)
-            offset = 0
-            while offset < actual:
-                n = min(len(buffer), actual - offset)
-                _pread_exact(fd, view[:n], offset, path)
-                hasher.update(view[:n])
-                offset += n
-            _check_hash(path, hasher, expected)
+        target = tensor_bytes(tensor)
+        begin, end = start + spec.begin, start + spec.end
+        if expected is None:
+            if end > begin:
+                _pread_exact(fd, target, begin, path)
+            return tensor
+        hasher = new_hasher(expected.algo)
+        buffer = bytearray(min(_READ_CHUNK, max(actual, 1)))
+        view = memoryview(buffer)
+        offset = 0
+        while offset < actual:
+            n = min(len(buffer), actual - offset)
+            _pread_exact(fd, view[:n], offset, path)
+            hasher.update(view[:n])
+            lo, hi = max(begin, offset), min(end, offset + n)
+            if lo < hi:  # the tensor's bytes are taken from the stream that was hashed
+                target[lo - begin : hi - begin] = view[lo - offset : hi - offset]
+            offset += n
+        _check_hash(path, hasher, expected)
     finally:
         os.close(fd)
     return tensor
+
+
+def _read_header_bytes(fd: int, size: int, path: str) -> bytes:
+    head = bytearray(8)
+    if size < 8:
+        parse_header(b"", size, path)  # raises the standard "too short" error
+    _pread_exact(fd, memoryview(head), 0, path)
+    (length,) = struct.unpack("<Q", head)
+    if length > MAX_HEADER_SIZE or 8 + length > size:
+        parse_header(head, size, path)  # raises the standard error for a bad length
+    head += bytes(length)
+    _pread_exact(fd, memoryview(head)[8:], 8, path)
+    return bytes(head)
+
+
+def _one_spec(head: bytes, size: int, key: str, path: str) -> tuple[TensorSpec, int]:
+    """Validate one entry of a header (see read_one_tensor); return its spec and the data offset."""
+
+    def bad(reason: str) -> IntegrityError:
+        return IntegrityError(f"{path}: not a valid safetensors file: {reason}", path=path, expected="safetensors header", actual=reason)
+
+    (length,) = struct.unpack_from("<Q", head, 0)
+    try:
+        header = json.loads(head[8 : 8 + length].decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise bad(f"header is not JSON ({exc.__class__.__name__})") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    entry = header.get(key) if key != "__metadata__" else None
+    if entry is None:
+        raise IntegrityError(f"{path}: no tensor {key!r} in this file", path=path, expected=key, actual="missing")
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise bad(f"tensor {key[:80]!r}: entry must have exactly dtype, shape, data_offsets")
+    dtype = DTYPES_BY_NAME.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+    if dtype is None:
+        raise bad(f"tensor {key[:80]!r}: unknown dtype {str(entry['dtype'])[:20]!r}")
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise bad(f"tensor {key[:80]!r}: shape must be a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int and o >= 0 for o in offsets):
+        raise bad(f"tensor {key[:80]!r}: data_offsets must be two non-negative integers")
+    begin, end = offsets
+    if end < begin or end - begin != math.prod(shape) * ITEMSIZE[dtype] or 8 + length + end > size:
+        raise bad(f"tensor {key[:80]!r}: byte range {begin}..{end} does not hold shape {shape} of {entry['dtype']} inside the file")
+    return TensorSpec(dtype, tuple(shape), begin, end), 8 + length

@@ -264,3 +264,39 @@ def test_read_one_tensor_checks_size_and_header(tmp_path):
     flip_byte(path, 3)  # the header length
     with pytest.raises(ckstore.IntegrityError):
         read_one_tensor(str(path), "y", size=size)
+
+
+def _craft(path, header: dict, data: bytes) -> int:
+    import json
+    import struct
+
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    blob = struct.pack("<Q", len(raw)) + raw + data
+    path.write_bytes(blob)
+    return len(blob)
+
+
+def test_lazy_read_checks_its_own_entry_and_the_verified_read_checks_all(tmp_path):
+    import struct
+
+    path = tmp_path / "f.safetensors"
+    data = struct.pack("<4f", 1, 2, 3, 4)
+    good = {"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "y": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}
+    # Another entry is malformed: the lazy read of "x" is unaffected, a full check refuses the file.
+    size = _craft(path, {**good, "y": {"dtype": "F32", "shape": [3], "data_offsets": [8, 16]}}, data)
+    assert torch.equal(read_one_tensor(str(path), "x", size=size), torch.tensor([1.0, 2.0]))
+    with pytest.raises(ckstore.IntegrityError, match="does not hold"):
+        read_tensor_file(str(path), size=size, expected=None)
+    # The entry itself is checked: a range past the end of the file, a shape that does not fit.
+    size = _craft(path, {**good, "x": {"dtype": "F32", "shape": [6], "data_offsets": [0, 24]}}, data)
+    with pytest.raises(ckstore.IntegrityError, match="inside the file"):
+        read_one_tensor(str(path), "x", size=size)
+    size = _craft(path, {**good, "x": {"dtype": "F64", "shape": [2], "data_offsets": [0, 8]}}, data)
+    with pytest.raises(ckstore.IntegrityError):
+        read_one_tensor(str(path), "x", size=size)
+    with pytest.raises(ckstore.IntegrityError, match="no tensor"):
+        read_one_tensor(str(path), "__metadata__", size=size)
+    path.write_bytes(struct.pack("<Q", 8) + b"not json" + data)
+    with pytest.raises(ckstore.IntegrityError, match="not JSON"):
+        read_one_tensor(str(path), "x", size=path.stat().st_size)
