@@ -18,7 +18,7 @@ import time
 import filelock
 
 from . import _durable
-from ._errors import StorageError, StoreLockedError
+from ._errors import InvalidArgumentError, StorageError, StoreLockedError
 
 LOCK_NAME = ".ckstore.lock"
 OWNER_NAME = ".ckstore.lock.owner"
@@ -38,6 +38,9 @@ class WriterLock:
         """Take the lock, waiting up to ``timeout`` seconds (``None`` waits forever)."""
         if self.held:
             return
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0):
+            # filelock reads a negative timeout as "wait forever": refuse rather than hang.
+            raise InvalidArgumentError(f"lock_timeout must be None (wait forever) or a number of seconds >= 0, got {timeout!r}")
         try:
             self._lock.acquire(timeout=-1 if timeout is None else timeout)
         except OSError as exc:  # not a busy lock: the lock file cannot be created or opened (EACCES, EROFS, ENOSPC)

@@ -82,3 +82,11 @@ def test_readers_never_see_a_partial_checkpoint(store_path, peer):
     assert report.get("ok"), report
     assert report["rounds"] == rounds
     assert report["distinct"] > 1, "the writer never overlapped the readers"
+
+
+@pytest.mark.parametrize("timeout", [-1, float("nan"), "5", True])
+def test_bad_lock_timeouts_are_refused(store_path, timeout):
+    with ckstore.Store(store_path, lock_timeout=timeout) as store:
+        with pytest.raises(ckstore.InvalidArgumentError):
+            store.save({}, step=1)
+        assert store.checkpoints() == []
