@@ -4,7 +4,9 @@ A "zygote" subprocess imports torch and ckstore once, then forks one writer per
 cycle (so a cycle costs a fork, not a 4-second interpreter start). Each writer
 opens the store (recovering what the previous kill left), prints ``ready``,
 and saves checkpoints of 1.5 MiB in a loop with retention, printing ``ack <step>``
-(flushed) after each ``save`` returns. The test SIGKILLs the writer after a
+(flushed) after each ``save`` returns. Writers alternate between blocking,
+background (``blocking=False``, acknowledged after ``result()``) and incremental
+(hard-linking) saves. The test SIGKILLs the writer after a
 random delay, so kills land in recovery, mid-write, mid-fsync, at the commit
 rename, in tag updates and mid-retention. After every kill it checks:
 
@@ -36,7 +38,10 @@ import ckstore
 KILLS = int(os.environ.get("CKSTORE_KILLS", "200"))
 KEEP_LAST = 3
 KEEP_EVERY = 100
-NUMEL = 128 * 1024  # 512 KiB per tensor, 3 tensors: 1.5 MiB per checkpoint
+NUMEL = 128 * 1024  # 512 KiB per tensor, 3 tensors + a frozen one: about 1.6 MiB per checkpoint
+#: Writers alternate: plain blocking saves, background saves (acknowledged when ``result()`` returns),
+#: and incremental saves (unchanged files hard-linked from the previous checkpoint).
+MODES = ("blocking", "async", "incremental")
 
 ZYGOTE = r"""
 import os, sys, signal
@@ -48,9 +53,12 @@ path = sys.argv[1]
 def say(text):
     os.write(1, (text + "\n").encode())  # one write(2): a line is never torn by the kill
 
-def writer():
+FROZEN = torch.ones(NUMEL // 4)  # unchanged from save to save: hard-linked by incremental saves
+
+def writer(mode):
     try:
-        with ckstore.Store(path, keep_last=KEEP_LAST, keep_every=KEEP_EVERY, keep_best=1, metric="loss") as store:
+        with ckstore.Store(path, keep_last=KEEP_LAST, keep_every=KEEP_EVERY, keep_best=1, metric="loss",
+                           incremental=(mode == "incremental")) as store:
             latest = store.latest()
             step = latest.step + 1 if latest is not None else 0
             say("ready")
@@ -58,10 +66,15 @@ def writer():
                 state = {
                     "model": {"w": torch.full((NUMEL,), float(step)), "b": torch.arange(NUMEL, dtype=torch.int32) + step},
                     "optimizer": {"state": {0: {"m": torch.full((NUMEL,), -float(step))}}, "lr": 0.1},
+                    "frozen": FROZEN,
                     "step": step,
                 }
                 tags = ["milestone"] if step % 10 == 3 else ()
-                store.save(state, step=step, metrics={"loss": 1.0 / (1 + step % 13)}, tags=tags)
+                metrics = {"loss": 1.0 / (1 + step % 13)}
+                if mode == "async":  # acknowledged once the background save is durable
+                    store.save(state, step=step, metrics=metrics, tags=tags, blocking=False).result()
+                else:
+                    store.save(state, step=step, metrics=metrics, tags=tags)
                 say(f"ack {step}")
                 step += 1
     except BaseException as exc:
@@ -70,12 +83,13 @@ def writer():
 
 say("zygote")
 for line in sys.stdin:
-    if line.strip() != "fork":
+    command = line.split()
+    if not command or command[0] != "fork":
         break
     pid = os.fork()
     if pid == 0:
         try:
-            writer()
+            writer(command[1])
         finally:
             os._exit(3)
     say(f"pid {pid}")
@@ -109,6 +123,7 @@ def _leftovers(root) -> list[str]:
 
 def _check_contents(state, step):
     assert state["step"] == step
+    assert torch.equal(state["frozen"], torch.ones(NUMEL // 4))
     assert torch.equal(state["model"]["w"], torch.full((NUMEL,), float(step)))
     assert torch.equal(state["model"]["b"], torch.arange(NUMEL, dtype=torch.int32) + step)
     assert torch.equal(state["optimizer"]["state"][0]["m"], torch.full((NUMEL,), -float(step)))
@@ -153,7 +168,8 @@ def test_sigkill_at_random_moments(kill_root):
     try:
         assert lines.next(300) == "zygote", zygote.stderr.read().decode() if zygote.poll() is not None else "no zygote"
         for cycle in range(KILLS):
-            zygote.stdin.write(b"fork\n")
+            mode = MODES[cycle % len(MODES)]
+            zygote.stdin.write(f"fork {mode}\n".encode())
             zygote.stdin.flush()
             pid, ready_seen = None, False
             while pid is None:  # the child's "ready" may overtake the zygote's "pid" line
@@ -165,8 +181,8 @@ def test_sigkill_at_random_moments(kill_root):
                 if line.startswith("pid "):
                     pid = int(line.split()[1])
             # Mostly kill soon after "ready" (mid first save); sometimes before it (in recovery), sometimes late (mid-retention).
-            mode = rng.random()
-            if mode < 0.15:
+            when = rng.random()
+            if when < 0.15:
                 delay = rng.uniform(0, 0.02)
             else:
                 if not ready_seen:
@@ -174,7 +190,7 @@ def test_sigkill_at_random_moments(kill_root):
                     if ready is not None and ready.startswith("error"):
                         pytest.fail(f"cycle {cycle}: writer failed: {ready}")
                     assert ready == "ready", ready
-                delay = rng.uniform(0, 0.06) if mode < 0.6 else rng.uniform(0.06, 0.3)
+                delay = rng.uniform(0, 0.06) if when < 0.6 else rng.uniform(0.06, 0.3)
             if delay:
                 select.select([], [], [], delay)
             os.kill(pid, signal.SIGKILL)
