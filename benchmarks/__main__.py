@@ -192,23 +192,17 @@ class Bench:
         self.timed("write limit (O_DIRECT 16 MiB + fsync)", run)
         self.files["probe"] = path
 
-    def read_probe(self, cold: bool) -> None:
-        path = self.files["probe"]
-        if cold:
-            drop_caches()
-
-        def run() -> None:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                view = memoryview(self.read_buffer.numpy())
-                size = os.fstat(fd).st_size
-                done = 0
-                while done < size:
-                    done += os.preadv(fd, [view[done : min(size, done + CHUNK)]], done)
-            finally:
-                os.close(fd)
-
-        self.timed(f"raw read {'cold' if cold else 'warm'}", run)
+    def raw_read(self) -> None:
+        """Read the probe file (as many bytes as the state) into existing memory, 16 MiB per call."""
+        fd = os.open(self.files["probe"], os.O_RDONLY)
+        try:
+            view = memoryview(self.read_buffer.numpy())
+            size = os.fstat(fd).st_size
+            done = 0
+            while done < size:
+                done += os.preadv(fd, [view[done : min(size, done + CHUNK)]], done)
+        finally:
+            os.close(fd)
 
     def memcpy_probe(self) -> None:
         threads = torch.get_num_threads()
@@ -319,34 +313,31 @@ class Bench:
         import safetensors.torch
 
         step = int(self.files["ckstore_step"])
-        temps = [True, False] if self.cold else [False]
-        for cold in temps:
-            word = "cold" if cold else "warm"
-            self.read_probe(cold)
-            if cold:
-                drop_caches()
-            self.timed(f"ckstore load into model {word}", lambda: self.store.load(self.load_targets, step=step))
-            if cold:
-                drop_caches()
-            self.timed(f"ckstore load into model, verify=False {word}", lambda: self.store.load(self.load_targets, step=step, verify=False))
-            if cold:
-                drop_caches()
 
-            def torch_load() -> None:
-                loaded = torch.load(self.files["torch"], weights_only=True)
-                for key, tensor in loaded.items():
-                    self.copy_targets[key].copy_(tensor)
+        def torch_load() -> None:
+            loaded = torch.load(self.files["torch"], weights_only=True)
+            for key, tensor in loaded.items():
+                self.copy_targets[key].copy_(tensor)
 
-            self.timed(f"torch.load + copy_ {word}", torch_load)
-            if cold:
-                drop_caches()
+        def st_load() -> None:
+            loaded = safetensors.torch.load_file(self.files["safetensors"])
+            for key, tensor in loaded.items():
+                self.copy_targets[key].copy_(tensor)
 
-            def st_load() -> None:
-                loaded = safetensors.torch.load_file(self.files["safetensors"])
-                for key, tensor in loaded.items():
-                    self.copy_targets[key].copy_(tensor)
-
-            self.timed(f"safetensors load_file + copy_ {word}", st_load)
+        loaders: list[tuple[str, Callable[[], Any]]] = [
+            ("raw read", self.raw_read),
+            ("ckstore load into model", lambda: self.store.load(self.load_targets, step=step)),
+            ("ckstore load into model, verify=False", lambda: self.store.load(self.load_targets, step=step, verify=False)),
+            ("torch.load + copy_", torch_load),
+            ("safetensors load_file + copy_", st_load),
+        ]
+        for cold in [True, False] if self.cold else [False]:
+            for name, fn in loaders:
+                if cold:
+                    drop_caches()
+                else:
+                    fn()  # warm: the same read just before, so its files are in the page cache
+                self.timed(f"{name} {'cold' if cold else 'warm'}", fn)
         # One tensor of about 1 MiB from the middle of the checkpoint.
         keys = list(self.tensors)
         key = next((k for k in keys[len(keys) // 2 :] if self.tensors[k].numel() * self.tensors[k].element_size() <= MiB), keys[len(keys) // 2])
