@@ -91,6 +91,8 @@ def run_injected(workload: Workload, workdir: str) -> Row:
                     raised = exc
             row.cycles += 1
             where = f"{errno.errorcode[err]} at op {n} ({events[n - 1]})"
+            if isinstance(raised, ckstore.AsyncSaveError):  # a background save reports its StorageError as the cause
+                raised = raised.__cause__ if isinstance(raised.__cause__, ckstore.StorageError) else raised
             if injector.failed is None:
                 row.violation(f"{where}: injection point not reached")
                 continue
