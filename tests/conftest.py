@@ -10,6 +10,8 @@ Hypothesis profiles (choose with ``HYPOTHESIS_PROFILE=<name>``; ``ci`` is the de
 Fixtures other test modules may use:
 
 * ``store_path``: a fresh path (not yet created) for a store under ``tmp_path``;
+* ``fast_path``: a fresh directory on tmpfs when available (for save-heavy tests
+  whose subject is not the disk), else under ``tmp_path``;
 * ``store``: a writable :class:`ckstore.Store` at ``store_path``, closed afterwards;
 * ``make_model``: ``make_model(seed=0, width=8)`` -> a small deterministic ``nn.Module``;
 * ``make_training_state``: ``make_training_state(seed=0)`` -> ``(model, optimizer, scheduler)``
@@ -143,6 +145,50 @@ def subprocess_env() -> dict[str, str]:
 def store_path(tmp_path: Path) -> Path:
     """A path for a new store (the directory does not exist yet)."""
     return tmp_path / "store"
+
+
+def _memory_dir(prefix: str) -> str | None:
+    base = "/dev/shm"
+    if not os.access(base, os.W_OK):
+        return None
+    import tempfile
+
+    return tempfile.mkdtemp(prefix=prefix, dir=base)
+
+
+@pytest.fixture(scope="session")
+def fast_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Session-wide tmpfs directory (see ``fast_path``) for module-scoped fixtures; removed at the end."""
+    directory = _memory_dir("ckstore-session-")
+    if directory is None:
+        yield tmp_path_factory.mktemp("fast")
+        return
+    try:
+        yield Path(directory)
+    finally:
+        import shutil
+
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def fast_path(tmp_path: Path) -> Iterator[Path]:
+    """A fresh directory on tmpfs (``/dev/shm``) when there is one, else under ``tmp_path``.
+
+    For tests that make hundreds of saves whose subject is not the disk (fault
+    injection through hooks, SIGKILL, property tests): fsync on tmpfs returns at
+    once, so a busy CI disk does not set their pace. Tests of real I/O use ``tmp_path``.
+    """
+    directory = _memory_dir("ckstore-test-")
+    if directory is None:
+        yield tmp_path
+        return
+    try:
+        yield Path(directory)
+    finally:
+        import shutil
+
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture

@@ -22,9 +22,9 @@ DTYPES = sorted(DTYPE_NAMES, key=str)
 
 
 @pytest.fixture(scope="module")
-def shared_store(tmp_path_factory):
+def shared_store(fast_root):
     """One store per module for the property tests (a fresh step for each example)."""
-    with ckstore.Store(tmp_path_factory.mktemp("state") / "store") as s:
+    with ckstore.Store(fast_root / "state-store") as s:
         yield s, itertools.count()
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import struct
+import tempfile
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -63,8 +65,8 @@ def _signature(tensor: torch.Tensor) -> tuple[str, tuple[int, ...], bytes]:
     shapes=st.lists(st.lists(st.integers(0, 5), max_size=3), min_size=1, max_size=6),
     dtype_index=st.lists(st.integers(0, len(DTYPES) - 1), min_size=6, max_size=6),
 )
-def test_written_files_equal_safetensors_reading(tmp_path_factory, shapes, dtype_index):
-    root = tmp_path_factory.mktemp("tf")
+def test_written_files_equal_safetensors_reading(fast_root, shapes, dtype_index):
+    root = Path(tempfile.mkdtemp(dir=fast_root))
     state = {f"t{i}": _sample(DTYPES[dtype_index[i]], tuple(shape)) for i, shape in enumerate(shapes)}
     with ckstore.Store(root / "s") as store:
         info = store.save(state, step=0)
