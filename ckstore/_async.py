@@ -38,6 +38,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+import numpy as np
 import torch
 
 from ._errors import AsyncSaveError, StateError
@@ -97,9 +98,10 @@ class StagingArea:
                 if not nbytes:
                     pass
                 elif tensor.device.type == "cpu" and tensor.is_contiguous() and not tensor.is_conj() and not tensor.is_neg():
-                    # One single-threaded memcpy: torch's copy_ fans out to
-                    # OpenMP threads, which spin badly on a busy small machine.
-                    memoryview(region.numpy())[:] = memoryview(flat_bytes(tensor).numpy())
+                    # One single-threaded memcpy (numpy's, outside the GIL):
+                    # torch's copy_ fans out to OpenMP threads, which spin
+                    # badly on a busy small machine.
+                    np.copyto(region.numpy(), flat_bytes(tensor).numpy())
                 else:
                     staged.copy_(tensor, non_blocking=pin and tensor.device.type == "cuda")
                 out.append(staged)

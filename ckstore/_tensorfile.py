@@ -32,6 +32,7 @@ from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import _durable
@@ -73,6 +74,8 @@ ITEMSIZE: dict[torch.dtype, int] = {dtype: torch.empty((), dtype=dtype).element_
 #: safetensors refuses headers above this size; so do we.
 MAX_HEADER_SIZE = 100_000_000
 _READ_CHUNK = 16 << 20
+#: Copies at least this large go through numpy (GIL released), smaller ones through memoryview slices.
+_NUMPY_COPY_MIN = 64 << 10
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -137,13 +140,14 @@ class WrittenFile:
 
 
 class _Slot:
-    """One page-aligned chunk buffer (an anonymous mmap)."""
+    """One page-aligned chunk buffer (an anonymous mmap), as bytes and as a NumPy array."""
 
-    __slots__ = ("mm", "view")
+    __slots__ = ("mm", "view", "array")
 
     def __init__(self, size: int) -> None:
         self.mm = mmap.mmap(-1, size)
         self.view = memoryview(self.mm)
+        self.array = np.frombuffer(self.mm, dtype=np.uint8)
 
 
 def _file_pieces(entries: Sequence[tuple[str, torch.Tensor]]) -> Iterator[bytes | torch.Tensor]:
@@ -264,15 +268,19 @@ class WritePipeline:
                 hasher = new_hasher(algo)
                 slot, fill, last = take(), 0, None
                 for piece in _file_pieces(entries):
-                    # A plain single-threaded memcpy: torch's copy_ would fan
-                    # out to OpenMP threads that spin against the write and
-                    # hash threads on a small machine.
-                    source = memoryview(piece) if isinstance(piece, bytes) else memoryview(flat_bytes(piece).numpy())
+                    # A single-threaded memcpy (torch's copy_ would fan out to
+                    # OpenMP threads that spin against the write and hash
+                    # threads); numpy's releases the GIL on large copies, so
+                    # the writer thread is never kept waiting for it.
+                    source = np.frombuffer(piece, dtype=np.uint8) if isinstance(piece, bytes) else flat_bytes(piece).numpy()
                     total = len(source)
                     pos = 0
                     while pos < total:
                         n = min(total - pos, self.chunk - fill)
-                        slot.view[fill : fill + n] = source[pos : pos + n]
+                        if n >= _NUMPY_COPY_MIN:
+                            np.copyto(slot.array[fill : fill + n], source[pos : pos + n])
+                        else:
+                            slot.view[fill : fill + n] = memoryview(source[pos : pos + n])
                         fill += n
                         pos += n
                         if fill == self.chunk:
