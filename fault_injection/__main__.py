@@ -24,7 +24,7 @@ ALL_WORKLOADS = ["first_save", "next_save", "many_files", "retention", "tag_upda
 
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {
-        "kill_workloads": ["first_save", "tag_update", "second_writer", "async_save"],
+        "kill_workloads": ["first_save", "tag_update", "second_writer"],
         "kill_stride": {"*": 3},
         "random_cycles": 3,
         "random_scale": 1 << 16,

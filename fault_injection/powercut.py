@@ -25,6 +25,7 @@ import random
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -49,6 +50,23 @@ FIRST_STEP = 3
 LAST_STEP = 14
 
 
+_MOUNT_PROBE: list[str | None] = []
+
+
+def can_mount() -> str | None:
+    """None if this process may mount file systems (probed once with a tiny tmpfs), else why not."""
+    if not _MOUNT_PROBE:
+        probe = tempfile.mkdtemp(prefix="ckstore-fi-mount-probe-")
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", probe], capture_output=True, text=True)
+        if proc.returncode == 0:
+            subprocess.run(["umount", probe], capture_output=True)
+            _MOUNT_PROBE.append(None)
+        else:
+            _MOUNT_PROBE.append(f"mount is not permitted here ({proc.stderr.strip()[:100]}); a container without CAP_SYS_ADMIN?")
+        os.rmdir(probe)
+    return _MOUNT_PROBE[0]
+
+
 def skip_reason(fs: str | None = None) -> str | None:
     """Why this tier cannot run here, or None."""
     if os.geteuid() != 0:
@@ -60,7 +78,9 @@ def skip_reason(fs: str | None = None) -> str | None:
             return f"{tool} not installed"
     if fs is not None and shutil.which(FILESYSTEMS[fs][1][0]) is None:
         return f"{FILESYSTEMS[fs][1][0]} not installed (apt: e2fsprogs, xfsprogs, btrfs-progs)"
-    return None
+    if subprocess.run(["losetup", "--find"], capture_output=True).returncode != 0:
+        return "no free loop device"
+    return can_mount()
 
 
 def _sh(*args: str) -> str:

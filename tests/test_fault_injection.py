@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -31,10 +33,11 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def test_smoke_profile_runs_clean(tmp_path: Path) -> None:
+    # The harness puts its scratch files in /dev/shm (tmpfs) by default: on a real disk every fsync costs milliseconds.
     tiers = "kill,model,errors,badfiles" + (",power" if os.geteuid() == 0 else "")
     report = tmp_path / "report.txt"
     proc = subprocess.run(
-        [sys.executable, "-m", "fault_injection", "run", "--profile", "smoke", "--tiers", tiers, "--workdir", str(tmp_path), "--report", str(report)],
+        [sys.executable, "-m", "fault_injection", "run", "--profile", "smoke", "--tiers", tiers, "--report", str(report)],
         cwd=tmp_path,
         env=_env(),
         capture_output=True,
@@ -89,21 +92,26 @@ def test_a_missing_directory_fsync_is_caught(tmp_path: Path) -> None:
     mutants = [m for m in mutation.find_mutants(package) if m.site == "checkpoints_dir"]
     assert mutants, "the commit's directory fsync site was not found"
     target = mutation.make_mutant(package, mutants[0], str(tmp_path / "mutant"))
+    work = tempfile.mkdtemp(prefix="ckstore-fi-test-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None)
     proc = subprocess.run(
-        [sys.executable, "-m", "fault_injection", "mutant-check", "--workdir", str(tmp_path / "work"), "--power-cycles", "0"],
+        [sys.executable, "-m", "fault_injection", "mutant-check", "--workdir", work, "--power-cycles", "0"],
         cwd=tmp_path,
         env=_env(PYTHONPATH=os.pathsep.join([target, str(REPO)])),
         capture_output=True,
         text=True,
         timeout=300,
     )
+    shutil.rmtree(work, ignore_errors=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result.get("caught_by") == "model", (result, proc.stderr[-2000:])
 
 
-@pytest.mark.parametrize("name", sorted(WORKLOADS))
+@pytest.mark.parametrize("name", sorted(set(WORKLOADS) - {"dvc_publish", "train_resume", "next_save_large"}))
 def test_workloads_run_to_completion(tmp_path: Path, name: str) -> None:
-    """Each workload runs unhooked and leaves a store that passes every invariant."""
+    """Each workload runs unhooked and leaves a store that passes every invariant.
+
+    (The three slow ones, a DVC publish, a training run and 40 MB saves, run in the ci profile.)
+    """
     from fault_injection import _child
     from fault_injection.killpoints import fresh_copy, prepare_template
 
