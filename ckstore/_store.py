@@ -924,6 +924,8 @@ class Store:
         try:
             manifest = self._manifest(name)
         except CheckpointNotFoundError as exc:
+            if not os.path.isdir(directory):
+                return []  # deleted by a writer since it was listed
             return [Problem(step, os.path.join(directory, MANIFEST_NAME), str(exc), "manifest.json", "missing")]
         except IntegrityError as exc:
             return [Problem(step, exc.path, str(exc), exc.expected, exc.actual)]
@@ -943,6 +945,8 @@ class Store:
             present = set()
         for extra in sorted(present - set(manifest.files) - {MANIFEST_NAME}):
             problems.append(Problem(step, os.path.join(directory, extra), "file not listed in the manifest", None, "unlisted file"))
+        if problems and not os.path.isdir(directory):
+            return []  # deleted (by a writer's retention) while being checked: gone, not corrupt
         return problems
 
 

@@ -275,6 +275,11 @@ def read_loop(path, rounds):
             assert torch.equal(state["w"], torch.full_like(state["w"], float(state["step"]))), state["step"]
             assert state["meta"] == {"step": state["step"], "tag": "x" * (state["step"] % 7)}, state["meta"]
             seen.add(state["step"])
+            try:  # the oldest listed is the one retention deletes: gone mid-check is not corrupt
+                problems = store.verify(infos[0].step)
+                assert problems == [], problems
+            except ckstore.CheckpointNotFoundError:
+                pass
             try:
                 old = store.load(step=infos[0].step)  # the oldest listed: often deleted by retention meanwhile
                 assert torch.equal(old["w"], torch.full_like(old["w"], float(infos[0].step)))
