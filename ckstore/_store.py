@@ -181,7 +181,7 @@ class Store:
         self._trash_dir = os.path.join(self._root, TRASH_DIR)
         self._manifest_cache: dict[str, tuple[tuple[int, int, int], Manifest]] = {}
         self._mutex = threading.RLock()
-        self._hash_pool: ThreadPoolExecutor | None = None
+        self._hash_pools: list[ThreadPoolExecutor] = []
         self._pipeline: WritePipeline | None = None
         self._staging = StagingArea()
         self._saver = BackgroundSaver(wait_at_exit=wait_at_exit)
@@ -228,9 +228,9 @@ class Store:
             try:
                 self._saver.raise_unseen()
             finally:
-                if self._hash_pool is not None:
-                    self._hash_pool.shutdown(wait=True)
-                    self._hash_pool = None
+                for pool in self._hash_pools:
+                    pool.shutdown(wait=True)
+                self._hash_pools = []
                 if self._pipeline is not None:
                     self._pipeline.close()
                     self._pipeline = None
@@ -400,7 +400,10 @@ class Store:
         if self.policy.metric is not None:
             return self.policy.metric, self.policy.mode
         for info in reversed(infos):  # the newest manifest records the policy its writer used
-            retention = self._manifest(info.path.name).retention
+            try:
+                retention = self._manifest(info.path.name).retention
+            except CheckpointNotFoundError:
+                continue  # deleted by a writer's retention since it was listed
             if retention is not None:
                 return retention["metric"], retention["mode"]
         return None
@@ -629,10 +632,13 @@ class Store:
         self.stats["write_s"] = time.perf_counter() - started
         return self._resolve_step(step)
 
-    def _pool(self) -> ThreadPoolExecutor:
-        if self._hash_pool is None:
-            self._hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckstore-hash")
-        return self._hash_pool
+    def _pool(self, index: int = 0) -> ThreadPoolExecutor:
+        """One of two single-thread hash executors. A file's batches go to one executor,
+        so they are hashed in order; successive files alternate, so two files can be
+        hashed at once while a third is read."""
+        while len(self._hash_pools) < 2:
+            self._hash_pools.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckstore-hash"))
+        return self._hash_pools[index % 2]
 
     def _writer(self) -> WritePipeline:
         if self._pipeline is None:
@@ -824,7 +830,7 @@ class Store:
         tensors: dict[str, dict[str, torch.Tensor]] = {}
         checks: list[Any] = []  # each file's hash is checked after the next is read, all before any use
         try:
-            for name, entry in manifest.files.items():
+            for index, (name, entry) in enumerate(manifest.files.items()):
                 path = os.path.join(directory, name)
                 try:
                     tensors[name] = read_tensor_file(
@@ -832,7 +838,7 @@ class Store:
                         size=entry.size,
                         expected=entry.hash if verify else None,
                         targets=targets.get(name),
-                        hash_pool=self._pool(),
+                        hash_pool=self._pool(index),
                         deferred=checks,
                     )
                 except IntegrityError:
