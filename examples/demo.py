@@ -235,13 +235,23 @@ def step_early_stopping(demo: Demo) -> None:
     print()
 
 
-# The lead appends the DVC step here (publish .demo/store's best checkpoint, pull it back).
+def step_publish_and_pull(demo: Demo) -> None:
+    print("== 4. publishing the best checkpoint through DVC and pulling it into a fresh clone")
+    from demo_dvc import publish_and_pull  # examples/ is on sys.path when this file runs
+
+    with ckstore.Store(demo.store_path) as store:
+        verified = publish_and_pull(store, "best", workdir=demo.root / "dvc")
+    print(f"   pulled checkpoint verified: {'yes' if verified else 'NO'}")
+    demo.ok &= verified
+
+
 STEPS = [
     step_fresh_start,
     step_interrupted_run,
     step_uninterrupted_run,
     step_compare,
     step_early_stopping,
+    step_publish_and_pull,
 ]
 
 
