@@ -492,7 +492,7 @@ def _materialize(job: PublishJob, tmp: str) -> Manifest:
         entry = manifest.files.get(name)
         try:
             # A hard link costs no space; committed checkpoint files are never written again.
-            os.link(src, dst, follow_symlinks=False)
+            _durable.link(src, dst, site="publish_link")
             linked = True
         except OSError:
             linked = False
