@@ -18,7 +18,8 @@ Commit protocol of :meth:`Store.save` (every step goes through ``_durable``):
 3. Write each tensor file there, fsync it, close it. (Files stream through
    a few reused page-aligned buffers, written with ``O_DIRECT`` where the
    filesystem allows, hashed while they are written, and fsynced by a sync
-   thread while the next file is written; every fsync is done before step 4.
+   thread in batches while later files are written; every fsync is done
+   before step 4.
    With ``incremental=True`` a file whose content hash equals the same file
    of the previous checkpoint this store wrote is hard-linked from it instead:
    its data was fsynced before that checkpoint committed.)

@@ -74,6 +74,11 @@ ITEMSIZE: dict[torch.dtype, int] = {dtype: torch.empty((), dtype=dtype).element_
 #: safetensors refuses headers above this size; so do we.
 MAX_HEADER_SIZE = 100_000_000
 _READ_CHUNK = 16 << 20
+#: Finished files are fsynced in batches of this many: on ext4 every fsync of a
+#: freshly written file commits the journal, which stalls the O_DIRECT writes of
+#: the next file; one commit per batch (the later fsyncs find their inodes
+#: committed) keeps the writes streaming. It also bounds the open descriptors.
+_FSYNC_BATCH = 64
 #: Copies at least this large go through numpy (GIL released), smaller ones through memoryview slices.
 _NUMPY_COPY_MIN = 64 << 10
 
@@ -201,9 +206,10 @@ class WritePipeline:
     chunk buffers of ``chunk`` bytes (many small tensors land in one buffer, so
     10,000 tensors cost a few dozen writes, not 10,000). A writer thread writes
     each buffer with ``O_DIRECT`` where the filesystem allows it while a hash
-    thread hashes the same buffer; a sync thread fsyncs and closes each file
-    once its last write is done, while the next file is being written. A
-    buffer is refilled only after both its write and its hash are finished.
+    thread hashes the same buffer; a sync thread fsyncs and closes finished
+    files in batches (see :data:`_FSYNC_BATCH`), every one before this
+    returns. A buffer is refilled only after both its write and its hash are
+    finished.
     The buffers are allocated once and reused by every save, so a save adds
     at most ``depth * chunk`` bytes to the process's memory. Every system
     call runs outside the GIL, as does BLAKE3 on large buffers.
@@ -250,7 +256,9 @@ class WritePipeline:
             self._slots = [_Slot(self.chunk) for _ in range(self.depth)]
         free = list(self._slots)
         inflight: deque[tuple[_Slot, Future, Future]] = deque()
-        finished: list[tuple[_durable.FileWriter, Hasher, Future]] = []
+        finished: list[tuple[_durable.FileWriter, Hasher]] = []
+        unsynced: list[tuple[Future | None, _durable.FileWriter]] = []
+        batches: list[Future] = []
         writers: list[_durable.FileWriter] = []
 
         def take() -> _Slot:
@@ -290,24 +298,31 @@ class WritePipeline:
                     last = self._submit(writer, hasher, slot, fill, inflight)
                 else:
                     free.append(slot)
-                finished.append((writer, hasher, self._sync.submit(_finish_file, last, writer)))
+                finished.append((writer, hasher))
+                unsynced.append((last, writer))
+                if len(unsynced) >= _FSYNC_BATCH:
+                    batches.append(self._sync.submit(_finish_files, unsynced))
+                    unsynced = []
+            if unsynced:
+                batches.append(self._sync.submit(_finish_files, unsynced))
+                unsynced = []
             while inflight:
                 _, wrote, hashed = inflight.popleft()
                 wrote.result()
                 hashed.result()
-            for _, _, synced in finished:
-                synced.result()
+            for batch in batches:
+                batch.result()
         except BaseException:
             # Drain every thread before the caller sees the error: no buffer or
             # file may still be in use once we return.
             for _, wrote, hashed in inflight:
                 futures_wait([wrote, hashed])
-            futures_wait([synced for _, _, synced in finished])
+            futures_wait(batches)
             for writer in writers:
                 with contextlib.suppress(OSError):
                     writer.close()
             raise
-        return [WrittenFile(writer.offset, HashInfo(algo, hasher.hexdigest())) for writer, hasher, _ in finished]
+        return [WrittenFile(writer.offset, HashInfo(algo, hasher.hexdigest())) for writer, hasher in finished]
 
     def _submit(self, writer: _durable.FileWriter, hasher: Hasher, slot: _Slot, n: int, inflight: deque) -> Future:
         view = slot.view[:n]
@@ -328,13 +343,21 @@ def _write_split(writer: _durable.FileWriter, view: memoryview) -> None:
         writer.write(view)
 
 
-def _finish_file(last_write: Future | None, writer: _durable.FileWriter) -> None:
-    try:
-        if last_write is not None:
-            last_write.result()  # the writes of one file run in order: the last done means all done
-        writer.sync()
-    finally:
-        writer.close()
+def _finish_files(batch: list[tuple[Future | None, _durable.FileWriter]]) -> None:
+    """fsync and close each file once its last write is done; every file is closed, the first error raised."""
+    error: BaseException | None = None
+    for last_write, writer in batch:
+        try:
+            if error is None:
+                if last_write is not None:
+                    last_write.result()  # the writes of one file run in order: the last done means all done
+                writer.sync()
+        except BaseException as exc:
+            error = exc
+        finally:
+            writer.close()
+    if error is not None:
+        raise error
 
 
 def write_tensor_file(
