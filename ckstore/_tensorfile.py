@@ -348,12 +348,16 @@ def _finish_files(batch: list[tuple[Future | None, _durable.FileWriter]]) -> Non
     error: BaseException | None = None
     for last_write, writer in batch:
         try:
+            if last_write is not None:
+                # The writes of one file run in order: the last done means all
+                # done. Wait even after an error: a file is never closed under
+                # a write still in flight.
+                futures_wait([last_write])
+                last_write.result()
             if error is None:
-                if last_write is not None:
-                    last_write.result()  # the writes of one file run in order: the last done means all done
                 writer.sync()
         except BaseException as exc:
-            error = exc
+            error = error or exc
         finally:
             writer.close()
     if error is not None:
