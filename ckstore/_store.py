@@ -289,10 +289,16 @@ class Store:
                     removed = True
             if removed:
                 _durable.sync_dir(self._root, site="recover_root_dir")
-            tags = self._read_tags()
-            live = {tag: entry for tag, entry in tags.items() if self._exists(entry.step)}
-            if live != tags:
-                self._write_tags(live)
+            try:
+                tags = self._read_tags()
+            except (ManifestError, IntegrityError) as exc:
+                # Never block opening the store, and never delete what fails to verify: tag operations
+                # and retention refuse to act on an unreadable tags.json; everything else works.
+                warnings.warn(f"{exc}; tags are unavailable until the file is repaired", CorruptCheckpointWarning, stacklevel=3)
+            else:
+                live = {tag: entry for tag, entry in tags.items() if self._exists(entry.step)}
+                if live != tags:
+                    self._write_tags(live)
         except OSError as exc:
             raise StorageError(f"{self._root}: recovery failed: {exc.strerror or exc}", errno=exc.errno, path=self._root) from exc
 
@@ -939,13 +945,19 @@ class Store:
         except ManifestError as exc:
             return [Problem(step, exc.path or directory, str(exc))]
         problems = []
+        wanted: dict[str, set[str]] = {}
+        for file, key in tensor_refs(manifest.state):
+            wanted.setdefault(file, set()).add(key)
         for file, entry in manifest.files.items():
             path = os.path.join(directory, file)
             try:
                 buffer = read_verified(path, size=entry.size, expected=entry.hash)
-                parse_header(buffer, len(buffer), path)
+                specs, _ = parse_header(buffer, len(buffer), path)
             except IntegrityError as exc:
                 problems.append(Problem(step, exc.path, str(exc), exc.expected, exc.actual))
+                continue
+            for key in sorted(wanted.get(file, set()) - specs.keys()):
+                problems.append(Problem(step, path, f"{path}: tensor {key!r} named by the manifest is not in the file", key, "missing"))
         try:
             present = set(os.listdir(directory))
         except OSError:

@@ -505,3 +505,40 @@ def test_no_pickle_on_disk(store, make_training_state):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         store.load({"model": model, "optimizer": optimizer, "scheduler": scheduler}, step=1)
+
+
+def test_verify_reports_a_tensor_the_manifest_names_but_the_file_lacks(store):
+    import dataclasses
+
+    from ckstore._manifest import parse_manifest
+
+    store.save({"v": torch.ones(2), "w": torch.arange(4.0)}, step=1)
+    path = store.latest().path / "manifest.json"
+    manifest = parse_manifest(path.read_bytes())
+    state = json.loads(json.dumps(manifest.state))
+    state["v"]["key"] = "renamed"
+    path.write_bytes(dataclasses.replace(manifest, state=state).to_json())  # validly re-signed
+    problems = store.verify(1)
+    assert [p.expected for p in problems] == ["renamed"]
+    assert problems[0].path.endswith("v.safetensors")
+    with pytest.raises(ckstore.IntegrityError):
+        store.load(step=1)
+
+
+def test_a_corrupt_tags_file_never_blocks_opening_saving_or_loading(store_path):
+    with ckstore.Store(store_path, keep_last=1) as store:
+        store.save({"w": torch.ones(3)}, step=1, tags=["keep"])
+    tags = store_path / "tags.json"
+    tags.write_bytes(tags.read_bytes().replace(b'"keep"', b'"kept"'))  # checksum no longer matches
+    before = tags.read_bytes()
+    with pytest.warns(ckstore.CorruptCheckpointWarning):
+        store = ckstore.Store(store_path, keep_last=1)
+    with store:
+        with pytest.warns(ckstore.CorruptCheckpointWarning):
+            store.save({"w": torch.zeros(3)}, step=2)  # retention is skipped: which steps are pinned is unknown
+        with pytest.warns(ckstore.CorruptCheckpointWarning):
+            assert [i.step for i in store.checkpoints()] == [1, 2]
+        assert torch.equal(store.load(step=1)["w"], torch.ones(3))
+        with pytest.raises(ckstore.IntegrityError):
+            store.tag(2, "other")
+    assert tags.read_bytes() == before  # nothing that fails to verify is rewritten or deleted
