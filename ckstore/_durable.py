@@ -282,12 +282,15 @@ def remove_tree(path: str | os.PathLike[str], *, site: str) -> None:
     remove_dir(path, site=site)
 
 
-def write_file_atomic(path: str | os.PathLike[str], data: bytes, *, site: str) -> None:
+def write_file_atomic(path: str | os.PathLike[str], data: bytes, *, site: str, durable: bool = True) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves the old or the new content, never a mix.
 
     Temp file in the same directory, write, fsync, close, rename over the
     target, fsync the directory. The temp name starts with ``.`` and contains
-    ``.tmp-`` so recovery can recognise and remove a leftover.
+    ``.tmp-`` so recovery can recognise and remove a leftover. With
+    ``durable=False`` both fsyncs are skipped: a power cut may then bring back
+    the old content or leave an empty file, which suits informational files
+    only (the lock owner's pid and host), never store state.
     """
     path = os.fspath(path)
     parent, name = os.path.split(path)
@@ -295,7 +298,8 @@ def write_file_atomic(path: str | os.PathLike[str], data: bytes, *, site: str) -
     writer = FileWriter(tmp, site=site)
     try:
         writer.write(data)
-        writer.sync()
+        if durable:
+            writer.sync()
     except BaseException:
         writer.close()
         with contextlib.suppress(OSError):
@@ -303,7 +307,8 @@ def write_file_atomic(path: str | os.PathLike[str], data: bytes, *, site: str) -
         raise
     writer.close()
     rename(tmp, path, site=site, replace=True)
-    sync_dir(parent or ".", site=site + "_dir")
+    if durable:
+        sync_dir(parent or ".", site=site + "_dir")
 
 
 def is_temp_name(name: str) -> bool:

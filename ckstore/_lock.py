@@ -49,7 +49,9 @@ class WriterLock:
             raise StorageError(f"{self.path}: cannot take the writer lock: {exc.strerror or exc}", errno=exc.errno, path=self.path) from exc
         owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
         try:
-            _durable.write_file_atomic(os.path.join(self.root, OWNER_NAME), json.dumps(owner).encode(), site="lock_owner")
+            # Informational only (who holds the lock): the OS lock itself is what excludes other
+            # writers, so this file needs no fsync; a power cut releases the lock anyway.
+            _durable.write_file_atomic(os.path.join(self.root, OWNER_NAME), json.dumps(owner).encode(), site="lock_owner", durable=False)
         except BaseException as exc:
             self._lock.release()
             if isinstance(exc, OSError):

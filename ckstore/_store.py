@@ -275,20 +275,15 @@ class Store:
 
     def _recover(self) -> None:
         """Remove leftovers of interrupted saves and deletes. Caller holds the writer lock."""
+        # The removals below are not fsynced on purpose: if a power cut undoes one, the leftover
+        # is still invisible to readers and the next recovery removes it again.
         try:
             for sub, site in ((self._staging_dir, "recover_staging"), (self._trash_dir, "recover_trash")):
-                leftovers = os.listdir(sub)
-                for name in leftovers:
+                for name in os.listdir(sub):
                     _durable.remove_tree(os.path.join(sub, name), site=site)
-                if leftovers:
-                    _durable.sync_dir(sub, site=site + "_dir")
-            removed = False
             for name in os.listdir(self._root):
                 if _durable.is_temp_name(name):
                     _durable.unlink(os.path.join(self._root, name), site="recover_temp")
-                    removed = True
-            if removed:
-                _durable.sync_dir(self._root, site="recover_root_dir")
             try:
                 tags = self._read_tags()
             except (ManifestError, IntegrityError) as exc:
