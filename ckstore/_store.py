@@ -64,6 +64,7 @@ import errno
 import os
 import re
 import secrets
+import sys
 import threading
 import time
 import warnings
@@ -215,11 +216,20 @@ class Store:
         self.close()
 
     def close(self) -> None:
-        """Wait for a background save, release the writer lock and the threads. Idempotent.
+        """Wait for a background save and queued publishes, release the writer lock and the threads. Idempotent.
 
         Raises AsyncSaveError (after releasing everything) if the background
-        save failed and no earlier call reported it.
+        save failed and no earlier call reported it; likewise DvcError for a
+        publish of this store that failed unseen.
         """
+        dvc = sys.modules.get("ckstore._dvc")  # loaded only once something was published
+        try:
+            if dvc is not None and not self._closed:
+                dvc.wait(self)
+        finally:
+            self._close()
+
+    def _close(self) -> None:
         with self._save_gate:
             self._saver.wait()
         with self._mutex:

@@ -562,3 +562,19 @@ def test_sigkill_at_each_publish_stage_then_rerun_or_recover_completes(tmp_path,
     dvc("pull", "models/best.dvc", cwd=clone, env=env)
     assert os.listdir(clone / "models" / "best" / "checkpoints") == [f"step-{steps[-1]:08d}"]
     ck("verify", "models/best", cwd=clone, env=env)
+
+
+def test_close_waits_for_queued_publishes_and_raises_an_unseen_failure(tmp_path, env):
+    repo, _ = make_repo(tmp_path, env)
+    dvc("remote", "modify", "origin", "url", str(tmp_path / "blocker" / "remote"), cwd=repo, env=env)
+    (tmp_path / "blocker").write_text("a file where the remote's parent directory should be")
+    store = ckstore.Store(tmp_path / "run", metric="val_loss")
+    train(store, steps=(1,), losses=(0.1,))
+    pub = store.publish(1, name="one", repo=repo)  # queued; close() must not drop it or its failure
+    with pytest.raises(ckstore.DvcError, match="push"):
+        store.close()
+    assert pub.done()
+    with pytest.raises(ckstore.InvalidArgumentError, match="closed"):
+        store.save({"w": torch.ones(1)}, step=2)
+    with ckstore.Store(tmp_path / "run") as again:  # the lock was released despite the failure
+        assert [i.step for i in again.checkpoints()] == [1]
