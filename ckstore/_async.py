@@ -41,25 +41,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._errors import AsyncSaveError, StateError
-from ._tensorfile import DTYPE_NAMES, flat_bytes
+from ._errors import AsyncSaveError
+from ._tensorfile import flat_bytes
 
 _ALIGN = 64  # every staged tensor starts on a cache line
-
-
-def check_tensor(tensor: torch.Tensor, key: str) -> torch.Tensor:
-    """Validate a tensor for storage without copying it (the staging copy is the only one).
-
-    Non-contiguous, conjugate and negative views are fine: the staging copy
-    materialises them, as ``prepare_tensor`` would with a copy of its own.
-    """
-    if tensor.layout != torch.strided:
-        raise StateError(f"{key}: {tensor.layout} tensors are not supported; convert with .to_dense()", key=key)
-    if tensor.is_quantized:
-        raise StateError(f"{key}: quantized tensors are not supported", key=key)
-    if tensor.dtype not in DTYPE_NAMES:
-        raise StateError(f"{key}: dtype {tensor.dtype} has no safetensors encoding", key=key)
-    return tensor.detach()
 
 
 class StagingArea:

@@ -77,7 +77,7 @@ from typing import Any
 import torch
 
 from . import _durable
-from ._async import AsyncSave, BackgroundSaver, StagingArea, check_tensor
+from ._async import AsyncSave, BackgroundSaver, StagingArea
 from ._errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -93,7 +93,7 @@ from ._manifest import MANIFEST_NAME, FileEntry, Manifest, check_metrics, parse_
 from ._retention import RetentionPolicy, rank_best, select_kept
 from ._state import MARK, Encoded, decode_state, encode_state, tensor_refs
 from ._tags import TAGS_NAME, TagEntry, check_tag_name, dump_tags, parse_tags
-from ._tensorfile import WritePipeline, WrittenFile, parse_header, prepare_tensor, read_one_tensor, read_tensor_file, read_verified
+from ._tensorfile import WritePipeline, WrittenFile, check_tensor, parse_header, prepare_tensor, read_one_tensor, read_tensor_file, read_verified
 
 CHECKPOINTS_DIR = "checkpoints"
 STAGING_DIR = ".staging"

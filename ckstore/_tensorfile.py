@@ -103,15 +103,24 @@ def flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
     return flat.view(torch.uint8)
 
 
-def prepare_tensor(tensor: torch.Tensor, key: str) -> torch.Tensor:
-    """A detached, dense, contiguous CPU tensor with the same values, or a StateError naming ``key``."""
+def check_tensor(tensor: torch.Tensor, key: str) -> torch.Tensor:
+    """Validate a tensor for storage without copying it; return it detached.
+
+    Used as is when a staging copy follows (async saves), which materialises
+    non-contiguous, conjugate and negative views as ``prepare_tensor`` does.
+    """
     if tensor.layout != torch.strided:
         raise StateError(f"{key}: {tensor.layout} tensors are not supported; convert with .to_dense()", key=key)
     if tensor.is_quantized:
         raise StateError(f"{key}: quantized tensors are not supported", key=key)
     if tensor.dtype not in DTYPE_NAMES:
         raise StateError(f"{key}: dtype {tensor.dtype} has no safetensors encoding", key=key)
-    tensor = tensor.detach()
+    return tensor.detach()
+
+
+def prepare_tensor(tensor: torch.Tensor, key: str) -> torch.Tensor:
+    """A detached, dense, contiguous CPU tensor with the same values, or a StateError naming ``key``."""
+    tensor = check_tensor(tensor, key)
     if tensor.is_conj():
         tensor = tensor.resolve_conj()
     if tensor.is_neg():
@@ -467,16 +476,8 @@ def read_verified(path: str, *, size: int, expected: HashInfo | None) -> bytearr
     The bytes returned are the bytes hashed: nothing can change between the
     check and the use.
     """
+    fd, _ = _open_checked(path, size)
     try:
-        fd = open_regular(path)
-    except FileNotFoundError:
-        raise IntegrityError(f"{path}: file listed in the manifest is missing", path=path, expected=size, actual="missing") from None
-    except OSError as exc:
-        raise IntegrityError(f"{path}: cannot open ({exc.strerror})", path=path, expected="readable file", actual=exc.strerror) from None
-    try:
-        actual_size = os.fstat(fd).st_size
-        if actual_size != size:
-            raise IntegrityError(f"{path}: size {actual_size} bytes, manifest says {size} (torn or altered file)", path=path, expected=size, actual=actual_size)
         buffer = bytearray(size)
         view = memoryview(buffer)
         hasher = new_hasher(expected.algo) if expected is not None else None
