@@ -45,7 +45,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "kill_stride": {"*": 1, "train_resume": 8, "dvc_publish": 8},
         "random_cycles": 20,
         "random_scale": 1 << 19,
-        "model_workloads": ALL_WORKLOADS,
+        # + ckstore's own steps of a DVC publish (materialize, copy, swap) and of a pull (install, swap)
+        "model_workloads": ALL_WORKLOADS + ["publish_swap", "pull_install"],
         "random_subsets": 12,
         "power_fs": ["ext4", "xfs", "btrfs"],
         "power_cycles": 50,
@@ -61,7 +62,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "kill_stride": {"*": 1},
         "random_cycles": 300,
         "random_scale": 1 << 20,
-        "model_workloads": ALL_WORKLOADS,
+        "model_workloads": ALL_WORKLOADS + ["publish_swap", "pull_install"],
         "random_subsets": 60,
         "power_fs": ["ext4", "xfs", "btrfs"],
         "power_cycles": 1000,

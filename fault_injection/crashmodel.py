@@ -222,9 +222,12 @@ class Recorder:
         # "close" changes nothing on disk
 
 
-def record(workload: Workload, workdir: str) -> tuple[Tree, int, list[Op], list[int]]:
-    """Run ``workload`` once with the recording hook; return the base tree, its root inode, the trace and base steps."""
-    template, base_steps = prepare_template(workload, workdir)
+def record(workload: Workload, workdir: str, prepared: tuple[str, list[int]] | None = None) -> tuple[Tree, int, list[Op], list[int]]:
+    """Run ``workload`` once with the recording hook; return the base tree, its root inode, the trace and base steps.
+
+    ``prepared``: a template and its steps from :func:`prepare_template` to reuse instead of preparing again.
+    """
+    template, base_steps = prepared or prepare_template(workload, workdir)
     base = os.path.join(workdir, f"recorded-{workload.name}")
     shutil.rmtree(base, ignore_errors=True)
     shutil.copytree(template, base, symlinks=True)
@@ -325,10 +328,11 @@ def run_workload(
     exhaustive: int = EXHAUSTIVE,
     max_states: int | None = None,
     stop_on_violation: bool = False,
+    prepared: tuple[str, list[int]] | None = None,
 ) -> Row:
     row = Row("2 crash model", workload.name)
     start = time.monotonic()
-    tree, base_ino, ops, base_steps = record(workload, workdir)
+    tree, base_ino, ops, base_steps = record(workload, workdir, prepared)
     rng = random.Random(seed)
     seen: set[str] = set()
     states_dir = os.path.join(workdir, "model-state")
@@ -360,11 +364,28 @@ def run_workload(
     return row
 
 
-def run_tier(workdir: str, *, workloads: list[str], random_subsets: int, seed: int, exhaustive: int = EXHAUSTIVE, stop_on_violation: bool = False) -> list[Row]:
+def run_tier(
+    workdir: str,
+    *,
+    workloads: list[str],
+    random_subsets: int,
+    seed: int,
+    exhaustive: int = EXHAUSTIVE,
+    stop_on_violation: bool = False,
+    prepared: dict[str, tuple[str, list[int]]] | None = None,
+) -> list[Row]:
     rows = []
     for n, name in enumerate(workloads):
         rows.append(
-            run_workload(WORKLOADS[name], workdir, random_subsets=random_subsets, seed=seed + n, exhaustive=exhaustive, stop_on_violation=stop_on_violation)
+            run_workload(
+                WORKLOADS[name],
+                workdir,
+                random_subsets=random_subsets,
+                seed=seed + n,
+                exhaustive=exhaustive,
+                stop_on_violation=stop_on_violation,
+                prepared=(prepared or {}).get(name),
+            )
         )
         if stop_on_violation and rows[-1].violations:
             break

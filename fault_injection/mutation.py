@@ -12,7 +12,11 @@ temp directory and one statement is replaced there, textually:
 
 The replacement statement records that it was reached. A fresh interpreter
 runs tier 2 (then, if that found nothing, tier 3 on ext4) against the copy via
-``PYTHONPATH`` and stops at the first violation. A mutant is *caught* when a
+``PYTHONPATH`` and stops at the first violation. Tier 2 runs only the
+workloads of :data:`MODEL_WORKLOADS` whose run executes the mutated line (a
+quick unrecorded pass finds them): any other one runs unmutated code. The
+DVC workloads (``publish_swap``, ``pull_install``) reach the publish and pull
+sites; their starting repositories are built once by the parent. A mutant is *caught* when a
 violation is found. One that no workload reaches (a write path without a
 workload yet) is reported as not exercised. A reached mutant that survives is
 listed with the site, for a person to judge: either the harness is blind
@@ -35,6 +39,7 @@ import ckstore
 from .report import Row
 
 REACHED_ENV = "FI_MUTANT_REACHED"
+TEMPLATES_ENV = "FI_MUTANT_TEMPLATES"
 MARKER = f'__import__("os").environ.__setitem__("{REACHED_ENV}", "1")'
 
 _DURABLE_FSYNC = re.compile(r"^os\.fsync\([^()]*\)$")
@@ -126,7 +131,7 @@ def run_tier(workdir: str, *, power_cycles: int, timeout: float = 300, jobs: int
 
     def launch(i: int) -> None:
         target = make_mutant(package_dir, mutants[i], os.path.join(workdir, f"mutant-{i}"))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([target, repo_root]))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([target, repo_root]), **{TEMPLATES_ENV: json.dumps(templates)})
         env.pop(REACHED_ENV, None)
         work = os.path.join(workdir, f"mutant-{i}-work")
         os.makedirs(work, exist_ok=True)
@@ -135,6 +140,14 @@ def run_tier(workdir: str, *, power_cycles: int, timeout: float = 300, jobs: int
         running[i] = (subprocess.Popen(cmd, env=env, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), time.monotonic())
 
     subsumed = subsumed_sites(workdir)
+    # The DVC workloads' starting points (a git + DVC repository, a publish, a clone) take seconds to
+    # build: build them once, with the unmutated package (they are set-up, not the code under test),
+    # and let every mutant's check copy them.
+    from .killpoints import prepare_template
+    from .workloads import WORKLOADS
+
+    shared = os.path.join(workdir, "shared-templates")
+    templates = {name: prepare_template(WORKLOADS[name], shared) for name in SHARED_TEMPLATES}
     while queue or running:
         while queue and len(running) < jobs:
             launch(queue.pop(0))
@@ -207,23 +220,44 @@ def subsumed_sites(workdir: str) -> dict[str, str]:
     return {site: later for site, later in verdict.items() if later is not None}
 
 
+#: The crash-model workloads a mutant is checked against: the store's write paths, then ckstore's own
+#: steps of a DVC publish (materialize + swap, files copied) and of a pull (install + swap).
+MODEL_WORKLOADS = ["first_save", "next_save", "retention", "tag_update", "second_writer", "recover_leftovers", "gc_delete", "publish_swap", "pull_install"]
+
+#: Workloads whose templates the parent builds once for all mutants.
+SHARED_TEMPLATES = ("publish_swap", "pull_install")
+
+
 def mutant_check(workdir: str, *, power_cycles: int) -> dict:
     """Run inside the mutant's interpreter: tier 2, then tier 3 on ext4, stopping at the first violation."""
     from . import crashmodel, powercut
 
     os.makedirs(workdir, exist_ok=True)
-    names = ["first_save", "next_save", "retention", "tag_update", "second_writer", "recover_leftovers", "gc_delete"]
+    names = MODEL_WORKLOADS
     # A quick pass first: a mutant none of these workloads reaches needs no crash-state enumeration.
     from .killpoints import fresh_copy, prepare_template
     from .workloads import WORKLOADS, run_in_process_variant
 
+    given = {name: (template, list(steps)) for name, (template, steps) in json.loads(os.environ.get(TEMPLATES_ENV, "{}")).items()}
+    if given:  # git and DVC of this check get their own HOME and caches (the templates are only read)
+        from .publish import hermetic_env
+
+        os.environ.update(hermetic_env(workdir))
+    prepared, reaching = {}, []
     for name in names:
         workload = WORKLOADS[name]
-        template, _ = prepare_template(workload, workdir)
-        run_in_process_variant(workload)(fresh_copy(template, workdir, "reach"), lambda kind, value: None, workload.scale)
-    if os.environ.get(REACHED_ENV) != "1":
+        # The templates are reused by the model pass below (the DVC ones take seconds to build).
+        prepared[name] = given.get(name) or prepare_template(workload, os.path.join(workdir, "templates"))
+        os.environ.pop(REACHED_ENV, None)  # count only the run (a preparation may pass the site too)
+        run_in_process_variant(workload)(fresh_copy(prepared[name][0], workdir, "reach"), lambda kind, value: None, workload.scale)
+        if os.environ.get(REACHED_ENV) == "1":
+            reaching.append(name)
+    if not reaching:
+        os.environ.pop(REACHED_ENV, None)
         return {"caught_by": None, "reached": False}
-    rows = crashmodel.run_tier(workdir, workloads=names, random_subsets=2, seed=0, exhaustive=4, stop_on_violation=True)
+    os.environ[REACHED_ENV] = "1"
+    # A workload that never runs the mutated line runs exactly the unmutated code: it cannot notice.
+    rows = crashmodel.run_tier(workdir, workloads=reaching, random_subsets=2, seed=0, exhaustive=4, stop_on_violation=True, prepared=prepared)
     found = [r for r in rows if r.violations]
     if found:
         return {"caught_by": "model", "reached": True, "example": found[0].examples[0]}

@@ -425,6 +425,10 @@ def _register_later_write_paths() -> None:
     from .publish import PUBLISH  # the DVC publish path (imports this module, hence the late import)
 
     WORKLOADS[PUBLISH.name] = PUBLISH
+    from .dvcmodel import PUBLISH_SWAP, PULL_INSTALL  # ckstore's own steps of publish and pull, for the crash model
+
+    WORKLOADS[PUBLISH_SWAP.name] = PUBLISH_SWAP
+    WORKLOADS[PULL_INSTALL.name] = PULL_INSTALL
 
 
 _register_later_write_paths()

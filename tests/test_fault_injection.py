@@ -87,10 +87,12 @@ def test_model_rename_needs_both_directories_fsynced() -> None:
     assert {} in variants and {0: "full", 3: "full"} in variants
 
 
-def test_a_missing_directory_fsync_is_caught(tmp_path: Path) -> None:
+@pytest.mark.parametrize("site", ["checkpoints_dir", "publish_swap_dir"])
+def test_a_missing_directory_fsync_is_caught(tmp_path: Path, site: str) -> None:
+    """A save's directory fsync, and the publish swap's (reached by the ``publish_swap`` DVC workload)."""
     package = os.path.dirname(ckstore.__file__)
-    mutants = [m for m in mutation.find_mutants(package) if m.site == "checkpoints_dir"]
-    assert mutants, "the commit's directory fsync site was not found"
+    mutants = [m for m in mutation.find_mutants(package) if m.site == site]
+    assert mutants, f"the directory fsync site {site} was not found"
     target = mutation.make_mutant(package, mutants[0], str(tmp_path / "mutant"))
     work = tempfile.mkdtemp(prefix="ckstore-fi-test-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None)
     proc = subprocess.run(
@@ -116,9 +118,14 @@ def test_workloads_run_to_completion(tmp_path: Path, name: str) -> None:
     from fault_injection.killpoints import fresh_copy, prepare_template
 
     workload = WORKLOADS[name]
-    template, base_steps = prepare_template(workload, str(tmp_path))
-    root = fresh_copy(template, str(tmp_path), "run")
-    result = _child.fork_workload(workload, root)
-    assert result.ok, result.error
-    assert result.events and result.events > 10
-    assert check_store(root, workload, result.acks, base_steps) == []
+    saved = dict(os.environ)  # the DVC workloads' preparation points HOME and DVC's caches at tmp_path
+    try:
+        template, base_steps = prepare_template(workload, str(tmp_path))
+        root = fresh_copy(template, str(tmp_path), "run")
+        result = _child.fork_workload(workload, root)
+        assert result.ok, result.error
+        assert result.events and result.events > 10
+        assert check_store(root, workload, result.acks, base_steps) == []
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
