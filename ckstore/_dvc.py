@@ -516,6 +516,23 @@ def _swap(job: PublishJob, tmp: str, old: str) -> None:
         _remove(old, site="publish_swap_cleanup")
 
 
+def _sweep_old_versions(job: PublishJob) -> None:
+    """Remove earlier versions of ``job.name`` that a swap moved aside.
+
+    A swap removes the old version without an fsync (it is garbage once the new
+    one is in place), so a crash can bring it back after the journal has moved
+    on; recovery has finished any swap by now, so what is left is garbage.
+    """
+    prefix = f".{job.name}.ckstore-old-"
+    try:
+        names = os.listdir(job.dest_dir)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if name.startswith(prefix):
+            _remove(os.path.join(job.dest_dir, name), site="publish_swap_cleanup")
+
+
 #: What may sit in a published directory: the checkpoint, and what opening it as a store adds.
 _ALIAS_ENTRIES = frozenset({CHECKPOINTS_DIR, ".staging", ".trash", ".ckstore.lock", ".ckstore.lock.owner", "tags.json"})
 
@@ -619,6 +636,7 @@ def run_publish(job: PublishJob) -> PublishResult:
     _import_dvc()
     with _repo_lock(job.repo):
         _recover_locked(job.repo)
+        _sweep_old_versions(job)
         _check_alias(job)
         _ensure_dvcignore(job.repo)
         os.makedirs(job.dest_dir, exist_ok=True)

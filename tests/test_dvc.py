@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -578,3 +579,19 @@ def test_close_waits_for_queued_publishes_and_raises_an_unseen_failure(tmp_path,
         store.save({"w": torch.ones(1)}, step=2)
     with ckstore.Store(tmp_path / "run") as again:  # the lock was released despite the failure
         assert [i.step for i in again.checkpoints()] == [1]
+
+
+def test_publish_sweeps_an_old_version_a_crash_brought_back(tmp_path, env):
+    repo, _ = make_repo(tmp_path, env)
+    with ckstore.Store(tmp_path / "run", metric="val_loss") as store:
+        train(store, steps=(1, 2), losses=(0.2, 0.1))
+        store.publish(1, name="best", repo=repo, wait=True)
+        # The swap's removal of the previous version is not fsynced; a power cut can bring it back.
+        stale = repo / "models" / ".best.ckstore-old-deadbeef"
+        shutil.copytree(repo / "models" / "best", stale)
+        other = repo / "models" / ".other.ckstore-old-deadbeef"
+        other.mkdir()
+        store.publish(2, name="best", repo=repo, wait=True)
+    assert not stale.exists()
+    assert other.exists()  # another name's leftovers are that name's publish to sweep
+    assert os.listdir(repo / "models" / "best" / "checkpoints") == ["step-00000002"]
