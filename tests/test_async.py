@@ -169,8 +169,12 @@ def hook(op, phase, p, info):
     if mode.startswith("kill-at-") and op == mode[8:] and phase == "before" and threading.current_thread() is not main:
         print("POINT", op, info.get("site"), flush=True)
         time.sleep(60)  # the parent SIGKILLs us here
-    if mode in ("exit-raise", "no-wait") and op == "write" and phase == "before":
+    if mode == "exit-raise" and op == "write" and phase == "before":
         time.sleep(0.1)  # a slow disk: the save is still running when main returns
+    if mode == "no-wait" and op == "write" and phase == "before" and threading.current_thread() is not main:
+        # A write that outlasts any interpreter shutdown: with the opt-out the process exits without
+        # it (the save is abandoned); were the exit to wait, step 2 would be committed and seen.
+        time.sleep(20)
 
 import threading
 main = threading.main_thread()
