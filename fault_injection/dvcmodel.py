@@ -41,7 +41,7 @@ from typing import Any
 import ckstore
 
 from .publish import _dvc as _dvc_cli
-from .publish import _sh, hermetic_env
+from .publish import _sh, hermetic_env, store_with_two_steps
 from .workloads import Workload, expected_state, same_state
 
 #: Elements per tensor row: a few KB per checkpoint.
@@ -92,12 +92,7 @@ def _publish_job(root: str, step: int) -> Any:
 def _prepare_publish(root: str, scale: int) -> None:
     from ckstore import _dvc
 
-    base = os.path.dirname(root)
-    os.environ.update(hermetic_env(os.path.dirname(base)))
-    with ckstore.Store(root) as store:
-        for step in (1, 2):
-            store.save(expected_state(step, scale), step=step)
-    repo = os.path.join(base, "repo")
+    _, repo = store_with_two_steps(root, scale)
     os.makedirs(os.path.join(repo, "models"))
     os.makedirs(_dvc._journal_dir(repo))  # the publish lock lives here (created outside _durable)
     _sh(["git", "init", "-q", "-b", "main"], repo)

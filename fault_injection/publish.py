@@ -61,13 +61,18 @@ def _dvc(args: list[str], cwd: str) -> str:
     return _sh([sys.executable, "-m", "dvc", *args], cwd)
 
 
-def _prepare(root: str, scale: int) -> None:
+def store_with_two_steps(root: str, scale: int) -> tuple[str, str]:
+    """Hermetic env, a store at ``root`` holding steps 1 and 2, and the path its repository will use."""
     base = os.path.dirname(root)
     os.environ.update(hermetic_env(os.path.dirname(base)))
     with ckstore.Store(root) as store:
         for step in (1, 2):
             store.save(expected_state(step, scale), step=step)
-    repo = os.path.join(base, "repo")
+    return base, os.path.join(base, "repo")
+
+
+def _prepare(root: str, scale: int) -> None:
+    base, repo = store_with_two_steps(root, scale)
     os.makedirs(repo)
     os.makedirs(os.path.join(base, "remote"))
     _sh(["git", "init", "-q", "-b", "main"], repo)

@@ -159,16 +159,7 @@ def _memory_dir(prefix: str) -> str | None:
 @pytest.fixture(scope="session")
 def fast_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Session-wide tmpfs directory (see ``fast_path``) for module-scoped fixtures; removed at the end."""
-    directory = _memory_dir("ckstore-session-")
-    if directory is None:
-        yield tmp_path_factory.mktemp("fast")
-        return
-    try:
-        yield Path(directory)
-    finally:
-        import shutil
-
-        shutil.rmtree(directory, ignore_errors=True)
+    yield from _memory_or("ckstore-session-", lambda: tmp_path_factory.mktemp("fast"))
 
 
 @pytest.fixture
@@ -179,9 +170,14 @@ def fast_path(tmp_path: Path) -> Iterator[Path]:
     injection through hooks, SIGKILL, property tests): fsync on tmpfs returns at
     once, so a busy CI disk does not set their pace. Tests of real I/O use ``tmp_path``.
     """
-    directory = _memory_dir("ckstore-test-")
+    yield from _memory_or("ckstore-test-", lambda: tmp_path)
+
+
+def _memory_or(prefix: str, fallback) -> Iterator[Path]:
+    """Yield a new tmpfs directory (removed afterwards), or ``fallback()`` where there is no tmpfs."""
+    directory = _memory_dir(prefix)
     if directory is None:
-        yield tmp_path
+        yield fallback()
         return
     try:
         yield Path(directory)
