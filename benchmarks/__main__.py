@@ -47,6 +47,11 @@ from ckstore import _tensorfile
 MiB = 1 << 20
 GiB = 1 << 30
 CHUNK = 16 * MiB
+#: The stall's reference: a memcpy of the state into existing host buffers
+#: (one thread), or on a GPU the device-to-host copy into existing pinned memory.
+MEMCPY = "memcpy into existing buffers (1 thread)"
+#: Pause after the ``sync`` that precedes every timed case (see ``Bench.settle``).
+SETTLE_S = 0.3
 
 # ---------------------------------------------------------------- machine
 
@@ -139,7 +144,12 @@ class Bench:
         self.block = mmap.mmap(-1, CHUNK)
         self.block.write(os.urandom(MiB) * (CHUNK // MiB))
         self.read_buffer = torch.zeros(self.size, dtype=torch.uint8)
+        self.device = next(iter(self.tensors.values())).device
         self.copy_targets = {k: torch.zeros_like(v) for k, v in self.tensors.items()}
+        # On a GPU the stall's floor is a device-to-host copy into existing pinned memory.
+        self.host_targets = (
+            {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True) for k, v in self.tensors.items()} if self.device.type == "cuda" else None
+        )
         self.load_targets = {"model": {k: torch.zeros_like(v) for k, v in self.tensors.items()}}
         self.store = ckstore.Store(os.path.join(directory, "ckstore"))
         self.nohash = ckstore.Store(os.path.join(directory, "ckstore-nohash"))
@@ -159,8 +169,20 @@ class Bench:
     def record(self, name: str, seconds: float) -> None:
         self.times[name].append(seconds)
 
-    def timed(self, name: str, fn: Callable[[], Any]) -> Any:
+    def settle(self) -> None:
+        """Start every timed case from the same quiet disk.
+
+        Without this a case pays for its predecessor: the journal commit of
+        the 1 GiB of files the previous case deleted, or the write-back of
+        its page cache, lands in the next case's first fsync. Every case,
+        probe and peers included, gets the same treatment.
+        """
         gc.collect()
+        os.sync()
+        time.sleep(SETTLE_S)
+
+    def timed(self, name: str, fn: Callable[[], Any]) -> Any:
+        self.settle()
         start = time.perf_counter()
         out = fn()
         self.record(name, time.perf_counter() - start)
@@ -205,6 +227,15 @@ class Bench:
             os.close(fd)
 
     def memcpy_probe(self) -> None:
+        if self.host_targets is not None:
+
+            def d2h() -> None:
+                for key, src in self.tensors.items():
+                    self.host_targets[key].copy_(src, non_blocking=True)
+                torch.cuda.synchronize()
+
+            self.timed(MEMCPY, d2h)
+            return
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
@@ -213,11 +244,20 @@ class Bench:
                 for key, src in self.tensors.items():
                     self.copy_targets[key].copy_(src)
 
-            self.timed("memcpy into existing buffers (1 thread)", run)
+            self.timed(MEMCPY, run)
         finally:
             torch.set_num_threads(threads)
 
     # -- peers
+
+    def peer(self, case: Callable[[], None]) -> None:
+        """Run a peer's case; a peer that fails here (a torch build without DCP, say) is reported, not fatal."""
+        try:
+            case()
+        except Exception as exc:  # noqa: BLE001 - the report names it
+            note = f"{case.__name__} failed: {type(exc).__name__}: {str(exc)[:200]}"
+            if note not in self.notes:
+                self.notes.append(note)
 
     def torch_save(self) -> None:
         path = os.path.join(self.dir, "torch.pt")
@@ -262,6 +302,7 @@ class Bench:
         shutil.rmtree(path, ignore_errors=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            self.settle()
             start = time.perf_counter()
             future = dcp.async_save(self.tensors, checkpoint_id=path)
             stall = time.perf_counter() - start
@@ -297,6 +338,7 @@ class Bench:
     def ckstore_async(self) -> None:
         step = self.step + 1
         self.step = step
+        self.settle()
         start = time.perf_counter()
         handle = self.store.save(self.state, step=step, blocking=False)
         stall = time.perf_counter() - start
@@ -328,9 +370,11 @@ class Bench:
             ("raw read", self.raw_read),
             ("ckstore load into model", lambda: self.store.load(self.load_targets, step=step)),
             ("ckstore load into model, verify=False", lambda: self.store.load(self.load_targets, step=step, verify=False)),
-            ("torch.load + copy_", torch_load),
-            ("safetensors load_file + copy_", st_load),
         ]
+        if "torch" in self.files:
+            loaders.append(("torch.load + copy_", torch_load))
+        if "safetensors" in self.files:
+            loaders.append(("safetensors load_file + copy_", st_load))
         for cold in [True, False] if self.cold else [False]:
             for name, fn in loaders:
                 if cold:
@@ -352,7 +396,8 @@ class Bench:
             with safetensors.safe_open(self.files["safetensors"], framework="pt") as fh:
                 fh.get_tensor(key)
 
-        self.timed(f"safetensors safe_open one tensor {'cold' if self.cold else 'warm'}", st_one)
+        if "safetensors" in self.files:
+            self.timed(f"safetensors safe_open one tensor {'cold' if self.cold else 'warm'}", st_one)
 
     def cleanup_rep(self) -> None:
         for name in ("probe", "torch", "safetensors"):
@@ -379,7 +424,7 @@ def _human(tensor: torch.Tensor) -> str:
 TARGETS = {
     # case: (reference case, target ratio for the mixed state, for the small state)
     "ckstore save (sync)": ("write limit (O_DIRECT 16 MiB + fsync)", 1.15, 1.5),
-    "ckstore save(blocking=False) stall": ("memcpy into existing buffers (1 thread)", 1.2, 1.2),
+    "ckstore save(blocking=False) stall": (MEMCPY, 1.2, 1.2),
     "ckstore background save total": ("ckstore save (sync)", 1.2, 1.2),
     "ckstore load into model cold": ("raw read cold", 1.2, 1.2),
     "ckstore load into model warm": ("raw read warm", 1.1, 1.1),
@@ -390,7 +435,7 @@ def reference_for(case: str) -> str | None:
     if case in TARGETS:
         return TARGETS[case][0]
     if "stall" in case:
-        return "memcpy into existing buffers (1 thread)"
+        return MEMCPY
     if case.endswith("cold") and "one" not in case:
         return "raw read cold"
     if case.endswith("warm") and "one" not in case:
@@ -429,13 +474,20 @@ def report(bench: Bench, small: bool) -> dict[str, Any]:
         print(f"ckstore sync save vs fastest peer ({best}): {sync / med[best]:.2f}x ({'faster than every peer' if sync < med[best] else 'NOT faster than every peer'})")
     if not bench.cold:
         print("(not root: cold-cache cases skipped; loads are warm only)")
+    for note in bench.notes:
+        print(f"note: {note}")
+    if bench.device.type == "cuda":
+        print(f"(on {bench.device}: the '{MEMCPY}' row is the device-to-host copy into existing pinned host memory)")
     return {"label": bench.label, "bytes": bench.size, "tensors": len(bench.tensors), "times": dict(bench.times), "medians": med, **extra}
 
 
 # ---------------------------------------------------------------- main
 
 
-def run_state(directory: str, label: str, state: dict[str, Any], reps: int, small: bool) -> dict[str, Any]:
+def run_state(directory: str, label: str, state: dict[str, Any], reps: int, small: bool, device: str = "cpu") -> dict[str, Any]:
+    if device != "cpu":
+        state = {"model": {k: v.to(device) for k, v in state["model"].items()}}
+        label += f" on {device}"
     path = os.path.join(directory, label.split()[0])
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path)
@@ -445,13 +497,13 @@ def run_state(directory: str, label: str, state: dict[str, Any], reps: int, smal
             print(f"  {label}: repetition {rep + 1}/{reps}", file=sys.stderr, flush=True)
             bench.write_probe()
             bench.memcpy_probe()
-            bench.torch_save()
+            bench.peer(bench.torch_save)
             bench.ckstore_sync()
-            bench.safetensors_save()
+            bench.peer(bench.safetensors_save)
             bench.ckstore_nohash()
-            bench.dcp_save()
+            bench.peer(bench.dcp_save)
             bench.ckstore_async()
-            bench.dcp_async_save()
+            bench.peer(bench.dcp_async_save)
             bench.load_cases()
             bench.cleanup_rep()
         return report(bench, small)
@@ -469,6 +521,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=["mixed", "small"], help="run one state only")
     parser.add_argument("--dir", default=".bench", help="scratch directory on the filesystem to measure (default .bench)")
     parser.add_argument("--json", help="also write every measurement to this JSON file")
+    parser.add_argument(
+        "--device", default="cpu", help="where the state lives (cuda: saves start with a device-to-host copy; the stall's reference is that copy into pinned memory)"
+    )
     args = parser.parse_args(argv)
     reps = args.reps or (1 if args.quick else 3)
     size = (args.size_mib or (128 if args.quick else 1024)) * MiB
@@ -476,14 +531,18 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.dir, exist_ok=True)
     directory = os.path.abspath(args.dir)
     line = machine_line(directory)
+    if args.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device here")
+        line += f", {torch.cuda.get_device_name()}"
     print(f"machine: {line}")
     print(f"threads: torch intra-op {torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f} at start (other jobs make numbers noisy)")
     results = []
     started = time.perf_counter()
     if args.only in (None, "mixed"):
-        results.append(run_state(directory, "mixed sizes", mixed_state(size), reps, small=False))
+        results.append(run_state(directory, "mixed sizes", mixed_state(size), reps, small=False, device=args.device))
     if args.only in (None, "small"):
-        results.append(run_state(directory, f"{count:,} small tensors", small_state(count, size), reps, small=True))
+        results.append(run_state(directory, f"{count:,} small tensors", small_state(count, size), reps, small=True, device=args.device))
     print(f"\n{time.perf_counter() - started:.0f} s in all; load average {os.getloadavg()[0]:.1f} at the end")
     if args.json:
         with open(args.json, "w") as fh:
