@@ -141,3 +141,44 @@ def test_corrupt_file_is_refused_before_it_reaches_the_gpu(tmp_path):
         with pytest.raises(ckstore.IntegrityError) as raised:
             store.load(step=1)
     assert victim.name in str(raised.value)
+
+
+def test_load_into_a_gpu_model_falls_back_past_a_corrupt_newest(tmp_path):
+    torch.manual_seed(2)
+    model = torch.nn.Linear(256, 256).cuda()
+    with ckstore.Store(tmp_path / "s") as store:
+        store.save({"model": model}, step=1)
+        good = cpu_copy(model.state_dict())
+        with torch.no_grad():
+            model.weight.add_(1)
+        info = store.save({"model": model}, step=2)
+        victim = next(p for p in info.path.iterdir() if p.suffix == ".safetensors")
+        with open(victim, "r+b") as fh:
+            fh.seek(-3, os.SEEK_END)
+            byte = fh.read(1)
+            fh.seek(-1, os.SEEK_CUR)
+            fh.write(bytes([byte[0] ^ 0x01]))
+        target = torch.nn.Linear(256, 256).cuda()
+        with pytest.raises(ckstore.IntegrityError):
+            store.load({"model": target}, step=2)
+        with pytest.warns(ckstore.CorruptCheckpointWarning):
+            store.load({"model": target})  # newest that verifies: step 1, read straight into the GPU tensors
+    assert_same(cpu_copy(target.state_dict()), good)
+
+
+def test_sync_save_of_gpu_views_and_many_small_tensors(tmp_path):
+    torch.manual_seed(3)
+    base = torch.randn(64, 32, device="cuda")
+    state = {
+        "transposed": base.t(),
+        "strided": base[::2, 1:5],
+        "conj": torch.randn(8, dtype=torch.complex64, device="cuda").conj(),
+        "host": torch.arange(10),
+        **{f"small{i:04d}": torch.full((i % 7 + 1,), float(i), device="cuda") for i in range(2000)},
+    }
+    expected = {k: v.resolve_conj().to("cpu", copy=True).contiguous() for k, v in state.items()}
+    with ckstore.Store(tmp_path / "s") as store:
+        store.save({"model": state}, step=1)  # blocking: the batched device-to-host path
+        base.zero_()
+        loaded = store.load(step=1, map_location="cpu")
+    assert_same(loaded["model"], expected)
