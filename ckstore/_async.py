@@ -30,6 +30,7 @@ same state as for a synchronous save: every checkpoint is absent or whole.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import sys
 import threading
 import time
@@ -38,13 +39,12 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-import numpy as np
 import torch
 
 from ._errors import AsyncSaveError
-from ._tensorfile import flat_bytes
 
 _ALIGN = 64  # every staged tensor starts on a cache line
+_memmove = ctypes.memmove
 
 
 class StagingArea:
@@ -53,6 +53,13 @@ class StagingArea:
     It grows (one new allocation) only when a save's state is larger than any
     before; a training run whose state keeps its shape allocates it once.
     ``allocations`` counts the allocations made, for tests and metrics.
+
+    The staged tensors (views of the block) are kept with the list of
+    ``(dtype, shape)`` they were made for: a training run saves the same
+    structure every time, and making thousands of views costs more than the
+    copy of small tensors. Reusing them is safe because at most one save is
+    in flight: the previous save's writer is done with them before the next
+    ``stage`` starts.
     """
 
     def __init__(self) -> None:
@@ -60,39 +67,58 @@ class StagingArea:
         self.capacity = 0
         self.pinned = False
         self.allocations = 0
+        self._layout: list[tuple[torch.dtype, torch.Size]] | None = None
+        self._staged: list[torch.Tensor] = []
+        self._regions: list[tuple[int, int]] = []  # (offset, nbytes) of each staged tensor
 
     def stage(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Copy ``tensors`` into the area; returns contiguous CPU copies that alias it."""
+        pin = any(t.is_cuda for t in tensors) and torch.cuda.is_available()
+        layout = [(t.dtype, t.shape) for t in tensors]
+        if layout != self._layout or (pin and not self.pinned):
+            self._plan(tensors, layout, pin)
+        base = self._buffer.data_ptr()
+        with torch.no_grad():
+            for tensor, staged, (offset, nbytes) in zip(tensors, self._staged, self._regions):
+                if not nbytes:
+                    pass
+                elif type(tensor) is torch.Tensor and tensor.is_cpu and tensor.is_contiguous() and not tensor.is_conj() and not tensor.is_neg():
+                    # One single-threaded memcpy outside the GIL (ctypes releases
+                    # it), straight between the two addresses: torch's copy_
+                    # fans out to OpenMP threads, which spin badly on a busy
+                    # small machine, and a per-tensor view or NumPy array
+                    # costs more than copying a small tensor. The region was
+                    # sized for this dtype and shape, and a contiguous tensor's
+                    # bytes are one dense run from data_ptr().
+                    _memmove(base + offset, tensor.data_ptr(), nbytes)
+                else:
+                    staged.copy_(tensor, non_blocking=pin and tensor.is_cuda)
+        if pin:
+            torch.cuda.synchronize()  # the copies must be complete before the caller may touch its tensors
+        return list(self._staged)
+
+    def _plan(self, tensors: list[torch.Tensor], layout: list[tuple[torch.dtype, torch.Size]], pin: bool) -> None:
+        """Lay the tensors out in the block (growing it if needed) and make their staged views."""
         sizes = [t.numel() * t.element_size() for t in tensors]
         total = sum(-(-n // _ALIGN) * _ALIGN for n in sizes)
-        on_gpu = any(t.device.type == "cuda" for t in tensors)
-        pin = on_gpu and torch.cuda.is_available()
+        self._layout = None  # invalid until the views below are made
         if self._buffer is None or total > self.capacity or (pin and not self.pinned):
-            self._buffer = None  # drop the old block before taking the new one
+            self._staged, self._regions = [], []
+            self._buffer = None  # drop the old block (and its views) before taking the new one
             self._buffer = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=pin)
             self.capacity = max(total, 1)
             self.pinned = pin
             self.allocations += 1
-        out = []
+        staged, regions = [], []
         offset = 0
-        with torch.no_grad():
-            for tensor, nbytes in zip(tensors, sizes):
-                region = self._buffer[offset : offset + nbytes]
-                offset += -(-nbytes // _ALIGN) * _ALIGN
-                staged = region.view(tensor.dtype).view(tensor.shape) if nbytes else torch.empty(tensor.shape, dtype=tensor.dtype)
-                if not nbytes:
-                    pass
-                elif tensor.device.type == "cpu" and tensor.is_contiguous() and not tensor.is_conj() and not tensor.is_neg():
-                    # One single-threaded memcpy (numpy's, outside the GIL):
-                    # torch's copy_ fans out to OpenMP threads, which spin
-                    # badly on a busy small machine.
-                    np.copyto(region.numpy(), flat_bytes(tensor).numpy())
-                else:
-                    staged.copy_(tensor, non_blocking=pin and tensor.device.type == "cuda")
-                out.append(staged)
-        if pin:
-            torch.cuda.synchronize()  # the copies must be complete before the caller may touch its tensors
-        return out
+        for (dtype, shape), nbytes in zip(layout, sizes):
+            if nbytes:
+                staged.append(self._buffer[offset : offset + nbytes].view(dtype).view(shape))
+            else:
+                staged.append(torch.empty(shape, dtype=dtype))
+            regions.append((offset, nbytes))
+            offset += -(-nbytes // _ALIGN) * _ALIGN
+        self._staged, self._regions, self._layout = staged, regions, layout
 
 
 class AsyncSave:

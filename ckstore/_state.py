@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import math
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -38,12 +39,14 @@ MAX_FILE_BYTES = 1 << 30
 _MAX_DEPTH = 200
 #: JSON readers refuse integers of more than 4300 digits (CVE-2020-10735); stay well below.
 _MAX_INT_BITS = 12_000
+_EXACT_KEYS = {str, int}
+_STRIDED = torch.strided
 
 Path = tuple[Any, ...]
 
 
 def format_path(path: Path) -> str:
-    return "state" + "".join(f"[{p!r}]" for p in path)
+    return f"state[{']['.join(map(repr, path))}]" if path else "state"
 
 
 def is_stateful(value: object) -> bool:
@@ -83,7 +86,8 @@ class _Encoder:
         # mistaken for a shared one and silently saved as the first one's data.
         # Holding every encoded tensor until the end keeps addresses unique.
         self.keepalive: list[torch.Tensor] = []
-        self.groups: dict[str, list[tuple[Path, torch.Tensor, dict[str, Any]]]] = {}
+        self.members: list[tuple[Path, torch.Tensor, dict[str, Any]]] = []  # in the order met
+        self.exact_paths = True  # every key so far an exact str or int (see _cached_layout)
         self.active: set[int] = set()
 
     def encode(self, value: Any, path: Path) -> Any:
@@ -120,13 +124,15 @@ class _Encoder:
                 state = value.state_dict()
                 return {MARK: "stateful", "class": type(value).__qualname__, "state": self.encode(state, path)}
         if isinstance(value, Mapping):
+            if self.exact_paths and not set(map(type, value)) <= _EXACT_KEYS:
+                self.exact_paths = False
             with self._entered(value, path):
                 # Canonical JSON sorts object keys, so only a dict whose keys are
                 # already sorted may become a plain object; any other order is
                 # kept by the item list below (a round trip preserves key order).
                 keys = list(value)
                 if all(isinstance(k, str) for k in keys) and MARK not in value and keys == sorted(keys):
-                    return {_check_text(k, path): self.encode(v, path + (k,)) for k, v in value.items()}
+                    return self.plain_dict(value, path)
                 items = []
                 for k, v in value.items():
                     items.append([self.key(k, path), self.encode(v, path + (k,))])
@@ -144,6 +150,20 @@ class _Encoder:
             key=format_path(path),
         )
 
+    def plain_dict(self, value: Mapping[str, Any], path: Path) -> dict[str, Any]:
+        """A dict with sorted string keys, as a JSON object; its tensors (the bulk of a model) encoded inline."""
+        if len(path) >= _MAX_DEPTH:
+            return {_check_text(k, path): self.encode(v, path + (k,)) for k, v in value.items()}
+        out = {}
+        prefix = format_path(path)
+        for k, v in value.items():
+            _check_text(k, path)
+            if type(v) is torch.Tensor:
+                out[k] = self.tensor(v, path + (k,), numpy=False, label=f"{prefix}[{k!r}]")
+            else:
+                out[k] = self.encode(v, path + (k,))
+        return out
+
     def key(self, key: Any, path: Path) -> Any:
         if key is None or isinstance(key, (bool, str, int, float)) or (isinstance(key, tuple) and not isinstance(key, torch.Size)):
             return self.encode(key, path + ("<key>",))
@@ -159,53 +179,40 @@ class _Encoder:
         finally:
             self.active.discard(id(value))
 
-    def tensor(self, tensor: torch.Tensor, path: Path, *, numpy: bool) -> dict[str, Any]:
-        identity = (
-            tensor.untyped_storage().data_ptr() if tensor.layout == torch.strided and tensor.numel() else id(tensor),
-            tensor.device,
-            tensor.dtype,
-            tensor.storage_offset() if tensor.layout == torch.strided else 0,
-            tuple(tensor.shape),
-            tuple(tensor.stride()) if tensor.layout == torch.strided else (),
-            numpy,
-        )
+    def tensor(self, tensor: torch.Tensor, path: Path, *, numpy: bool, label: str | None = None) -> dict[str, Any]:
+        # ``data_ptr()`` is the storage address plus ``storage_offset`` elements
+        # of ``dtype``, both also in the key: the same identity as the storage
+        # address, without building a storage object for every tensor.
+        device = tensor.device
+        if tensor.layout is _STRIDED:
+            address = tensor.data_ptr() if tensor.numel() else id(tensor)
+            identity = (address, device, tensor.dtype, tensor.storage_offset(), tensor.shape, tensor.stride(), numpy)
+        else:
+            identity = (id(tensor), device, tensor.dtype, 0, tensor.shape, (), numpy)
         ref = self.seen.get(identity)
         if ref is not None:
             return ref
         ref = {MARK: "tensor"}
         if numpy:
             ref["numpy"] = True
-        if tensor.device.type != "cpu":
-            ref["device"] = str(tensor.device)
-        prepared = self.prepare(tensor, format_path(path))
+        if not tensor.is_cpu:
+            ref["device"] = str(device)
+        prepared = self.prepare(tensor, label or format_path(path))
         self.keepalive.append(tensor)
-        self.groups.setdefault(_group_name(path), []).append((path, prepared, ref))
+        self.members.append((path, prepared, ref))
         self.seen[identity] = ref
         return ref
 
     def finish(self, skeleton: Any) -> Encoded:
+        members = self.members
         encoded = Encoded(skeleton)
-        used_names: set[str] = set()
-        for group, members in _pool_small_groups(self.groups).items():
-            shards: list[list[tuple[Path, torch.Tensor, dict[str, Any]]]] = [[]]
-            size = 0
-            for member in members:
-                nbytes = member[1].numel() * member[1].element_size()
-                if shards[-1] and size + nbytes > MAX_FILE_BYTES:
-                    shards.append([])
-                    size = 0
-                shards[-1].append(member)
-                size += nbytes
-            for index, shard in enumerate(shards):
-                stem = group if len(shards) == 1 else f"{group}-{index:05d}"
-                name = _unique(f"{stem}.safetensors", used_names)
-                keys: set[str] = set()
-                entries = []
-                for path, tensor, ref in shard:
-                    key = _unique_key("/".join(str(p) for p in path) or "tensor", keys)
-                    ref["file"], ref["key"] = name, key
-                    entries.append((key, tensor))
-                encoded.files[name] = entries
+        for name, indices, keys in _cached_layout(members, exact=self.exact_paths):
+            entries = []
+            for index, key in zip(indices, keys):
+                _, tensor, ref = members[index]
+                ref["file"], ref["key"] = name, key
+                entries.append((key, tensor))
+            encoded.files[name] = entries
         return encoded
 
 
@@ -213,8 +220,61 @@ class _Encoder:
 MAX_GROUPS = 64
 SMALL_GROUP_BYTES = 4 << 20
 
+#: Each file's name, its tensors (indices into the members) and their keys, in order.
+Layout = list[tuple[str, tuple[int, ...], tuple[str, ...]]]
 
-def _pool_small_groups(groups: dict[str, list]) -> dict[str, list]:
+_last_layout: tuple[list[tuple[Path, int]], Layout] | None = None
+
+
+def _cached_layout(members: list[tuple[Path, torch.Tensor, Any]], *, exact: bool) -> Layout:
+    """:func:`_layout` of the members, reusing the previous result for the same paths and sizes.
+
+    A training run saves the same structure every time, and grouping, pooling
+    and naming thousands of tensors again costs tens of milliseconds a save.
+    The layout is a function of each tensor's path (through ``str`` and
+    ``repr`` of its keys) and size, so equal paths give the same layout only
+    when every key is an exact ``str`` or ``int``: ``1``, ``1.0`` and ``True``
+    are equal but print differently, so other states are laid out afresh.
+    """
+    global _last_layout
+    if not exact:
+        return _layout(members)
+    signature = [(path, tensor.nbytes) for path, tensor, _ in members]
+    last = _last_layout
+    if last is not None and last[0] == signature:
+        return last[1]
+    layout = _layout(members)
+    _last_layout = (signature, layout)
+    return layout
+
+
+def _layout(members: list[tuple[Path, torch.Tensor, Any]]) -> Layout:
+    """Tensors grouped into files by where they sit in the state; large groups are split into shards."""
+    groups: dict[str, list[int]] = {}
+    for index, (path, _, _) in enumerate(members):
+        groups.setdefault(_group_name(path), []).append(index)
+    layout: Layout = []
+    used_names: set[str] = set()
+    for group, indices in _pool_small_groups(groups, members).items():
+        shards: list[list[int]] = [[]]
+        size = 0
+        for index in indices:
+            nbytes = members[index][1].nbytes
+            if shards[-1] and size + nbytes > MAX_FILE_BYTES:
+                shards.append([])
+                size = 0
+            shards[-1].append(index)
+            size += nbytes
+        for number, shard in enumerate(shards):
+            stem = group if len(shards) == 1 else f"{group}-{number:05d}"
+            name = _unique(f"{stem}.safetensors", used_names)
+            keys: set[str] = set()
+            paths = (members[index][0] for index in shard)
+            layout.append((name, tuple(shard), tuple(_unique_key("/".join(map(str, path)) or "tensor", keys) for path in paths)))
+    return layout
+
+
+def _pool_small_groups(groups: dict[str, list[int]], members: list[tuple[Path, torch.Tensor, Any]]) -> dict[str, list[int]]:
     """Merge groups under :data:`SMALL_GROUP_BYTES` into one group per top-level key.
 
     Every file costs a create, an fsync and a directory entry: a model whose
@@ -224,14 +284,14 @@ def _pool_small_groups(groups: dict[str, list]) -> dict[str, list]:
     """
     if len(groups) <= MAX_GROUPS:
         return groups
-    pooled: dict[str, list] = {}
-    for group, members in groups.items():
-        if sum(m[1].numel() * m[1].element_size() for m in members) >= SMALL_GROUP_BYTES:
-            pooled.setdefault(group, []).extend(members)
+    pooled: dict[str, list[int]] = {}
+    for group, indices in groups.items():
+        if sum(members[index][1].nbytes for index in indices) >= SMALL_GROUP_BYTES:
+            pooled.setdefault(group, []).extend(indices)
             continue
-        path = members[0][0]
+        path = members[indices[0]][0]
         top = _group_name(path[:1]) if len(path) > 1 else "state"
-        pooled.setdefault(f"{top}.small", []).extend(members)
+        pooled.setdefault(f"{top}.small", []).extend(indices)
     return pooled
 
 
@@ -263,11 +323,21 @@ def _group_name(path: Path) -> str:
     """
     if not path:
         return "state"
-    head = str(path[0])
-    if len(path) > 1 and isinstance(path[1], str):
-        head += "." + path[1].split(".", 1)[0]
-    name = _DOTS.sub(".", _SAFE.sub("_", head))[:120].strip(".-") or "state"
-    return name
+    second = path[1] if len(path) > 1 else None
+    return _stem(str(path[0]), second.split(".", 1)[0] if isinstance(second, str) else None)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _stem(head: str, first: str | None) -> str:
+    """The cleaned stem of ``head`` and the first dotted component of the next key.
+
+    Memoized (on strings, so equal-but-different keys such as ``1`` and
+    ``True`` never share an entry): a save walks thousands of tensors whose
+    groups repeat from one save to the next, and two regexes per tensor add up.
+    """
+    if first is not None:
+        head += "." + first
+    return _DOTS.sub(".", _SAFE.sub("_", head))[:120].strip(".-") or "state"
 
 
 def _unique(name: str, used: set[str]) -> str:

@@ -84,6 +84,30 @@ def test_staging_memory_is_allocated_once_and_reused(store):
     assert [i.step for i in store.checkpoints()] == [1, 2, 3, 4]
 
 
+def test_staged_views_are_remade_when_the_structure_changes(store):
+    """Each save loads back exactly, whether it reuses the previous save's staged views or needs new ones."""
+    g = torch.Generator().manual_seed(0)
+    states = [
+        {"a": torch.randn(100, generator=g), "b": torch.arange(10)},
+        {"a": torch.randn(100, generator=g), "b": torch.arange(10) * 2},  # same structure: views reused
+        {"a": torch.randn(10, 10, generator=g), "b": torch.arange(10)},  # same sizes, new shape
+        {"a": torch.randn(100, generator=g).double(), "b": torch.arange(10)},  # new dtype, larger: a new block
+        {"b": torch.arange(10).t(), "a": torch.randn(100, generator=g).double()},  # keys swapped
+        {"a": torch.randn(3, generator=g), "z": torch.zeros(0), "c": torch.randn(4, 4, generator=g).t()},
+        {"a": torch.randn(100, generator=g), "b": torch.arange(10)},  # the first structure again, in the larger block
+    ]
+    expected = []
+    for step, state in enumerate(states):
+        expected.append({k: v.clone() for k, v in state.items()})
+        store.save(state, step=step, blocking=False)
+        for tensor in state.values():
+            tensor.zero_()
+    store.wait()
+    for step, want in enumerate(expected):
+        assert_same(store.load(step=step), want)
+    assert store._staging.allocations == 2
+
+
 def _fail_fsync(op, phase, path, info):
     if op == "fsync" and phase == "before" and info["site"] == "tensor_file":
         raise OSError(errno.EIO, "injected EIO", path)

@@ -464,3 +464,35 @@ def test_many_groups_are_pooled_and_round_trip(store):
     fresh = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(80)])
     store.load({"m": fresh}, step=0)
     assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), state["m"].parameters()))
+
+
+def _layout_of(state):
+    encoded = encode_state(state)
+    return {name: [key for key, _ in entries] for name, entries in encoded.files.items()}
+
+
+def test_the_reused_file_layout_follows_every_change_of_keys_and_sizes():
+    """The layout of the previous save is reused only for equal paths and sizes; each change lays out afresh."""
+    big = torch.zeros(1 << 20)  # 4 MiB: a group of its own among the pooled small ones
+    many = {f"k{i}": torch.ones(3) for i in range(70)}
+    first = _layout_of({"m": many})
+    assert _layout_of({"m": many}) == first == {"m.small.safetensors": [f"m/k{i}" for i in range(70)]}
+    assert _layout_of({"m": {**many, "k5": big}}) == {
+        "m.small.safetensors": [f"m/k{i}" for i in range(70) if i != 5],
+        "m.k5.safetensors": ["m/k5"],
+    }
+    assert _layout_of({"m": {**many, "k70": torch.ones(3)}})["m.small.safetensors"][-1] == "m/k70"
+    assert _layout_of({"n": many}) == {"n.small.safetensors": [f"n/k{i}" for i in range(70)]}
+
+
+@pytest.mark.parametrize("key", [1.0, True])
+def test_keys_that_compare_equal_but_print_differently_get_their_own_layout(store, key):
+    """1, 1.0 and True are equal dict keys but name different tensors ("m/1", "m/1.0", "m/True")."""
+    assert _layout_of({"m": {1: torch.ones(2)}}) == {"m.safetensors": ["m/1"]}
+    assert _layout_of({"m": {key: torch.ones(2)}}) == {"m.safetensors": [f"m/{key}"]}
+    store.save({"m": {1: torch.ones(2)}}, step=0)
+    store.save({"m": {key: torch.zeros(2)}}, step=1)
+    assert_same(store.load(step=0), {"m": {1: torch.ones(2)}})
+    loaded = store.load(step=1)
+    assert list(loaded["m"]) == [key] and type(next(iter(loaded["m"]))) is type(key)
+    assert torch.equal(loaded["m"][key], torch.zeros(2))
