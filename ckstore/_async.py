@@ -22,8 +22,13 @@ wrapped in :class:`AsyncSaveError` with the cause chained, by the next
 Exit: an exit handler waits for the save in flight, so a process that returns
 from ``main`` (or raises) never drops a checkpoint that ``save`` acknowledged;
 a failure found then is printed to stderr. ``Store(..., wait_at_exit=False)``
-opts out: the save is then abandoned at exit and the next writer's recovery
-removes its staging directory. A ``SIGKILL`` or power loss mid-save leaves the
+opts out: the save is then abandoned at exit. It stops at its next chunk (the
+exit waits only for the write or fsync already in progress) and never
+commits; the next writer's recovery removes whatever it left in staging.
+Stopping it rather than leaving it to run is not optional: a daemon thread
+still inside a torch call when the interpreter finalizes is torn down by a
+forced unwind through C++ frames, and the process aborts (SIGABRT) instead
+of exiting. A ``SIGKILL`` or power loss mid-save leaves the
 same state as for a synchronous save: every checkpoint is absent or whole.
 """
 
@@ -156,11 +161,18 @@ class AsyncSave:
         return f"AsyncSave(step={self.step}, {state}, stall_s={self.stall_s:.4f})"
 
 
+class SaveAbandoned(AsyncSaveError):
+    """Raised inside a background save that the exit handler stopped (``wait_at_exit=False``)."""
+
+
 class BackgroundSaver:
     """At most one save running in a daemon thread; keeps its failure until someone sees it."""
 
     def __init__(self, *, wait_at_exit: bool = True) -> None:
         self.wait_at_exit = wait_at_exit
+        #: Set by the exit handler when the save in flight is to be abandoned; the
+        #: write path polls it (see :meth:`check_abandoned`).
+        self.abandoning = threading.Event()
         self._current: AsyncSave | None = None
         self._unseen: AsyncSave | None = None
         self._lock = threading.Lock()
@@ -180,6 +192,11 @@ class BackgroundSaver:
         with _suppress_all():
             current._future.exception()
         return time.perf_counter() - start
+
+    def check_abandoned(self) -> None:
+        """Raise SaveAbandoned once the exit handler has asked the save in flight to stop."""
+        if self.abandoning.is_set():
+            raise SaveAbandoned("background save abandoned at interpreter exit (wait_at_exit=False)")
 
     def raise_unseen(self) -> None:
         """Raise AsyncSaveError for a failed save nobody has seen yet (once)."""
@@ -231,7 +248,13 @@ def _wait_at_exit() -> None:
     # Daemon threads keep running until the interpreter finalizes, which
     # happens after this handler: waiting here lets an acknowledged save finish.
     for saver in list(_savers):
-        if not saver.wait_at_exit or saver._current is None:
+        if saver._current is None:
+            continue
+        if not saver.wait_at_exit:
+            # Abandon the save, but see it stop: the thread must be out of
+            # torch before the interpreter finalizes (module docstring).
+            saver.abandoning.set()
+            saver.wait()
             continue
         saver.wait()
         try:

@@ -730,7 +730,9 @@ class Store:
             _durable.make_dir(staging, site="staging")
             linked = self._link_unchanged(encoded, staging, file_prints)
             jobs = [(name, entries) for name, entries in encoded.files.items() if name not in linked]
-            results = self._writer().write_files([(os.path.join(staging, name), entries) for name, entries in jobs], algo=self.hash_algorithm)
+            results = self._writer().write_files(
+                [(os.path.join(staging, name), entries) for name, entries in jobs], algo=self.hash_algorithm, check=self._saver.check_abandoned
+            )
             written: dict[str, WrittenFile] = dict(zip((name for name, _ in jobs), results))
             files: dict[str, FileEntry] = {}
             for name in encoded.files:  # manifest order follows the state, linked or written
@@ -743,6 +745,7 @@ class Store:
             )
             retention = {"metric": self.policy.metric, "mode": self.policy.mode} if self.policy.metric else None
             manifest = Manifest(step=step, created=time.time(), files=files, state=encoded.skeleton, metrics=metrics, retention=retention)
+            self._saver.check_abandoned()  # an abandoned save never commits, however far its writes got
             with _durable.FileWriter(os.path.join(staging, MANIFEST_NAME), site="manifest") as writer:
                 writer.write(manifest.to_json())
                 writer.sync()

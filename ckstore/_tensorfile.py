@@ -255,11 +255,15 @@ class WritePipeline:
             out.append(WrittenFile(size, HashInfo(algo, hasher.hexdigest())))
         return out
 
-    def write_files(self, jobs: Sequence[tuple[str, Sequence[tuple[str, torch.Tensor]]]], *, algo: str) -> list[WrittenFile]:
+    def write_files(
+        self, jobs: Sequence[tuple[str, Sequence[tuple[str, torch.Tensor]]]], *, algo: str, check: Callable[[], None] | None = None
+    ) -> list[WrittenFile]:
         """Write each ``(path, entries)`` as a new safetensors file, fsync and close it; return sizes and hashes.
 
-        On any failure every thread is drained before the error propagates (no
-        buffer is touched after return); the caller removes the partial files.
+        ``check`` is called before each buffer is filled; whatever it raises
+        stops the write (a background save abandoned at exit). On any failure
+        every thread is drained before the error propagates (no buffer is
+        touched after return); the caller removes the partial files.
         """
         if not self._slots:
             self._slots = [_Slot(self.chunk) for _ in range(self.depth)]
@@ -271,6 +275,8 @@ class WritePipeline:
         writers: list[_durable.FileWriter] = []
 
         def take() -> _Slot:
+            if check is not None:
+                check()
             if free:
                 return free.pop()
             slot, wrote, hashed = inflight.popleft()

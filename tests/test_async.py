@@ -196,9 +196,9 @@ def hook(op, phase, p, info):
     if mode == "exit-raise" and op == "write" and phase == "before":
         time.sleep(0.1)  # a slow disk: the save is still running when main returns
     if mode == "no-wait" and op == "write" and phase == "before" and threading.current_thread() is not main:
-        # A write that outlasts any interpreter shutdown: with the opt-out the process exits without
-        # it (the save is abandoned); were the exit to wait, step 2 would be committed and seen.
-        time.sleep(20)
+        # A slow write: with the opt-out the exit stops the save after the write in progress, so step 2
+        # is never committed; were the exit to wait for the save, it would be committed and seen.
+        time.sleep(2)
 
 import threading
 main = threading.main_thread()
@@ -263,11 +263,16 @@ def test_process_exit_waits_for_the_acknowledged_save(store_path):
     assert _steps_and_values(store_path) == {1: 1.0, 2: 2.0}
 
 
-def test_opting_out_of_the_exit_wait_abandons_the_save_cleanly(store_path):
+@pytest.mark.parametrize("attempt", range(3))
+def test_opting_out_of_the_exit_wait_abandons_the_save_cleanly(store_path, attempt):
+    # Repeated: before the exit handler stopped the abandoned save, about one run in three
+    # aborted (SIGABRT, "terminate called without an active exception") as the interpreter
+    # tore down a thread that was inside a torch call.
     child = _spawn(store_path, "no-wait")
     out, err = child.communicate(timeout=120)
     assert child.returncode == 0, err
-    assert _steps_and_values(store_path) == {1: 1.0}  # recovery removed the abandoned staging
+    assert "ACK" in out and "failed" not in err  # an abandoned save is not reported as a failure
+    assert _steps_and_values(store_path) == {1: 1.0}  # never committed; recovery removed the staging
 
 
 def test_a_failure_found_at_exit_is_printed(run_python, store_path):
