@@ -24,6 +24,7 @@ import contextlib
 import functools
 import math
 import re
+import struct
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -298,7 +299,28 @@ def _pool_small_groups(groups: dict[str, list[int]], members: list[tuple[Path, t
 def _encode_float(value: float) -> Any:
     if math.isfinite(value):
         return value
-    return {MARK: "float", "value": "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
+    if not math.isnan(value):
+        return {MARK: "float", "value": "inf" if value > 0 else "-inf"}
+    node: dict[str, Any] = {MARK: "float", "value": "nan"}
+    bits = struct.pack("<d", value)
+    if bits != _NAN_BITS:
+        # A NaN's sign and payload survive a resume bit for bit (a float32
+        # -nan passes through here as a double on its way to the manifest).
+        node["bits"] = bits.hex()
+    return node
+
+
+_NAN_BITS = struct.pack("<d", math.nan)
+
+
+def _decode_float(node: dict[str, Any], path: Path) -> float:
+    bits = node.get("bits")
+    if bits is None:
+        return float(node["value"])
+    value = struct.unpack("<d", bytes.fromhex(bits))[0] if isinstance(bits, str) and len(bits) == 16 else None
+    if value is None or not math.isnan(value):
+        raise StateError(f"{format_path(path)}: malformed NaN bits {str(bits)[:40]!r}", key=format_path(path))
+    return value
 
 
 def _check_text(text: str, path: Path) -> str:
@@ -410,7 +432,7 @@ class _Decoder:
             values = [self.decode(v, items[i] if items is not None else None, path + (i,)) for i, v in enumerate(node["items"])]
             return tuple(values) if kind == "tuple" else torch.Size(values)
         if kind == "float":
-            return float(node["value"])
+            return _decode_float(node, path)
         if kind == "bytes":
             return base64.b64decode(node["base64"])
         if kind == "numpy_scalar":

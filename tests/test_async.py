@@ -291,3 +291,37 @@ def test_a_failure_found_at_exit_is_printed(run_python, store_path):
     proc = run_python(code, str(store_path))
     assert "background save of step 5 failed" in proc.stderr
     assert _steps_and_values(store_path) == {}
+
+
+def _many(n, scale, shape_at=None):
+    out = {}
+    for i in range(n):
+        shape = (7,) if i == shape_at else (64 + i % 5,)
+        out[f"t{i:04d}"] = torch.full(shape, float(i) * scale)
+    return out
+
+
+def test_copies_made_during_encoding_match_the_state_at_every_save(store):
+    """Staged views are reused while the layout repeats; a changed shape or count re-plans them, never mixes them up."""
+    states = [_many(600, 1.0), _many(600, 2.0), _many(600, 3.0, shape_at=300), _many(600, 4.0, shape_at=300), _many(599, 5.0)]
+    for step, state in enumerate(states, start=1):
+        expected = {k: v.clone() for k, v in state.items()}
+        handle = store.save({"m": state, "note": step}, step=step, blocking=False)
+        for tensor in state.values():
+            tensor.fill_(-1.0)  # after the call: must not reach the checkpoint
+        handle.result()
+        assert_same(store.load(step=step)["m"], expected)
+
+
+def test_a_state_that_fails_to_encode_leaves_the_staging_usable(store):
+    good = _many(600, 1.0)
+    store.save({"m": good}, step=1, blocking=False).result()
+    bad = _many(600, 2.0)
+    bad["zzz"] = object()  # met last, after 600 tensors were encoded
+    with pytest.raises(ckstore.StateError):
+        store.save({"m": bad}, step=2, blocking=False)
+    again = _many(600, 3.0)
+    expected = {k: v.clone() for k, v in again.items()}
+    store.save({"m": again}, step=3, blocking=False).result()
+    assert_same(store.load(step=3)["m"], expected)
+    assert [info.step for info in store.checkpoints()] == [1, 3]

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import ckstore
-from ckstore._state import encode_state
+from ckstore._state import decode_state, encode_state
 from ckstore._tensorfile import DTYPE_NAMES
 
 DTYPES = sorted(DTYPE_NAMES, key=str)
@@ -496,3 +496,26 @@ def test_keys_that_compare_equal_but_print_differently_get_their_own_layout(stor
     loaded = store.load(step=1)
     assert list(loaded["m"]) == [key] and type(next(iter(loaded["m"]))) is type(key)
     assert torch.equal(loaded["m"][key], torch.zeros(2))
+
+
+def test_nan_sign_and_payload_survive_a_round_trip(tmp_path):
+    """Found by hypothesis: a float32 -nan came back as +nan (the manifest kept only "nan")."""
+    import struct
+
+    neg32 = -np.float32("nan")
+    payload32 = np.frombuffer(bytes.fromhex("0100c0ff"), dtype=np.float32)[0]
+    payload64 = struct.unpack("<d", bytes.fromhex("0100000000f8ff7f"))[0]
+    state = {"neg32": neg32, "payload32": payload32, "payload64": payload64, "neg64": -float("nan"), "plain": float("nan")}
+    with ckstore.Store(tmp_path / "s") as store:
+        store.save(state, step=1)
+        out = store.load(step=1)
+    assert out["neg32"].tobytes() == neg32.tobytes()
+    assert out["payload32"].tobytes() == payload32.tobytes()
+    for key in ("payload64", "neg64", "plain"):
+        assert struct.pack("<d", out[key]) == struct.pack("<d", state[key])
+
+
+@pytest.mark.parametrize("bits", ["zz" * 8, "0000000000000000", 7, "00f8"])
+def test_malformed_nan_bits_are_a_state_error(bits):
+    with pytest.raises(ckstore.StateError):
+        decode_state({"x": {"$ck": "float", "value": "nan", "bits": bits}}, lambda f, k: None)
