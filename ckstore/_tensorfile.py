@@ -590,23 +590,14 @@ def _update_all(hasher: Hasher, views: list[memoryview]) -> None:
         hasher.update(view)
 
 
-def fits(target: torch.Tensor, spec: TensorSpec) -> bool:
-    """Whether the file's bytes for ``spec`` can be read straight into ``target``'s memory."""
-    return (
-        target.device.type == "cpu"
-        and target.dtype == spec.dtype
-        and tuple(target.shape) == spec.shape
-        and target.layout == torch.strided
-        and target.is_contiguous()
-        and not target.is_conj()
-        and not target.is_neg()
-    )
+def fits(target: torch.Tensor, spec: TensorSpec, device_type: str = "cpu") -> bool:
+    """Whether the file's bytes for ``spec`` can be read straight into ``target``'s memory.
 
-
-def fits_device(target: torch.Tensor, spec: TensorSpec) -> bool:
-    """Whether ``spec``'s bytes can be copied into ``target`` on a CUDA device through pinned host memory."""
+    With ``device_type="cuda"``: whether they can be copied into ``target`` on
+    a CUDA device from pinned host memory in one copy.
+    """
     return (
-        target.device.type == "cuda"
+        target.device.type == device_type
         and target.dtype == spec.dtype
         and tuple(target.shape) == spec.shape
         and target.layout == torch.strided
@@ -661,7 +652,7 @@ def read_tensor_file(
             target = targets.get(key)
             if target is not None and fits(target, spec):
                 out[key] = target
-            elif target is not None and spec.end > spec.begin and fits_device(target, spec):
+            elif target is not None and spec.end > spec.begin and fits(target, spec, "cuda"):
                 on_device[key] = target
                 pinned_bytes += -(-(spec.end - spec.begin) // 64) * 64
             elif spec.end > spec.begin:
