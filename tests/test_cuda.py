@@ -182,3 +182,28 @@ def test_sync_save_of_gpu_views_and_many_small_tensors(tmp_path):
         base.zero_()
         loaded = store.load(step=1, map_location="cpu")
     assert_same(loaded["model"], expected)
+
+
+def test_saves_and_loads_are_ordered_on_the_callers_stream(tmp_path):
+    """Work queued on a side stream before save/load is seen by their copies (they run on the current stream)."""
+    side = torch.cuda.Stream()
+    n = 1 << 26  # 256 MiB: the GPU is still working through the additions when save() is called
+    w = torch.zeros(n, device="cuda")
+    torch.cuda.synchronize()
+    with ckstore.Store(tmp_path / "s") as store:
+        with torch.cuda.stream(side):
+            for _ in range(200):
+                w.add_(1)
+            background = store.save({"w": w}, step=1, blocking=False)  # staged after the 200 additions
+            for _ in range(200):
+                w.add_(1)
+            store.save({"w": w}, step=2)  # sync: likewise after all 400
+        background.result()
+        assert torch.equal(store.load(step=1, map_location="cpu")["w"], torch.full((n,), 200.0))
+        assert torch.equal(store.load(step=2, map_location="cpu")["w"], torch.full((n,), 400.0))
+        target = torch.zeros(n, device="cuda")
+        with torch.cuda.stream(side):
+            store.load({"w": target}, step=1)
+            target.add_(1)  # on the same stream, after the host-to-device copy
+        torch.cuda.synchronize()
+    assert torch.equal(target.cpu(), torch.full((n,), 201.0))
