@@ -41,7 +41,7 @@ from typing import Any
 import ckstore
 
 from .publish import _dvc as _dvc_cli
-from .publish import _sh, hermetic_env, store_with_two_steps
+from .publish import _sh, hermetic_env, init_dvc_repo, store_with_two_steps
 from .workloads import Workload, expected_state, same_state
 
 #: Elements per tensor row: a few KB per checkpoint.
@@ -178,13 +178,7 @@ def _prepare_pull(root: str, scale: int) -> None:
     with ckstore.Store(root) as store:
         store.save(expected_state(2, scale), step=2)
     origin = os.path.join(base, "origin")
-    os.makedirs(origin)
-    os.makedirs(os.path.join(base, "remote"))
-    _sh(["git", "init", "-q", "-b", "main"], origin)
-    _dvc_cli(["init", "-q"], origin)
-    _dvc_cli(["remote", "add", "-d", "origin", os.path.join("..", "remote")], origin)
-    _sh(["git", "add", ".dvc", ".dvcignore"], origin)
-    _sh(["git", "commit", "-q", "-m", "init dvc"], origin)
+    init_dvc_repo(origin)
     with ckstore.Store(root) as store:
         store.publish(2, name="best", repo=origin, wait=True)
     clone = os.path.join(base, "clone")

@@ -71,16 +71,21 @@ def store_with_two_steps(root: str, scale: int) -> tuple[str, str]:
     return base, os.path.join(base, "repo")
 
 
-def _prepare(root: str, scale: int) -> None:
-    base, repo = store_with_two_steps(root, scale)
+def init_dvc_repo(repo: str) -> None:
+    """A new git + DVC repository at ``repo`` whose default remote is the folder ``remote`` beside it."""
     os.makedirs(repo)
-    os.makedirs(os.path.join(base, "remote"))
+    os.makedirs(os.path.join(os.path.dirname(repo), "remote"))
     _sh(["git", "init", "-q", "-b", "main"], repo)
     _dvc(["init", "-q"], repo)
     # A relative path (DVC stores it relative to .dvc/): the remote travels with each copy of the template.
     _dvc(["remote", "add", "-d", "origin", os.path.join("..", "remote")], repo)
     _sh(["git", "add", ".dvc", ".dvcignore"], repo)
     _sh(["git", "commit", "-q", "-m", "init dvc"], repo)
+
+
+def _prepare(root: str, scale: int) -> None:
+    _, repo = store_with_two_steps(root, scale)
+    init_dvc_repo(repo)
 
 
 def _run(root: str, ack: Any, scale: int) -> None:
