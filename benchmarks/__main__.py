@@ -448,7 +448,7 @@ def reference_for(case: str) -> str | None:
 def report(bench: Bench, small: bool) -> dict[str, Any]:
     med = {case: statistics.median(values) for case, values in bench.times.items()}
     print(f"\n## {bench.label}: {bench.size / GiB:.2f} GiB in {len(bench.tensors):,} tensors, {len(bench.times['ckstore save (sync)'])} repetitions")
-    print(f"| case | median s | GB/s | ratio | vs | target |")
+    print("| case | median s | GB/s | ratio | vs | target |")
     print("|---|---:|---:|---:|---|---|")
     for case, seconds in med.items():
         ref = reference_for(case)
