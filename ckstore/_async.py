@@ -35,7 +35,7 @@ same state as for a synchronous save: every checkpoint is absent or whole.
 from __future__ import annotations
 
 import atexit
-import ctypes
+import os
 import sys
 import threading
 import time
@@ -49,7 +49,19 @@ import torch
 from ._errors import AsyncSaveError
 
 _ALIGN = 64  # every staged tensor starts on a cache line
-_memmove = ctypes.memmove
+#: A state smaller than this is copied by the calling thread alone: starting a thread costs more than it saves.
+_PARALLEL_BYTES = 16 << 20
+#: At most this many threads copy one state (memory bandwidth, not cores, is the limit beyond it).
+_MAX_COPY_THREADS = 4
+
+
+def copy_threads() -> int:
+    """How many threads a large staging copy uses: the CPUs this process may run on, at most four."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(_MAX_COPY_THREADS, cpus))
 
 
 class StagingArea:
@@ -65,6 +77,12 @@ class StagingArea:
     copy of small tensors. Reusing them is safe because at most one save is
     in flight: the previous save's writer is done with them before the next
     ``stage`` starts.
+
+    The copy is one ``torch._foreach_copy_`` per thread over a slice of the
+    tensors, balanced by bytes: a single call per slice walks the list in C++
+    with the GIL released, so the threads run in parallel (a Python loop of
+    per-tensor copies would hand the GIL back and forth thousands of times)
+    and the per-tensor cost is torch's dispatch, not the interpreter's.
     """
 
     def __init__(self) -> None:
@@ -74,56 +92,96 @@ class StagingArea:
         self.allocations = 0
         self._layout: list[tuple[torch.dtype, torch.Size]] | None = None
         self._staged: list[torch.Tensor] = []
-        self._regions: list[tuple[int, int]] = []  # (offset, nbytes) of each staged tensor
+        self._slices: list[tuple[int, int]] = []  # [start, end) of the tensors each copying thread takes
 
-    def stage(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Copy ``tensors`` into the area; returns contiguous CPU copies that alias it."""
-        pin = any(t.is_cuda for t in tensors) and torch.cuda.is_available()
-        layout = [(t.dtype, t.shape) for t in tensors]
-        if layout != self._layout or (pin and not self.pinned):
-            self._plan(tensors, layout, pin)
-        base = self._buffer.data_ptr()
+    def stage(
+        self, tensors: list[torch.Tensor], specs: list[tuple[torch.dtype, torch.Size]] | None = None, *, on_device: bool = True
+    ) -> list[torch.Tensor]:
+        """Copy ``tensors`` into the area; returns contiguous CPU copies that alias it.
+
+        ``specs`` is each tensor's ``(dtype, shape)`` when the caller has it
+        (``Encoded.specs``); the same list object as the previous save's tells
+        the area, without a comparison, that its views still fit. A caller that
+        knows every tensor is on the host says ``on_device=False``.
+        """
+        pin = on_device and torch.cuda.is_available() and any(t.is_cuda for t in tensors)
+        if specs is None:
+            specs = [(t.dtype, t.shape) for t in tensors]
+        if not (specs is self._layout or specs == self._layout) or (pin and not self.pinned):
+            self._plan(specs, pin)
+        staged = self._staged
         with torch.no_grad():
-            for tensor, staged, (offset, nbytes) in zip(tensors, self._staged, self._regions):
-                if not nbytes:
-                    pass
-                elif type(tensor) is torch.Tensor and tensor.is_cpu and tensor.is_contiguous() and not tensor.is_conj() and not tensor.is_neg():
-                    # One single-threaded memcpy outside the GIL (ctypes releases
-                    # it), straight between the two addresses: torch's copy_
-                    # fans out to OpenMP threads, which spin badly on a busy
-                    # small machine, and a per-tensor view or NumPy array
-                    # costs more than copying a small tensor. The region was
-                    # sized for this dtype and shape, and a contiguous tensor's
-                    # bytes are one dense run from data_ptr().
-                    _memmove(base + offset, tensor.data_ptr(), nbytes)
-                else:
-                    staged.copy_(tensor, non_blocking=pin and tensor.is_cuda)
-        if pin:
-            torch.cuda.synchronize()  # the copies must be complete before the caller may touch its tensors
-        return list(self._staged)
+            if pin:
+                # Device tensors: asynchronous DMA into the pinned block, on the
+                # caller's stream; host tensors: one batch copy.
+                host_src, host_dst = [], []
+                for tensor, view in zip(tensors, staged):
+                    if tensor.is_cuda:
+                        view.copy_(tensor, non_blocking=True)
+                    else:
+                        host_src.append(tensor)
+                        host_dst.append(view)
+                torch._foreach_copy_(host_dst, host_src)
+                torch.cuda.synchronize()  # the copies must be complete before the caller may touch its tensors
+            else:
+                _parallel_copy(staged, tensors, self._slices)
+        return list(staged)
 
-    def _plan(self, tensors: list[torch.Tensor], layout: list[tuple[torch.dtype, torch.Size]], pin: bool) -> None:
-        """Lay the tensors out in the block (growing it if needed) and make their staged views."""
-        sizes = [t.numel() * t.element_size() for t in tensors]
+    def _plan(self, specs: list[tuple[torch.dtype, torch.Size]], pin: bool) -> None:
+        """Lay the tensors out in the block (growing it if needed), make their staged views and split the copy."""
+        sizes = [shape.numel() * dtype.itemsize for dtype, shape in specs]
         total = sum(-(-n // _ALIGN) * _ALIGN for n in sizes)
         self._layout = None  # invalid until the views below are made
         if self._buffer is None or total > self.capacity or (pin and not self.pinned):
-            self._staged, self._regions = [], []
+            self._staged = []
             self._buffer = None  # drop the old block (and its views) before taking the new one
             self._buffer = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=pin)
             self.capacity = max(total, 1)
             self.pinned = pin
             self.allocations += 1
-        staged, regions = [], []
+        staged = []
         offset = 0
-        for (dtype, shape), nbytes in zip(layout, sizes):
+        for (dtype, shape), nbytes in zip(specs, sizes):
             if nbytes:
                 staged.append(self._buffer[offset : offset + nbytes].view(dtype).view(shape))
             else:
                 staged.append(torch.empty(shape, dtype=dtype))
-            regions.append((offset, nbytes))
             offset += -(-nbytes // _ALIGN) * _ALIGN
-        self._staged, self._regions, self._layout = staged, regions, layout
+        self._staged, self._slices, self._layout = staged, _split(sizes, copy_threads() if total >= _PARALLEL_BYTES else 1), specs
+
+
+def _split(sizes: list[int], parts: int) -> list[tuple[int, int]]:
+    """``[start, end)`` ranges of ``sizes`` in order, at most ``parts`` of them, of about equal bytes."""
+    total = sum(sizes)
+    bounds, start, done = [], 0, 0
+    for index, nbytes in enumerate(sizes):
+        done += nbytes
+        if len(bounds) < parts - 1 and done * parts >= total * (len(bounds) + 1):
+            bounds.append((start, index + 1))
+            start = index + 1
+    bounds.append((start, len(sizes)))
+    return [b for b in bounds if b[0] < b[1]] or [(0, 0)]
+
+
+def _parallel_copy(dst: list[torch.Tensor], src: list[torch.Tensor], slices: list[tuple[int, int]]) -> None:
+    """``dst[i].copy_(src[i])`` for all i: each slice in its own thread, the first in the caller's."""
+    errors: list[BaseException] = []
+
+    def copy(start: int, end: int) -> None:
+        try:
+            with torch.no_grad():
+                torch._foreach_copy_(dst[start:end], src[start:end])
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=copy, args=bounds, name="ckstore-stage", daemon=True) for bounds in slices[1:]]
+    for thread in threads:
+        thread.start()
+    copy(*slices[0])
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
 
 
 class AsyncSave:

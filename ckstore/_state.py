@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ._errors import CkstoreError, StateError
-from ._tensorfile import prepare_tensor
+from ._tensorfile import DTYPE_NAMES, check_tensor, prepare_tensor
 
 MARK = "$ck"
 MAX_FILE_BYTES = 1 << 30
@@ -41,6 +41,7 @@ _MAX_DEPTH = 200
 #: JSON readers refuse integers of more than 4300 digits (CVE-2020-10735); stay well below.
 _MAX_INT_BITS = 12_000
 _EXACT_KEYS = {str, int}
+_STR = {str}
 _STRIDED = torch.strided
 
 Path = tuple[Any, ...]
@@ -70,6 +71,23 @@ class Encoded:
 
     skeleton: Any
     files: dict[str, list[tuple[str, torch.Tensor]]] = field(default_factory=dict)
+    #: dtype and shape of every tensor, in file order (the order ``files`` lists them)
+    specs: list[tuple[torch.dtype, torch.Size]] = field(default_factory=list)
+    #: some tensor lives off the host (the staging copy then uses pinned memory)
+    on_device: bool = False
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor, in file order."""
+        return [tensor for entries in self.files.values() for _, tensor in entries]
+
+    def rebind(self, tensors: list[torch.Tensor]) -> None:
+        """Replace every tensor, in file order, by the one at the same position of ``tensors`` (a staged copy)."""
+        files, start = {}, 0
+        for name, entries in self.files.items():
+            end = start + len(entries)
+            files[name] = list(zip([key for key, _ in entries], tensors[start:end]))
+            start = end
+        self.files = files
 
     @property
     def nbytes(self) -> int:
@@ -77,18 +95,30 @@ class Encoded:
 
 
 class _Encoder:
-    def __init__(self, prepare: Callable[[torch.Tensor, str], torch.Tensor]) -> None:
+    def __init__(self, prepare: Callable[[torch.Tensor, str], torch.Tensor] | None) -> None:
+        # None: tensors are only validated here, because the caller copies
+        # them (into staging memory) right after the walk; see _plain_dict_validated.
         self.prepare = prepare
-        self.seen: dict[tuple, dict[str, Any]] = {}  # shared tensors are stored once
-        # The identity of a tensor includes its storage address. A tensor made
-        # on the fly (a state_dict() that returns fresh non-contiguous views)
-        # would be freed once encoded, and the allocator could hand its address
-        # to the next fresh tensor of the same shape, which would then be
-        # mistaken for a shared one and silently saved as the first one's data.
-        # Holding every encoded tensor until the end keeps addresses unique.
-        self.keepalive: list[torch.Tensor] = []
-        self.members: list[tuple[Path, torch.Tensor, dict[str, Any]]] = []  # in the order met
+        # Shared tensors are stored once. A tensor's identity includes its
+        # storage address, so the walk keys members by ``data_ptr()`` first and
+        # compares full identities (see _identity) only when two addresses meet:
+        # the identity costs six attribute reads a tensor, the address one.
+        self.by_address: dict[int, int] = {}  # address -> the first member there
+        self.also_at: dict[int, list[int]] = {}  # address -> later members there
+        # A tensor made on the fly (a state_dict() that returns fresh
+        # non-contiguous views) would be freed once encoded, and the allocator
+        # could hand its address to the next fresh tensor of the same shape,
+        # which would then be mistaken for a shared one and silently saved as
+        # the first one's data. Every encoded tensor is held until the end
+        # (in ``tensors``, or ``originals`` when prepare made a new one), which
+        # keeps addresses unique.
+        self.originals: dict[int, torch.Tensor] = {}  # member -> the tensor met, where prepare returned another
+        self.paths: list[Path] = []  # of each member, in the order met
+        self.tensors: list[torch.Tensor] = []  # the prepared tensor of each member
+        self.specs: list[tuple[torch.dtype, torch.Size]] = []  # dtype and shape of each member
+        self.refs: list[dict[str, Any]] = []  # each member's node in the skeleton
         self.exact_paths = True  # every key so far an exact str or int (see _cached_layout)
+        self.on_device = False  # some tensor lives off the host (a GPU)
         self.active: set[int] = set()
 
     def encode(self, value: Any, path: Path) -> Any:
@@ -125,14 +155,16 @@ class _Encoder:
                 state = value.state_dict()
                 return {MARK: "stateful", "class": type(value).__qualname__, "state": self.encode(state, path)}
         if isinstance(value, Mapping):
-            if self.exact_paths and not set(map(type, value)) <= _EXACT_KEYS:
+            key_types = set(map(type, value))
+            if self.exact_paths and not key_types <= _EXACT_KEYS:
                 self.exact_paths = False
             with self._entered(value, path):
                 # Canonical JSON sorts object keys, so only a dict whose keys are
                 # already sorted may become a plain object; any other order is
                 # kept by the item list below (a round trip preserves key order).
                 keys = list(value)
-                if all(isinstance(k, str) for k in keys) and MARK not in value and keys == sorted(keys):
+                strings = key_types <= _STR or all(isinstance(k, str) for k in keys)
+                if strings and MARK not in value and keys == sorted(keys):
                     return self.plain_dict(value, path)
                 items = []
                 for k, v in value.items():
@@ -155,14 +187,53 @@ class _Encoder:
         """A dict with sorted string keys, as a JSON object; its tensors (the bulk of a model) encoded inline."""
         if len(path) >= _MAX_DEPTH:
             return {_check_text(k, path): self.encode(v, path + (k,)) for k, v in value.items()}
+        _check_keys(value, path)
+        if self.prepare is None:
+            return self._plain_dict_validated(value, path)
         out = {}
         prefix = format_path(path)
         for k, v in value.items():
-            _check_text(k, path)
             if type(v) is torch.Tensor:
                 out[k] = self.tensor(v, path + (k,), numpy=False, label=f"{prefix}[{k!r}]")
             else:
                 out[k] = self.encode(v, path + (k,))
+        return out
+
+    def _plain_dict_validated(self, value: Mapping[str, Any], path: Path) -> dict[str, Any]:
+        """:meth:`plain_dict` when tensors are only validated (a background save, which copies them next).
+
+        The hot loop of a background save's stall: walking a model of 10,000
+        small tensors cost more than copying them. So the common case is
+        inlined and reads only what the copy and the file need: layout and
+        dtype to validate, the address for sharing, shape and device. A tensor
+        at an address already seen, or one that fails validation, takes the
+        general path, which finds shared tensors and raises the precise errors.
+        """
+        out = {}
+        by_address, names, node = self.by_address, DTYPE_NAMES, MARK
+        add_path, add_tensor, add_spec, add_ref = self.paths.append, self.tensors.append, self.specs.append, self.refs.append
+        for k, v in value.items():
+            if type(v) is not torch.Tensor:
+                out[k] = self.encode(v, path + (k,))
+                continue
+            dtype = v.dtype
+            if v.layout is _STRIDED and dtype in names and (address := v.data_ptr()) not in by_address:
+                if v.is_cpu:
+                    ref = {node: "tensor"}
+                elif not v.is_meta:
+                    ref = {node: "tensor", "device": str(v.device)}
+                    self.on_device = True
+                else:
+                    out[k] = self.tensor(v, path + (k,), numpy=False)  # refused there
+                    continue
+                by_address[address] = len(self.refs)
+                add_path(path + (k,))
+                add_tensor(v)
+                add_spec((dtype, v.shape))
+                add_ref(ref)
+                out[k] = ref
+            else:
+                out[k] = self.tensor(v, path + (k,), numpy=False)
         return out
 
     def key(self, key: Any, path: Path) -> Any:
@@ -181,40 +252,74 @@ class _Encoder:
             self.active.discard(id(value))
 
     def tensor(self, tensor: torch.Tensor, path: Path, *, numpy: bool, label: str | None = None) -> dict[str, Any]:
-        # ``data_ptr()`` is the storage address plus ``storage_offset`` elements
-        # of ``dtype``, both also in the key: the same identity as the storage
-        # address, without building a storage object for every tensor.
-        device = tensor.device
-        if tensor.layout is _STRIDED:
-            address = tensor.data_ptr() if tensor.numel() else id(tensor)
-            identity = (address, device, tensor.dtype, tensor.storage_offset(), tensor.shape, tensor.stride(), numpy)
-        else:
-            identity = (id(tensor), device, tensor.dtype, 0, tensor.shape, (), numpy)
-        ref = self.seen.get(identity)
-        if ref is not None:
-            return ref
+        address = tensor.data_ptr() if tensor.layout is _STRIDED else id(tensor)
+        if address in self.by_address:
+            ref = self._shared(address, tensor, numpy)
+            if ref is not None:
+                return ref
         ref = {MARK: "tensor"}
         if numpy:
             ref["numpy"] = True
         if not tensor.is_cpu:
-            ref["device"] = str(device)
-        prepared = self.prepare(tensor, label or format_path(path))
-        self.keepalive.append(tensor)
-        self.members.append((path, prepared, ref))
-        self.seen[identity] = ref
+            ref["device"] = str(tensor.device)
+            self.on_device = True
+        prepared = (self.prepare or check_tensor)(tensor, label or format_path(path))
+        index = len(self.refs)
+        if address in self.by_address:
+            self.also_at.setdefault(address, []).append(index)
+        else:
+            self.by_address[address] = index
+        if prepared is not tensor:
+            self.originals[index] = tensor
+        self.paths.append(path)
+        self.tensors.append(prepared)
+        self.specs.append((prepared.dtype, prepared.shape))
+        self.refs.append(ref)
         return ref
 
     def finish(self, skeleton: Any) -> Encoded:
-        members = self.members
-        encoded = Encoded(skeleton)
-        for name, indices, keys in _cached_layout(members, exact=self.exact_paths):
-            entries = []
-            for index, key in zip(indices, keys):
-                _, tensor, ref = members[index]
-                ref["file"], ref["key"] = name, key
-                entries.append((key, tensor))
-            encoded.files[name] = entries
+        layout, specs = _cached_layout(self.paths, self.tensors, self.specs, exact=self.exact_paths)
+        encoded = Encoded(skeleton, specs=specs, on_device=self.on_device)
+        tensor_at, ref_at = self.tensors.__getitem__, self.refs.__getitem__
+        for name, indices, keys in layout:
+            for ref, key in zip(map(ref_at, indices), keys):
+                ref["file"] = name
+                ref["key"] = key
+            encoded.files[name] = list(zip(keys, map(tensor_at, indices)))
         return encoded
+
+    def _shared(self, address: int, tensor: torch.Tensor, numpy: bool) -> dict[str, Any] | None:
+        """The node of an already-encoded tensor at ``address`` that is the same tensor as ``tensor``, if any."""
+        identity = _identity(tensor, numpy)
+        for index in (self.by_address[address], *self.also_at.get(address, ())):
+            ref = self.refs[index]
+            other = self.originals.get(index)
+            if _identity(self.tensors[index] if other is None else other, bool(ref.get("numpy"))) == identity:
+                return ref
+        return None
+
+
+def _identity(tensor: torch.Tensor, numpy: bool) -> tuple:
+    """What makes two tensor references the same stored tensor.
+
+    ``data_ptr()`` is the storage address plus ``storage_offset`` elements of
+    ``dtype``, both also in the key: the same identity as the storage address,
+    without building a storage object for every tensor. An empty tensor, and
+    one with no strided storage, is only ever itself.
+    """
+    if tensor.layout is _STRIDED:
+        address = tensor.data_ptr() if tensor.numel() else id(tensor)
+        return (address, tensor.device, tensor.dtype, tensor.storage_offset(), tensor.shape, tensor.stride(), numpy)
+    return (id(tensor), tensor.device, tensor.dtype, 0, tensor.shape, (), numpy)
+
+
+def _check_keys(value: Mapping[str, Any], path: Path) -> None:
+    """:func:`_check_text` for every key of a dict, in one encode when they are all fine."""
+    try:
+        "".join(value).encode("utf-8")
+    except UnicodeEncodeError:
+        for key in value:
+            _check_text(key, path)
 
 
 #: A state with more groups than this pools its small ones (see _pool_small_groups).
@@ -224,11 +329,13 @@ SMALL_GROUP_BYTES = 4 << 20
 #: Each file's name, its tensors (indices into the members) and their keys, in order.
 Layout = list[tuple[str, tuple[int, ...], tuple[str, ...]]]
 
-_last_layout: tuple[list[tuple[Path, int]], Layout] | None = None
+Specs = list[tuple[torch.dtype, torch.Size]]
+
+_last_layout: tuple[list[Path], Specs, Layout, Specs] | None = None
 
 
-def _cached_layout(members: list[tuple[Path, torch.Tensor, Any]], *, exact: bool) -> Layout:
-    """:func:`_layout` of the members, reusing the previous result for the same paths and sizes.
+def _cached_layout(paths: list[Path], tensors: list[torch.Tensor], specs: Specs, *, exact: bool) -> tuple[Layout, Specs]:
+    """:func:`_layout` of the members, and their specs in file order; the previous result for the same paths and specs.
 
     A training run saves the same structure every time, and grouping, pooling
     and naming thousands of tensors again costs tens of milliseconds a save.
@@ -236,31 +343,32 @@ def _cached_layout(members: list[tuple[Path, torch.Tensor, Any]], *, exact: bool
     ``repr`` of its keys) and size, so equal paths give the same layout only
     when every key is an exact ``str`` or ``int``: ``1``, ``1.0`` and ``True``
     are equal but print differently, so other states are laid out afresh.
+    The specs come back as the same list object on a hit, which lets the
+    staging area see at a glance that its views still fit.
     """
     global _last_layout
-    if not exact:
-        return _layout(members)
-    signature = [(path, tensor.nbytes) for path, tensor, _ in members]
     last = _last_layout
-    if last is not None and last[0] == signature:
-        return last[1]
-    layout = _layout(members)
-    _last_layout = (signature, layout)
-    return layout
+    if exact and last is not None and last[0] == paths and last[1] == specs:
+        return last[2], last[3]
+    layout = _layout(paths, [t.nbytes for t in tensors])
+    ordered = [specs[index] for _, indices, _ in layout for index in indices]
+    if exact:
+        _last_layout = (paths, specs, layout, ordered)
+    return layout, ordered
 
 
-def _layout(members: list[tuple[Path, torch.Tensor, Any]]) -> Layout:
+def _layout(paths: list[Path], sizes: list[int]) -> Layout:
     """Tensors grouped into files by where they sit in the state; large groups are split into shards."""
     groups: dict[str, list[int]] = {}
-    for index, (path, _, _) in enumerate(members):
+    for index, path in enumerate(paths):
         groups.setdefault(_group_name(path), []).append(index)
     layout: Layout = []
     used_names: set[str] = set()
-    for group, indices in _pool_small_groups(groups, members).items():
+    for group, indices in _pool_small_groups(groups, paths, sizes).items():
         shards: list[list[int]] = [[]]
         size = 0
         for index in indices:
-            nbytes = members[index][1].nbytes
+            nbytes = sizes[index]
             if shards[-1] and size + nbytes > MAX_FILE_BYTES:
                 shards.append([])
                 size = 0
@@ -270,12 +378,11 @@ def _layout(members: list[tuple[Path, torch.Tensor, Any]]) -> Layout:
             stem = group if len(shards) == 1 else f"{group}-{number:05d}"
             name = _unique(f"{stem}.safetensors", used_names)
             keys: set[str] = set()
-            paths = (members[index][0] for index in shard)
-            layout.append((name, tuple(shard), tuple(_unique_key("/".join(map(str, path)) or "tensor", keys) for path in paths)))
+            layout.append((name, tuple(shard), tuple(_unique_key("/".join(map(str, paths[index])) or "tensor", keys) for index in shard)))
     return layout
 
 
-def _pool_small_groups(groups: dict[str, list[int]], members: list[tuple[Path, torch.Tensor, Any]]) -> dict[str, list[int]]:
+def _pool_small_groups(groups: dict[str, list[int]], paths: list[Path], sizes: list[int]) -> dict[str, list[int]]:
     """Merge groups under :data:`SMALL_GROUP_BYTES` into one group per top-level key.
 
     Every file costs a create, an fsync and a directory entry: a model whose
@@ -287,10 +394,10 @@ def _pool_small_groups(groups: dict[str, list[int]], members: list[tuple[Path, t
         return groups
     pooled: dict[str, list[int]] = {}
     for group, indices in groups.items():
-        if sum(members[index][1].nbytes for index in indices) >= SMALL_GROUP_BYTES:
+        if sum(sizes[index] for index in indices) >= SMALL_GROUP_BYTES:
             pooled.setdefault(group, []).extend(indices)
             continue
-        path = members[indices[0]][0]
+        path = paths[indices[0]]
         top = _group_name(path[:1]) if len(path) > 1 else "state"
         pooled.setdefault(f"{top}.small", []).extend(indices)
     return pooled
@@ -381,8 +488,13 @@ def _unique_key(key: str, used: set[str]) -> str:
     return candidate
 
 
-def encode_state(state: Any, *, prepare: Callable[[torch.Tensor, str], torch.Tensor] = prepare_tensor) -> Encoded:
-    """Split ``state`` into a JSON skeleton and tensor files. Raises StateError naming the key path."""
+def encode_state(state: Any, *, prepare: Callable[[torch.Tensor, str], torch.Tensor] | None = prepare_tensor) -> Encoded:
+    """Split ``state`` into a JSON skeleton and tensor files. Raises StateError naming the key path.
+
+    ``prepare`` turns each tensor into what is written (``prepare_tensor``:
+    detached, contiguous, on the CPU). With None the tensors are only
+    validated and kept as they are: for a caller that copies them at once.
+    """
     encoder = _Encoder(prepare)
     try:
         skeleton = encoder.encode(state, ())

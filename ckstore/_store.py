@@ -581,12 +581,11 @@ class Store:
                         }
                     if not blocking:
                         copy_started = time.perf_counter()
-                        staged = iter(self._staging.stage([tensor for entries in encoded.files.values() for _, tensor in entries]))
                         # Drop every reference to the caller's tensors here, not when
                         # this frame ends: freeing a tensor releases the GIL, and
                         # with the writer thread running, each free would wait for
                         # it (10,000 frees took a second).
-                        encoded.files = {name: [(key, next(staged)) for key, _ in entries] for name, entries in encoded.files.items()}
+                        encoded.rebind(self._staging.stage(encoded.tensors(), encoded.specs, on_device=encoded.on_device))
                 if blocking:
                     self.stats.update(wait_s=waited, copy_s=0.0)
                     info = self._persist(encoded, step, metrics, tag_names, file_prints)
@@ -621,9 +620,11 @@ class Store:
 
     def _preparer(self, fingerprints: dict[int, tuple], *, staged: bool) -> Any:
         """The per-tensor check for encode_state; records each tensor's identity for incremental saves."""
-        check = check_tensor if staged else _prepare_for_sync_save
         if not self.incremental:
-            return check
+            # A background save's staging copy does what prepare_tensor would
+            # (contiguous, on the host), so its tensors are only validated.
+            return None if staged else _prepare_for_sync_save
+        check = check_tensor if staged else _prepare_for_sync_save
 
         def prepare(tensor: torch.Tensor, key: str) -> torch.Tensor:
             prepared = check(tensor, key)

@@ -115,6 +115,8 @@ def check_tensor(tensor: torch.Tensor, key: str) -> torch.Tensor:
         raise StateError(f"{key}: quantized tensors are not supported", key=key)
     if tensor.dtype not in DTYPE_NAMES:
         raise StateError(f"{key}: dtype {tensor.dtype} has no safetensors encoding", key=key)
+    if tensor.is_meta:
+        raise StateError(f"{key}: a meta tensor has a shape but no data to store", key=key)
     return tensor.detach()
 
 

@@ -12,10 +12,12 @@ import threading
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from conftest import assert_same, subprocess_env
 
 import ckstore
-from ckstore import _durable
+from ckstore import _async, _durable
 
 
 def _state(seed: int = 0) -> dict:
@@ -179,6 +181,76 @@ def test_non_contiguous_and_conjugate_views_are_staged_by_value(store):
     base.zero_()
     store.wait()
     assert_same(store.load(step=1), expected)
+
+
+def test_shared_and_overlapping_tensors_in_a_background_save_are_told_apart(store):
+    """Tensors met at one address are one stored tensor only when they are the same view of it."""
+    base = torch.arange(12, dtype=torch.float32)
+    state = {"model": {"a": base, "b": base, "c": base[:6], "d": base.view(3, 4), "e": base[6:], "f": torch.zeros(0), "g": torch.zeros(0)}}
+    expected = {k: v.clone() for k, v in state["model"].items()}
+    store.save(state, step=1, blocking=False)
+    base.zero_()
+    store.wait()
+    refs = store._manifest(store.resolve(1).path.name).state["model"]
+    assert (refs["a"]["file"], refs["a"]["key"]) == (refs["b"]["file"], refs["b"]["key"])
+    assert len({(r["file"], r["key"]) for r in refs.values()}) == 6  # a and b once; the views and the empties apart
+    loaded = store.load(step=1)["model"]
+    assert loaded["a"] is loaded["b"]
+    assert_same(loaded, expected)
+
+
+@pytest.mark.parametrize("blocking", [True, False])
+def test_a_meta_tensor_is_refused_with_its_key(store, blocking):
+    store.save({"w": torch.ones(3)}, step=1)
+    with pytest.raises(ckstore.StateError, match="meta tensor") as info:
+        store.save({"model": {"w": torch.ones(3), "x": torch.empty(3, device="meta")}}, step=2, blocking=blocking)
+    assert "'x'" in info.value.key
+    assert [i.step for i in store.checkpoints()] == [1]
+
+
+def test_a_large_state_is_copied_by_several_threads_bit_for_bit(store):
+    """Above the threshold the staging copy is split between threads; every dtype and view arrives intact."""
+    g = torch.Generator().manual_seed(3)
+    state = {
+        "model": {f"w{i:03d}": torch.randn(64 * 1024 + i, generator=g) for i in range(48)},  # 12 MiB of float32
+        "other": {
+            "bf16": torch.randn(1 << 20, generator=g).bfloat16(),
+            "i64": torch.randint(-(1 << 40), 1 << 40, (1 << 19,), generator=g),
+            "bool": torch.rand(1 << 16, generator=g) > 0.5,
+            "conj": torch.randn(1 << 16, dtype=torch.complex64, generator=g).conj(),
+            "t": torch.randn(512, 256, generator=g).t(),
+        },
+    }
+    expected = {part: {k: v.clone().resolve_conj() for k, v in tensors.items()} for part, tensors in state.items()}
+    store.save(state, step=1, blocking=False)
+    for tensors in state.values():
+        for tensor in tensors.values():
+            tensor.zero_()
+    store.wait()
+    assert len(store._staging._slices) == _async.copy_threads()  # 2 on a 2-core CI machine
+    assert_same(store.load(step=1), expected)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 1 << 30), max_size=60), st.integers(1, 6))
+def test_the_copy_is_split_into_ordered_slices_of_about_equal_bytes(sizes, parts):
+    slices = _async._split(sizes, parts)
+    assert 1 <= len(slices) <= parts
+    assert slices[0][0] == 0 and slices[-1][1] == len(sizes)
+    assert all(a[1] == b[0] for a, b in zip(slices, slices[1:]))  # contiguous, in order
+    if sizes:
+        assert all(start < end for start, end in slices)
+        biggest = max(sizes)
+        for start, end in slices:
+            assert sum(sizes[start:end]) <= sum(sizes) / parts + biggest
+
+
+def test_a_copy_that_fails_in_a_helper_thread_raises_in_the_caller():
+    dst = [torch.empty(4), torch.empty(3)]
+    src = [torch.ones(4), torch.ones(4)]  # the second cannot go into its destination
+    with pytest.raises(RuntimeError):
+        _async._parallel_copy(dst, src, [(0, 1), (1, 2)])
+    assert torch.equal(dst[0], torch.ones(4))
 
 
 _CHILD = r"""
