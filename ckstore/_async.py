@@ -121,7 +121,8 @@ class StagingArea:
                     else:
                         host_src.append(tensor)
                         host_dst.append(view)
-                torch._foreach_copy_(host_dst, host_src)
+                if host_src:
+                    torch._foreach_copy_(host_dst, host_src)
                 torch.cuda.synchronize()  # the copies must be complete before the caller may touch its tensors
             else:
                 _parallel_copy(staged, tensors, self._slices)
@@ -168,6 +169,8 @@ def _parallel_copy(dst: list[torch.Tensor], src: list[torch.Tensor], slices: lis
     errors: list[BaseException] = []
 
     def copy(start: int, end: int) -> None:
+        if start == end:
+            return  # torch refuses an empty list
         try:
             with torch.no_grad():
                 torch._foreach_copy_(dst[start:end], src[start:end])

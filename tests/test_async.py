@@ -199,6 +199,14 @@ def test_shared_and_overlapping_tensors_in_a_background_save_are_told_apart(stor
     assert_same(loaded, expected)
 
 
+def test_a_background_save_of_a_state_without_tensors(store):
+    store.save({"step": 3, "note": "no tensors"}, step=1, blocking=False)
+    store.save({"step": 4, "empty": torch.zeros(0)}, step=2, blocking=False)
+    store.wait()
+    assert store.load(step=1) == {"step": 3, "note": "no tensors"}
+    assert store.load(step=2)["empty"].shape == (0,)
+
+
 @pytest.mark.parametrize("blocking", [True, False])
 def test_a_meta_tensor_is_refused_with_its_key(store, blocking):
     store.save({"w": torch.ones(3)}, step=1)
