@@ -111,6 +111,54 @@ def test_any_nested_state_round_trips(shared_store, state):
     assert_same(roundtrip(shared_store, state), state)
 
 
+@given(state=states)
+def test_any_nested_state_round_trips_through_a_background_save(shared_store, state):
+    store, steps = shared_store
+    step = next(steps)
+    store.save(state, step=step, blocking=False).result()
+    assert_same(store.load(step=step), state)
+
+
+_VIEWS = {
+    "all": lambda t: t,
+    "same": lambda t: t,
+    "head": lambda t: t[:2],
+    "tail": lambda t: t[2:],
+    "2d": lambda t: t.view(2, -1),
+    "empty": lambda t: t[:0],
+    "bytes": lambda t: t.view(torch.uint8),
+}
+
+
+@given(st.lists(st.tuples(st.integers(0, 2), st.sampled_from(sorted(_VIEWS))), min_size=1, max_size=12))
+def test_both_walks_store_a_tensor_once_exactly_when_it_is_the_same_view_of_the_same_memory(refs):
+    """Views of a few bases, some repeated. A background save's walk (tensors only validated, found by address
+    first) and the general walk (each tensor prepared) both share a stored tensor between two keys exactly when
+    the two are the same view of the same memory (or the very same empty tensor)."""
+    bases = [torch.arange(8, dtype=torch.float32) + 10 * i for i in range(3)]
+    made: dict = {}
+    state = {"model": {}}
+    for n, (base, view) in enumerate(refs):
+        # "same" is the very object made before for this base and view kind; the others are new views
+        key = (base, "all") if view == "same" else (base, view, n)
+        tensor = made.setdefault(key, _VIEWS[view](bases[base]))
+        state["model"][f"k{n:02d}"] = tensor
+
+    def partition(identity):
+        groups: dict = {}
+        for k, v in state["model"].items():
+            groups.setdefault(identity(k, v), []).append(k)
+        return sorted(groups.values())
+
+    def same_bytes_same_view(k, t):  # the definition: same memory seen the same way; an empty tensor is only itself
+        return (t.data_ptr(), t.dtype, t.storage_offset(), tuple(t.shape), t.stride()) if t.numel() else id(t)
+
+    expected = partition(same_bytes_same_view)
+    for encoded in (encode_state(state, prepare=None), encode_state(state)):
+        nodes = encoded.skeleton["model"]
+        assert partition(lambda k, v: (nodes[k]["file"], nodes[k]["key"])) == expected
+
+
 @given(state=st.dictionaries(keys, tensors(), min_size=1, max_size=5))
 def test_dict_of_tensors_round_trips_and_keeps_key_order(shared_store, state):
     loaded = roundtrip(shared_store, state)
