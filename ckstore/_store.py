@@ -894,7 +894,7 @@ class Store:
                     check()
                 except IntegrityError as exc:
                     failure = failure or exc
-            if any(t.device.type == "cuda" for file_targets in targets.values() for t in file_targets.values()):
+            if any(t.is_cuda for file_targets in targets.values() for t in file_targets.values()):
                 torch.cuda.synchronize()  # the host-to-device copies read_tensor_file started are complete
         if failure is not None:
             raise failure
