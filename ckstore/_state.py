@@ -514,6 +514,8 @@ class _Decoder:
         self.source = source
         self.map_location = map_location
         self.cache: dict[tuple[str, str], Any] = {}
+        #: (target, value) copies still to make, in the order met; see :meth:`copy_pending`.
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def decode(self, node: Any, target: Any, path: Path) -> Any:
         if isinstance(node, list):
@@ -530,6 +532,7 @@ class _Decoder:
         if kind == "stateful":
             state = self.decode(node["state"], None, path)
             if target is not None and is_stateful(target):
+                self.copy_pending()  # the targets met before this object are written before it loads, as the state orders them
                 load_into(target, state, path)
             return state
         if kind == "dict":
@@ -568,15 +571,39 @@ class _Decoder:
                 tensor = tensor.to(device)
             value = tensor.numpy() if node.get("numpy") else tensor
             self.cache[ident] = value
+        if value is target:
+            # The source read the file straight into this tensor's memory,
+            # having checked its dtype and shape (``read_tensor_file``).
+            return target
         if isinstance(target, torch.Tensor) and not node.get("numpy"):
             _check_fits(target, value, path)
-            with torch.no_grad():
-                target.copy_(value)
+            self.pending.append((target, value))
             return target
         return value
 
+    def copy_pending(self) -> None:
+        """Copy the values met so far into their targets, in order.
+
+        CPU targets take one batched call (torch copies them one after the
+        other) instead of a Python call and a ``no_grad`` each; other targets
+        are copied one by one, since the batched kernel on a GPU writes all
+        at once and targets that overlap would race.
+        """
+        if not self.pending:
+            return
+        on_cpu = [(target, value) for target, value in self.pending if target.is_cpu]
+        others = [(target, value) for target, value in self.pending if not target.is_cpu]
+        self.pending.clear()
+        with torch.no_grad():
+            if on_cpu:
+                torch._foreach_copy_([target for target, _ in on_cpu], [value for _, value in on_cpu])
+            for target, value in others:
+                target.copy_(value)
+
     def _device(self, recorded: str | None, path: Path) -> torch.device | None:
         location = self.map_location
+        if location is None and recorded is None:  # the common case, once per tensor: a CPU tensor stays put
+            return None
         if callable(location):
             return torch.device(location(recorded or "cpu"))
         if isinstance(location, Mapping):
@@ -603,7 +630,7 @@ def _hashable(key: Any) -> bool:
 
 
 def _check_fits(target: torch.Tensor, value: torch.Tensor, path: Path) -> None:
-    if tuple(target.shape) != tuple(value.shape) or target.dtype != value.dtype:
+    if target.shape != value.shape or target.dtype != value.dtype:
         raise StateError(
             f"{format_path(path)}: checkpoint holds {value.dtype} {tuple(value.shape)}, "
             f"the object being loaded into has {target.dtype} {tuple(target.shape)}",
@@ -629,8 +656,11 @@ def load_into(target: Any, state: Any, path: Path) -> None:
 
 def decode_state(skeleton: Any, source: TensorSource, *, target: Any = None, map_location: Any = None) -> Any:
     """Rebuild the saved state; objects with ``load_state_dict`` in ``target`` are restored in place."""
+    decoder = _Decoder(source, map_location)
     try:
-        return _Decoder(source, map_location).decode(skeleton, target, ())
+        state = decoder.decode(skeleton, target, ())
+        decoder.copy_pending()
+        return state
     except CkstoreError:
         raise
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as exc:

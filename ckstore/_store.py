@@ -895,7 +895,7 @@ class Store:
                     check()
                 except IntegrityError as exc:
                     failure = failure or exc
-            if any(t.device.type == "cuda" for file_targets in targets.values() for t in file_targets.values()):
+            if any(t.is_cuda for file_targets in targets.values() for t in file_targets.values()):
                 torch.cuda.synchronize()  # the host-to-device copies read_tensor_file started are complete
         if failure is not None:
             raise failure
@@ -1032,7 +1032,13 @@ def _prepare_for_sync_save(tensor: torch.Tensor, key: str) -> torch.Tensor:
 
 
 def _collect_targets(node: Any, target: Any, out: dict[str, dict[str, torch.Tensor]]) -> None:
-    """Map (file, key) to the tensor of ``target`` that a load will overwrite, following the skeleton."""
+    """Map (file, key) to the tensor of ``target`` that a load will overwrite, following the skeleton.
+
+    A tensor that does not require grad is mapped as itself, so the tensor
+    read into it is that very object and decoding knows it has nothing to
+    copy (``_Decoder.tensor``); one that requires grad is mapped detached, as
+    its memory can only be written without autograd.
+    """
     if target is None:
         return
     if isinstance(node, list):
@@ -1045,13 +1051,13 @@ def _collect_targets(node: Any, target: Any, out: dict[str, dict[str, torch.Tens
     kind = node.get(MARK)
     if kind is None:
         if isinstance(target, Mapping):
+            get = target.get
             for key, item in node.items():
-                _collect_targets(item, target.get(key), out)
+                sub = get(key)
+                if sub is not None:
+                    _collect_targets(item, sub, out)
     elif kind == "tensor":
-        # A tensor saved on a device is read into a target on that same
-        # device; a CPU target for it would be moved to the device and back.
-        if isinstance(target, torch.Tensor) and not node.get("numpy") and str(target.device) == node.get("device", "cpu"):
-            out.setdefault(node["file"], {}).setdefault(node["key"], target.detach())
+        _collect_tensor(node, target, out)
     elif kind == "stateful":
         # Only modules: their state_dict() tensors share memory with the
         # parameters and buffers that load_state_dict copies into.
@@ -1064,3 +1070,21 @@ def _collect_targets(node: Any, target: Any, out: dict[str, dict[str, torch.Tens
     elif kind in ("tuple", "size") and isinstance(target, (list, tuple)) and len(target) == len(node["items"]):
         for item, sub in zip(node["items"], target):
             _collect_targets(item, sub, out)
+
+
+def _collect_tensor(node: dict[str, Any], target: Any, out: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Map one tensor node to ``target`` if the file's bytes can go there.
+
+    A tensor saved on a device is read into a target on that same device; a
+    CPU target for it would be moved to the device and back. The first
+    target met for a tensor saved once but referenced twice gets the read.
+    """
+    if not isinstance(target, torch.Tensor) or node.get("numpy"):
+        return
+    device = node.get("device")
+    if (target.is_cpu if device is None else str(target.device) == device):
+        keyed = out.get(node["file"])
+        if keyed is None:
+            keyed = out[node["file"]] = {}
+        if node["key"] not in keyed:
+            keyed[node["key"]] = target.detach() if target.requires_grad else target

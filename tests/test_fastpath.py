@@ -12,9 +12,9 @@ import torch
 from conftest import assert_same, flip_byte
 
 import ckstore
-from ckstore import _durable
+from ckstore import _durable, _tensorfile
 from ckstore._hashing import hash_bytes
-from ckstore._tensorfile import WritePipeline, read_one_tensor, read_tensor_file
+from ckstore._tensorfile import DTYPE_NAMES, WritePipeline, read_one_tensor, read_tensor_file
 
 
 def _record(events):
@@ -229,6 +229,41 @@ def test_read_tensor_file_with_targets_and_batched_small_tensors(tmp_path):
     assert_same({k: out[k] for k, _ in entries}, dict(entries))
     with pytest.raises(ckstore.IntegrityError):
         read_tensor_file(str(tmp_path / "f.safetensors"), size=written.size + 1, expected=written.hash)
+
+
+def _every_dtype() -> list[tuple[str, torch.Tensor]]:
+    entries = []
+    for i, dtype in enumerate(sorted(DTYPE_NAMES, key=str)):
+        values = torch.arange(1, 13, dtype=torch.float32).reshape(3, 4) / 4 - 1
+        entries.append((f"m{i}", values > 0 if dtype == torch.bool else values.to(dtype)))
+        entries.append((f"s{i}", values[1, 1].to(dtype) if dtype != torch.bool else torch.tensor(True)))
+    return entries
+
+
+@pytest.mark.parametrize("short_reads", [False, True])
+def test_targets_of_every_dtype_and_shape_are_read_in_place(tmp_path, monkeypatch, short_reads):
+    """Typed buffers (NumPy views where NumPy has the dtype, bytes otherwise), 0-d tensors, odd strides of size-1 dims, short reads."""
+    entries = _every_dtype() + [("odd_stride", torch.arange(3.0).reshape(3, 1))]
+    pipeline = WritePipeline(chunk=1 << 20, depth=2)
+    try:
+        (written,) = pipeline.write_files([(str(tmp_path / "f.safetensors"), entries)], algo="blake3")
+    finally:
+        pipeline.close()
+    targets = {key: torch.zeros_like(tensor) for key, tensor in entries}
+    targets["odd_stride"] = torch.zeros(3, 2)[:, :1].contiguous().as_strided((3, 1), (1, 7))  # contiguous, stride 7 on a size-1 dim
+    assert targets["odd_stride"].is_contiguous() and targets["odd_stride"].stride() == (1, 7)
+    if short_reads:
+        preadv = os.preadv
+
+        def half(fd, buffers, offset):  # the kernel may return less than asked: at most half of the first buffer
+            first = memoryview(buffers[0]).cast("B")
+            return preadv(fd, [first[: max(1, len(first) // 2)]], offset)
+
+        monkeypatch.setattr(_tensorfile.os, "preadv", half)
+    out = read_tensor_file(str(tmp_path / "f.safetensors"), size=written.size, expected=written.hash, targets=targets)
+    for key, tensor in entries:
+        assert out[key] is targets[key], key
+        assert_same(out[key], tensor)
 
 
 def test_read_tensor_reads_one_tensor_and_says_what_it_verified(store):

@@ -441,6 +441,67 @@ def test_loading_into_wrong_shape_or_dtype_is_refused(store, make_model):
     assert torch.equal(target, torch.zeros(3))
 
 
+def test_targets_are_read_in_place_and_returned_as_themselves(store):
+    """Tensors without grad get the file's bytes in their own memory and come back as the same objects; grad survives."""
+    saved = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.arange(4, dtype=torch.int16), "p": torch.randn(3)}
+    store.save({"model": saved}, step=0)
+    param = torch.nn.Parameter(torch.zeros(3))
+    targets = {"a": torch.zeros(2, 3), "b": torch.zeros(4, dtype=torch.int16), "p": param}
+    pointers = {k: t.data_ptr() for k, t in targets.items()}
+    out = store.load({"model": targets}, step=0)
+    for key in saved:
+        assert out["model"][key] is targets[key]
+        assert targets[key].data_ptr() == pointers[key]
+        assert torch.equal(targets[key], saved[key])
+    assert param.requires_grad and param.grad is None
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_wrong_targets_are_refused_on_the_fast_path_too(store, verify):
+    """A target of another dtype or shape (a view included) is never read into: the load raises StateError naming the key."""
+    store.save({"model": {"w": torch.randn(4, 4), "v": torch.randn(3)}}, step=0)
+    for wrong in (torch.zeros(4, 4, dtype=torch.float64), torch.zeros(16), torch.zeros(4, 5), torch.zeros(8, 6)[::2, :5]):
+        with pytest.raises(ckstore.StateError) as excinfo:
+            store.load({"model": {"w": wrong, "v": torch.zeros(3)}}, step=0, verify=verify)
+        assert "'w'" in excinfo.value.key
+
+
+@pytest.mark.parametrize("map_location", [None, "cpu"])
+def test_shared_and_repeated_targets(store, map_location):
+    """A tensor saved once for two keys fills both targets; one target under two keys ends up with the last value, as copies run in order."""
+    x, y = torch.randn(5), torch.randn(5)
+    store.save({"model": {"a": x, "b": x}}, step=0)
+    store.save({"model": {"a": x, "b": y}}, step=1)
+    ta, tb = torch.zeros(5), torch.zeros(5)
+    out = store.load({"model": {"a": ta, "b": tb}}, step=0, map_location=map_location)
+    assert out["model"]["a"] is ta and out["model"]["b"] is tb
+    assert torch.equal(ta, x) and torch.equal(tb, x)
+    one = torch.zeros(5)
+    store.load({"model": {"a": one, "b": one}}, step=1, map_location=map_location)
+    assert torch.equal(one, y)
+
+
+@pytest.mark.parametrize("map_location", [None, "cpu"])
+def test_non_contiguous_view_targets_are_filled(store, map_location):
+    """A view that cannot be read into (transposed, strided) is copied into, and writes through to its base."""
+    saved = torch.arange(12.0).reshape(3, 4)
+    store.save({"w": saved, "v": torch.arange(3.0)}, step=0)
+    base, strided_base = torch.zeros(4, 3), torch.zeros(6)
+    out = store.load({"w": base.t(), "v": strided_base[::2]}, step=0, map_location=map_location)
+    assert torch.equal(out["w"], saved) and torch.equal(base, saved.t())
+    assert torch.equal(strided_base, torch.tensor([0.0, 0, 1, 0, 2, 0]))
+
+
+def test_plain_targets_are_written_before_a_module_in_the_state_loads(store, make_model):
+    """Copies are batched, but a module later in the state still loads after them (the state's order), so its values win."""
+    model = make_model(seed=1)
+    store.save({"a": torch.full_like(model.state_dict()["0.weight"], 7.0), "m": model}, step=0)
+    other = make_model(seed=2)
+    alias = other.state_dict()["0.weight"]  # the same memory as the module's parameter
+    store.load({"a": alias, "m": other}, step=0, map_location="cpu")
+    assert torch.equal(other.state_dict()["0.weight"], model.state_dict()["0.weight"])
+
+
 def test_loading_into_module_restores_in_place(store, make_model):
     model = make_model(seed=1)
     store.save({"model": model, "epoch": 4}, step=0)

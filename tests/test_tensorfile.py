@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import tempfile
@@ -18,7 +19,7 @@ from safetensors import safe_open
 
 import ckstore
 from ckstore._hashing import hash_bytes
-from ckstore._tensorfile import DTYPE_NAMES, MAX_HEADER_SIZE, parse_header, read_verified, tensors_from_buffer
+from ckstore._tensorfile import DTYPE_NAMES, MAX_HEADER_SIZE, _bulk_specs, _entry_specs, parse_header, read_verified, tensors_from_buffer
 
 DTYPES = sorted(DTYPE_NAMES, key=str)
 
@@ -203,6 +204,90 @@ def test_fuzz_json_headers_only_integrity_error(header, extra):
         _parse_everything(_file(None, extra, raw=raw))
     except ckstore.IntegrityError:
         pass
+
+
+_ENTRY_DEFECTS = st.sampled_from(["dtype", "dtype_int", "shape_neg", "shape_bool", "shape_float", "offsets_len", "offsets_bool",
+                                   "offsets_neg", "size", "extra_field", "missing_field", "not_dict"])
+
+
+def _entry(dtype: str, shape: list[int], begin: int, defect: str) -> object:
+    itemsize = {"F32": 4, "I8": 1, "BF16": 2}[dtype]
+    end = begin + itemsize * math.prod(shape)
+    entry: dict = {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+    if defect == "dtype":
+        entry["dtype"] = "F33"
+    elif defect == "dtype_int":
+        entry["dtype"] = 4
+    elif defect == "shape_neg":
+        entry["shape"] = [-2]
+    elif defect == "shape_bool":
+        entry["shape"] = [True, 2]
+    elif defect == "shape_float":
+        entry["shape"] = [2.0]
+    elif defect == "offsets_len":
+        entry["data_offsets"] = [begin, end, end]
+    elif defect == "offsets_bool":
+        entry["data_offsets"] = [False, True] if begin == 0 else [begin, True]
+    elif defect == "offsets_neg":
+        entry["data_offsets"] = [-1, end]
+    elif defect == "size":
+        entry["data_offsets"] = [begin, end + 1]
+    elif defect == "extra_field":
+        entry["x"] = 1
+    elif defect == "missing_field":
+        del entry["shape"]
+    elif defect == "not_dict":
+        return [dtype, shape, begin]
+    return entry
+
+
+@given(
+    plan=st.lists(
+        st.tuples(st.sampled_from(["F32", "I8", "BF16"]), st.sampled_from([[], [0], [2], [1, 2], [3, 0]]), st.sampled_from([0, 0, 0, -1, 1])),
+        max_size=5,
+    ),
+    defect=st.just("none") | _ENTRY_DEFECTS,
+    where=st.integers(0, 4),
+    shuffle=st.randoms(use_true_random=False),
+    metadata=st.sampled_from([None, None, {"k": "v"}, {"k": 1}, ["x"]]),
+    slack=st.sampled_from([0, 0, 0, -1, 1]),
+)
+def test_bulk_header_checks_accept_exactly_what_entry_checks_accept(plan, defect, where, shuffle, metadata, slack):
+    """The column-wise checks agree with the entry-by-entry ones on near-valid headers: the same specs, in data order, or a refusal."""
+    header: dict = {} if metadata is None else {"__metadata__": metadata}
+    entries, position = [], 0
+    for i, (dtype, shape, nudge) in enumerate(plan):
+        begin = max(0, position + nudge)  # a nudge makes a gap or an overlap
+        entry = _entry(dtype, shape, begin, defect if i == where else "none")
+        entries.append((f"t{i}", entry))
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        position = offsets[1] if offsets and type(offsets[1]) is int else position
+    shuffle.shuffle(entries)  # any order in the header: the data order is what counts
+    header.update(entries)
+    data_size = max(0, position + slack)
+
+    def bad(reason: str) -> ckstore.IntegrityError:
+        return ckstore.IntegrityError(reason, path="x")
+
+    bulk = _bulk_specs(header, data_size)
+    try:
+        expected = _entry_specs(header, data_size, bad)
+    except ckstore.IntegrityError:
+        assert bulk is None
+        return
+    assert bulk is not None
+    assert list(bulk.items()) == list(expected.items())
+    assert [spec.begin for spec in bulk.values()] == sorted(spec.begin for spec in bulk.values())
+
+
+def test_parse_header_returns_specs_in_data_order():
+    """A header listing its tensors out of data order (other writers do) parses, and comes back in data order."""
+    header = {"b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}, "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+              "z": {"dtype": "F32", "shape": [0], "data_offsets": [4, 4]}}
+    data = _file(header, b"\0" * 12)
+    specs, _ = parse_header(data, len(data), "x")
+    assert list(specs) == ["a", "z", "b"]
+    assert specs["b"].shape == (2,) and specs["b"].dtype == torch.float32
 
 
 # ---------------------------------------------------------------- verified reads
