@@ -398,12 +398,14 @@ class _Plain:
         ({"sparse": torch.eye(3).to_sparse()}, "state['sparse']"),
         ({"objs": np.array([object()])}, "state['objs']"),
         ({"k": {frozenset([1]): 1}}, "state['k']"),
+        ({"m": {"a": torch.ones(2), "\ud800": torch.ones(2)}}, "state['m']"),
     ],
-    ids=["lambda", "object", "set", "surrogate", "huge_int", "complex128", "sparse", "object_array", "frozenset_key"],
+    ids=["lambda", "object", "set", "surrogate", "huge_int", "complex128", "sparse", "object_array", "frozenset_key", "surrogate_key"],
 )
-def test_unsupported_values_name_their_key(store, state, key):
+@pytest.mark.parametrize("blocking", [True, False], ids=["sync", "background"])
+def test_unsupported_values_name_their_key(store, state, key, blocking):
     with pytest.raises(ckstore.StateError) as excinfo:
-        store.save(state, step=0)
+        store.save(state, step=0, blocking=blocking)
     assert excinfo.value.key == key
     assert key in str(excinfo.value)
     assert store.checkpoints() == []
