@@ -89,10 +89,6 @@ class Encoded:
             start = end
         self.files = files
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for entries in self.files.values() for _, t in entries)
-
 
 class _Encoder:
     def __init__(self, prepare: Callable[[torch.Tensor, str], torch.Tensor] | None) -> None:

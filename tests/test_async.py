@@ -82,6 +82,7 @@ def test_staging_memory_is_allocated_once_and_reused(store):
         store.save(state, step=step, blocking=False)
     store.wait()
     assert store._staging.allocations == 1
+    assert store._staging._slices == [(0, 6)]  # a state under 16 MiB is copied by the calling thread alone
     assert store.stats["staging_bytes"] == store._staging.capacity
     assert [i.step for i in store.checkpoints()] == [1, 2, 3, 4]
 
