@@ -863,12 +863,13 @@ class Store:
         directory = str(info.path)
         manifest = self._manifest(info.path.name)
         # Tensors of ``state`` (module parameters and buffers, plain tensors)
-        # that the checkpoint overwrites are read straight into their memory.
-        # Should verification then fail, those tensors hold partial data until
+        # that the checkpoint overwrites are read straight into their memory,
+        # unless two of them share memory (``_drop_overlapping``). Should verification then fail, those tensors hold partial data until
         # a checkpoint that verifies is loaded (load() with no step does that).
         targets: dict[str, dict[str, torch.Tensor]] = {}
         if state is not None and map_location is None:
             _collect_targets(manifest.state, state, targets)
+            _drop_overlapping(targets)
         tensors: dict[str, dict[str, torch.Tensor]] = {}
         checks: list[Any] = []  # each file's hash is checked after the next is read, all before any use
         try:
@@ -1070,6 +1071,47 @@ def _collect_targets(node: Any, target: Any, out: dict[str, dict[str, torch.Tens
     elif kind in ("tuple", "size") and isinstance(target, (list, tuple)) and len(target) == len(node["items"]):
         for item, sub in zip(node["items"], target):
             _collect_targets(item, sub, out)
+
+
+def _drop_overlapping(targets: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Read no tensor straight into memory that another target shares.
+
+    Two stored tensors read into one memory race each other and their hash
+    checks, which run in the background on that memory after the read; and
+    the file order, not the state's, would pick the value that stays. Such
+    targets are read into fresh tensors instead and copied in while
+    decoding, in the state's order, once every file has verified. Addresses
+    are compared across devices too (CUDA's are unified with the host's);
+    a false match only costs a copy.
+    """
+    spans = []
+    append = spans.append
+    for file, keyed in targets.items():
+        for key, tensor in keyed.items():
+            start = tensor.data_ptr()
+            if tensor.is_contiguous():
+                end = start + tensor.nbytes
+            else:
+                end = start + tensor.element_size() * (1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride())))
+            if end > start:
+                append((start, end, file, key))
+    spans.sort()
+    if all(before[1] <= after[0] for before, after in zip(spans, spans[1:])):
+        return  # sorted by start, each ends before the next begins: no two meet
+    shared: list[tuple[str, str]] = []
+    cluster: list[tuple[str, str]] = []
+    end = 0
+    for start, span_end, file, key in spans:
+        if start >= end:
+            if len(cluster) > 1:
+                shared.extend(cluster)
+            cluster, end = [], 0
+        cluster.append((file, key))
+        end = max(end, span_end)
+    if len(cluster) > 1:
+        shared.extend(cluster)
+    for file, key in shared:
+        del targets[file][key]
 
 
 def _collect_tensor(node: dict[str, Any], target: Any, out: dict[str, dict[str, torch.Tensor]]) -> None:
