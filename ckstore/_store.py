@@ -864,8 +864,9 @@ class Store:
         manifest = self._manifest(info.path.name)
         # Tensors of ``state`` (module parameters and buffers, plain tensors)
         # that the checkpoint overwrites are read straight into their memory,
-        # unless two of them share memory (``_drop_overlapping``). Should verification then fail, those tensors hold partial data until
-        # a checkpoint that verifies is loaded (load() with no step does that).
+        # unless two of them share memory (``_drop_overlapping``). Should
+        # verification then fail, those tensors hold partial data until a
+        # checkpoint that verifies is loaded (load() with no step does that).
         targets: dict[str, dict[str, torch.Tensor]] = {}
         if state is not None and map_location is None:
             _collect_targets(manifest.state, state, targets)
