@@ -18,7 +18,7 @@ import tempfile
 import time
 from typing import Any
 
-TIERS = ("kill", "model", "power", "errors", "mutation", "badfiles")
+TIERS = ("kill", "model", "power", "errors", "mutation", "badfiles", "security")
 
 ALL_WORKLOADS = ["first_save", "next_save", "many_files", "retention", "tag_update", "gc_delete", "second_writer", "recover_leftovers", "async_save", "train_resume"]
 
@@ -137,6 +137,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             from . import badfiles
 
             show(badfiles.run_tier(workdir, crafted=profile["crafted"], fuzz_inputs=profile["fuzz_inputs"], seed=args.seed))
+        if "security" in tiers:
+            from . import security
+
+            show(security.run_tier(workdir))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     elapsed = time.monotonic() - start
