@@ -22,6 +22,7 @@ from ._errors import (
     StateError,
     StorageError,
     StoreLockedError,
+    UnsafeStoreError,
 )
 from ._async import AsyncSave
 from ._data import ResumableSampler
@@ -55,6 +56,7 @@ __all__ = [
     "StorageError",
     "Store",
     "StoreLockedError",
+    "UnsafeStoreError",
     "__version__",
     "checkpoint_interval",
     "resume",

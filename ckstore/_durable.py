@@ -267,19 +267,125 @@ def remove_dir(path: str | os.PathLike[str], *, site: str) -> None:
     _emit("rmdir", "after", path, info)
 
 
+#: Flags that open a directory without following a symlink at the last component or blocking on a FIFO.
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+
+#: Deepest tree :func:`remove_tree` empties. ckstore's own trees are two levels deep; a deeper one
+#: was planted, and emptying it level by level would hold one descriptor per level.
+MAX_TREE_DEPTH = 64
+
+
+def open_dir(path: str | os.PathLike[str], *, dir_fd: int | None = None) -> int:
+    """Open a directory for ``*at`` calls; a symlink (``ELOOP``) or non-directory (``ENOTDIR``) there is refused."""
+    return os.open(path, _DIR_FLAGS, dir_fd=dir_fd)
+
+
+def make_dirs(path: str | os.PathLike[str], *, site: str) -> None:
+    """Create ``path``'s missing ancestors and ``path`` itself, one by one, each made durable in its parent.
+
+    Unlike ``os.makedirs``, each new directory's parent is fsynced right after
+    the ``mkdir``, so a power cut cannot keep a child while losing its parent's
+    entry; each ``mkdir`` (site ``site``) and fsync (``site + "_dir"``) is hooked.
+    """
+    path = os.path.abspath(os.fspath(path))
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for new in reversed(missing):
+        if make_dir(new, site=site, exist_ok=True):
+            sync_dir(os.path.dirname(new), site=site + "_dir")
+
+
 def remove_tree(path: str | os.PathLike[str], *, site: str) -> None:
-    """Remove a directory tree without following symlinks (a link is removed, never its target)."""
-    path = os.fspath(path)
+    """Remove ``path`` and everything under it, never following a symlink; gone already is fine.
+
+    Every step is relative to an open directory descriptor, and each level is
+    opened with ``O_NOFOLLOW | O_DIRECTORY`` (as ``shutil.rmtree`` does with
+    ``dir_fd``): a symlink, at the top or anywhere below, is unlinked and its
+    target never touched, even if another user swaps a directory for a
+    symlink while the tree is being removed (a path-based walk would then
+    follow the link and delete outside the store). Each unlink and rmdir is
+    reported to the hook under ``site``. ``path``'s parent must be a real
+    directory (a symlink there is refused with ``ELOOP``/``ENOTDIR``).
+    """
+    path = os.fspath(path).rstrip(os.sep) or os.sep
+    parent, name = os.path.split(path)
     try:
-        entries = list(os.scandir(path))
+        parent_fd = open_dir(parent or ".")
     except FileNotFoundError:
         return
-    for entry in entries:
-        if entry.is_dir(follow_symlinks=False):
-            remove_tree(entry.path, site=site)
-        else:
-            unlink(entry.path, site=site)
-    remove_dir(path, site=site)
+    try:
+        _remove_at(parent_fd, name, path, site)
+    finally:
+        os.close(parent_fd)
+
+
+def _remove_at(top_fd: int, name: str, path: str, site: str) -> None:
+    # Depth-first without recursion: each frame is (fd, path, entries left, parent fd, name in parent).
+    stack: list[tuple[int, str, list[tuple[str, bool]], int, str]] = []
+    try:
+        _enter_or_unlink(stack, top_fd, name, path, site, looks_like_dir=True)
+        while stack:
+            fd, dir_path, entries, parent_fd, dir_name = stack[-1]
+            if entries:
+                child, is_dir = entries.pop()
+                _enter_or_unlink(stack, fd, child, os.path.join(dir_path, child), site, looks_like_dir=is_dir)
+                continue
+            stack.pop()
+            os.close(fd)
+            _rmdir_at(parent_fd, dir_name, dir_path, site)
+    finally:
+        for frame in reversed(stack):
+            os.close(frame[0])
+
+
+def _enter_or_unlink(stack: list, parent_fd: int, name: str, path: str, site: str, *, looks_like_dir: bool) -> None:
+    """Push directory ``name`` of ``parent_fd`` on ``stack`` to be emptied, or unlink it if it is anything else."""
+    if not looks_like_dir:
+        try:
+            _unlink_at(parent_fd, name, path, site)
+            return
+        except IsADirectoryError:
+            pass  # became a directory since it was listed: empty it first
+    try:
+        fd = open_dir(name, dir_fd=parent_fd)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        _unlink_at(parent_fd, name, path, site)  # a symlink or a file (perhaps swapped in): remove the name only
+        return
+    if len(stack) >= MAX_TREE_DEPTH:
+        os.close(fd)
+        raise OSError(errno.ELOOP, f"directory tree deeper than {MAX_TREE_DEPTH} levels; not removing it", path)
+    with contextlib.closing(os.scandir(fd)) as it:
+        entries = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in it]
+    stack.append((fd, path, entries, parent_fd, name))
+
+
+def _unlink_at(dir_fd: int, name: str, path: str, site: str) -> None:
+    info = {"site": site}
+    _emit("unlink", "before", path, info)
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return
+    _emit("unlink", "after", path, info)
+
+
+def _rmdir_at(dir_fd: int, name: str, path: str, site: str) -> None:
+    info = {"site": site}
+    _emit("rmdir", "before", path, info)
+    try:
+        os.rmdir(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return
+    _emit("rmdir", "after", path, info)
 
 
 def write_file_atomic(path: str | os.PathLike[str], data: bytes, *, site: str, durable: bool = True) -> None:

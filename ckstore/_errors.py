@@ -15,7 +15,8 @@ builtin exception says the same thing, the class also subclasses it, so
     ├── InvalidArgumentError (ValueError)  a bad step, metric, tag or option
     ├── StorageError (OSError)    the filesystem failed mid-write (ENOSPC, EIO); nothing committed is lost
     ├── AsyncSaveError            a background save failed; raised on the next call
-    └── DvcError                  publishing to or pulling from DVC failed (DVC, git or the remote; DVC missing)
+    ├── DvcError                  publishing to or pulling from DVC failed (DVC, git or the remote; DVC missing)
+    └── UnsafeStoreError (PermissionError)  the store is another user's, writable by others, or has a symlinked layout
 """
 
 from __future__ import annotations
@@ -131,3 +132,31 @@ class DvcError(CkstoreError):
     A failure of a background publish is raised by its ``Publication.result()``
     and by the next ``publish`` on the same store; the cause is chained.
     """
+
+
+class UnsafeStoreError(CkstoreError, PermissionError):
+    """A store is not safe to act on: another user could make ckstore touch files outside it.
+
+    Raised when a write is asked of a store whose root or layout directory
+    (``checkpoints/``, ``.staging/``, ``.trash/``) is owned by another user or
+    writable by group or others without the sticky bit (override with
+    ``Store(..., trust_foreign=True)``), and, whatever the options, when one of
+    those directories or the ``checkpoints/step-N`` to delete is a symlink.
+    ``path`` names the offending entry.
+    """
+
+    def __init__(self, message: str, *, path: str | os.PathLike[str]) -> None:
+        CkstoreError.__init__(self, message)
+        self.errno = None
+        self.filename = self.path = os.fspath(path)
+        self.strerror = message
+
+    def __str__(self) -> str:
+        return self.strerror
+
+    def __reduce__(self):  # keep the attributes across process boundaries
+        return (_rebuild_unsafe, (self.strerror, self.path))
+
+
+def _rebuild_unsafe(message: str, path: str) -> UnsafeStoreError:
+    return UnsafeStoreError(message, path=path)

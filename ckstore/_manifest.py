@@ -32,6 +32,7 @@ from typing import Any
 from ._errors import IntegrityError, InvalidArgumentError, ManifestError
 from ._hashing import HashInfo, default_algorithm, hash_bytes
 from ._state import tensor_refs
+from ._text import has_unsafe_chars
 
 FORMAT = "ckstore.checkpoint"
 FORMAT_VERSION = 1
@@ -219,6 +220,9 @@ def check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
             name.encode("utf-8")
         except UnicodeEncodeError:
             raise InvalidArgumentError(f"metric name {name!r} is not valid UTF-8 text") from None
+        if has_unsafe_chars(name):
+            # Printed by `ckstore ls` and in commit messages: an escape sequence or newline there would act on a terminal.
+            raise InvalidArgumentError(f"metric name {name!r} holds control or format characters")
         if hasattr(value, "item") and callable(value.item):  # 0-d tensors and NumPy scalars
             try:
                 value = value.item()

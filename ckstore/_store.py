@@ -35,12 +35,13 @@ Commit protocol of :meth:`Store.save` (every step goes through ``_durable``):
    ``checkpoints/`` is fsynced, then the trash entry is removed. The newest
    checkpoint is never deleted, and nothing is deleted before step 7.
 
-Recovery, run only while holding the writer lock (so never under a live
-writer's feet): remove every entry of ``.staging/`` (saves that never reached
+Recovery, run on the first write (never on open or on a read) and only while
+holding the writer lock (so never under a live writer's feet): remove every entry of ``.staging/`` (saves that never reached
 step 6), remove every entry of ``.trash/`` (deletions that were interrupted;
 the checkpoint had already left ``checkpoints/``), remove temp files of
-interrupted atomic replaces, and drop tags pointing at missing checkpoints. A
-readonly store ignores leftovers. A crash at any moment therefore leaves each
+interrupted atomic replaces, and drop tags pointing at missing checkpoints.
+Every removal is relative to an open directory and never follows a symlink
+(``_durable.remove_tree``). Reads ignore leftovers. A crash at any moment therefore leaves each
 checkpoint either absent or whole, and a kill mid-delete never leaves a half
 checkpoint in ``checkpoints/``.
 
@@ -65,6 +66,7 @@ import gc
 import os
 import re
 import secrets
+import stat
 import sys
 import threading
 import time
@@ -82,13 +84,16 @@ from ._async import AsyncSave, BackgroundSaver, StagingArea
 from ._errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
+    CkstoreError,
     IntegrityError,
     InvalidArgumentError,
     ManifestError,
     ReadOnlyStoreError,
     StorageError,
+    UnsafeStoreError,
 )
 from ._hashing import default_algorithm, new_hasher
+from ._layout import CHECKPOINTS_DIR, STAGING_DIR, TRASH_DIR, check_layout, require_store
 from ._lock import WriterLock
 from ._manifest import MANIFEST_NAME, FileEntry, Manifest, check_metrics, parse_manifest
 from ._retention import RetentionPolicy, rank_best, select_kept
@@ -96,10 +101,8 @@ from ._state import MARK, Encoded, decode_state, encode_state, tensor_refs
 from ._tags import TAGS_NAME, TagEntry, check_tag_name, dump_tags, parse_tags
 from ._tensorfile import WritePipeline, WrittenFile, check_tensor, parse_header, prepare_tensor, read_one_tensor, read_tensor_file, read_verified
 
-CHECKPOINTS_DIR = "checkpoints"
-STAGING_DIR = ".staging"
-TRASH_DIR = ".trash"
-_STEP_DIR = re.compile(r"^step-(\d{1,30})$")
+# ASCII digits only: "\d" also matches "١" (Arabic-Indic one), and int() reads "step-١" as step 1.
+_STEP_DIR = re.compile(r"^step-([0-9]{1,30})$", re.ASCII)
 
 
 class CorruptCheckpointWarning(UserWarning):
@@ -147,9 +150,19 @@ def _check_step(step: object) -> int:
 class Store:
     """A directory of durable, verified checkpoints with retention.
 
-    ``Store(path)`` opens or creates a store; it recovers what an interrupted
-    save or delete left behind as soon as it can take the writer lock. Use it as
-    a context manager, or call :meth:`close`.
+    ``Store(path)`` opens a store, or names a new one, without writing: the
+    directories, the writer lock and recovery of what an interrupted save or
+    delete left behind all wait for the first write (``save``, ``tag``,
+    ``untag``, ``delete``, ``gc``, ``recover``), so a store opened only to load
+    is never modified. Use it as a context manager, or call :meth:`close`.
+
+    A write refuses (:class:`UnsafeStoreError`) a store whose root,
+    ``checkpoints/``, ``.staging/`` or ``.trash/`` is owned by another user or
+    writable by group or others without the sticky bit, since that user could
+    swap entries under ckstore; a plain (not readonly) open already refuses an
+    existing such store. ``trust_foreign=True`` turns that check off (a
+    group-shared directory of trusted users). A symlinked layout directory is
+    refused always, readonly too. See docs/security.md.
     """
 
     def __init__(
@@ -167,6 +180,7 @@ class Store:
         incremental: bool = False,
         direct_io: bool = True,
         wait_at_exit: bool = True,
+        trust_foreign: bool = False,
     ) -> None:
         self.path = Path(os.path.abspath(os.fspath(path)))
         self.incremental = bool(incremental)
@@ -175,6 +189,7 @@ class Store:
         self.stats: dict[str, Any] = {"saves": 0}
         self.policy = RetentionPolicy(keep_last=keep_last, keep_best=keep_best, metric=metric, mode=mode, keep_every=keep_every)
         self.readonly = bool(readonly)
+        self.trust_foreign = bool(trust_foreign)
         self.lock_timeout = lock_timeout
         self.hash_algorithm = hash_algorithm or default_algorithm()
         new_hasher(self.hash_algorithm)  # refuse an unknown algorithm now, not mid-save
@@ -194,19 +209,14 @@ class Store:
         self._previous: dict[str, tuple[tuple, FileEntry, str]] = {}
         self._key_index: dict[str, tuple[Manifest, dict[str, str]]] = {}  # read_tensor: key -> file, per manifest
         self._closed = False
+        # Opening only looks (lstat): "loading never writes". A writable open refuses now, rather than at
+        # the first save, a store another user controls, so nothing of it is loaded and trained on first.
         if self.readonly:
-            if not os.path.isdir(self._root):
-                raise CheckpointNotFoundError(f"{self._root}: no store here")
+            require_store(self._root)
             self._lock = None
         else:
-            self._create_layout()
-            self._lock = WriterLock(self._root)
-            # Recover now if nobody else is writing; a live writer keeps its staging.
-            if self._lock.try_acquire():
-                try:
-                    self._recover()
-                finally:
-                    self._lock.release()
+            check_layout(self._root, write=True, trust_foreign=self.trust_foreign)
+            self._lock = WriterLock(self._root)  # creates nothing until acquired
 
     # ------------------------------------------------------------ lifecycle
 
@@ -253,12 +263,12 @@ class Store:
         return f"Store({str(self.path)!r}{', readonly=True' if self.readonly else ''})"
 
     def _create_layout(self) -> None:
+        """Create the store's directories (first write only), each made durable in its parent."""
         try:
-            parent = os.path.dirname(self._root)
             if not os.path.isdir(self._root):
-                os.makedirs(parent, exist_ok=True)
+                _durable.make_dirs(os.path.dirname(self._root), site="store_parents")
                 if _durable.make_dir(self._root, site="store_root", exist_ok=True):
-                    _durable.sync_dir(parent, site="store_parent_dir")
+                    _durable.sync_dir(os.path.dirname(self._root), site="store_parent_dir")
             created = False
             for sub in (self._ckpt_dir, self._staging_dir, self._trash_dir):
                 created |= _durable.make_dir(sub, site="store_layout", exist_ok=True)
@@ -273,14 +283,42 @@ class Store:
         if self._closed:
             raise InvalidArgumentError(f"{self!r} is closed")
 
-    def _acquire(self) -> None:
-        """Take the writer lock for this store's lifetime (first write only) and recover."""
+    def _acquire(self) -> bool:
+        """Check, create and lock the store for this store's lifetime (first write only) and recover.
+
+        Returns True if this call took the lock (and so just recovered).
+        """
         self._check_open()
         if self.readonly or self._lock is None:
             raise ReadOnlyStoreError(f"{self._root}: store is open readonly")
-        if not self._lock.held:
-            self._lock.acquire(timeout=self.lock_timeout)
+        if self._lock.held:
+            return False
+        # Checked again at the first write: the store may have been created or changed since the open.
+        check_layout(self._root, write=True, trust_foreign=self.trust_foreign)
+        self._create_layout()
+        self._lock.acquire(timeout=self.lock_timeout)
+        try:
+            # Checked once more under the lock: the layout directories it just made or found are
+            # the ones recovery is about to empty.
+            check_layout(self._root, write=True, trust_foreign=self.trust_foreign)
             self._recover()
+        except BaseException:
+            self._lock.release()
+            raise
+        return True
+
+    def recover(self) -> None:
+        """Take the writer lock and remove what interrupted saves and deletes left behind.
+
+        Every write does this first; call it to clean up a store without
+        writing a checkpoint. Waits for a background save of this store
+        (whose staging is not a leftover).
+        """
+        with self._save_gate:
+            self._saver.wait()
+            with self._mutex:
+                if not self._acquire():
+                    self._recover()
 
     # ------------------------------------------------------------ recovery
 
@@ -290,10 +328,18 @@ class Store:
         # is still invisible to readers and the next recovery removes it again.
         try:
             for sub, site in ((self._staging_dir, "recover_staging"), (self._trash_dir, "recover_trash")):
-                for name in os.listdir(sub):
-                    _durable.remove_tree(os.path.join(sub, name), site=site)
+                # Listed through a descriptor opened without following links: a .staging/ swapped for a
+                # symlink since the layout check is refused (ELOOP), not listed and emptied.
+                fd = _durable.open_dir(sub)
+                try:
+                    names = os.listdir(fd)
+                finally:
+                    os.close(fd)
+                for name in names:
+                    _durable.remove_tree(os.path.join(sub, name), site=site)  # never follows a link
             for name in os.listdir(self._root):
-                if _durable.is_temp_name(name):
+                if _durable.is_temp_name(name) and not os.path.isdir(os.path.join(self._root, name)):
+                    # Only files: write_file_atomic never makes a directory; one with such a name is not ours.
                     _durable.unlink(os.path.join(self._root, name), site="recover_temp")
             try:
                 tags = self._read_tags()
@@ -305,6 +351,8 @@ class Store:
                 live = {tag: entry for tag, entry in tags.items() if self._exists(entry.step)}
                 if live != tags:
                     self._write_tags(live)
+        except CkstoreError:
+            raise
         except OSError as exc:
             raise StorageError(f"{self._root}: recovery failed: {exc.strerror or exc}", errno=exc.errno, path=self._root) from exc
 
@@ -805,8 +853,16 @@ class Store:
         step = _check_step(step)
         with self._mutex:
             self._acquire()
-            if not os.path.isdir(os.path.join(self._ckpt_dir, step_dir_name(step))):
-                raise CheckpointNotFoundError(f"{self._root}: no checkpoint at step {step}", step=step)
+            path = os.path.join(self._ckpt_dir, step_dir_name(step))
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                raise CheckpointNotFoundError(f"{self._root}: no checkpoint at step {step}", step=step) from None
+            if stat.S_ISLNK(mode):
+                # Never delete through a link: renaming it into .trash/ and emptying that would empty its target.
+                raise UnsafeStoreError(f"{path}: is a symlink, not a checkpoint; refusing to delete through it (remove the link by hand)", path=path)
+            if not stat.S_ISDIR(mode):
+                raise InvalidArgumentError(f"{path}: is not a checkpoint directory; refusing to delete it")
             tags = self._read_tags()
             mine = sorted(t for t, e in tags.items() if e.step == step)
             if mine and not force:

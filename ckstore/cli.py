@@ -1,8 +1,11 @@
 """The ``ckstore`` command: inspect, verify, tag and clean a store.
 
 Exit codes: 0 success; 1 verification found problems; 2 bad usage or a
-ckstore error (the message says which). Every command takes ``--json`` for
-scripts; the JSON goes to stdout, messages to stderr.
+ckstore error (the message says which), including a path that is not a store.
+Every command takes ``--json`` for scripts; the JSON goes to stdout, messages
+to stderr. Text read from a store (metric names, tags, paths, messages) may be
+someone else's: it is printed with control characters escaped (``\x1b``), so
+no escape sequence or forged line reaches the terminal.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from ._errors import CheckpointNotFoundError, CkstoreError, InvalidArgumentError
+from ._errors import CkstoreError, InvalidArgumentError
+from ._layout import require_store
 from ._manifest import MANIFEST_NAME
 from ._retention import RetentionPolicy
-from ._store import CHECKPOINTS_DIR, CheckpointInfo, Store
+from ._store import CheckpointInfo, Store
+from ._text import escape
 
 
 def _step_arg(text: str) -> int | str:
@@ -29,8 +34,7 @@ def _step_arg(text: str) -> int | str:
 
 def _existing_store(path: str) -> str:
     """Writable commands act on an existing store only: a mistyped path must not create a new, empty one."""
-    if not os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)):
-        raise CheckpointNotFoundError(f"{path}: no ckstore store here (no {CHECKPOINTS_DIR}/ directory)")
+    require_store(os.path.abspath(path))
     return path
 
 
@@ -62,7 +66,9 @@ def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
         json.dump(payload, sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")
     elif text:
-        print(text)
+        # Fields from the store are escaped where they are formatted (so a newline in one cannot forge a
+        # line); this pass catches anything else before it reaches the terminal.
+        print(escape(text, keep_layout=True))
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -82,8 +88,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 best = None
     rows = [f"{'STEP':>10}  {'CREATED':19}  {'SIZE':>10}  METRICS / TAGS"]
     for info in infos:
-        metrics = " ".join(f"{k}={v:.6g}" for k, v in sorted(info.metrics.items()))
-        marks = [*(f"[{t}]" for t in info.tags)]
+        metrics = " ".join(f"{escape(k)}={v:.6g}" for k, v in sorted(info.metrics.items()))
+        marks = [*(f"[{escape(t)}]" for t in info.tags)]
         if info.step == best:
             marks.append("(best)")
         if info is infos[-1]:
@@ -101,14 +107,14 @@ def cmd_show(args: argparse.Namespace) -> int:
     payload = _info_json(info) | {"files": {name: {"size": e.size, "hash": str(e.hash)} for name, e in info.files.items()}}
     lines = [
         f"step      {info.step}",
-        f"path      {info.path}",
+        f"path      {escape(str(info.path))}",
         f"created   {_when(info.created)}",
         f"size      {_size(info.nbytes)} in {len(info.files)} tensor files + {MANIFEST_NAME}",
-        f"metrics   {json.dumps(dict(info.metrics), sort_keys=True)}",
-        f"tags      {', '.join(info.tags) or '-'}",
+        f"metrics   {json.dumps(dict(info.metrics), sort_keys=True)}",  # ensure_ascii: escapes every control character
+        f"tags      {', '.join(map(escape, info.tags)) or '-'}",
         "files:",
     ]
-    lines += [f"  {name:40} {_size(e.size):>10}  {e.hash}" for name, e in sorted(info.files.items())]
+    lines += [f"  {escape(name):40} {_size(e.size):>10}  {escape(str(e.hash))}" for name, e in sorted(info.files.items())]
     _emit(args, payload, "\n".join(lines))
     return 0
 
@@ -128,7 +134,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         "problems": [{"step": p.step, "path": p.path, "message": p.message, "expected": p.expected, "actual": p.actual} for p in problems],
     }
     if problems:
-        text = "\n".join(f"FAIL step {p.step}: {p.message}" for p in problems)
+        text = "\n".join(f"FAIL step {p.step}: {escape(p.message)}" for p in problems)
     else:
         text = f"OK: {len(checked)} checkpoint(s) verified"
     _emit(args, payload, text)
@@ -136,20 +142,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_tag(args: argparse.Namespace) -> int:
-    if args.delete:
+    if args.delete is not None:  # "" too: it is an invalid tag (exit 2), not a request to list tags
         with Store(_existing_store(args.store), lock_timeout=args.wait) as store:
             store.untag(args.delete)
-        _emit(args, {"untagged": args.delete}, f"removed tag {args.delete}")
+        _emit(args, {"untagged": args.delete}, f"removed tag {escape(args.delete)}")
         return 0
     if args.name is None:
         with Store(args.store, readonly=True) as store:
             tags = {t: i.step for i in store.checkpoints() for t in i.tags}
-        _emit(args, {"tags": tags}, "\n".join(f"{t}\t{s}" for t, s in sorted(tags.items())) or "(no tags)")
+        _emit(args, {"tags": tags}, "\n".join(f"{escape(t)}\t{s}" for t, s in sorted(tags.items())) or "(no tags)")
         return 0
     with Store(_existing_store(args.store), lock_timeout=args.wait) as store:
         target = store.resolve(_step_arg(args.step)).step
         info = store.tag(target, args.name)
-    _emit(args, _info_json(info), f"tagged step {info.step} as {args.name}")
+    _emit(args, _info_json(info), f"tagged step {info.step} as {escape(args.name)}")
     return 0
 
 
@@ -273,17 +279,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: str | None = None) -> None:
+    # A warning names a skipped checkpoint and quotes what was wrong with it: text from the store, escaped.
+    print(f"ckstore: warning: {escape(str(message))}", file=sys.stderr if file is None else file)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return int(args.fn(args))
-    except CkstoreError as exc:
-        if getattr(args, "json", False):
-            json.dump({"error": type(exc).__name__, "message": str(exc)}, sys.stdout)
-            sys.stdout.write("\n")
-        print(f"ckstore: error: {exc}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():  # restores showwarning afterwards (main is also called in-process)
+        warnings.showwarning = _show_warning
+        try:
+            return int(args.fn(args))
+        except CkstoreError as exc:
+            if getattr(args, "json", False):
+                json.dump({"error": type(exc).__name__, "message": str(exc)}, sys.stdout)  # ensure_ascii escapes
+                sys.stdout.write("\n")
+            print(f"ckstore: error: {escape(str(exc))}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

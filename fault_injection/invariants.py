@@ -44,6 +44,7 @@ def _check(root: str, workload: Workload, acks: list[tuple[str, Any]], base_step
     out: list[str] = []
     try:
         store = ckstore.Store(root, **workload.store_kwargs)
+        store.recover()  # what the next write does first (opening alone recovers nothing)
     except Exception as exc:
         return [f"store does not open after the crash: {type(exc).__name__}: {str(exc)[:200]}"]
     try:

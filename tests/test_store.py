@@ -28,6 +28,8 @@ def _tensor_file(info: ckstore.CheckpointInfo) -> str:
 
 
 def _leftovers(root) -> list[str]:
+    if not root.exists():
+        return []  # a store is created by its first write: one that never wrote has nothing left over
     out = [f".staging/{n}" for n in os.listdir(root / ".staging")] + [f".trash/{n}" for n in os.listdir(root / ".trash")]
     return out + [n for n in os.listdir(root) if ".tmp-" in n]
 
@@ -269,7 +271,7 @@ def _plant_leftovers(root):
     (root / ".tags.json.tmp-0123456789ab").write_bytes(b"partial")
 
 
-def test_leftovers_are_removed_on_writable_open_but_ignored_readonly(store_path):
+def test_leftovers_are_removed_by_the_first_write_but_ignored_by_reads(store_path):
     with ckstore.Store(store_path) as store:
         store.save(_state(1.0), step=1)
     _plant_leftovers(store_path)
@@ -279,8 +281,10 @@ def test_leftovers_are_removed_on_writable_open_but_ignored_readonly(store_path)
         assert reader.verify() == []
     assert len(_leftovers(store_path)) == 3  # readonly touched nothing
     with ckstore.Store(store_path) as store:
-        assert _leftovers(store_path) == []
         assert store.load(step=1)["epoch"] == 1
+        assert len(_leftovers(store_path)) == 3  # neither did a plain open that only read
+        store.save({}, step=2)
+        assert _leftovers(store_path) == []
 
 
 def test_recovery_waits_for_the_lock_holder(store_path, peer):
@@ -291,6 +295,7 @@ def test_recovery_waits_for_the_lock_holder(store_path, peer):
         assert peer.call(op="open", path=store_path) == {"ok": True, "steps": [1]}
         assert len(_leftovers(store_path)) == 3
     with ckstore.Store(store_path) as store:
+        store.recover()
         assert _leftovers(store_path) == []
 
 
@@ -418,8 +423,9 @@ def test_enospc_at_each_operation_of_a_save(fast_path, phase, incremental):
             continue
         assert isinstance(raised, ckstore.StorageError), f"{where}: got {raised!r}"
         assert raised.errno == errno.ENOSPC, where
-        # Earlier checkpoints are intact and loadable; the next writable open leaves no debris.
+        # Earlier checkpoints are intact and loadable; the next write (here an explicit recover) leaves no debris.
         with ckstore.Store(root) as store:
+            store.recover()
             assert _leftovers(root) == [], where
             steps = [i.step for i in store.checkpoints()]
             assert 2 in steps, where
@@ -531,11 +537,9 @@ def test_a_corrupt_tags_file_never_blocks_opening_saving_or_loading(store_path):
     tags = store_path / "tags.json"
     tags.write_bytes(tags.read_bytes().replace(b'"keep"', b'"kept"'))  # checksum no longer matches
     before = tags.read_bytes()
-    with pytest.warns(ckstore.CorruptCheckpointWarning):
-        store = ckstore.Store(store_path, keep_last=1)
-    with store:
+    with ckstore.Store(store_path, keep_last=1) as store:
         with pytest.warns(ckstore.CorruptCheckpointWarning):
-            store.save({"w": torch.zeros(3)}, step=2)  # retention is skipped: which steps are pinned is unknown
+            store.save({"w": torch.zeros(3)}, step=2)  # recovery warns; retention is skipped: which steps are pinned is unknown
         with pytest.warns(ckstore.CorruptCheckpointWarning):
             assert [i.step for i in store.checkpoints()] == [1, 2]
         assert torch.equal(store.load(step=1)["w"], torch.ones(3))
