@@ -30,6 +30,7 @@ from ._loop import Checkpointer, EarlyStopping, checkpoint_interval, resume
 from ._retention import RetentionPolicy, select_kept
 from ._rng import RNGState
 from ._store import CheckpointInfo, CorruptCheckpointWarning, Problem, Store
+from ._targets import StateMismatchWarning
 
 __version__ = "0.1.0"
 
@@ -53,6 +54,7 @@ __all__ = [
     "ResumableSampler",
     "RetentionPolicy",
     "StateError",
+    "StateMismatchWarning",
     "StorageError",
     "Store",
     "StoreLockedError",

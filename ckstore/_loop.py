@@ -53,8 +53,12 @@ DEFAULT_SIGNALS: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1, signal.SIGIN
 # ---------------------------------------------------------------- resume
 
 
-def resume(store: Store, state: Any, *, map_location: Any = None) -> int:
+def resume(store: Store, state: Any, *, map_location: Any = None, strict: bool = True) -> int:
     """Restore the newest checkpoint that verifies into ``state``; return its step (0 for an empty store).
+
+    ``state`` must match the checkpoint, and its plain values (``state["epoch"]``)
+    are restored too; ``strict=False`` restores what matches and warns about
+    the rest (see :meth:`Store.load`).
 
     A newer checkpoint that fails verification is skipped with a
     :class:`CorruptCheckpointWarning` (and left on disk). If the store has
@@ -67,7 +71,7 @@ def resume(store: Store, state: Any, *, map_location: Any = None) -> int:
     failed = []
     for info in reversed(infos):
         try:
-            store.load(state, step=info.step, map_location=map_location)
+            store.load(state, step=info.step, map_location=map_location, strict=strict)
         except (IntegrityError, ManifestError) as exc:
             warnings.warn(f"checkpoint step {info.step} failed verification and was skipped: {exc}", CorruptCheckpointWarning, stacklevel=2)
             failed.append(info.step)
@@ -515,7 +519,7 @@ class EarlyStopping:
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"early stopping: malformed state ({exc})", key="early_stopping") from None
 
-    def restore_best(self, store: Store, state: Any, *, map_location: Any = None) -> CheckpointInfo:
+    def restore_best(self, store: Store, state: Any, *, map_location: Any = None, strict: bool = True) -> CheckpointInfo:
         """Load the best evaluated checkpoint into ``state`` (e.g. ``{"model": model}``); return its info.
 
         This object's own progress is kept even if ``state`` contains it.
@@ -532,7 +536,7 @@ class EarlyStopping:
             ) from None
         mine = self.state_dict()
         try:
-            store.load(state, step=info.step, map_location=map_location)
+            store.load(state, step=info.step, map_location=map_location, strict=strict)
         finally:
             self.load_state_dict(mine)
         logger.info("restored the best checkpoint: step %d (%s=%s)", info.step, self.metric, info.metrics.get(self.metric, self.best))

@@ -31,6 +31,7 @@ from typing import Any
 
 from ._errors import IntegrityError, InvalidArgumentError, ManifestError
 from ._hashing import HashInfo, default_algorithm, hash_bytes
+from ._skeleton import check_skeleton
 from ._state import tensor_refs
 from ._text import has_unsafe_chars
 
@@ -176,9 +177,9 @@ def parse_manifest(data: bytes, *, path: str = MANIFEST_NAME) -> Manifest:
         except ManifestError as exc:
             raise bad(f"file {name!r}: {exc}") from None
 
-    for file, key in tensor_refs(raw["state"]):
-        if not isinstance(file, str) or not isinstance(key, str):
-            raise bad("a tensor reference lacks its file or key")
+    # The whole skeleton, once per parsed manifest: load() and verify() then agree on it.
+    check_skeleton(raw["state"], path=path)
+    for file, _ in tensor_refs(raw["state"]):
         if file not in files:
             raise bad(f"state refers to file {file[:80]!r}, which the manifest does not list")
 

@@ -32,12 +32,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._errors import CkstoreError, StateError
+from . import _data, _skeleton
+from ._errors import ManifestError, StateError
+from ._skeleton import MARK, numpy_scalar_dtype
 from ._tensorfile import DTYPE_NAMES, check_tensor, prepare_tensor
 
-MARK = "$ck"
 MAX_FILE_BYTES = 1 << 30
-_MAX_DEPTH = 200
+#: The most JSON container levels one encoded value opens before its children ("dict": object, items, pair).
+_LEVELS_PER_VALUE = 3
+#: An upper bound on the JSON values one encoded value or tensor reference adds besides its children.
+_VALUES_PER_NODE = 7
 #: JSON readers refuse integers of more than 4300 digits (CVE-2020-10735); stay well below.
 _MAX_INT_BITS = 12_000
 _EXACT_KEYS = {str, int}
@@ -116,24 +120,37 @@ class _Encoder:
         self.exact_paths = True  # every key so far an exact str or int (see _cached_layout)
         self.on_device = False  # some tensor lives off the host (a GPU)
         self.active: set[int] = set()
+        # JSON containers enclosing the value being encoded, and values encoded:
+        # a state is refused where the decoder would refuse its skeleton
+        # (``_skeleton``), so no save commits a checkpoint that cannot be loaded.
+        self.depth = 0
+        self.encoded = 0
 
     def encode(self, value: Any, path: Path) -> Any:
-        if len(path) > _MAX_DEPTH:
-            raise StateError(f"{format_path(path[:5])}...: state nests deeper than {_MAX_DEPTH} levels", key=format_path(path))
+        self.encoded += 1
+        if self.depth > _skeleton.MAX_DEPTH - _LEVELS_PER_VALUE:
+            raise StateError(
+                f"{format_path(path[:5])}...: state nests deeper than the {_skeleton.MAX_DEPTH} levels a checkpoint may hold",
+                key=format_path(path),
+            )
         if isinstance(value, torch.Tensor):
             return self.tensor(value, path, numpy=False)
         if isinstance(value, np.ndarray):
-            if value.dtype.hasobject or value.dtype.kind not in "biufc":
-                raise StateError(f"{format_path(path)}: NumPy arrays of dtype {value.dtype} are not supported", key=format_path(path))
-            # Not np.ascontiguousarray: it turns a 0-d array into a 1-d one.
-            contiguous = value if value.flags.c_contiguous else value.copy(order="C")
-            return self.tensor(torch.from_numpy(contiguous), path, numpy=True)
+            return self.tensor(torch.from_numpy(_storable_array(value, path)), path, numpy=True)
         if value is None or isinstance(value, bool):
             return value
         if isinstance(value, str):
             return _check_text(value, path)
         if isinstance(value, np.generic):
-            return {MARK: "numpy_scalar", "dtype": value.dtype.str, "value": self.encode(value.item(), path)}
+            kind = numpy_scalar_dtype(value.dtype.str)
+            if kind is None:
+                raise StateError(
+                    f"{format_path(path)}: a NumPy {type(value).__name__} scalar cannot be stored (no portable form); "
+                    "convert it to a Python number, or to a supported NumPy type",
+                    key=format_path(path),
+                )
+            with self._entered(value, path, 1):
+                return {MARK: "numpy_scalar", "dtype": value.dtype.str, "value": self.encode(value.item(), path)}
         if isinstance(value, int):
             if value.bit_length() > _MAX_INT_BITS:
                 raise StateError(f"{format_path(path)}: integer of {value.bit_length()} bits is too large to store", key=format_path(path))
@@ -147,31 +164,35 @@ class _Encoder:
         if isinstance(value, torch.device):
             return {MARK: "device", "name": str(value)}
         if is_stateful(value):
-            with self._entered(value, path):
-                state = value.state_dict()
+            with self._entered(value, path, 1):
+                state = _data.state_to_save(value, format_path(path))
                 return {MARK: "stateful", "class": type(value).__qualname__, "state": self.encode(state, path)}
         if isinstance(value, Mapping):
             key_types = set(map(type, value))
             if self.exact_paths and not key_types <= _EXACT_KEYS:
                 self.exact_paths = False
-            with self._entered(value, path):
-                # Canonical JSON sorts object keys, so only a dict whose keys are
-                # already sorted may become a plain object; any other order is
-                # kept by the item list below (a round trip preserves key order).
-                keys = list(value)
-                strings = key_types <= _STR or all(isinstance(k, str) for k in keys)
-                if strings and MARK not in value and keys == sorted(keys):
+            # Canonical JSON sorts object keys, so only a dict whose keys are
+            # already sorted may become a plain object; any other order is
+            # kept by the item list below (a round trip preserves key order).
+            keys = list(value)
+            strings = key_types <= _STR or all(isinstance(k, str) for k in keys)
+            if strings and MARK not in value and keys == sorted(keys):
+                with self._entered(value, path, 1):
                     return self.plain_dict(value, path)
+            with self._entered(value, path, 3):
                 items = []
                 for k, v in value.items():
                     items.append([self.key(k, path), self.encode(v, path + (k,))])
                 return {MARK: "dict", "items": items}
         if isinstance(value, (list, tuple)):
-            with self._entered(value, path):
+            with self._entered(value, path, 1 if type(value) is list else 2):
                 items = [self.encode(v, path + (i,)) for i, v in enumerate(value)]
             if isinstance(value, torch.Size):
                 return {MARK: "size", "items": items}
             return items if isinstance(value, list) else {MARK: "tuple", "items": items}
+        refusal = _data.loader_refusal(value)
+        if refusal is not None:
+            raise StateError(f"{format_path(path)}: {refusal}", key=format_path(path))
         raise StateError(
             f"{format_path(path)}: cannot store a value of type {type(value).__module__}.{type(value).__qualname__}; "
             "supported: tensors, NumPy arrays, dict/list/tuple, int/float/bool/str/bytes/None, "
@@ -181,8 +202,6 @@ class _Encoder:
 
     def plain_dict(self, value: Mapping[str, Any], path: Path) -> dict[str, Any]:
         """A dict with sorted string keys, as a JSON object; its tensors (the bulk of a model) encoded inline."""
-        if len(path) >= _MAX_DEPTH:
-            return {_check_text(k, path): self.encode(v, path + (k,)) for k, v in value.items()}
         _check_keys(value, path)
         if self.prepare is None:
             return self._plain_dict_validated(value, path)
@@ -233,18 +252,21 @@ class _Encoder:
         return out
 
     def key(self, key: Any, path: Path) -> Any:
-        if key is None or isinstance(key, (bool, str, int, float)) or (isinstance(key, tuple) and not isinstance(key, torch.Size)):
+        if _storable_key(key):
             return self.encode(key, path + ("<key>",))
         raise StateError(f"{format_path(path)}: dict key {key!r} of type {type(key).__name__} cannot be stored", key=format_path(path))
 
     @contextlib.contextmanager
-    def _entered(self, value: object, path: Path) -> Iterator[None]:
+    def _entered(self, value: object, path: Path, levels: int) -> Iterator[None]:
+        """Inside ``value``, whose node opens ``levels`` JSON containers around its children."""
         if id(value) in self.active:
             raise StateError(f"{format_path(path)}: the state contains itself (a reference cycle)", key=format_path(path))
         self.active.add(id(value))
+        self.depth += levels
         try:
             yield
         finally:
+            self.depth -= levels
             self.active.discard(id(value))
 
     def tensor(self, tensor: torch.Tensor, path: Path, *, numpy: bool, label: str | None = None) -> dict[str, Any]:
@@ -416,14 +438,32 @@ def _encode_float(value: float) -> Any:
 _NAN_BITS = struct.pack("<d", math.nan)
 
 
-def _decode_float(node: dict[str, Any], path: Path) -> float:
-    bits = node.get("bits")
-    if bits is None:
-        return float(node["value"])
-    value = struct.unpack("<d", bytes.fromhex(bits))[0] if isinstance(bits, str) and len(bits) == 16 else None
-    if value is None or not math.isnan(value):
-        raise StateError(f"{format_path(path)}: malformed NaN bits {str(bits)[:40]!r}", key=format_path(path))
-    return value
+def _storable_array(value: np.ndarray, path: Path) -> np.ndarray:
+    """``value`` as a C-contiguous array torch can wrap, or a StateError naming the key and why not."""
+    dtype = value.dtype
+    why = None
+    if dtype.byteorder == ">":
+        why = f"big-endian arrays ({dtype.str}) are not stored; convert with a.astype(a.dtype.newbyteorder('='))"
+    elif dtype.type in (np.longdouble, np.clongdouble) and dtype.itemsize > 8 * (2 if dtype.kind == "c" else 1):
+        why = f"NumPy {dtype.type.__name__} has no portable on-disk form; convert to float64 or complex128"
+    elif dtype.hasobject or dtype.kind not in "biufc":
+        why = f"NumPy arrays of dtype {dtype} are not supported"
+    if why is not None:
+        raise StateError(f"{format_path(path)}: {why}", key=format_path(path))
+    # Not np.ascontiguousarray: it turns a 0-d array into a 1-d one.
+    return value if value.flags.c_contiguous else value.copy(order="C")
+
+
+def _storable_key(key: Any) -> bool:
+    """A dict key the decoder can rebuild: None, bool, str, int, float, or a tuple of these (not a tensor, not a Size)."""
+    stack = [key]
+    while stack:
+        item = stack.pop()
+        if type(item) is tuple:
+            stack.extend(item)
+        elif not (item is None or isinstance(item, (bool, str, int, float))) or isinstance(item, (torch.Tensor, np.ndarray)):
+            return False
+    return True
 
 
 def _check_text(text: str, path: Path) -> str:
@@ -494,176 +534,19 @@ def encode_state(state: Any, *, prepare: Callable[[torch.Tensor, str], torch.Ten
     encoder = _Encoder(prepare)
     try:
         skeleton = encoder.encode(state, ())
-    except RecursionError:
-        raise StateError("state nests too deeply to store", key="state") from None
-    return encoder.finish(skeleton)
-
-
-# ---------------------------------------------------------------- decoding
-
-
-TensorSource = Callable[[str, str], torch.Tensor]
-
-
-class _Decoder:
-    def __init__(self, source: TensorSource, map_location: Any) -> None:
-        self.source = source
-        self.map_location = map_location
-        self.cache: dict[tuple[str, str], Any] = {}
-        #: (target, value) copies still to make, in the order met; see :meth:`copy_pending`.
-        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def decode(self, node: Any, target: Any, path: Path) -> Any:
-        if isinstance(node, list):
-            items = target if isinstance(target, list) and len(target) == len(node) else None
-            return [self.decode(v, items[i] if items is not None else None, path + (i,)) for i, v in enumerate(node)]
-        if not isinstance(node, dict):
-            return node
-        kind = node.get(MARK)
-        if kind is None:
-            sub = target if isinstance(target, Mapping) else None
-            return {k: self.decode(v, sub.get(k) if sub is not None else None, path + (k,)) for k, v in node.items()}
-        if kind == "tensor":
-            return self.tensor(node, target, path)
-        if kind == "stateful":
-            state = self.decode(node["state"], None, path)
-            if target is not None and is_stateful(target):
-                self.copy_pending()  # the targets met before this object are written before it loads, as the state orders them
-                load_into(target, state, path)
-            return state
-        if kind == "dict":
-            sub = target if isinstance(target, Mapping) else None
-            out = {}
-            for key_node, value_node in node["items"]:
-                key = self.decode(key_node, None, path + ("<key>",))
-                out[key] = self.decode(value_node, sub.get(key) if sub is not None and _hashable(key) else None, path + (key,))
-            return out
-        if kind in ("tuple", "size"):
-            items = target if isinstance(target, (list, tuple)) and len(target) == len(node["items"]) else None
-            values = [self.decode(v, items[i] if items is not None else None, path + (i,)) for i, v in enumerate(node["items"])]
-            return tuple(values) if kind == "tuple" else torch.Size(values)
-        if kind == "float":
-            return _decode_float(node, path)
-        if kind == "bytes":
-            return base64.b64decode(node["base64"])
-        if kind == "numpy_scalar":
-            return np.dtype(node["dtype"]).type(self.decode(node["value"], None, path))
-        if kind == "dtype":
-            dtype = getattr(torch, node["name"], None)
-            if not isinstance(dtype, torch.dtype):
-                raise StateError(f"{format_path(path)}: unknown dtype {node['name']!r}", key=format_path(path))
-            return dtype
-        if kind == "device":
-            return torch.device(node["name"])
-        raise StateError(f"{format_path(path)}: unknown encoded value {kind!r}", key=format_path(path))
-
-    def tensor(self, node: dict[str, Any], target: Any, path: Path) -> Any:
-        ident = (node["file"], node["key"])
-        value = self.cache.get(ident)
-        if value is None:
-            tensor = self.source(*ident)
-            device = self._device(node.get("device"), path)
-            if device is not None and tensor.device != device:
-                tensor = tensor.to(device)
-            value = tensor.numpy() if node.get("numpy") else tensor
-            self.cache[ident] = value
-        if value is target:
-            # The source read the file straight into this tensor's memory,
-            # having checked its dtype and shape (``read_tensor_file``).
-            return target
-        if isinstance(target, torch.Tensor) and not node.get("numpy"):
-            _check_fits(target, value, path)
-            self.pending.append((target, value))
-            return target
-        return value
-
-    def copy_pending(self) -> None:
-        """Copy the values met so far into their targets, in order.
-
-        CPU targets take one batched call (torch copies them one after the
-        other) instead of a Python call and a ``no_grad`` each; other targets
-        are copied one by one, since the batched kernel on a GPU writes all
-        at once and targets that overlap would race.
-        """
-        if not self.pending:
-            return
-        on_cpu = [(target, value) for target, value in self.pending if target.is_cpu]
-        others = [(target, value) for target, value in self.pending if not target.is_cpu]
-        self.pending.clear()
-        with torch.no_grad():
-            if on_cpu:
-                torch._foreach_copy_([target for target, _ in on_cpu], [value for _, value in on_cpu])
-            for target, value in others:
-                target.copy_(value)
-
-    def _device(self, recorded: str | None, path: Path) -> torch.device | None:
-        location = self.map_location
-        if location is None and recorded is None:  # the common case, once per tensor: a CPU tensor stays put
-            return None
-        if callable(location):
-            return torch.device(location(recorded or "cpu"))
-        if isinstance(location, Mapping):
-            return torch.device(location.get(recorded or "cpu", recorded or "cpu"))
-        if location is not None:
-            return torch.device(location)
-        if recorded is None:
-            return None
-        device = torch.device(recorded)
-        if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+    except RecursionError:  # the caller's stack was already deep: the state itself nests at most MAX_DEPTH levels
+        raise StateError("the caller's stack is too deep to walk the state", key="state") from None
+    if _VALUES_PER_NODE * (encoder.encoded + len(encoder.refs)) > _skeleton.MAX_VALUES:
+        # Rarely reached (a skeleton of millions of values): count exactly, as the reader will.
+        try:
+            _skeleton.check_skeleton(skeleton, path="state")
+        except ManifestError:
             raise StateError(
-                f"{format_path(path)}: tensor was saved on {recorded}, which this machine lacks; pass map_location='cpu'",
-                key=format_path(path),
-            )
-        return device
-
-
-def _hashable(key: Any) -> bool:
-    try:
-        hash(key)
-    except TypeError:
-        return False
-    return True
-
-
-def _check_fits(target: torch.Tensor, value: torch.Tensor, path: Path) -> None:
-    if target.shape != value.shape or target.dtype != value.dtype:
-        raise StateError(
-            f"{format_path(path)}: checkpoint holds {value.dtype} {tuple(value.shape)}, "
-            f"the object being loaded into has {target.dtype} {tuple(target.shape)}",
-            key=format_path(path),
-        )
-
-
-def load_into(target: Any, state: Any, path: Path) -> None:
-    """Call ``target.load_state_dict(state)``, refusing shape or dtype mismatches with a StateError."""
-    if isinstance(target, torch.nn.Module) and isinstance(state, Mapping):
-        current = target.state_dict()
-        for key, value in state.items():
-            mine = current.get(key)
-            if isinstance(mine, torch.Tensor) and isinstance(value, torch.Tensor):
-                _check_fits(mine, value, path + (key,))
-    try:
-        target.load_state_dict(state)
-    except StateError:
-        raise
-    except Exception as exc:
-        raise StateError(f"{format_path(path)}: {type(target).__name__}.load_state_dict failed: {exc}", key=format_path(path)) from exc
-
-
-def decode_state(skeleton: Any, source: TensorSource, *, target: Any = None, map_location: Any = None) -> Any:
-    """Rebuild the saved state; objects with ``load_state_dict`` in ``target`` are restored in place."""
-    decoder = _Decoder(source, map_location)
-    try:
-        state = decoder.decode(skeleton, target, ())
-        decoder.copy_pending()
-        return state
-    except CkstoreError:
-        raise
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
-        # A skeleton with a valid checksum can still be malformed (crafted, or
-        # written by a buggy tool): a missing field, a bad float or base64, a
-        # device name torch rejects. Say so with a typed error, not a KeyError.
-        raise StateError(f"malformed state in the manifest: {type(exc).__name__}: {str(exc)[:200]}") from exc
+                f"the state holds more than the {_skeleton.MAX_VALUES} values a checkpoint's skeleton may hold; "
+                "store long lists of numbers as a tensor or a NumPy array",
+                key="state",
+            ) from None
+    return encoder.finish(skeleton)
 
 
 def tensor_refs(skeleton: Any) -> Iterator[tuple[str, str]]:

@@ -97,7 +97,9 @@ from ._layout import CHECKPOINTS_DIR, STAGING_DIR, TRASH_DIR, check_layout, requ
 from ._lock import WriterLock
 from ._manifest import MANIFEST_NAME, FileEntry, Manifest, check_metrics, parse_manifest
 from ._retention import RetentionPolicy, rank_best, select_kept
-from ._state import MARK, Encoded, decode_state, encode_state, tensor_refs
+from ._decode import decode_state
+from ._state import Encoded, encode_state, tensor_refs
+from ._targets import plan_load
 from ._tags import TAGS_NAME, TagEntry, check_tag_name, dump_tags, parse_tags
 from ._tensorfile import WritePipeline, WrittenFile, check_tensor, parse_header, prepare_tensor, read_one_tensor, read_tensor_file, read_verified
 
@@ -884,8 +886,8 @@ class Store:
 
     # ------------------------------------------------------------ load and verify
 
-    def load(self, state: Any = None, *, step: int | str | None = None, map_location: Any = None, verify: bool = True) -> Any:
-        """Load a checkpoint; restore objects in ``state`` in place; return the restored nested state.
+    def load(self, state: Any = None, *, step: int | str | None = None, map_location: Any = None, verify: bool = True, strict: bool = True) -> Any:
+        """Load a checkpoint; restore what ``state`` holds in place; return the restored nested state.
 
         ``step`` is a step number, ``"latest"``, ``"best"`` or a tag; ``None``
         loads the newest checkpoint that verifies, skipping (with a warning)
@@ -893,17 +895,25 @@ class Store:
         corrupt, raises IntegrityError naming the file. ``map_location`` moves
         tensors (a device, a mapping from saved device to device, or a
         callable). Every file's size and hash are checked unless ``verify=False``.
+
+        ``state`` must match the checkpoint (see ``_targets``): a key it has
+        that the checkpoint lacks, a key of a module or state dict that only
+        the checkpoint has, or a value of another kind raises StateError
+        naming every such key path, before anything is restored. Plain values
+        (numbers, strings, lists and dicts of them) are put into ``state``.
+        ``strict=False`` restores what matches and warns
+        (:class:`StateMismatchWarning`) naming the rest.
         """
         self._check_open()
         if step is not None:
-            return self._load_one(self.resolve(step), state, map_location, verify)
+            return self._load_one(self.resolve(step), state, map_location, verify, strict)
         infos = self.checkpoints()
         if not infos:
             raise CheckpointNotFoundError(f"{self._root}: store has no checkpoints")
         skipped = []
         for info in reversed(infos):
             try:
-                return self._load_one(info, state, map_location, verify)
+                return self._load_one(info, state, map_location, verify, strict)
             except (IntegrityError, ManifestError) as exc:
                 warnings.warn(f"checkpoint step {info.step} failed verification and was skipped: {exc}", CorruptCheckpointWarning, stacklevel=2)
                 skipped.append(info.step)
@@ -911,22 +921,25 @@ class Store:
                 continue  # deleted by retention while we looked
         raise CheckpointNotFoundError(f"{self._root}: no checkpoint verifies (failed: steps {skipped})")
 
-    def _load_one(self, info: CheckpointInfo, state: Any, map_location: Any, verify: bool) -> Any:
+    def _load_one(self, info: CheckpointInfo, state: Any, map_location: Any, verify: bool, strict: bool = True) -> Any:
         with _gc_paused():
-            return self._load_one_file_by_file(info, state, map_location, verify)
+            return self._load_one_file_by_file(info, state, map_location, verify, strict)
 
-    def _load_one_file_by_file(self, info: CheckpointInfo, state: Any, map_location: Any, verify: bool) -> Any:
+    def _load_one_file_by_file(self, info: CheckpointInfo, state: Any, map_location: Any, verify: bool, strict: bool) -> Any:
         directory = str(info.path)
         manifest = self._manifest(info.path.name)
-        # Tensors of ``state`` (module parameters and buffers, plain tensors)
-        # that the checkpoint overwrites are read straight into their memory,
-        # unless two of them share memory (``_drop_overlapping``). Should
-        # verification then fail, those tensors hold partial data until a
-        # checkpoint that verifies is loaded (load() with no step does that).
-        targets: dict[str, dict[str, torch.Tensor]] = {}
-        if state is not None and map_location is None:
-            _collect_targets(manifest.state, state, targets)
-            _drop_overlapping(targets)
+        # ``state`` is matched against the checkpoint before any byte is read
+        # (a strict load refuses a mismatch with nothing restored). Tensors of
+        # ``state`` (module parameters and buffers, plain tensors) that the
+        # checkpoint overwrites are read straight into their memory, unless
+        # two of them share memory (``drop_overlapping``) or the load is not
+        # strict (a target of another shape is then skipped, not refused).
+        # Should verification then fail, those tensors hold partial data until
+        # a checkpoint that verifies is loaded (load() with no step does that).
+        plan = plan_load(manifest.state, state, direct=map_location is None and strict)
+        if strict and plan.mismatch:
+            raise plan.mismatch.error(f"step {info.step}")
+        targets = plan.reads
         tensors: dict[str, dict[str, torch.Tensor]] = {}
         checks: list[Any] = []  # each file's hash is checked after the next is read, all before any use
         try:
@@ -965,7 +978,13 @@ class Store:
                 path = os.path.join(directory, file)
                 raise IntegrityError(f"{path}: tensor {key!r} named by the manifest is missing", path=path, expected=key, actual="missing") from None
 
-        return decode_state(manifest.state, source, target=state, map_location=map_location)
+        result = decode_state(
+            manifest.state, source, target=state, map_location=map_location,
+            strict=strict, mismatch=plan.mismatch, module_states=plan.module_states, validated=True,
+        )  # fmt: skip
+        if plan.mismatch:
+            plan.mismatch.warn(f"step {info.step}", stacklevel=4)
+        return result
 
     def tensor_keys(self, step: int | str = "latest") -> list[str]:
         """The keys :meth:`read_tensor` accepts for a checkpoint: state paths joined by ``/`` (``model/fc.weight``)."""
@@ -1087,103 +1106,3 @@ def _prepare_for_sync_save(tensor: torch.Tensor, key: str) -> torch.Tensor:
     if tensor.device.type == "cuda":
         return check_tensor(tensor, key)
     return prepare_tensor(tensor, key)
-
-
-def _collect_targets(node: Any, target: Any, out: dict[str, dict[str, torch.Tensor]]) -> None:
-    """Map (file, key) to the tensor of ``target`` that a load will overwrite, following the skeleton.
-
-    A tensor that does not require grad is mapped as itself, so the tensor
-    read into it is that very object and decoding knows it has nothing to
-    copy (``_Decoder.tensor``); one that requires grad is mapped detached, as
-    its memory can only be written without autograd.
-    """
-    if target is None:
-        return
-    if isinstance(node, list):
-        if isinstance(target, (list, tuple)) and len(target) == len(node):
-            for item, sub in zip(node, target):
-                _collect_targets(item, sub, out)
-        return
-    if not isinstance(node, dict):
-        return
-    kind = node.get(MARK)
-    if kind is None:
-        if isinstance(target, Mapping):
-            get = target.get
-            for key, item in node.items():
-                sub = get(key)
-                if sub is not None:
-                    _collect_targets(item, sub, out)
-    elif kind == "tensor":
-        _collect_tensor(node, target, out)
-    elif kind == "stateful":
-        # Only modules: their state_dict() tensors share memory with the
-        # parameters and buffers that load_state_dict copies into.
-        if isinstance(target, torch.nn.Module):
-            _collect_targets(node["state"], target.state_dict(), out)
-    elif kind == "dict" and isinstance(target, Mapping):
-        for key_node, value_node in node["items"]:
-            if isinstance(key_node, (str, int, float, bool)) and key_node in target:
-                _collect_targets(value_node, target[key_node], out)
-    elif kind in ("tuple", "size") and isinstance(target, (list, tuple)) and len(target) == len(node["items"]):
-        for item, sub in zip(node["items"], target):
-            _collect_targets(item, sub, out)
-
-
-def _drop_overlapping(targets: dict[str, dict[str, torch.Tensor]]) -> None:
-    """Read no tensor straight into memory that another target shares.
-
-    Two stored tensors read into one memory race each other and their hash
-    checks, which run in the background on that memory after the read; and
-    the file order, not the state's, would pick the value that stays. Such
-    targets are read into fresh tensors instead and copied in while
-    decoding, in the state's order, once every file has verified. Addresses
-    are compared across devices too (CUDA's are unified with the host's);
-    a false match only costs a copy.
-    """
-    spans = []
-    append = spans.append
-    for file, keyed in targets.items():
-        for key, tensor in keyed.items():
-            start = tensor.data_ptr()
-            if tensor.is_contiguous():
-                end = start + tensor.nbytes
-            else:
-                end = start + tensor.element_size() * (1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride())))
-            if end > start:
-                append((start, end, file, key))
-    spans.sort()
-    if all(before[1] <= after[0] for before, after in zip(spans, spans[1:])):
-        return  # sorted by start, each ends before the next begins: no two meet
-    shared: list[tuple[str, str]] = []
-    cluster: list[tuple[str, str]] = []
-    end = 0
-    for start, span_end, file, key in spans:
-        if start >= end:
-            if len(cluster) > 1:
-                shared.extend(cluster)
-            cluster, end = [], 0
-        cluster.append((file, key))
-        end = max(end, span_end)
-    if len(cluster) > 1:
-        shared.extend(cluster)
-    for file, key in shared:
-        del targets[file][key]
-
-
-def _collect_tensor(node: dict[str, Any], target: Any, out: dict[str, dict[str, torch.Tensor]]) -> None:
-    """Map one tensor node to ``target`` if the file's bytes can go there.
-
-    A tensor saved on a device is read into a target on that same device; a
-    CPU target for it would be moved to the device and back. The first
-    target met for a tensor saved once but referenced twice gets the read.
-    """
-    if not isinstance(target, torch.Tensor) or node.get("numpy"):
-        return
-    device = node.get("device")
-    if (target.is_cpu if device is None else str(target.device) == device):
-        keyed = out.get(node["file"])
-        if keyed is None:
-            keyed = out[node["file"]] = {}
-        if node["key"] not in keyed:
-            keyed[node["key"]] = target.detach() if target.requires_grad else target

@@ -15,8 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import ckstore
-from ckstore._state import decode_state, encode_state
-from ckstore._store import _drop_overlapping
+from ckstore._decode import decode_state
+from ckstore._state import encode_state
+from ckstore._targets import drop_overlapping as _drop_overlapping
 from ckstore._tensorfile import DTYPE_NAMES
 
 DTYPES = sorted(DTYPE_NAMES, key=str)
@@ -673,6 +674,208 @@ def test_nan_sign_and_payload_survive_a_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("bits", ["zz" * 8, "0000000000000000", 7, "00f8"])
-def test_malformed_nan_bits_are_a_state_error(bits):
-    with pytest.raises(ckstore.StateError):
+def test_malformed_nan_bits_are_a_manifest_error(bits):
+    with pytest.raises(ckstore.ManifestError):
         decode_state({"x": {"$ck": "float", "value": "nan", "bits": bits}}, lambda f, k: None)
+
+
+# ---------------------------------------------------------------- crafted skeletons (an untrusted store)
+
+
+def _with_state(store, step, state_node, *, on_top=None):
+    """Commit ``step`` normally, then rewrite its manifest's state (re-signed, as a crafted store would be)."""
+    info = store.save(on_top if on_top is not None else {"a": 1}, step=step)
+    raw, write = _resign(info.path / "manifest.json")
+    raw["state"] = state_node
+    write()
+    return info
+
+
+def _nested_lists(depth):
+    node = 1
+    for _ in range(depth):
+        node = [node]
+    return node
+
+
+@pytest.mark.parametrize("depth", [257, 300, 500, 700, 900])
+def test_a_skeleton_nested_past_the_limit_is_a_manifest_error_and_load_falls_back(store, depth):
+    """Found by the audit: nesting past what the decoder's recursion can take raised RecursionError (wrapped in a
+    StateError), so one crafted newest checkpoint stopped load() and resume() instead of being skipped."""
+    store.save({"a": 1}, step=1)
+    _with_state(store, 2, {"a": _nested_lists(depth)})
+    with ckstore.Store(store.path, readonly=True) as reader:
+        with pytest.raises(ckstore.ManifestError):
+            reader.load(step=2)
+        with pytest.warns(ckstore.CorruptCheckpointWarning):
+            assert reader.load() == {"a": 1}
+        with pytest.warns(ckstore.CorruptCheckpointWarning):
+            assert ckstore.resume(reader, {"a": 0}) == 1
+        assert reader.verify(2), "verify() and load() agree: the malformed skeleton is a problem"
+
+
+def _json_depth(node):
+    deepest, stack = 0, [(node, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (list, dict)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+_WRAPS = {
+    "list": lambda x: [x],
+    "tuple": lambda x: (x,),
+    "int_key_dict": lambda x: {1: x},
+    "unsorted_dict": lambda x: {"b": 1, "a": x},
+    "plain_dict": lambda x: {"a": x},
+}
+
+
+@pytest.mark.parametrize("wrap", sorted(_WRAPS))
+@pytest.mark.parametrize("leaf", [1, math.nan, b"x", torch.ones(1)], ids=["int", "nan", "bytes", "tensor"])
+def test_every_state_the_encoder_accepts_the_decoder_accepts(store, wrap, leaf):
+    """The nesting limit is one number, in JSON levels of the stored skeleton: the deepest state save() accepts
+    loads back, even from a caller already deep in its own stack; one level more is refused by save() naming the key."""
+    from ckstore._skeleton import MAX_DEPTH
+
+    def nest(n):
+        node = leaf
+        for _ in range(n):
+            node = _WRAPS[wrap](node)
+        return {"x": node}
+
+    low, high = 1, MAX_DEPTH  # the deepest n that saves
+    while low < high:
+        mid = (low + high + 1) // 2
+        try:
+            encode_state(nest(mid))
+            low = mid
+        except ckstore.StateError as exc:
+            assert exc.key.startswith("state['x']")
+            high = mid - 1
+    info = store.save(nest(low), step=0)
+    raw, _ = _resign(info.path / "manifest.json")
+    assert MAX_DEPTH - 3 <= _json_depth(raw["state"]) <= MAX_DEPTH
+
+    def deep_call(levels):
+        return deep_call(levels - 1) if levels else store.load(step=0)
+
+    assert_same(deep_call(300), nest(low))
+    with pytest.raises(ckstore.StateError):
+        store.save(nest(low + 1), step=1)
+
+
+@pytest.mark.parametrize(
+    "node",
+    [
+        {"$ck": "pickle", "payload": "gASV"},
+        {"$ck": "tensor", "file": "x.safetensors"},
+        {"$ck": "float", "value": "1e999999"},
+        {"$ck": "float", "value": "nan", "bits": "zz" * 8},
+        {"$ck": "bytes", "base64": "not base64!"},
+        {"$ck": "bytes"},
+        {"$ck": "numpy_scalar", "dtype": "<i8", "value": 2**70},
+        {"$ck": "numpy_scalar", "dtype": "|u1", "value": -1},
+        {"$ck": "numpy_scalar", "dtype": "O", "value": 1},
+        {"$ck": "numpy_scalar", "dtype": "<f4", "value": "1.5"},
+        {"$ck": "size", "items": [2**70]},
+        {"$ck": "size", "items": [-1]},
+        {"$ck": "tuple", "items": "abc"},
+        {"$ck": "dict", "items": [[1]]},
+        {"$ck": "dict", "items": [[[1, 2], 3]]},
+        {"$ck": "stateful", "class": "Linear"},
+        {"$ck": "device", "name": "cuda:99999999999999999999"},
+        {"$ck": "device", "name": "\x1b[31mred"},
+        {"$ck": "dtype", "name": "not_a_dtype"},
+        {"$ck": 7},
+    ],
+    ids=lambda node: "-".join(str(v)[:12] for v in node.values()),
+)
+def test_malformed_nodes_are_manifest_errors_and_load_falls_back(store, node):
+    """Every malformed skeleton node is a ManifestError (OverflowError and TypeError escaped before, or a StateError
+    that load() did not fall back on) and verify() reports it."""
+    store.save({"a": 1}, step=1)
+    _with_state(store, 2, {"a": node})
+    with ckstore.Store(store.path, readonly=True) as reader:
+        with pytest.raises(ckstore.ManifestError):
+            reader.load(step=2)
+        with pytest.warns(ckstore.CorruptCheckpointWarning):
+            assert reader.load() == {"a": 1}
+        assert reader.verify(2)
+
+
+def test_dtype_names_are_looked_up_in_a_table_never_as_torch_attributes(store, run_python):
+    """getattr(torch, name) on a crafted name imported torch.onnx (seconds, and code the user never asked for)."""
+    info = _with_state(store, 0, {"a": {"$ck": "dtype", "name": "onnx"}, "b": {"$ck": "dtype", "name": "bfloat16"}})
+    code = (
+        "import sys, ckstore\n"
+        f"s = ckstore.Store({str(store.path)!r}, readonly=True)\n"
+        "try:\n    s.load(step=0)\nexcept ckstore.ManifestError as e:\n    print('refused', type(e).__name__)\n"
+        "print('onnx imported' if 'torch.onnx' in sys.modules else 'onnx not imported')\n"
+    )
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert "refused ManifestError" in result.stdout and "onnx not imported" in result.stdout
+    raw, write = _resign(info.path / "manifest.json")
+    raw["state"]["a"]["name"] = "float16"
+    write()
+    assert store.load(step=0) == {"a": torch.float16, "b": torch.bfloat16}
+
+
+def test_the_number_of_skeleton_values_is_capped_on_save_and_on_load(store, monkeypatch):
+    """A skeleton of more values than the cap is refused on load (a typed error, then fallback), and save() refuses
+    to write one: a checkpoint that could not be loaded again is never committed."""
+    import ckstore._skeleton as decode
+
+    monkeypatch.setattr(decode, "MAX_VALUES", 1000)
+    store.save({"a": list(range(900))}, step=1)
+    assert store.load(step=1) == {"a": list(range(900))}
+    with pytest.raises(ckstore.StateError) as excinfo:
+        store.save({"a": list(range(1000))}, step=2)
+    assert "1000" in str(excinfo.value)
+    monkeypatch.setattr(decode, "MAX_VALUES", 10_000)
+    _with_state(store, 3, {"a": list(range(5000))})
+    monkeypatch.setattr(decode, "MAX_VALUES", 1000)
+    with ckstore.Store(store.path, readonly=True) as reader:
+        with pytest.raises(ckstore.ManifestError):
+            reader.load(step=3)
+        with pytest.warns(ckstore.CorruptCheckpointWarning):
+            assert reader.load() == {"a": list(range(900))}
+
+
+# ---------------------------------------------------------------- NumPy values ckstore cannot store
+
+
+@pytest.mark.parametrize(
+    "value, what",
+    [
+        (np.longdouble(1.5), "longdouble"),
+        (np.clongdouble(1.5), "clongdouble"),
+        (np.zeros(3, dtype=np.longdouble), "longdouble"),
+        (np.arange(3, dtype=">f4"), "big-endian"),
+        (np.arange(3, dtype=">i8").reshape(3, 1), "big-endian"),
+        (np.complex64(1 + 2j), "complex"),
+        (np.datetime64("2026-12-02"), "datetime64"),
+    ],
+    ids=["longdouble_scalar", "clongdouble_scalar", "longdouble_array", "big_endian_f4", "big_endian_i8", "complex_scalar", "datetime_scalar"],
+)
+@pytest.mark.parametrize("blocking", [True, False], ids=["sync", "background"])
+def test_numpy_values_that_cannot_be_stored_name_their_key(store, value, what, blocking):
+    """np.longdouble scalars recursed forever (a RecursionError, reported as 'nests too deeply'), longdouble and
+    big-endian arrays raised torch's untyped TypeError/ValueError."""
+    with pytest.raises(ckstore.StateError) as excinfo:
+        store.save({"ok": 1, "bad": [value]}, step=0, blocking=blocking)
+    assert excinfo.value.key == "state['bad'][0]"
+    assert "state['bad'][0]" in str(excinfo.value) and what in str(excinfo.value)
+    assert store.checkpoints() == []
+
+
+def test_numpy_scalars_of_every_storable_dtype_round_trip(store):
+    values = [np.bool_(True), np.int8(-3), np.uint8(200), np.int16(-300), np.uint16(60000), np.int32(-7), np.uint32(4_000_000_000),
+              np.int64(-(2**62)), np.uint64(2**63 + 5), np.float16(1.5), np.float32(-2.25), np.float64(3.5), np.bytes_(b"raw")]
+    store.save({"v": values}, step=0)
+    loaded = store.load(step=0)["v"]
+    for got, want in zip(loaded, values):
+        assert type(got) is type(want) and got == want
