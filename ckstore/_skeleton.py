@@ -56,7 +56,12 @@ _NUMPY_FIXED = {
 }
 _NUMPY_TEXT = re.compile(r"<U[0-9]{1,9}|\|S[0-9]{1,9}")
 _INT_RANGES = {code: (int(np.iinfo(code).min), int(np.iinfo(code).max)) for code, kind in _NUMPY_FIXED.items() if kind == "int"}
-_DEVICE = re.compile(r"[a-z][a-z0-9_]{0,31}(:[0-9]{1,4})?")
+_DEVICE = re.compile(r"([a-z][a-z0-9_]{0,31})(?::[0-9]{1,4})?")
+#: Device types torch parses (``torch.device`` raises on any other); checked here so verify() agrees with load().
+_DEVICE_TYPES = frozenset(
+    {"cpu", "cuda", "mps", "xpu", "meta", "hpu", "xla", "mtia", "maia", "ipu", "ve", "lazy", "vulkan", "fpga", "mkldnn",
+     "opengl", "opencl", "ideep", "hip", "privateuseone", torch._C._get_privateuse1_backend_name()}
+)  # fmt: skip
 _BASE64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
 _HEX16 = re.compile(r"[0-9a-f]{16}")
 _INT64_MAX = (1 << 63) - 1
@@ -75,7 +80,8 @@ def numpy_scalar_dtype(code: str) -> str | None:
 
 
 def device_name_ok(name: object) -> bool:
-    return isinstance(name, str) and _DEVICE.fullmatch(name) is not None
+    match = _DEVICE.fullmatch(name) if isinstance(name, str) else None
+    return match is not None and match.group(1) in _DEVICE_TYPES
 
 
 def check_skeleton(skeleton: Any, *, path: str = "manifest.json") -> int:

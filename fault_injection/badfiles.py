@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 import ckstore
-from ckstore import _manifest, _state, _tensorfile
+from ckstore import _decode, _manifest, _tensorfile
 from ckstore._hashing import default_algorithm, hash_bytes
 
 from .report import Row
@@ -372,17 +372,17 @@ CASES: list[tuple[str, Callable[[Case], None], str]] = [
     ("checkpoint dir is a symlink out", _symlink_dir, "file"),
     ("tensor file is a FIFO", _fifo, "file"),
     ("tensor file is a directory", _as_dir, "file"),
-    ("state: unknown $ck kind", _edit_manifest(_bogus_state("unknown_mark")), "decode"),
-    ("state: tensor ref without key", _edit_manifest(_bogus_state("tensor_no_key")), "decode"),
-    ("state: ref to unlisted file", _edit_manifest(_bogus_state("unlisted_file")), "decode"),
-    ("state: ref to missing tensor", _edit_manifest(_bogus_state("missing_key")), "decode"),
-    ("state: bad float tag", _edit_manifest(_bogus_state("bad_float")), "decode"),
-    ("state: bad base64", _edit_manifest(_bogus_state("bad_bytes")), "decode"),
-    ("state: dict items not pairs", _edit_manifest(_bogus_state("dict_items_not_pairs")), "decode"),
-    ("state: unhashable dict key", _edit_manifest(_bogus_state("unhashable_key")), "decode"),
-    ("state: bad dtype name", _edit_manifest(_bogus_state("bad_dtype_name")), "decode"),
-    ("state: bad device name", _edit_manifest(_bogus_state("bad_device")), "decode"),
-    ("state: bad numpy scalar", _edit_manifest(_bogus_state("bad_numpy")), "decode"),
+    ("state: unknown $ck kind", _edit_manifest(_bogus_state("unknown_mark")), "file"),
+    ("state: tensor ref without key", _edit_manifest(_bogus_state("tensor_no_key")), "file"),
+    ("state: ref to unlisted file", _edit_manifest(_bogus_state("unlisted_file")), "file"),
+    ("state: ref to missing tensor", _edit_manifest(_bogus_state("missing_key")), "file"),
+    ("state: bad float tag", _edit_manifest(_bogus_state("bad_float")), "file"),
+    ("state: bad base64", _edit_manifest(_bogus_state("bad_bytes")), "file"),
+    ("state: dict items not pairs", _edit_manifest(_bogus_state("dict_items_not_pairs")), "file"),
+    ("state: unhashable dict key", _edit_manifest(_bogus_state("unhashable_key")), "file"),
+    ("state: bad dtype name", _edit_manifest(_bogus_state("bad_dtype_name")), "file"),
+    ("state: bad device name", _edit_manifest(_bogus_state("bad_device")), "file"),
+    ("state: bad numpy scalar", _edit_manifest(_bogus_state("bad_numpy")), "file"),
     ("state: nested 100k deep", lambda c: _deep_manifest(c), "file"),
     # torn and zero-filled data (manifest untouched: the hash must catch it)
     ("data truncated to half", _bytes_edit(lambda d: d[: len(d) // 2]), "file"),
@@ -603,7 +603,7 @@ class _Fuzzer:
         data = self.manifest_input()
         try:
             manifest = _manifest.parse_manifest(data, path="fuzz/manifest.json")
-            _state.decode_state(manifest.state, self.source)
+            _decode.decode_state(manifest.state, self.source)
             self.accepted += 1
         except ckstore.CkstoreError:
             pass

@@ -788,6 +788,7 @@ def test_every_state_the_encoder_accepts_the_decoder_accepts(store, wrap, leaf):
         {"$ck": "stateful", "class": "Linear"},
         {"$ck": "device", "name": "cuda:99999999999999999999"},
         {"$ck": "device", "name": "\x1b[31mred"},
+        {"$ck": "device", "name": "warp:9"},
         {"$ck": "dtype", "name": "not_a_dtype"},
         {"$ck": 7},
     ],
