@@ -89,6 +89,7 @@ import filelock
 from . import _durable
 from ._errors import CheckpointNotFoundError, CkstoreError, DvcError, IntegrityError, InvalidArgumentError, ManifestError, StorageError
 from ._hashing import HashInfo, new_hasher
+from ._dvc_files import read_dvc_file
 from ._manifest import MANIFEST_NAME, Manifest, parse_manifest
 
 if TYPE_CHECKING:
@@ -302,29 +303,6 @@ def _has_identity(repo: str) -> bool:
     return _identity_cache[repo]
 
 
-def read_dvc_file(path: str) -> tuple[str, str]:
-    """``(md5, path)`` of the single output of a ``.dvc`` file."""
-    try:
-        from ruamel.yaml import YAML
-    except ImportError as exc:  # ruamel.yaml comes with DVC
-        raise DvcError(INSTALL_HINT) from exc
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = YAML(typ="safe", pure=True).load(fh)
-    except FileNotFoundError:
-        raise CheckpointNotFoundError(f"{path}: no such .dvc file (not published, or not checked out at this revision)") from None
-    except Exception as exc:
-        raise DvcError(f"{path}: unreadable .dvc file: {exc}") from exc
-    try:
-        (out,) = data["outs"]
-        md5, rel = str(out["md5"]), str(out["path"])
-    except (TypeError, KeyError, ValueError):
-        raise DvcError(f"{path}: not a single-output .dvc file written by ckstore publish") from None
-    if not re.fullmatch(r"[0-9a-f]{32}\.dir", md5):
-        raise DvcError(f"{path}: output {rel!r} is not a directory (md5 {md5!r})")
-    return md5, rel
-
-
 def _hash_file(path: str, *, copy_to: str | None, expected: HashInfo | None, md5: str | None = None, site: str) -> tuple[int, str]:
     """Stream ``path`` once: hash it (manifest algorithm and md5), optionally copying it to ``copy_to`` (fsynced).
 
@@ -506,12 +484,19 @@ def _materialize(job: PublishJob, tmp: str) -> Manifest:
 
 def _swap(job: PublishJob, tmp: str, old: str) -> None:
     """Put the verified directory ``tmp`` at the alias path (idempotent: resumes a half-done swap)."""
-    alias = job.alias_dir
-    if os.path.isdir(tmp):
+    swap_dir(tmp, job.alias_dir, old)
+
+
+def swap_dir(tmp: str, alias: str, old: str) -> None:
+    """Rename ``tmp`` to ``alias``, moving what is there to ``old`` first, then remove ``old``. Idempotent.
+
+    All three are siblings: one directory, so each rename is atomic.
+    """
+    if os.path.isdir(tmp) and not os.path.islink(tmp):
         if os.path.lexists(alias):
             _durable.rename(alias, old, site="publish_swap_old")
         _durable.rename(tmp, alias, site="publish_swap")
-        _durable.sync_dir(job.dest_dir, site="publish_swap_dir")
+        _durable.sync_dir(os.path.dirname(alias), site="publish_swap_dir")
     if os.path.lexists(old):
         _remove(old, site="publish_swap_cleanup")
 
@@ -883,110 +868,9 @@ def pull(
     *,
     repo: str | os.PathLike[str] | None = None,
     remote: str | None = None,
+    force: bool = False,
 ) -> Path:
-    """Fetch a published checkpoint and install it verified at ``target`` (``<dest>/<name>`` or its ``.dvc`` file).
+    """Fetch a published checkpoint and install it verified at ``target``; see :mod:`ckstore._dvc_pull`."""
+    from ._dvc_pull import pull as pull_verified
 
-    DVC downloads the objects into its cache; ckstore then copies each file
-    into a temporary directory next to the target while checking both DVC's
-    md5 and the manifest's hash, and only then renames the directory into
-    place. A corrupted object raises IntegrityError naming the file; it is
-    removed from the local cache and nothing is installed. Returns the store
-    directory (``<dest>/<name>``).
-    """
-    path = os.path.abspath(os.fspath(target))
-    alias = path[: -len(".dvc")] if path.endswith(".dvc") else path
-    dvc_file = alias + ".dvc"
-    root = resolve_repo(repo, os.path.dirname(alias))
-    md5, rel = read_dvc_file(dvc_file)
-    if os.path.normpath(os.path.join(os.path.dirname(dvc_file), rel)) != alias:
-        raise DvcError(f"{dvc_file}: tracks {rel!r}, not {os.path.basename(alias)!r}; not a ckstore publish")
-    with _storage_errors(f"pulling {alias}"), _repo_lock(root):
-        with _dvc_repo(root) as dvc:
-            _dvc_call("fetch", lambda: dvc.fetch(targets=[dvc_file], remote=remote))
-            odb = dvc.cache.local
-            locate = odb.oid_to_path
-        token = secrets.token_hex(4)
-        parent, base = os.path.split(alias)
-        tmp = os.path.join(parent, f".{base}.ckstore-tmp-{token}")
-        old = os.path.join(parent, f".{base}.ckstore-old-{token}")
-        try:
-            _install_from_cache(locate, md5, tmp, dvc_file)
-            job = PublishJob(name=base, step=0, store="", repo=root, dest=os.path.relpath(parent, root))
-            _swap(job, tmp, old)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                _remove(tmp, site="pull_rollback")
-            raise
-    return Path(alias)
-
-
-def _install_from_cache(locate: Callable[[str], str], dir_md5: str, tmp: str, dvc_file: str) -> None:
-    dir_object = locate(dir_md5)
-    try:
-        raw = _read_small(dir_object)
-    except FileNotFoundError:
-        raise DvcError(f"{dvc_file}: directory object {dir_md5} is not in the cache after fetch (missing from the remote?)") from None
-    actual_dir_md5 = hashlib.md5(raw, usedforsecurity=False).hexdigest()
-    if actual_dir_md5 + ".dir" != dir_md5:
-        _drop_cache_object(dir_object)
-        raise IntegrityError(
-            f"{dvc_file}: DVC directory object is corrupt (md5 {actual_dir_md5}); removed from the cache, nothing installed",
-            path=dir_object, expected=dir_md5, actual=actual_dir_md5 + ".dir",
-        )
-    try:
-        entries = {str(e["relpath"]): str(e["md5"]) for e in json.loads(raw)}
-    except (ValueError, TypeError, KeyError):
-        raise DvcError(f"{dvc_file}: directory object {dir_md5} is not a DVC directory listing") from None
-    steps = {rel.split("/")[1] for rel in entries if rel.count("/") == 2 and rel.startswith(CHECKPOINTS_DIR + "/")}
-    if len(steps) != 1 or len(entries) != sum(1 for rel in entries if rel.count("/") == 2) or not _STEP_DIR.match(next(iter(steps))):
-        raise DvcError(f"{dvc_file}: does not track a one-checkpoint ckstore directory")
-    (step_name,) = steps
-    prefix = f"{CHECKPOINTS_DIR}/{step_name}/"
-    target = os.path.join(tmp, CHECKPOINTS_DIR, step_name)
-    for path in (tmp, os.path.dirname(target), target):
-        _durable.make_dir(path, site="pull_install")
-    final_dir = os.path.join(os.path.dirname(tmp), os.path.basename(dvc_file)[: -len(".dvc")], CHECKPOINTS_DIR, step_name)
-
-    def copy(rel: str, expected: HashInfo | None) -> int:
-        md5 = entries[rel]
-        name = rel[len(prefix) :]
-        source = locate(md5)
-        try:
-            size, _ = _hash_file(source, copy_to=os.path.join(target, name), expected=expected, md5=md5, site="pull_file")
-        except IntegrityError as exc:
-            if exc.actual == "missing":
-                raise DvcError(f"{final_dir}/{name}: object {md5} was not fetched (missing from the remote?)") from None
-            _drop_cache_object(source)
-            raise IntegrityError(
-                f"{os.path.join(final_dir, name)}: the object DVC fetched for it is corrupt "
-                f"(expected {exc.expected}, got {exc.actual}; remote object {md5}); "
-                "removed from the local cache, nothing installed",
-                path=os.path.join(final_dir, name), expected=exc.expected, actual=exc.actual,
-            ) from None
-        return size
-
-    manifest_rel = prefix + MANIFEST_NAME
-    if manifest_rel not in entries:
-        raise DvcError(f"{dvc_file}: the tracked checkpoint has no {MANIFEST_NAME}")
-    copy(manifest_rel, None)
-    manifest_path = os.path.join(target, MANIFEST_NAME)
-    manifest = parse_manifest(_read_small(manifest_path), path=os.path.join(final_dir, MANIFEST_NAME))
-    listed = {prefix + n for n in manifest.files} | {manifest_rel}
-    if listed != set(entries):
-        raise IntegrityError(
-            f"{final_dir}: DVC tracks {sorted(set(entries) - listed) or 'fewer'} files than the manifest lists",
-            path=final_dir, expected=sorted(listed), actual=sorted(entries),
-        )
-    for name, entry in manifest.files.items():
-        size = copy(prefix + name, entry.hash)
-        if size != entry.size:
-            path = os.path.join(final_dir, name)
-            raise IntegrityError(f"{path}: size {size}, manifest says {entry.size}", path=path, expected=entry.size, actual=size)
-    for path in (target, os.path.dirname(target), tmp, os.path.dirname(tmp)):
-        _durable.sync_dir(path, site="pull_install_dir")
-
-
-def _drop_cache_object(path: str) -> None:
-    # A corrupt copy in the local cache would be installed by a later plain `dvc checkout`.
-    with contextlib.suppress(OSError):
-        _durable.unlink(path, site="pull_drop_corrupt")
+    return pull_verified(target, repo=repo, remote=remote, force=force)

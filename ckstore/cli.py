@@ -214,7 +214,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 def cmd_pull(args: argparse.Namespace) -> int:
     from . import _dvc
 
-    path = _dvc.pull(args.store, repo=args.repo, remote=args.remote)
+    path = _dvc.pull(args.store, repo=args.repo, remote=args.remote, force=args.force)
     with Store(path, readonly=True) as store, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         problems = store.verify()
@@ -276,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("pull", "fetch a published checkpoint (STORE is <dest>/NAME or its .dvc file) and install it verified", cmd_pull)
     p.add_argument("--repo", help="the git + DVC repository (default: the one holding STORE)")
     p.add_argument("--remote", help="DVC remote to fetch from (default: the repository's default remote)")
+    p.add_argument(
+        "--force", action="store_true",
+        help="replace the target even if it holds checkpoints no published version has, or its writer lock is held",
+    )
     return parser
 
 
