@@ -87,9 +87,9 @@ from typing import TYPE_CHECKING, Any
 import filelock
 
 from . import _durable
+from ._dvc_files import check_real_dirs, read_dvc_file
 from ._errors import CheckpointNotFoundError, CkstoreError, DvcError, IntegrityError, InvalidArgumentError, ManifestError, StorageError
 from ._hashing import HashInfo, new_hasher
-from ._dvc_files import read_dvc_file
 from ._manifest import MANIFEST_NAME, Manifest, parse_manifest
 
 if TYPE_CHECKING:
@@ -99,6 +99,7 @@ CHECKPOINTS_DIR = "checkpoints"
 DEFAULT_DEST = "models"
 STAGES = ("materialize", "swap", "add", "push", "commit", "tag")
 TAG_PREFIX = "published."
+JOURNAL_FORMAT = "ckstore.publish-journal"
 INSTALL_HINT = "DVC is not installed; install it with: pip install 'ckstore[dvc]'"
 #: Patterns ckstore keeps in a repository's ``.dvcignore``: a store's private
 #: directories and files, and the temporary directories of publish and pull.
@@ -112,7 +113,8 @@ DVCIGNORE_LINES = (
     ".*.ckstore-old-*",
 )
 
-_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}(\.[A-Za-z0-9_-]{1,63}){0,3}$")
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}(\.[A-Za-z0-9_-]{1,63}){0,3}", re.ASCII)
+_DEST_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}", re.ASCII)
 _STEP_DIR = re.compile(r"^step-(\d{1,30})$")
 _CHUNK = 8 << 20
 
@@ -193,7 +195,8 @@ class PublishResult:
 
 def check_name(name: object) -> str:
     """A publish name is a file name, a git tag component and a ckstore tag suffix at once."""
-    if not isinstance(name, str) or not _NAME.match(name) or name.endswith(".lock"):
+    # fullmatch: re.match with "$" also accepts "best\n", which then lands in git tags and commit messages.
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name.endswith(".lock"):
         raise InvalidArgumentError(
             f"invalid publish name {name!r}: a name starts with a letter and holds letters, digits, '_', '-' "
             "and single dots between them (at most 64 characters per part)"
@@ -202,11 +205,16 @@ def check_name(name: object) -> str:
 
 
 def check_dest(dest: object) -> str:
+    """A relative directory of plain ASCII name parts: it lands in paths, git trailers and messages."""
     if not isinstance(dest, str) or not dest or os.path.isabs(dest):
         raise InvalidArgumentError(f"dest must be a relative directory inside the repository, got {dest!r}")
-    parts = Path(dest).parts
+    parts = dest.strip("/").split("/")
     if any(p in ("..", ".", ".git", ".dvc") or p.startswith(".") for p in parts):
         raise InvalidArgumentError(f"dest {dest!r} must not contain '..', '.' or hidden components")
+    if len(parts) > 16 or not all(_DEST_PART.fullmatch(p) for p in parts):
+        raise InvalidArgumentError(
+            f"dest {dest!r}: each part holds ASCII letters, digits and '_.+-' only (no control characters, spaces or backslashes)"
+        )
     return os.path.join(*parts)
 
 
@@ -275,9 +283,25 @@ def _dvc_call(what: str, fn: Callable[[], Any]) -> Any:
         raise DvcError(f"dvc {what} failed: {type(exc).__name__}: {exc}") from exc
 
 
+#: git options for every call into a repository someone else may have prepared: its hooks
+#: (post-commit, reference-transaction, ...), fsmonitor and signing programs are commands the
+#: repository's config names, and none of them may run. safe.directory is left alone on purpose:
+#: git's refusal of a repository owned by another user stands.
+GIT_SAFE_CONFIG = (
+    "-c", "core.hooksPath=/dev/null",
+    "-c", "core.fsmonitor=false",
+    "-c", "core.untrackedCache=false",
+    "-c", "commit.gpgSign=false",
+    "-c", "tag.gpgSign=false",
+    "-c", "tag.forceSignAnnotated=false",
+    "-c", "gc.auto=0",
+    "-c", "maintenance.auto=false",
+)
+
+
 def _git(repo: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     # core.fsync: the commits ckstore makes survive a power cut, not just a crash.
-    cmd = ["git", "-c", "core.fsync=committed", "-C", repo, *args]
+    cmd = ["git", *GIT_SAFE_CONFIG, "-c", "core.fsync=committed", "-C", repo, *args]
     env = dict(os.environ)
     if not _has_identity(repo):
         env.setdefault("GIT_AUTHOR_NAME", "ckstore")
@@ -298,7 +322,7 @@ _identity_cache: dict[str, bool] = {}
 
 def _has_identity(repo: str) -> bool:
     if repo not in _identity_cache:
-        proc = subprocess.run(["git", "-C", repo, "var", "GIT_COMMITTER_IDENT"], capture_output=True, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(["git", *GIT_SAFE_CONFIG, "-C", repo, "var", "GIT_COMMITTER_IDENT"], capture_output=True, stdin=subprocess.DEVNULL)
         _identity_cache[repo] = proc.returncode == 0
     return _identity_cache[repo]
 
@@ -356,6 +380,22 @@ def _read_small(path: str, limit: int = 256 << 20) -> bytes:
     return data
 
 
+def _make_dirs(root: str, path: str, *, what: str) -> None:
+    """Create ``path`` below ``root`` (durably), after checking no component is a symlink.
+
+    A cloned repository may hold ``models -> /home/victim``: writing through it
+    would put the publish's files outside the repository before DVC refuses.
+    """
+    check_real_dirs(root, path, what=what)
+    rel = os.path.relpath(path, root)
+    here = root
+    for part in [] if rel == "." else rel.split(os.sep):
+        here = os.path.join(here, part)
+        if _durable.make_dir(here, site="publish_mkdir", exist_ok=True):
+            _durable.sync_dir(os.path.dirname(here), site="publish_mkdir_dir")
+    check_real_dirs(root, path, what=what)
+
+
 def _remove(path: str, *, site: str) -> None:
     if os.path.isdir(path) and not os.path.islink(path):
         _durable.remove_tree(path, site=site)
@@ -375,31 +415,43 @@ def _journal_path(repo: str, dest: str, name: str) -> str:
     return os.path.join(_journal_dir(repo), f"publish-{name}-{key}.json")
 
 
-def _write_journal(job: PublishJob, stage: str, **extra: Any) -> None:
-    record = {"format": "ckstore.publish-journal", "format_version": 1, "stage": stage, "job": job.to_json(), **extra}
+def _write_journal(job: PublishJob, stage: str, token: str | None = None) -> None:
+    # Only the token of the temporary directories is recorded, never a path: recovery rebuilds
+    # every path from the validated name and dest (a journal is input, see _load_journal).
+    record = {"format": JOURNAL_FORMAT, "format_version": 2, "stage": stage, "job": job.to_json()}
+    if token is not None:
+        record["token"] = token
     _durable.write_file_atomic(_journal_path(job.repo, job.dest, job.name), json.dumps(record, sort_keys=True).encode(), site="publish_journal")
+
+
+def _tmp_paths(job: PublishJob, token: str) -> tuple[str, str]:
+    """The temporary and the moved-aside directory of one publish: siblings of ``<dest>/<name>``."""
+    return (
+        os.path.join(job.dest_dir, f".{job.name}.ckstore-tmp-{token}"),
+        os.path.join(job.dest_dir, f".{job.name}.ckstore-old-{token}"),
+    )
 
 
 @contextlib.contextmanager
 def _repo_lock(repo: str) -> Iterator[None]:
     """Serialize ckstore publishes and pulls into one repository (across processes)."""
     directory = _journal_dir(repo)
-    os.makedirs(directory, exist_ok=True)
+    _make_dirs(repo, directory, what="publish journal directory")
     lock = filelock.FileLock(os.path.join(directory, "lock"), thread_local=False)
     with lock.acquire(timeout=-1):
         yield
 
 
 def pending(repo: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Journal records of publishes into ``repo`` that were interrupted (empty when none)."""
-    directory = _journal_dir(os.path.abspath(os.fspath(repo)))
-    out = []
-    with contextlib.suppress(FileNotFoundError):
-        for entry in sorted(os.listdir(directory)):
-            if entry.startswith("publish-") and entry.endswith(".json"):
-                with contextlib.suppress(OSError, ValueError):
-                    out.append(json.loads(_read_small(os.path.join(directory, entry))) | {"journal": os.path.join(directory, entry)})
-    return out
+    """Journal records of publishes into ``repo`` that were interrupted (empty when none).
+
+    Each record is checked (see :func:`ckstore._dvc_journal.load_journal`); a
+    journal that fails a check raises DvcError naming it.
+    """
+    from ._dvc_journal import journal_files, load_journal
+
+    root = os.path.abspath(os.fspath(repo))
+    return [load_journal(root, path).record | {"journal": path} for path in journal_files(_journal_dir(root))]
 
 
 def recover(repo: str | os.PathLike[str]) -> list[PublishResult]:
@@ -420,24 +472,24 @@ def _storage_errors(what: str) -> Iterator[None]:
 
 
 def _recover_locked(repo: str) -> list[PublishResult]:
+    from ._dvc_journal import journal_files, load_journal
+
     done = []
-    for record in pending(repo):
-        journal = record["journal"]
-        try:
-            raw = record["job"]
-            job = PublishJob(**{k: raw[k] for k in ("name", "step", "store", "dest", "remote", "metrics")}, repo=repo)
-            stage = record["stage"]
-        except (KeyError, TypeError):
-            _durable.unlink(journal, site="publish_journal")  # not ours, or from a newer format: nothing to finish
-            continue
+    # Every journal is checked before any is acted on: one crafted journal stops recovery
+    # before it touches anything (its paths are never used; see _dvc_journal).
+    entries = [load_journal(repo, path) for path in journal_files(_journal_dir(repo))]
+    for entry in entries:
+        job, stage, journal = entry.job, entry.stage, entry.path
         if stage == "materialize":
             # Nothing in the repository was touched yet: roll back.
-            if record.get("tmp"):
-                _remove(record["tmp"], site="publish_rollback")
+            if entry.token is not None:
+                _remove(_tmp_paths(job, entry.token)[0], site="publish_rollback")
             _durable.unlink(journal, site="publish_journal")
             continue
         if stage == "swap":
-            _swap(job, record["tmp"], record["old"])
+            if entry.token is None:
+                raise DvcError(f"{journal}: a journal at stage 'swap' names no temporary directory; remove it if you did not create it")
+            _swap(job, *_tmp_paths(job, entry.token))
         step_dir = os.path.join(job.alias_dir, CHECKPOINTS_DIR, f"step-{job.step:08d}")
         if not os.path.isfile(os.path.join(step_dir, MANIFEST_NAME)):
             # Someone removed or replaced the published directory since: nothing left to finish.
@@ -579,13 +631,15 @@ def _finish(job: PublishJob) -> PublishResult:
     paths = [rel_dvc, os.path.join(job.dest, ".gitignore"), ".dvcignore"]
     paths = [p for p in paths if os.path.exists(os.path.join(repo, p))]
     _git(repo, "add", "--", *paths)
-    changed = _git(repo, "diff", "--cached", "--quiet", "--", *paths, check=False).returncode != 0
+    changed = _git(repo, "diff", "--cached", "--quiet", "--no-ext-diff", "--no-textconv", "--", *paths, check=False).returncode != 0
     if changed:
-        metrics = " ".join(f"{k}={v:.6g}" for k, v in sorted(job.metrics.items()))
+        # Metric names come from the checkpoint's manifest and the store path from the caller:
+        # escaped, so neither can add a line (a forged "Ckstore-Step:" trailer) to the message.
+        metrics = " ".join(f"{_one_line(k)}={v:.6g}" for k, v in sorted(job.metrics.items()))
         message = (
             f"ckstore publish {job.name}: step {job.step}{' (' + metrics + ')' if metrics else ''}\n\n"
-            f"Ckstore-Name: {job.name}\nCkstore-Step: {job.step}\nCkstore-Store: {job.store}\n"
-            f"Ckstore-Dvc-File: {rel_dvc}\nCkstore-Md5: {md5}\n"
+            f"Ckstore-Name: {job.name}\nCkstore-Step: {job.step}\nCkstore-Store: {_one_line(job.store)}\n"
+            f"Ckstore-Dvc-File: {_one_line(rel_dvc)}\nCkstore-Md5: {md5}\n"
         )
         _git(repo, "commit", "-q", "--no-verify", "-m", message, "--", *paths)
     commit = _git(repo, "log", "-1", "--format=%H", "--", rel_dvc).stdout.strip() or None
@@ -598,6 +652,11 @@ def _finish(job: PublishJob) -> PublishResult:
     with contextlib.suppress(FileNotFoundError):
         _durable.unlink(_journal_path(repo, job.dest, job.name), site="publish_journal")
     return PublishResult(job.name, job.step, Path(job.dvc_file), md5, commit, tag, job.remote)
+
+
+def _one_line(text: str) -> str:
+    """``text`` for one line of a commit message: control characters shown as escapes (``\\n``)."""
+    return text if text.isprintable() and text.isascii() else ascii(text)[1:-1]
 
 
 def _tag(job: PublishJob, commit: str) -> str:
@@ -624,11 +683,10 @@ def run_publish(job: PublishJob) -> PublishResult:
         _sweep_old_versions(job)
         _check_alias(job)
         _ensure_dvcignore(job.repo)
-        os.makedirs(job.dest_dir, exist_ok=True)
+        _make_dirs(job.repo, job.dest_dir, what="publish dest")
         token = secrets.token_hex(4)
-        tmp = os.path.join(job.dest_dir, f".{job.name}.ckstore-tmp-{token}")
-        old = os.path.join(job.dest_dir, f".{job.name}.ckstore-old-{token}")
-        _write_journal(job, "materialize", tmp=tmp, old=old)
+        tmp, old = _tmp_paths(job, token)
+        _write_journal(job, "materialize", token)
         _emit("materialize", "before", job)
         try:
             _materialize(job, tmp)
@@ -638,7 +696,7 @@ def run_publish(job: PublishJob) -> PublishResult:
                 _durable.unlink(_journal_path(job.repo, job.dest, job.name), site="publish_journal")
             raise
         _emit("materialize", "after", job)
-        _write_journal(job, "swap", tmp=tmp, old=old)
+        _write_journal(job, "swap", token)
         _emit("swap", "before", job)
         _swap(job, tmp, old)
         _emit("swap", "after", job)

@@ -26,7 +26,6 @@ import json
 import os
 import re
 import stat
-from typing import Any
 
 from ._errors import CheckpointNotFoundError, DvcError, InvalidArgumentError
 
@@ -192,7 +191,3 @@ def check_real_dirs(root: str, path: str, *, what: str) -> None:
             raise InvalidArgumentError(f"{here} is a symlink; ckstore never writes through a symlink inside a repository ({what})")
         if not stat.S_ISDIR(st.st_mode):
             raise InvalidArgumentError(f"{here} is not a directory ({what})")
-
-
-def describe(value: Any) -> str:
-    return show(value)

@@ -124,3 +124,168 @@ def test_pull_never_creates_a_file_a_directory_object_points_at_outside_the_cach
     err = json.loads(proc.stdout)
     assert err["error"] == "DvcError" and "extra.safetensors" in err["message"], err
     assert not (clone / "models" / "best").exists()
+
+
+# ---------------------------------------------------------------- finding 12: YAML alias bomb in a .dvc file
+
+
+def test_a_yaml_alias_bomb_in_a_dvc_file_is_refused_before_it_expands(tmp_path):
+    import tracemalloc
+
+    levels = ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for i, name in enumerate("bcdefgh"):
+        prev = "abcdefgh"[i]
+        levels.append(f"{name}: &{name} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]")
+    text = "\n".join(levels) + "\nouts:\n- md5: *h\n  path: best\n"
+    assert len(text) < 600  # 9**8 = 43 million "lol"s when expanded
+    bomb = tmp_path / "best.dvc"
+    bomb.write_text(text)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ckstore.DvcError) as exc:
+            _dvc.read_dvc_file(str(bomb))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "alias" in str(exc.value) and len(str(exc.value)) < 500
+    assert peak < 16 << 20, f"reading a {len(text)}-byte .dvc file took {peak >> 20} MiB"
+
+
+def test_a_dvc_file_that_is_a_fifo_or_too_large_is_refused_without_hanging(tmp_path):
+    fifo = tmp_path / "fifo.dvc"
+    os.mkfifo(fifo)
+    with pytest.raises(ckstore.DvcError, match="not a regular file"):
+        _dvc.read_dvc_file(str(fifo))
+    big = tmp_path / "big.dvc"
+    big.write_bytes(b"#" * (2 << 20))
+    with pytest.raises(ckstore.DvcError, match="cap"):
+        _dvc.read_dvc_file(str(big))
+
+
+# ---------------------------------------------------------------- finding 16 and 10: names, dests, commit messages
+
+
+@pytest.mark.parametrize("bad", ["best\n", "best\r", "b\x1best"])
+def test_names_with_a_trailing_newline_or_control_characters_are_refused(bad):
+    with pytest.raises(ckstore.InvalidArgumentError):
+        _dvc.check_name(bad)
+
+
+@pytest.mark.parametrize("bad", ["models\nCkstore-Step: 999", "mod\x1b[2Jels", "models\\..\\x"])
+def test_dests_with_control_characters_or_backslashes_are_refused(bad):
+    with pytest.raises(ckstore.InvalidArgumentError):
+        _dvc.check_dest(bad)
+
+
+def test_metric_names_cannot_inject_commit_trailers(tmp_path, env):
+    repo, _ = make_repo(tmp_path, env)
+    with ckstore.Store(tmp_path / "run") as store:
+        store.save({"x": __import__("torch").zeros(2)}, step=1, metrics={"loss\nCkstore-Step: 999": 0.5})
+        store.publish(1, name="best", repo=repo, wait=True)
+    message = git("log", "-1", "--format=%B", cwd=repo, env=env)
+    trailers = [line for line in message.splitlines() if line.startswith("Ckstore-Step:")]
+    assert trailers == ["Ckstore-Step: 1"], message
+    assert "\\n" in message.splitlines()[0]  # the metric name is shown escaped on the subject line
+
+
+# ---------------------------------------------------------------- finding 6: git hooks and fsmonitor
+
+
+def test_publish_runs_no_git_hook_and_no_fsmonitor_of_the_repository(tmp_path, env):
+    repo, _ = make_repo(tmp_path, env)
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    hooks = repo / ".git" / "hooks"
+    for hook in ("pre-commit", "commit-msg", "post-commit", "reference-transaction", "post-index-change", "pre-auto-gc"):
+        (hooks / hook).write_text(f"#!/bin/sh\ntouch {markers}/{hook}\n")
+        (hooks / hook).chmod(0o755)
+    monitor = tmp_path / "fsmonitor.sh"
+    monitor.write_text(f"#!/bin/sh\ntouch {markers}/fsmonitor\nexit 1\n")
+    monitor.chmod(0o755)
+    git("config", "core.fsmonitor", str(monitor), cwd=repo, env=env)
+    with ckstore.Store(tmp_path / "run", metric="val_loss") as store:
+        train(store, steps=(1,), losses=(0.1,))
+        result = store.publish(1, name="best", repo=repo, wait=True).result()
+    assert result.commit and result.tag == "best@v1"
+    assert sorted(os.listdir(markers)) == [], "publish ran code the repository configured"
+
+
+# ---------------------------------------------------------------- finding 15: a symlinked models/ in the repository
+
+
+def test_publish_never_writes_through_a_symlinked_dest(tmp_path, env):
+    repo, _ = make_repo(tmp_path, env)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "secret.txt").write_text("do not touch\n")
+    before = snapshot(victim)
+    (repo / "models").symlink_to(victim)
+    with ckstore.Store(tmp_path / "run", metric="val_loss") as store:
+        train(store, steps=(1,), losses=(0.1,))
+        with pytest.raises(ckstore.InvalidArgumentError, match="symlink"):
+            store.publish(1, name="best", repo=repo).result()
+    assert snapshot(victim) == before
+    assert os.listdir(victim) == ["secret.txt"]
+
+
+def test_pull_never_writes_through_a_symlinked_dest(tmp_path, env):
+    clone, _ = published_clone(tmp_path, env)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    shutil.move(clone / "models" / "best.dvc", victim / "best.dvc")
+    (clone / "models").rmdir() if not os.listdir(clone / "models") else shutil.rmtree(clone / "models")
+    (clone / "models").symlink_to(victim)
+    before = snapshot(victim)
+    with pytest.raises(ckstore.InvalidArgumentError, match="symlink"):
+        _dvc.pull(clone / "models" / "best", repo=clone)
+    assert snapshot(victim) == before
+
+
+# ---------------------------------------------------------------- finding 3: crafted journals
+
+
+def plant_journal(repo: Path, name: str, stage: str, **fields) -> Path:
+    key = hashlib.sha256(f"models\0{name}".encode()).hexdigest()[:16]
+    journal = repo / ".dvc" / "tmp" / "ckstore" / f"publish-{name}-{key}.json"
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    job = {"name": name, "step": 1, "store": "/nowhere", "repo": str(repo), "dest": "models", "remote": None, "metrics": {}}
+    record = {"format": "ckstore.publish-journal", "format_version": 1, "stage": stage, "job": job} | fields
+    journal.write_text(json.dumps(record))
+    journal.chmod(0o644)
+    return journal
+
+
+@pytest.mark.parametrize("stage", ["materialize", "swap"])
+def test_a_crafted_journal_never_removes_or_moves_anything_outside(tmp_path, env, stage):
+    repo, _ = make_repo(tmp_path, env)
+    victim = tmp_path / "victim"
+    (victim / "tree").mkdir(parents=True)
+    (victim / "tree" / "file.bin").write_bytes(b"x" * 100)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("keep\n")
+    before = snapshot(victim), snapshot(other)
+    journal = plant_journal(repo, "evil", stage, tmp=str(victim / "tree"), old=str(other))
+    with pytest.raises(ckstore.DvcError) as exc:
+        _dvc.recover(repo)
+    assert str(journal) in str(exc.value)
+    assert (snapshot(victim), snapshot(other)) == before
+    assert not (repo / "models" / "evil").exists()
+    # The next ordinary publish refuses too, naming the journal, and touches nothing.
+    with ckstore.Store(tmp_path / "run", metric="val_loss") as store:
+        train(store, steps=(1,), losses=(0.1,))
+        with pytest.raises(ckstore.DvcError, match="journal"):
+            store.publish(1, name="best", repo=repo).result()
+    assert (snapshot(victim), snapshot(other)) == before
+
+
+def test_a_journal_another_user_could_write_is_refused(tmp_path, env):
+    repo, _ = make_repo(tmp_path, env)
+    journal = plant_journal(repo, "best", "materialize")
+    journal.chmod(0o666)
+    with pytest.raises(ckstore.DvcError, match="writable"):
+        _dvc.recover(repo)
+    journal.chmod(0o644)
+    os.chown(journal, 65534, 65534)
+    with pytest.raises(ckstore.DvcError, match="owned"):
+        _dvc.recover(repo)
