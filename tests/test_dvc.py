@@ -596,3 +596,35 @@ def test_publish_sweeps_an_old_version_a_crash_brought_back(tmp_path, env):
     assert not stale.exists()
     assert other.exists()  # another name's leftovers are that name's publish to sweep
     assert os.listdir(repo / "models" / "best" / "checkpoints") == ["step-00000002"]
+
+
+# ---------------------------------------------------------------- pull never deletes local work (issue 11)
+
+
+def test_pull_refuses_to_delete_checkpoints_saved_locally_and_a_held_writer_lock(tmp_path, env):
+    repo, _ = make_repo(tmp_path, env)
+    with ckstore.Store(tmp_path / "run", metric="val_loss") as store:
+        train(store, steps=(1,), losses=(0.1,))
+        store.publish(1, name="best", repo=repo, wait=True)
+    clone = tmp_path / "clone"
+    git("clone", "-q", str(repo), str(clone), cwd=tmp_path, env=env)
+    assert ck_here("pull", "models/best", cwd=clone).returncode == 0
+    assert ck_here("pull", "models/best", cwd=clone).returncode == 0  # pulling the same version again is fine
+    pulled = clone / "models" / "best"
+    with ckstore.Store(pulled, metric="val_loss") as writer:  # fine-tuning from the pulled model
+        state = writer.load()
+        writer.save(state, step=2, metrics={"val_loss": 0.05})
+        # While the writer holds the store: refused, whatever is in it.
+        proc = ck_here("pull", "models/best", cwd=clone)
+        assert proc.returncode == 2 and "--force" in proc.stderr and "being written" in proc.stderr, proc.stderr
+        assert "readonly=" not in proc.stderr and "lock_timeout=" not in proc.stderr
+    assert sorted(os.listdir(pulled / "checkpoints")) == ["step-00000001", "step-00000002"]
+    # The writer is gone, but step 2 is local work no published version has: refused, named.
+    proc = ck_here("pull", "models/best", cwd=clone)
+    assert proc.returncode == 2 and "step-00000002" in proc.stderr and "--force" in proc.stderr, proc.stderr
+    assert sorted(os.listdir(pulled / "checkpoints")) == ["step-00000001", "step-00000002"]
+    with ckstore.Store(pulled, readonly=True) as reader:
+        assert reader.verify() == []
+    # --force replaces it with the published version.
+    assert ck_here("pull", "models/best", "--force", cwd=clone).returncode == 0
+    assert sorted(os.listdir(pulled / "checkpoints")) == ["step-00000001"]
