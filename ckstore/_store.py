@@ -63,6 +63,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import gc
+import math
 import os
 import re
 import secrets
@@ -79,7 +80,7 @@ from typing import Any
 
 import torch
 
-from . import _durable
+from . import _durable, _quarantine
 from ._async import AsyncSave, BackgroundSaver, StagingArea
 from ._errors import (
     CheckpointExistsError,
@@ -96,7 +97,9 @@ from ._hashing import default_algorithm, new_hasher
 from ._layout import CHECKPOINTS_DIR, STAGING_DIR, TRASH_DIR, check_layout, require_store
 from ._lock import WriterLock
 from ._manifest import MANIFEST_NAME, FileEntry, Manifest, check_metrics, parse_manifest
-from ._retention import RetentionPolicy, rank_best, select_kept
+from ._metadata_lock import metadata_lock
+from ._quarantine import FAILED_VERIFICATION, LEFT_AHEAD, QuarantineEntry
+from ._retention import RetentionPolicy, commit_order, left_ahead, plan_deletions, rank_best
 from ._decode import decode_state
 from ._state import Encoded, encode_state, tensor_refs
 from ._targets import plan_load
@@ -210,6 +213,10 @@ class Store:
         # the tensors' identity and version counters, its entry and directory.
         self._previous: dict[str, tuple[tuple, FileEntry, str]] = {}
         self._key_index: dict[str, tuple[Manifest, dict[str, str]]] = {}  # read_tensor: key -> file, per manifest
+        self._meta = metadata_lock(self._root)  # tags.json, metrics.json: see ckstore._metadata_lock
+        #: step -> manifest ``created`` of each checkpoint a load or verify through this object found corrupt
+        #: (``created`` tells it from a later checkpoint of the same step); retention gives them no slot.
+        self._corrupt: dict[int, float] = {}
         self._closed = False
         # Opening only looks (lstat): "loading never writes". A writable open refuses now, rather than at
         # the first save, a store another user controls, so nothing of it is loaded and trained on first.
@@ -339,20 +346,23 @@ class Store:
                     os.close(fd)
                 for name in names:
                     _durable.remove_tree(os.path.join(sub, name), site=site)  # never follows a link
-            for name in os.listdir(self._root):
-                if _durable.is_temp_name(name) and not os.path.isdir(os.path.join(self._root, name)):
-                    # Only files: write_file_atomic never makes a directory; one with such a name is not ours.
-                    _durable.unlink(os.path.join(self._root, name), site="recover_temp")
-            try:
-                tags = self._read_tags()
-            except (ManifestError, IntegrityError) as exc:
-                # Never block opening the store, and never delete what fails to verify: tag operations
-                # and retention refuse to act on an unreadable tags.json; everything else works.
-                warnings.warn(f"{exc}; tags are unavailable until the file is repaired", CorruptCheckpointWarning, stacklevel=3)
-            else:
-                live = {tag: entry for tag, entry in tags.items() if self._exists(entry.step)}
-                if live != tags:
-                    self._write_tags(live)
+            # Under the metadata lock: a shell's tag write in progress has a temp file here, and a
+            # tag it adds must not be lost to the pruning's read-modify-replace.
+            with self._meta.held():
+                for name in os.listdir(self._root):
+                    if _durable.is_temp_name(name) and not os.path.isdir(os.path.join(self._root, name)):
+                        # Only files: write_file_atomic never makes a directory; one with such a name is not ours.
+                        _durable.unlink(os.path.join(self._root, name), site="recover_temp")
+                try:
+                    tags = self._read_tags()
+                except (ManifestError, IntegrityError) as exc:
+                    # Never block opening the store, and never delete what fails to verify: tag operations
+                    # and retention refuse to act on an unreadable tags.json; everything else works.
+                    warnings.warn(f"{exc}; tags are unavailable until the file is repaired", CorruptCheckpointWarning, stacklevel=3)
+                else:
+                    live = {tag: entry for tag, entry in tags.items() if self._exists(entry.step)}
+                    if live != tags:
+                        self._write_tags(live)
         except CkstoreError:
             raise
         except OSError as exc:
@@ -455,9 +465,9 @@ class Store:
         return self._listing()
 
     def latest(self) -> CheckpointInfo | None:
-        """The checkpoint with the highest step, or None for an empty store. Its data is not verified here."""
+        """The last committed checkpoint (see ``ckstore._retention``: commit order), or None for an empty store. Not verified here."""
         infos = self.checkpoints()
-        return infos[-1] if infos else None
+        return commit_order(infos)[-1] if infos else None  # type: ignore[return-value]
 
     def _best_metric(self, infos: Sequence[CheckpointInfo]) -> tuple[str, str] | None:
         if self.policy.metric is not None:
@@ -528,12 +538,22 @@ class Store:
     def _write_tags(self, tags: Mapping[str, TagEntry]) -> None:
         _durable.write_file_atomic(os.path.join(self._root, TAGS_NAME), dump_tags(tags), site="tags")
 
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self.readonly:
+            raise ReadOnlyStoreError(f"{self._root}: store is open readonly")
+
     def tag(self, step: int, name: str) -> CheckpointInfo:
-        """Point tag ``name`` at ``step`` (moving it if it named another checkpoint). Tagged checkpoints are kept by retention."""
+        """Point tag ``name`` at ``step`` (moving it if it named another checkpoint). Tagged checkpoints are kept by retention.
+
+        Needs only the short metadata lock, not the writer lock: a shell may
+        tag (and publish) while a training process holds the store, and that
+        process's retention honours the tag (see ``ckstore._metadata_lock``).
+        """
         check_tag_name(name)
         step = _check_step(step)
-        with self._mutex:
-            self._acquire()
+        self._check_writable()
+        with self._meta.held():
             if not self._exists(step):
                 raise CheckpointNotFoundError(f"{self._root}: no checkpoint at step {step}", step=step)
             tags = self._read_tags()
@@ -542,10 +562,10 @@ class Store:
             return self._resolve_step(step)
 
     def untag(self, name: str) -> None:
-        """Remove tag ``name``; CheckpointNotFoundError if no checkpoint carries it."""
+        """Remove tag ``name``; CheckpointNotFoundError if no checkpoint carries it. Needs only the metadata lock, like :meth:`tag`."""
         check_tag_name(name)
-        with self._mutex:
-            self._acquire()
+        self._check_writable()
+        with self._meta.held():
             tags = self._read_tags()
             if name not in tags:
                 raise CheckpointNotFoundError(f"{self._root}: no checkpoint is tagged {name!r}", step=name)
@@ -619,8 +639,7 @@ class Store:
             self._saver.raise_unseen()
             with self._mutex:
                 self._acquire()
-                if self._exists(step):
-                    raise CheckpointExistsError(f"{self._root}: step {step} is already committed; steps are never overwritten", step=step)
+                self._make_room(step)
                 with _gc_paused():
                     fingerprints: dict[int, tuple] = {}
                     encoded = encode_state(state, prepare=self._preparer(fingerprints, staged=not blocking))
@@ -653,6 +672,52 @@ class Store:
 
                 self._saver.start(handle, work)
                 return handle
+
+    def _make_room(self, step: int) -> None:
+        """Move a committed ``step`` that failed verification, or that a rollback left ahead, into the quarantine.
+
+        Raises CheckpointExistsError for a real duplicate (see ``ckstore._quarantine``).
+        """
+        name = step_dir_name(step)
+        path = os.path.join(self._ckpt_dir, name)
+        if not os.path.lexists(path):
+            return
+        problems = self._verify_dir(step, name)
+        if problems:
+            reason = FAILED_VERIFICATION
+        elif left_ahead(self._listing(warn=False), step):
+            reason = LEFT_AHEAD
+        else:
+            raise CheckpointExistsError(f"{self._root}: step {step} is already committed; steps are never overwritten", step=step)
+        with self._meta.held():
+            tags = self._read_tags()  # unreadable: refuse, a tag of this step would silently move to the new one
+            mine = sorted(t for t, e in tags.items() if e.step == step)
+            entry = self._guarded(
+                lambda: _quarantine.move_aside(self._root, path, step, reason=reason, problems=[p.message for p in problems], tags=mine),
+                what=f"moving step {step} into the quarantine",
+            )
+            self._manifest_cache.pop(name, None)
+            self._corrupt.pop(step, None)
+            if mine:
+                self._guarded(lambda: self._write_tags({t: e for t, e in tags.items() if e.step != step}), what="untagging")
+        dropped = f"; its tags {mine} were removed (recorded in {entry.path}.json)" if mine else ""
+        warnings.warn(
+            f"step {step} {reason}: moved into the quarantine at {entry.path} to save step {step} again{dropped}; "
+            "nothing was deleted (empty it with `ckstore quarantine PATH --empty`)",
+            CorruptCheckpointWarning,
+            stacklevel=3,
+        )
+
+    def quarantine(self) -> list[QuarantineEntry]:
+        """Checkpoints a save moved aside (failed verification, or left ahead by a rollback), oldest first. See ``ckstore._quarantine``."""
+        self._check_open()
+        return _quarantine.entries(self._root)
+
+    def empty_quarantine(self) -> list[Path]:
+        """Delete every quarantined checkpoint (crash-safely); returns their former paths. Takes the writer lock."""
+        with self._mutex:
+            self._acquire()
+            return self._guarded(lambda: _quarantine.empty(self._root, self._trash_dir), what="emptying the quarantine")
 
     def wait(self) -> CheckpointInfo | None:
         """Block until the background save (if any) is durable and return its checkpoint.
@@ -693,12 +758,13 @@ class Store:
         self._stage_device_tensors(encoded)
         self._commit(encoded, step, metrics, file_prints)
         if tag_names:
-            current = self._read_tags()
-            now = time.time()
-            for name in tag_names:
-                current[name] = TagEntry(step, now)
-            self._guarded(lambda: self._write_tags(current), what="tagging the new checkpoint")
-        self._apply_retention()
+            with self._meta.held():
+                current = self._read_tags()
+                now = time.time()
+                for name in tag_names:
+                    current[name] = TagEntry(step, now)
+                self._guarded(lambda: self._write_tags(current), what="tagging the new checkpoint")
+        self._apply_retention(protect=step)
         self.stats["saves"] += 1
         self.stats["write_s"] = time.perf_counter() - started
         return self._resolve_step(step)
@@ -763,6 +829,12 @@ class Store:
             linked[name] = entry
         return linked
 
+    def _commit_time(self) -> float:
+        """Now, but always after every committed checkpoint: commit order is ``created`` order even if the clock steps back."""
+        newest = max((info.created for info in self._listing(warn=False)), default=0.0)
+        now = time.time()
+        return now if now > newest else max(newest + 1e-6, math.nextafter(newest, math.inf))
+
     def _commit(self, encoded: Encoded, step: int, metrics: dict[str, float], file_prints: Mapping[str, tuple] | None = None) -> None:
         final_name = step_dir_name(step)
         staging = os.path.join(self._staging_dir, f"{final_name}.{secrets.token_hex(4)}")
@@ -786,7 +858,7 @@ class Store:
                 bytes_linked=sum(e.size for e in linked.values()),
             )
             retention = {"metric": self.policy.metric, "mode": self.policy.mode} if self.policy.metric else None
-            manifest = Manifest(step=step, created=time.time(), files=files, state=encoded.skeleton, metrics=metrics, retention=retention)
+            manifest = Manifest(step=step, created=self._commit_time(), files=files, state=encoded.skeleton, metrics=metrics, retention=retention)
             self._saver.check_abandoned()  # an abandoned save never commits, however far its writes got
             with _durable.FileWriter(os.path.join(staging, MANIFEST_NAME), site="manifest") as writer:
                 writer.write(manifest.to_json())
@@ -819,21 +891,28 @@ class Store:
 
     # ------------------------------------------------------------ retention and deletion
 
-    def _apply_retention(self, policy: RetentionPolicy | None = None) -> list[int]:
+    def _apply_retention(self, policy: RetentionPolicy | None = None, *, protect: int | None = None, dry_run: bool = False) -> list[int]:
+        """Delete what the policy does not keep; never ``protect`` (the checkpoint a save just committed).
+
+        Holds the metadata lock from reading the tags through the deletions, so
+        a tag added meanwhile by another process is honoured (``ckstore._metadata_lock``).
+        """
         policy = policy or self.policy
         if not policy.prunes:
             return []
-        try:
-            self._read_tags()
-        except (ManifestError, IntegrityError) as exc:
-            # Which checkpoints are pinned is unknown: deleting now could drop a pinned one.
-            warnings.warn(f"retention skipped: {exc}", CorruptCheckpointWarning, stacklevel=3)
-            return []
-        infos = self._listing(warn=False)
-        keep = select_kept(infos, policy)
-        doomed = [info.step for info in infos if info.step not in keep]
-        for step in doomed:
-            self._delete_dir(step)
+        with self._meta.held():
+            try:
+                self._read_tags()
+            except (ManifestError, IntegrityError) as exc:
+                # Which checkpoints are pinned is unknown: deleting now could drop a pinned one.
+                warnings.warn(f"retention skipped: {exc}", CorruptCheckpointWarning, stacklevel=3)
+                return []
+            infos = self._listing(warn=False)
+            corrupt = [info.step for info in infos if self._corrupt.get(info.step) == info.created]
+            doomed = plan_deletions(infos, policy, protect=() if protect is None else (protect,), corrupt=corrupt)
+            if not dry_run:
+                for step in doomed:
+                    self._delete_dir(step)
         return doomed
 
     def _delete_dir(self, step: int) -> None:
@@ -865,24 +944,20 @@ class Store:
                 raise UnsafeStoreError(f"{path}: is a symlink, not a checkpoint; refusing to delete through it (remove the link by hand)", path=path)
             if not stat.S_ISDIR(mode):
                 raise InvalidArgumentError(f"{path}: is not a checkpoint directory; refusing to delete it")
-            tags = self._read_tags()
-            mine = sorted(t for t, e in tags.items() if e.step == step)
-            if mine and not force:
-                raise InvalidArgumentError(f"step {step} is tagged {mine}; untag it or pass force=True")
-            if mine:
-                self._guarded(lambda: self._write_tags({t: e for t, e in tags.items() if e.step != step}), what="untagging")
-            self._delete_dir(step)
+            with self._meta.held():
+                tags = self._read_tags()
+                mine = sorted(t for t, e in tags.items() if e.step == step)
+                if mine and not force:
+                    raise InvalidArgumentError(f"step {step} is tagged {mine}; untag it or pass force=True")
+                if mine:
+                    self._guarded(lambda: self._write_tags({t: e for t, e in tags.items() if e.step != step}), what="untagging")
+                self._delete_dir(step)
 
     def gc(self, *, policy: RetentionPolicy | None = None, dry_run: bool = False) -> list[int]:
         """Recover leftovers and apply retention now (the store's policy, or ``policy``). Returns deleted steps."""
         with self._mutex:
             self._acquire()
-            if dry_run:
-                policy = policy or self.policy
-                infos = self._listing(warn=False)
-                keep = select_kept(infos, policy) if policy.prunes else {i.step for i in infos}
-                return [i.step for i in infos if i.step not in keep]
-            return self._apply_retention(policy)
+            return self._apply_retention(policy, dry_run=dry_run)
 
     # ------------------------------------------------------------ load and verify
 
@@ -911,7 +986,7 @@ class Store:
         if not infos:
             raise CheckpointNotFoundError(f"{self._root}: store has no checkpoints")
         skipped = []
-        for info in reversed(infos):
+        for info in reversed(commit_order(infos)):  # the last committed first (see ckstore._retention)
             try:
                 return self._load_one(info, state, map_location, verify, strict)
             except (IntegrityError, ManifestError) as exc:
@@ -923,7 +998,11 @@ class Store:
 
     def _load_one(self, info: CheckpointInfo, state: Any, map_location: Any, verify: bool, strict: bool = True) -> Any:
         with _gc_paused():
-            return self._load_one_file_by_file(info, state, map_location, verify, strict)
+            try:
+                return self._load_one_file_by_file(info, state, map_location, verify, strict)
+            except (IntegrityError, ManifestError):
+                self._corrupt[info.step] = info.created  # retention gives it no slot and never deletes it
+                raise
 
     def _load_one_file_by_file(self, info: CheckpointInfo, state: Any, map_location: Any, verify: bool, strict: bool) -> Any:
         directory = str(info.path)
@@ -1038,13 +1117,20 @@ class Store:
             targets = [(info.step, info.path.name)]
         problems: list[Problem] = []
         for number, name in targets:
-            problems.extend(self._verify_dir(number, name))
+            found = self._verify_dir(number, name)
+            if found:
+                self._note_corrupt(number, name)
+            problems.extend(found)
         with contextlib.suppress(FileNotFoundError):
             try:
                 self._read_tags()
             except (ManifestError, IntegrityError) as exc:
                 problems.append(Problem(None, os.path.join(self._root, TAGS_NAME), str(exc)))
         return problems
+
+    def _note_corrupt(self, step: int, name: str) -> None:
+        with contextlib.suppress(CkstoreError):  # an unreadable manifest: not listed, so retention never sees it
+            self._corrupt[step] = self._manifest(name).created
 
     def _verify_dir(self, step: int, name: str) -> list[Problem]:
         directory = os.path.join(self._ckpt_dir, name)

@@ -19,9 +19,10 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from ._errors import CkstoreError, InvalidArgumentError
+from ._errors import CkstoreError, InvalidArgumentError, StoreLockedError
 from ._layout import require_store
 from ._manifest import MANIFEST_NAME
+from ._quarantine import QuarantineEntry
 from ._retention import RetentionPolicy
 from ._store import CheckpointInfo, Store
 from ._text import escape
@@ -71,9 +72,19 @@ def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
         print(escape(text, keep_layout=True))
 
 
+def _quarantine_json(entry: QuarantineEntry) -> dict[str, Any]:
+    return {"step": entry.step, "path": str(entry.path), "moved": entry.moved, "reason": entry.reason, "tags": list(entry.tags), "problems": list(entry.problems)}
+
+
+def _quarantine_rows(entries: Sequence[QuarantineEntry]) -> list[str]:
+    return [f"quarantined: step {e.step}, {e.reason}, moved {_when(e.moved)}: {e.path}" for e in entries]
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     with Store(args.store, readonly=True) as store:
         infos = store.checkpoints()
+        latest = store.latest()
+        quarantined = store.quarantine()
         best = None
         if args.metric:
             from ._retention import rank_best
@@ -92,12 +103,26 @@ def cmd_ls(args: argparse.Namespace) -> int:
         marks = [*(f"[{escape(t)}]" for t in info.tags)]
         if info.step == best:
             marks.append("(best)")
-        if info is infos[-1]:
+        if latest is not None and info.step == latest.step:
             marks.append("(latest)")
         rows.append(f"{info.step:>10}  {_when(info.created)}  {_size(info.nbytes):>10}  {metrics} {' '.join(marks)}".rstrip())
     if not infos:
         rows = ["(no checkpoints)"]
-    _emit(args, {"checkpoints": [_info_json(i) for i in infos], "best": best}, "\n".join(rows))
+    rows += _quarantine_rows(quarantined)
+    payload = {"checkpoints": [_info_json(i) for i in infos], "best": best, "quarantine": [_quarantine_json(e) for e in quarantined]}
+    _emit(args, payload, "\n".join(rows))
+    return 0
+
+
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    if args.empty:
+        with Store(_existing_store(args.store), lock_timeout=args.wait) as store:
+            removed = store.empty_quarantine()
+        _emit(args, {"removed": [str(p) for p in removed]}, f"removed {len(removed)} quarantined checkpoint(s)")
+        return 0
+    with Store(args.store, readonly=True) as store:
+        entries = store.quarantine()
+    _emit(args, {"quarantine": [_quarantine_json(e) for e in entries]}, "\n".join(_quarantine_rows(entries)) or "(quarantine is empty)")
     return 0
 
 
@@ -224,6 +249,17 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _cli_message(exc: CkstoreError) -> str:
+    """The error's message, with the way out said in CLI options rather than Python arguments."""
+    if isinstance(exc, StoreLockedError) and "being written by" in str(exc):  # the writer lock, not the metadata lock
+        who = f"pid {exc.pid} on {exc.host}" if exc.pid is not None else "another process"
+        return (
+            f"{exc.path}: the store is being written by {who}; one writer per store. "
+            "Pass --wait SECONDS to wait for it; ls, show, verify, tag and publish work while it runs"
+        )
+    return str(exc)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ckstore", description="Inspect, verify, tag and clean a ckstore checkpoint store.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -238,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("ls", "list committed checkpoints, ascending by step", cmd_ls)
     p.add_argument("--metric", help="rank by this metric to mark the best (default: the metric the writer used)")
     p.add_argument("--mode", choices=("min", "max"), default="min", help="whether lower or higher --metric is better")
+
+    p = command("quarantine", "list checkpoints a save moved aside (failed verification, left ahead by a rollback); --empty deletes them", cmd_quarantine)
+    p.add_argument("--empty", action="store_true", help="delete every quarantined checkpoint (needs the writer lock)")
+    p.add_argument("--wait", type=float, default=0, help="with --empty: seconds to wait for the writer lock (default: fail at once)")
 
     p = command("show", "show one checkpoint: metrics, tags, files with sizes and hashes", cmd_show)
     p.add_argument("step", help="step number, 'latest', 'best' or a tag")
@@ -296,10 +336,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return int(args.fn(args))
         except CkstoreError as exc:
+            message = _cli_message(exc)
             if getattr(args, "json", False):
-                json.dump({"error": type(exc).__name__, "message": str(exc)}, sys.stdout)  # ensure_ascii escapes
+                json.dump({"error": type(exc).__name__, "message": message}, sys.stdout)  # ensure_ascii escapes
                 sys.stdout.write("\n")
-            print(f"ckstore: error: {escape(str(exc))}", file=sys.stderr)
+            print(f"ckstore: error: {escape(message)}", file=sys.stderr)
             return 2
 
 

@@ -22,7 +22,7 @@ COMMANDS = ["ls", "show", "verify", "tag", "gc"]
 @pytest.fixture
 def populated(store_path):
     with ckstore.Store(store_path, metric="loss") as store:
-        for step, loss in [(1, 0.9), (2, 0.4), (10, 0.6), (9, 0.5)]:
+        for step, loss in [(1, 0.9), (2, 0.4), (9, 0.5), (10, 0.6)]:
             store.save({"w": torch.full((8,), float(step)), "step": step}, step=step, metrics={"loss": loss}, tags=["first"] if step == 1 else ())
     return store_path
 
@@ -176,12 +176,14 @@ def test_usage_errors_exit_2(capsys, populated):
     capsys.readouterr()
 
 
-def test_writer_lock_held_is_an_error(capsys, populated):
+def test_writer_lock_held_is_an_error_that_names_the_cli_option(capsys, populated):
     with ckstore.Store(populated) as store:
         store.save({}, step=11)
-        code, payload, err = run_json(capsys, "tag", populated, "x", "11")
-    assert code == 2 and payload["error"] == "StoreLockedError"
-    assert str(os.getpid()) in payload["message"]
+        code, payload, err = run_json(capsys, "gc", populated, "--keep-last", "1")
+        assert code == 2 and payload["error"] == "StoreLockedError"
+        assert str(os.getpid()) in payload["message"] and "--wait" in payload["message"]
+        assert "lock_timeout=" not in payload["message"] and "readonly=" not in payload["message"]
+        assert run_json(capsys, "tag", populated, "x", "11")[0] == 0  # tags need only the metadata lock
 
 
 def test_real_entry_point(populated):

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import ckstore
 from ckstore import RetentionPolicy, select_kept
-from ckstore._retention import rank_best
+from ckstore._retention import commit_order, left_ahead, plan_deletions, rank_best
 
 
 @dataclass(frozen=True)
@@ -19,11 +19,21 @@ class Ck:
     step: int
     metrics: dict = field(default_factory=dict)
     tags: tuple = ()
+    created: float = -1.0  # -1: commit order follows the step (set in __post_init__)
+
+    def __post_init__(self):
+        if self.created == -1.0:
+            object.__setattr__(self, "created", float(self.step))
 
 
 @st.composite
 def checkpoint_lists(draw):
     steps = draw(st.lists(st.integers(0, 300), unique=True, max_size=25))
+    # Commit order: usually the step order; after a rollback, any order (some ties too).
+    if draw(st.booleans()):
+        times = {s: float(s) for s in steps}
+    else:
+        times = {s: float(draw(st.integers(0, 40))) for s in steps}
     out = []
     for step in steps:
         metrics = {}
@@ -32,7 +42,7 @@ def checkpoint_lists(draw):
         if draw(st.integers(0, 3)) == 0:
             metrics["other"] = 1.0
         tags = tuple(draw(st.lists(st.sampled_from(["release", "keep", "v1"]), max_size=1, unique=True)))
-        out.append(Ck(step, metrics, tags))
+        out.append(Ck(step, metrics, tags, times[step]))
     return out
 
 
@@ -52,10 +62,11 @@ def _reference(checkpoints, policy):
         return set()
     if policy.keep_last is None and policy.keep_best is None and policy.keep_every is None:
         return {c.step for c in checkpoints}
-    by_step = sorted(checkpoints, key=lambda c: c.step)
-    keep = {by_step[-1].step}
+    # Commit order: by time; equal times (hand-made stores only) by step.
+    by_commit = sorted(checkpoints, key=lambda c: (c.created, c.step))
+    keep = {by_commit[-1].step}
     if policy.keep_last:
-        keep |= {c.step for c in by_step[max(0, len(by_step) - policy.keep_last) :]}
+        keep |= {c.step for c in by_commit[max(0, len(by_commit) - policy.keep_last) :]}
     if policy.keep_best:
         scored = [c for c in checkpoints if policy.metric in c.metrics]
         # best first; equal values: the newer step wins
@@ -83,11 +94,12 @@ def test_invariants(checkpoints, policy):
     kept = select_kept(checkpoints, policy)
     steps = {c.step for c in checkpoints}
     assert kept <= steps
+    newest = commit_order(checkpoints)[-1].step if checkpoints else None
     if checkpoints:
-        assert max(steps) in kept  # the newest is always kept
+        assert newest in kept  # the last committed is always kept
     assert {c.step for c in checkpoints if c.tags} <= kept  # every tagged one
     if policy.keep_last:
-        assert set(sorted(steps)[-policy.keep_last :]) <= kept
+        assert {c.step for c in commit_order(checkpoints)[-policy.keep_last :]} <= kept
     if policy.keep_best:
         with_metric = [c for c in checkpoints if "loss" in c.metrics]
         kept_with_metric = [c for c in with_metric if c.step in kept]
@@ -100,14 +112,62 @@ def test_invariants(checkpoints, policy):
     again = select_kept([c for c in checkpoints if c.step in kept], policy)
     assert {c.step for c in checkpoints if c.tags} <= again
     if checkpoints:
-        assert max(steps) in again
+        assert newest in again
+
+
+@given(checkpoints=checkpoint_lists(), policy=policies, data=st.data())
+def test_a_protected_step_is_always_kept_and_protection_only_adds(checkpoints, policy, data):
+    """The store protects the step a save just committed, whatever its step and commit time."""
+    steps = sorted(c.step for c in checkpoints)
+    protect = set(data.draw(st.lists(st.sampled_from(steps), max_size=3))) if steps else set()
+    stray = data.draw(st.integers(301, 400))  # not a checkpoint: ignored
+    kept = select_kept(checkpoints, policy, protect=protect | {stray})
+    assert protect <= kept and stray not in kept
+    assert kept == select_kept(checkpoints, policy) | protect
+
+
+@given(checkpoints=checkpoint_lists(), policy=policies, data=st.data())
+def test_corrupt_checkpoints_hold_no_slot_and_are_never_deleted(checkpoints, policy, data):
+    steps = sorted(c.step for c in checkpoints)
+    corrupt = set(data.draw(st.lists(st.sampled_from(steps), max_size=4))) if steps else set()
+    protect = set(data.draw(st.lists(st.sampled_from(steps), max_size=1))) if steps else set()
+    doomed = plan_deletions(checkpoints, policy, protect=protect, corrupt=corrupt)
+    assert doomed == sorted(doomed) and not (set(doomed) & corrupt) and not (set(doomed) & protect)
+    sound = [c for c in checkpoints if c.step not in corrupt]
+    # Exactly what the policy would delete if the corrupt ones did not exist.
+    assert set(doomed) == {c.step for c in sound} - select_kept(sound, policy, protect=protect)
+    assert set(doomed) | select_kept(sound, policy, protect=protect) | corrupt == set(steps)
+
+
+@given(checkpoints=checkpoint_lists(), data=st.data())
+def test_left_ahead_means_a_lower_step_was_committed_later(checkpoints, data):
+    if not checkpoints:
+        assert not left_ahead(checkpoints, 5)
+        return
+    step = data.draw(st.sampled_from([c.step for c in checkpoints]))
+    mine = next(c for c in checkpoints if c.step == step)
+    expected = any(c.step < step and (c.created > mine.created or (c.created == mine.created and c.step > step)) for c in checkpoints)
+    assert left_ahead(checkpoints, step) == expected
+    assert not left_ahead(checkpoints, 1000)
+    # In an ordinary run (commit order = step order) nothing is ever left ahead.
+    ordered = [Ck(c.step, c.metrics, c.tags) for c in checkpoints]
+    assert not any(left_ahead(ordered, c.step) for c in ordered)
+
+
+def test_keep_last_counts_commits_not_steps_after_a_rollback():
+    # 100 (tagged), 200, 300 saved; rolled back to 100; then 101 and 102 saved.
+    cks = [Ck(100, tags=("release",), created=1.0), Ck(200, created=2.0), Ck(300, created=3.0), Ck(101, created=4.0), Ck(102, created=5.0)]
+    assert select_kept(cks, RetentionPolicy(keep_last=1)) == {100, 102}
+    assert select_kept(cks, RetentionPolicy(keep_last=3)) == {100, 300, 101, 102}
+    assert select_kept(cks[:4], RetentionPolicy(keep_last=1)) == {100, 101}
+    assert [c.step for c in commit_order(cks)] == [100, 200, 300, 101, 102]
 
 
 @given(checkpoints=checkpoint_lists(), mode=st.sampled_from(["min", "max"]), k=st.integers(1, 5))
 def test_checkpoints_without_the_metric_are_never_best(checkpoints, mode, k):
     policy = RetentionPolicy(keep_best=k, metric="loss", mode=mode)
     kept = select_kept(checkpoints, policy)
-    newest = max((c.step for c in checkpoints), default=None)
+    newest = commit_order(checkpoints)[-1].step if checkpoints else None
     best_only = {s for s in kept if s != newest and not any(c.step == s and c.tags for c in checkpoints)}
     assert all("loss" in c.metrics for c in checkpoints if c.step in best_only)
     ranked = rank_best(checkpoints, "loss", mode)
