@@ -30,6 +30,13 @@ still inside a torch call when the interpreter finalizes is torn down by a
 forced unwind through C++ frames, and the process aborts (SIGABRT) instead
 of exiting. A ``SIGKILL`` or power loss mid-save leaves the
 same state as for a synchronous save: every checkpoint is absent or whole.
+
+Fork: a child made with ``os.fork()`` while a save is in flight gets a copy of
+the saver but not its thread, so the save would never finish there, and the
+exit handler would wait for it forever. An ``os.register_at_fork`` handler
+gives every saver in the child a clean slate (no save in flight, no failure
+to report, fresh locks): the save belongs to the parent, which finishes and
+reports it. The child may open stores and save on its own.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ from typing import Any
 
 import torch
 
-from ._errors import AsyncSaveError
+from ._errors import AsyncSaveError, CkstoreError, CommittedWithErrorsError
 
 _ALIGN = 64  # every staged tensor starts on a cache line
 #: A state smaller than this is copied by the calling thread alone: starting a thread costs more than it saves.
@@ -215,11 +222,19 @@ class AsyncSave:
             raise
         except BaseException as exc:
             self._saver.mark_seen(self)
-            raise AsyncSaveError(f"background save of step {self.step} failed: {exc}") from exc
+            raise _reported(self.step, exc) from exc
 
     def __repr__(self) -> str:
         state = "running" if not self.done() else ("failed" if self._future.exception() else "done")
         return f"AsyncSave(step={self.step}, {state}, stall_s={self.stall_s:.4f})"
+
+
+def _reported(step: int, exc: BaseException | None) -> CkstoreError:
+    """What a background save's failure is raised as: AsyncSaveError, unless the checkpoint did commit."""
+    if isinstance(exc, CommittedWithErrorsError):
+        # Not "failed": a retry would only get CheckpointExistsError.
+        return CommittedWithErrorsError(str(exc), step=exc.step, errno=exc.errno, path=exc.path)
+    return AsyncSaveError(f"background save of step {step} failed: {exc}")
 
 
 class SaveAbandoned(AsyncSaveError):
@@ -238,6 +253,14 @@ class BackgroundSaver:
         self._unseen: AsyncSave | None = None
         self._lock = threading.Lock()
         _savers.add(self)
+
+    def _after_fork_in_child(self) -> None:
+        # The parent's save runs in a thread the child does not have: it is the parent's to
+        # finish and report. Waiting on it here would hang the child (at exit, forever).
+        self.abandoning = threading.Event()
+        self._current = None
+        self._unseen = None
+        self._lock = threading.Lock()
 
     @property
     def in_flight(self) -> AsyncSave | None:
@@ -265,7 +288,7 @@ class BackgroundSaver:
             failed, self._unseen = self._unseen, None
         if failed is not None:
             exc = failed._future.exception()
-            raise AsyncSaveError(f"background save of step {failed.step} failed: {exc}") from exc
+            raise _reported(failed.step, exc) from exc
 
     def mark_seen(self, handle: AsyncSave) -> None:
         with self._lock:
@@ -304,6 +327,14 @@ class _suppress_all:
 _savers: weakref.WeakSet[BackgroundSaver] = weakref.WeakSet()
 
 
+def _reset_savers_in_child() -> None:
+    for saver in list(_savers):
+        saver._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_reset_savers_in_child)
+
+
 @atexit.register
 def _wait_at_exit() -> None:
     # Daemon threads keep running until the interpreter finalizes, which
@@ -320,5 +351,7 @@ def _wait_at_exit() -> None:
         saver.wait()
         try:
             saver.raise_unseen()
+        except CommittedWithErrorsError as exc:
+            print(f"ckstore: {exc} (found at interpreter exit)", file=sys.stderr)
         except AsyncSaveError as exc:
             print(f"ckstore: {exc} (found at interpreter exit; the checkpoint was not committed)", file=sys.stderr)

@@ -15,6 +15,7 @@ builtin exception says the same thing, the class also subclasses it, so
     ├── InvalidArgumentError (ValueError)  a bad step, metric, tag or option
     ├── StorageError (OSError)    the filesystem failed mid-write (ENOSPC, EIO); nothing committed is lost
     ├── AsyncSaveError            a background save failed; raised on the next call
+    ├── CommittedWithErrorsError  a save committed (durable), then tagging or retention failed
     ├── DvcError                  publishing to or pulling from DVC failed (DVC, git or the remote; DVC missing)
     └── UnsafeStoreError (PermissionError)  the store is another user's, writable by others, or has a symlinked layout
 """
@@ -124,6 +125,28 @@ class StorageError(CkstoreError, OSError):
 
 class AsyncSaveError(CkstoreError):
     """A background save failed. Raised by the next ``save``, ``wait`` or ``close``; the cause is chained."""
+
+
+class CommittedWithErrorsError(CkstoreError):
+    """A save committed its checkpoint (durable, whole), then a later step failed: tagging it or retention.
+
+    Not a failed save: do not save ``step`` again (that raises
+    CheckpointExistsError). Background saves raise it as is, not wrapped in
+    AsyncSaveError. ``errno`` is the OS error number when the disk failed.
+    """
+
+    def __init__(self, message: str, *, step: int, errno: int | None = None, path: str | None = None) -> None:
+        super().__init__(message)
+        self.step = step
+        self.errno = errno
+        self.path = path
+
+    def __reduce__(self):  # keep the attributes across process boundaries
+        return (_rebuild_committed, (str(self), self.step, self.errno, self.path))
+
+
+def _rebuild_committed(message: str, step: int, errno: int | None, path: str | None) -> CommittedWithErrorsError:
+    return CommittedWithErrorsError(message, step=step, errno=errno, path=path)
 
 
 class DvcError(CkstoreError):

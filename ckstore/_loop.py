@@ -270,12 +270,21 @@ class Checkpointer:
         ``save=True`` forces a save, ``save=False`` skips it (a pending signal
         still saves). After a signal this saves and raises ``SystemExit`` with
         the documented status.
+
+        Calling it again for the step just reported, with ``metrics`` (the
+        validation at the end of an epoch), adds them to that step: recorded
+        with :meth:`Store.record_metrics` if the step was saved (the checkpoint
+        is never modified), else saved with them if due.
         """
         self._check_open()
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise InvalidArgumentError(f"step must be a non-negative integer, got {step!r}")
+        if self.last_step is not None and step == self.last_step and (metrics or save):
+            return self._report_again(step, metrics, save)
         if self.last_step is not None and step <= self.last_step:
-            raise InvalidArgumentError(f"step must increase: got {step} after {self.last_step}")
+            raise InvalidArgumentError(
+                f"step must increase: got {step} after {self.last_step} (metrics for the step just reported may be passed again with it)"
+            )
         now = time.monotonic()
         self._step_time_total += now - self._last_mark
         self._step_count += step - (self.last_step if self.last_step is not None else step - 1)
@@ -284,6 +293,17 @@ class Checkpointer:
         info = None
         wanted = save if save is not None else self._due(step, metrics)
         if self.pending_signal is None and wanted and step != self.last_saved_step:
+            info = self._save(step, metrics)
+        if self.pending_signal is not None:
+            self._exit_on_signal(metrics)
+        return info
+
+    def _report_again(self, step: int, metrics: Mapping[str, Any] | None, save: bool | None) -> Any:
+        info = None
+        if step == self.last_saved_step:
+            if metrics:
+                info = self.store.record_metrics(step, metrics)
+        elif self.pending_signal is None and (save if save is not None else self._due(step, metrics)):
             info = self._save(step, metrics)
         if self.pending_signal is not None:
             self._exit_on_signal(metrics)

@@ -72,6 +72,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -84,6 +85,7 @@ from . import _durable, _quarantine
 from ._async import AsyncSave, BackgroundSaver, StagingArea
 from ._errors import (
     CheckpointExistsError,
+    CommittedWithErrorsError,
     CheckpointNotFoundError,
     CkstoreError,
     IntegrityError,
@@ -98,6 +100,7 @@ from ._layout import CHECKPOINTS_DIR, STAGING_DIR, TRASH_DIR, check_layout, requ
 from ._lock import WriterLock
 from ._manifest import MANIFEST_NAME, FileEntry, Manifest, check_metrics, parse_manifest
 from ._metadata_lock import metadata_lock
+from ._metrics_log import METRICS_NAME, Recorded, dump_metrics, parse_metrics
 from ._quarantine import FAILED_VERIFICATION, LEFT_AHEAD, QuarantineEntry
 from ._retention import RetentionPolicy, commit_order, left_ahead, plan_deletions, rank_best
 from ._decode import decode_state
@@ -218,6 +221,7 @@ class Store:
         #: (``created`` tells it from a later checkpoint of the same step); retention gives them no slot.
         self._corrupt: dict[int, float] = {}
         self._closed = False
+        _live_stores.add(self)
         # Opening only looks (lstat): "loading never writes". A writable open refuses now, rather than at
         # the first save, a store another user controls, so nothing of it is loaded and trained on first.
         if self.readonly:
@@ -270,6 +274,18 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r}{', readonly=True' if self.readonly else ''})"
+
+    def _after_fork_in_child(self) -> None:
+        """Fresh locks and worker threads in a forked child (the parent's threads are not there; see ckstore._async)."""
+        # A parent thread may have held these at fork: in the child nobody ever releases them.
+        self._mutex = threading.RLock()
+        self._save_gate = threading.Lock()
+        # Their threads stay in the parent; dropped, not closed (closing would wait for them).
+        self._pipeline = None
+        self._hash_pools = []
+        # The staging memory may hold the parent's save in flight: the child stages into its own.
+        self._staging = StagingArea()
+        # filelock forgets a held writer lock in a child itself, so a release there never unlocks the parent.
 
     def _create_layout(self) -> None:
         """Create the store's directories (first write only), each made durable in its parent."""
@@ -421,10 +437,14 @@ class Store:
         self._manifest_cache[name] = (key, manifest)
         return manifest
 
-    def _info(self, manifest: Manifest, tags_by_step: Mapping[int, list[str]]) -> CheckpointInfo:
+    def _info(self, manifest: Manifest, tags_by_step: Mapping[int, list[str]], recorded: Mapping[int, Recorded] | None = None) -> CheckpointInfo:
+        extra = (recorded or {}).get(manifest.step)
+        metrics = dict(manifest.metrics)
+        if extra is not None and extra.created == manifest.created:  # metrics recorded after the save (ckstore._metrics_log)
+            metrics.update(extra.metrics)
         return CheckpointInfo(
             step=manifest.step,
-            metrics=dict(manifest.metrics),
+            metrics=metrics,
             tags=tuple(sorted(tags_by_step.get(manifest.step, ()))),
             path=self.path / CHECKPOINTS_DIR / step_dir_name(manifest.step),
             created=manifest.created,
@@ -442,6 +462,12 @@ class Store:
             tags = {}
         for tag, entry in tags.items():
             tags_by_step.setdefault(entry.step, []).append(tag)
+        try:
+            recorded = self._read_metrics_log()
+        except (ManifestError, IntegrityError) as exc:
+            if warn:
+                warnings.warn(f"{exc}; listing checkpoints without their recorded metrics", CorruptCheckpointWarning, stacklevel=3)
+            recorded = {}
         infos = []
         for _, name in self._step_dirs():
             try:
@@ -452,7 +478,7 @@ class Store:
                 if warn:
                     warnings.warn(f"skipping {name}: {exc}", CorruptCheckpointWarning, stacklevel=3)
                 continue
-            infos.append(self._info(manifest, tags_by_step))
+            infos.append(self._info(manifest, tags_by_step, recorded))
         return infos
 
     def checkpoints(self) -> list[CheckpointInfo]:
@@ -519,10 +545,13 @@ class Store:
         tags = {}
         with contextlib.suppress(ManifestError, IntegrityError):
             tags = self._read_tags()
+        recorded: dict[int, Recorded] = {}
+        with contextlib.suppress(ManifestError, IntegrityError):
+            recorded = self._read_metrics_log()
         by_step: dict[int, list[str]] = {}
         for tag, entry in tags.items():
             by_step.setdefault(entry.step, []).append(tag)
-        return self._info(manifest, by_step)
+        return self._info(manifest, by_step, recorded)
 
     # ------------------------------------------------------------ tags
 
@@ -537,6 +566,50 @@ class Store:
 
     def _write_tags(self, tags: Mapping[str, TagEntry]) -> None:
         _durable.write_file_atomic(os.path.join(self._root, TAGS_NAME), dump_tags(tags), site="tags")
+
+    def _read_metrics_log(self) -> dict[int, Recorded]:
+        path = os.path.join(self._root, METRICS_NAME)
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            return {}
+        return parse_metrics(data, path=path)
+
+    def record_metrics(self, step: int, metrics: Mapping[str, Any]) -> CheckpointInfo:
+        """Add metrics to committed checkpoint ``step`` (e.g. validation at the end of the epoch); returns its info.
+
+        The checkpoint itself is never modified: the metrics go to the store's
+        ``metrics.json`` (see ``ckstore._metrics_log``) and count for ranking,
+        ``best`` and ``keep_best`` from now on. A metric the checkpoint already
+        has with another value is refused (InvalidArgumentError). Waits for a
+        background save in flight first. Needs only the metadata lock, like
+        :meth:`tag`: an evaluation process may record while training runs.
+        """
+        step = _check_step(step)
+        metrics = check_metrics(metrics)
+        if not metrics:
+            raise InvalidArgumentError("record_metrics needs at least one metric")
+        self._check_writable()
+        if self._saver.in_flight is not None:
+            with self._save_gate:
+                self._saver.wait()
+                self._saver.raise_unseen()
+        with self._meta.held():
+            info = self._resolve_step(step)
+            clash = sorted(k for k, v in metrics.items() if k in info.metrics and info.metrics[k] != v)
+            if clash:
+                raise InvalidArgumentError(
+                    f"step {step} already has {', '.join(f'{k}={info.metrics[k]!r}' for k in clash)}; recorded metrics never change"
+                )
+            recorded = self._read_metrics_log()  # unreadable: refuse rather than drop what others recorded
+            previous = recorded.get(step)
+            kept = dict(previous.metrics) if previous is not None and previous.created == info.created else {}
+            recorded[step] = Recorded(info.created, {**kept, **metrics})
+            live = {s: r for s, r in recorded.items() if s == step or self._exists(s)}
+            path = os.path.join(self._root, METRICS_NAME)
+            self._guarded(lambda: _durable.write_file_atomic(path, dump_metrics(live), site="metrics"), what=f"recording metrics of step {step}")
+            return self._resolve_step(step)
 
     def _check_writable(self) -> None:
         self._check_open()
@@ -640,6 +713,10 @@ class Store:
             with self._mutex:
                 self._acquire()
                 self._make_room(step)
+                if tag_names:
+                    # A tags.json that cannot be read would fail the tagging after the commit: refuse
+                    # now, while refusing leaves nothing behind (a retry then just works).
+                    self._read_tags()
                 with _gc_paused():
                     fingerprints: dict[int, tuple] = {}
                     encoded = encode_state(state, prepare=self._preparer(fingerprints, staged=not blocking))
@@ -757,14 +834,25 @@ class Store:
         started = time.perf_counter()
         self._stage_device_tensors(encoded)
         self._commit(encoded, step, metrics, file_prints)
-        if tag_names:
-            with self._meta.held():
-                current = self._read_tags()
-                now = time.time()
-                for name in tag_names:
-                    current[name] = TagEntry(step, now)
-                self._guarded(lambda: self._write_tags(current), what="tagging the new checkpoint")
-        self._apply_retention(protect=step)
+        what = "tagging it"
+        try:
+            if tag_names:
+                with self._meta.held():
+                    current = self._read_tags()
+                    now = time.time()
+                    for name in tag_names:
+                        current[name] = TagEntry(step, now)
+                    self._guarded(lambda: self._write_tags(current), what="tagging the new checkpoint")
+            what = "retention"
+            self._apply_retention(protect=step)
+        except (CkstoreError, OSError) as exc:
+            raise CommittedWithErrorsError(
+                f"{self._root}: step {step} is committed and durable, but {what} failed afterwards: {exc}; "
+                f"do not save step {step} again",
+                step=step,
+                errno=getattr(exc, "errno", None),
+                path=getattr(exc, "filename", None) or getattr(exc, "path", None),
+            ) from exc
         self.stats["saves"] += 1
         self.stats["write_s"] = time.perf_counter() - started
         return self._resolve_step(step)
@@ -903,8 +991,10 @@ class Store:
         with self._meta.held():
             try:
                 self._read_tags()
+                if policy.keep_best is not None:
+                    self._read_metrics_log()
             except (ManifestError, IntegrityError) as exc:
-                # Which checkpoints are pinned is unknown: deleting now could drop a pinned one.
+                # Which checkpoints are pinned (or best) is unknown: deleting now could drop a kept one.
                 warnings.warn(f"retention skipped: {exc}", CorruptCheckpointWarning, stacklevel=3)
                 return []
             infos = self._listing(warn=False)
@@ -1126,6 +1216,11 @@ class Store:
                 self._read_tags()
             except (ManifestError, IntegrityError) as exc:
                 problems.append(Problem(None, os.path.join(self._root, TAGS_NAME), str(exc)))
+        with contextlib.suppress(FileNotFoundError):
+            try:
+                self._read_metrics_log()
+            except (ManifestError, IntegrityError) as exc:
+                problems.append(Problem(None, os.path.join(self._root, METRICS_NAME), str(exc)))
         return problems
 
     def _note_corrupt(self, step: int, name: str) -> None:
@@ -1167,6 +1262,17 @@ class Store:
         if problems and not os.path.isdir(directory):
             return []  # deleted (by a writer's retention) while being checked: gone, not corrupt
         return problems
+
+
+_live_stores: weakref.WeakSet[Store] = weakref.WeakSet()
+
+
+def _reset_stores_in_child() -> None:
+    for store in list(_live_stores):
+        store._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_reset_stores_in_child)
 
 
 @contextlib.contextmanager

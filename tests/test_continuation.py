@@ -206,3 +206,276 @@ def test_the_cli_lists_and_empties_the_quarantine(store_path, capsys):
     assert emptied["removed"] == [listed["quarantine"][0]["path"]]
     assert main(["quarantine", str(store_path)]) == 0
     assert "(quarantine is empty)" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- 8. tags and pins from a shell while a run holds the store
+
+_WRITER = r"""
+import sys, torch, ckstore
+path, last = sys.argv[1], int(sys.argv[2])
+with ckstore.Store(path, keep_last=1) as store:
+    print("READY", flush=True)
+    for step in range(1, last + 1):
+        store.save({"w": torch.full((256,), float(step))}, step=step)  # retention deletes every older untagged step
+"""
+
+_TAGGER = r"""
+import contextlib, io, json, sys, time
+from ckstore.cli import main
+path, rounds = sys.argv[1], int(sys.argv[2])
+done = []
+for k in range(rounds):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        code = main(["tag", path, f"pin{k}", "latest", "--json"])
+    if code == 0:
+        done.append((f"pin{k}", json.loads(out.getvalue())["step"]))
+    else:
+        done.append((f"pin{k}", None, json.loads(out.getvalue())["error"]))
+print(json.dumps(done), flush=True)
+"""
+
+
+def test_a_shell_tags_while_a_training_process_saves_and_retention_honours_every_pin(store_path, run_python):
+    """Two real processes race: one saves with keep_last=1, the other tags the latest checkpoint through the CLI."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    with ckstore.Store(store_path) as store:
+        store.save(state(0), step=0)  # the store exists before the tagger starts
+    writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(store_path), "150"], env=subprocess_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "READY"
+        tagger = run_python(_TAGGER, str(store_path), "60", timeout=300)
+        assert tagger.returncode == 0, tagger.stderr
+        assert writer.wait(300) == 0
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+    results = json.loads(tagger.stdout)
+    pinned = {r[0]: r[1] for r in results if r[1] is not None}
+    refused = [r[2] for r in results if r[1] is None]
+    assert len(pinned) >= 30, results  # the writer lock never stops a tag
+    assert set(refused) <= {"CheckpointNotFoundError"}  # only: "latest" was deleted between resolve and tag
+    with ckstore.Store(store_path) as store:
+        tags = {t: i.step for i in store.checkpoints() for t in i.tags}
+        assert {t: s for t, s in tags.items() if t.startswith("pin")} == pinned  # every pin survived retention
+        assert store.verify() == []
+        assert set(steps_of(store)) == set(pinned.values()) | {150}
+
+
+# ---------------------------------------------------------------- 9. fork while a background save is in flight
+
+_FORK = r"""
+import os, sys, time, torch, ckstore
+from ckstore import _durable
+
+path, mode = sys.argv[1], sys.argv[2]
+store = ckstore.Store(path)
+store.save({"w": torch.zeros(8)}, step=1)
+
+def slow(op, phase, p, info):
+    if op == "write" and phase == "before" and info["site"] != "lock_owner":
+        time.sleep(0.5)
+_durable.set_hook(slow)
+handle = store.save({"w": torch.ones(1 << 16)}, step=2, blocking=False)
+pid = os.fork()
+if pid == 0:
+    _durable.set_hook(None)
+    if mode == "close":
+        store.close()  # must neither wait for the parent's save nor release the parent's lock
+    elif mode == "save":
+        other = ckstore.Store(path + "-child")
+        other.save({"w": torch.ones(4)}, step=1, blocking=False)
+        other.close()
+    sys.exit(0)  # a normal exit: atexit handlers run
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        break
+    time.sleep(0.05)
+else:
+    os.kill(pid, 9)
+    print("CHILD HUNG", flush=True)
+    sys.exit(3)
+_durable.set_hook(None)
+print("CHILD", os.waitstatus_to_exitcode(status), flush=True)
+print("SAVED", handle.result().step, flush=True)
+try:
+    ckstore.Store(path).save({}, step=9)
+    print("LOCK LOST", flush=True)
+except ckstore.StoreLockedError:
+    print("LOCK HELD", flush=True)
+store.save({"w": torch.ones(8)}, step=3)
+store.close()
+print("DONE", flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["exit", "close", "save"])
+def test_a_child_forked_during_a_background_save_exits_normally(store_path, run_python, mode):
+    proc = run_python(_FORK, str(store_path), mode, timeout=180)
+    assert proc.stdout.split("\n")[:-1] == ["CHILD 0", "SAVED 2", "LOCK HELD", "DONE"], (proc.stdout, proc.stderr)
+    assert proc.returncode == 0, proc.stderr
+    with ckstore.Store(store_path, readonly=True) as store:
+        assert steps_of(store) == [1, 2, 3] and store.verify() == []
+
+
+# ---------------------------------------------------------------- 10. metrics for a step already saved
+
+
+@pytest.mark.parametrize("blocking", [True, False])
+def test_the_readme_loop_saves_every_step_and_reports_validation_at_the_end_of_the_epoch(store_path, blocking):
+    val_losses = {0: 0.9, 1: 0.3, 2: 0.5, 3: 0.6}  # epoch 1 is the best
+    steps_per_epoch = 4
+    with ckstore.Store(store_path, keep_last=2, keep_best=1, metric="val_loss") as store:
+        s = state(0)
+        step = 0
+        with ckstore.Checkpointer(store, s, every=1, signals=(), blocking=blocking) as ckpt:
+            for epoch, val_loss in val_losses.items():
+                for _ in range(steps_per_epoch):
+                    step += 1
+                    s["w"].fill_(step)
+                    ckpt.step(step, metrics={"loss": 1.0 / step})
+                ckpt.step(step, metrics={"val_loss": val_loss})  # the same step: recorded, not saved again
+        best_step = 2 * steps_per_epoch
+        assert store.best().step == best_step and store.resolve(best_step).metrics == {"loss": 1.0 / best_step, "val_loss": 0.3}
+        assert steps_of(store) == [best_step, 15, 16]  # keep_best kept epoch 1's step through two later epochs
+        assert value_of(store, best_step) == float(best_step)
+
+
+def test_recording_metrics_never_modifies_the_committed_checkpoint(store):
+    store.save(state(1), step=1, metrics={"loss": 0.5})
+    directory = store.resolve(1).path
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in directory.iterdir()}
+    info = store.record_metrics(1, {"val_loss": 0.25, "acc": 0.75})
+    assert info.metrics == {"loss": 0.5, "val_loss": 0.25, "acc": 0.75}
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in directory.iterdir()} == before
+    assert store.record_metrics(1, {"loss": 0.5}).metrics["loss"] == 0.5  # the same value again: fine
+    with pytest.raises(ckstore.InvalidArgumentError, match="val_loss"):
+        store.record_metrics(1, {"val_loss": 0.1})
+    with pytest.raises(ckstore.InvalidArgumentError, match="loss"):
+        store.record_metrics(1, {"loss": 0.4})
+    with pytest.raises(ckstore.CheckpointNotFoundError):
+        store.record_metrics(2, {"val_loss": 0.1})
+    for bad in ({}, {"x": float("nan")}, {"x": "high"}, None):
+        with pytest.raises(ckstore.InvalidArgumentError):
+            store.record_metrics(1, bad)
+    assert store.verify() == []
+    with ckstore.Store(store.path, readonly=True) as reader:
+        assert reader.resolve(1).metrics == {"loss": 0.5, "val_loss": 0.25, "acc": 0.75}
+        with pytest.raises(ckstore.ReadOnlyStoreError):
+            reader.record_metrics(1, {"other": 1.0})
+
+
+def test_recorded_metrics_do_not_attach_to_a_later_checkpoint_of_the_same_step(store):
+    store.save(state(1), step=1)
+    store.save(state(2), step=2)
+    store.record_metrics(2, {"val_loss": 0.1})
+    corrupt(store, 2)
+    with pytest.warns(ckstore.CorruptCheckpointWarning):
+        store.save(state(-2), step=2)
+    assert store.resolve(2).metrics == {}
+    store.record_metrics(2, {"val_loss": 0.7})  # the stale entry neither clashes nor survives
+    assert store.resolve(2).metrics == {"val_loss": 0.7}
+
+
+def test_a_corrupt_metrics_file_stops_best_retention_and_is_reported(store_path):
+    with ckstore.Store(store_path, keep_last=1, keep_best=1, metric="val_loss") as store:
+        store.save(state(1), step=1)
+        store.record_metrics(1, {"val_loss": 0.1})
+        store.save(state(2), step=2, metrics={"val_loss": 0.5})
+        assert steps_of(store) == [1, 2]
+        flip_byte(store.path / "metrics.json", 20)
+        with pytest.warns(ckstore.CorruptCheckpointWarning, match="retention skipped"):
+            store.save(state(3), step=3, metrics={"val_loss": 0.6})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert steps_of(store) == [1, 2, 3]  # nothing deleted while the best is unknown
+        assert [p.path for p in store.verify()] == [str(store.path / "metrics.json")]
+        with pytest.raises((ckstore.IntegrityError, ckstore.ManifestError)):
+            store.record_metrics(3, {"acc": 1.0})  # never drops what others recorded
+
+
+def test_an_evaluation_process_records_metrics_while_training_holds_the_store(store_path, run_python):
+    with ckstore.Store(store_path) as store:
+        store.save(state(1), step=1)
+        proc = run_python(
+            "import sys, ckstore\n"
+            "with ckstore.Store(sys.argv[1]) as s:\n"
+            "    print(s.record_metrics(1, {'val_loss': 0.2}).metrics)\n",
+            str(store_path),
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert store.resolve(1).metrics == {"val_loss": 0.2}
+        store.save(state(2), step=2)  # the writer still holds its lock and goes on
+
+
+# ---------------------------------------------------------------- 12. a save that committed, then failed
+
+
+@pytest.mark.parametrize("blocking", [True, False])
+def test_a_save_asking_for_tags_while_tags_json_is_corrupt_is_refused_before_it_commits(store, blocking):
+    store.save(state(1), step=1, tags=["first"])
+    flip_byte(store.path / "tags.json", -3)
+    with pytest.raises((ckstore.IntegrityError, ckstore.ManifestError)):
+        store.save(state(2), step=2, tags=["second"], blocking=blocking)
+    store.wait()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ckstore.CorruptCheckpointWarning)
+        assert steps_of(store) == [1]  # absent: a retry after repairing tags.json just works
+    (store.path / "tags.json").unlink()
+    store.save(state(2), step=2, tags=["second"], blocking=blocking)
+    store.wait()
+    assert store.resolve("second").step == 2
+
+
+def _enospc_at(op_name: str, site: str):
+    import errno
+
+    def hook(op, phase, path, info):
+        if op == op_name and phase == "before" and info["site"] == site:
+            raise OSError(errno.ENOSPC, "injected ENOSPC", path)
+
+    return hook
+
+
+@pytest.mark.parametrize("blocking", [True, False])
+@pytest.mark.parametrize("op, site", [("rename", "tags"), ("rename", "delete")])
+def test_a_failure_after_the_commit_says_the_checkpoint_is_committed(store_path, blocking, op, site):
+    import errno
+
+    from ckstore import _durable
+
+    with ckstore.Store(store_path, keep_last=1) as store:
+        store.save(state(1), step=1)
+        with _durable.hooked(_enospc_at(op, site)):
+            with pytest.raises(ckstore.CommittedWithErrorsError) as excinfo:
+                handle = store.save(state(2), step=2, tags=["new"], blocking=blocking)
+                if not blocking:
+                    handle.result()
+        error = excinfo.value
+        assert not isinstance(error, (ckstore.AsyncSaveError, ckstore.StorageError))  # not "failed, retry"
+        assert error.step == 2 and error.errno == errno.ENOSPC and "committed" in str(error)
+        assert 2 in steps_of(store) and store.verify() == [] and value_of(store, 2) == 2.0
+        with pytest.raises(ckstore.CheckpointExistsError):
+            store.save(state(2), step=2)
+        store.save(state(3), step=3)
+        assert store.latest().step == 3
+
+
+def test_a_background_save_committed_with_errors_is_reported_so_by_the_next_call(store_path):
+    from ckstore import _durable
+
+    with ckstore.Store(store_path) as store:
+        with _durable.hooked(_enospc_at("rename", "tags")):
+            store.save(state(1), step=1, tags=["a"], blocking=False)
+            with pytest.raises(ckstore.CommittedWithErrorsError) as excinfo:
+                store.wait()
+        assert excinfo.value.step == 1
+        store.save(state(2), step=2)  # reported once
+        assert steps_of(store) == [1, 2]
