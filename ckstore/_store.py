@@ -7,14 +7,19 @@ Layout of a store directory::
           manifest.json            written last; lists every file with size and hash
           model.fc.safetensors ... tensor files (plain safetensors)
       tags.json                    tag -> step, replaced atomically
+      metrics.json                 metrics recorded after a save (ckstore._metrics_log)
       .staging/                    checkpoints being written (invisible to readers)
       .trash/                      checkpoints being deleted (invisible to readers)
+      .quarantine/                 checkpoints a save moved aside (ckstore._quarantine)
       .ckstore.lock                the writer lock (+ .ckstore.lock.owner: pid, host)
+      .ckstore.meta.lock           the metadata lock over tags.json, metrics.json (ckstore._metadata_lock)
 
 Commit protocol of :meth:`Store.save` (every step goes through ``_durable``):
 
 1. Take the writer lock (first write only) and recover leftovers (below).
-2. Create ``.staging/step-<N>.<random>/``.
+2. If step ``N`` is committed: move it into the quarantine if it fails
+   verification or a rollback left it ahead of the run, else refuse
+   (CheckpointExistsError). Create ``.staging/step-<N>.<random>/``.
 3. Write each tensor file there, fsync it, close it. (Files stream through
    a few reused page-aligned buffers, written with ``O_DIRECT`` where the
    filesystem allows, hashed while they are written, and fsynced by a sync
@@ -31,9 +36,11 @@ Commit protocol of :meth:`Store.save` (every step goes through ``_durable``):
 7. fsync ``checkpoints/`` (and ``.staging/``): the rename is now durable.
    **When save returns, the checkpoint survives a crash or power loss.**
 8. Update ``tags.json`` if the save names tags (atomic replace + fsync).
-9. Apply retention: each checkpoint not kept is renamed into ``.trash/``,
-   ``checkpoints/`` is fsynced, then the trash entry is removed. The newest
-   checkpoint is never deleted, and nothing is deleted before step 7.
+9. Apply retention (``ckstore._retention``), holding the metadata lock: each
+   checkpoint not kept is renamed into ``.trash/``, ``checkpoints/`` is
+   fsynced, then the trash entry is removed. The checkpoint just committed is
+   never deleted, and nothing is deleted before step 7. A failure in step 8
+   or 9 raises CommittedWithErrorsError: the checkpoint is durable.
 
 Recovery, run on the first write (never on open or on a read) and only while
 holding the writer lock (so never under a live writer's feet): remove every entry of ``.staging/`` (saves that never reached
@@ -51,10 +58,12 @@ checkpoint is durable once :meth:`Store.wait` or the returned handle's
 ``result()`` returns. At most one save is in flight; a background failure is
 raised (as AsyncSaveError) by the next save, ``wait`` or ``close``.
 
-Steps are ordered numerically from the manifest, never by name or mtime.
-Loading verifies each file's size and hash as it is read; with no step given,
-a checkpoint that fails verification is skipped with a warning and the newest
-one that verifies is loaded. Nothing is ever deleted because it failed to
+Steps are ordered numerically from the manifest, never by name or mtime;
+"latest" is the last committed (the manifest's ``created``, strictly
+increasing per store; see ``ckstore._retention``). Loading verifies each
+file's size and hash as it is read; with no step given, a checkpoint that
+fails verification is skipped with a warning and the last committed one that
+verifies is loaded. Nothing is ever deleted because it failed to
 verify.
 """
 
