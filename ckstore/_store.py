@@ -94,9 +94,9 @@ from . import _durable, _quarantine
 from ._async import AsyncSave, BackgroundSaver, StagingArea
 from ._errors import (
     CheckpointExistsError,
-    CommittedWithErrorsError,
     CheckpointNotFoundError,
     CkstoreError,
+    CommittedWithErrorsError,
     IntegrityError,
     InvalidArgumentError,
     ManifestError,
