@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import calendar
 import contextlib
+import errno
 import json
 import os
 import re
@@ -41,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import _durable
+from ._errors import UnsafeStoreError
 
 QUARANTINE_DIR = ".quarantine"
 FAILED_VERIFICATION = "failed verification"
@@ -91,19 +93,38 @@ def move_aside(root: str, checkpoint: str, step: int, *, reason: str, problems: 
     return QuarantineEntry(step, Path(target), now, reason, tuple(sorted(tags)), tuple(problems))
 
 
+def _open_quarantine(root: str) -> int | None:
+    """A descriptor of ``.quarantine/`` (None when absent); a symlink there is refused, never followed.
+
+    Emptying through a planted link would delete whatever it points to.
+    """
+    directory = os.path.join(root, QUARANTINE_DIR)
+    try:
+        return _durable.open_dir(directory)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise UnsafeStoreError(f"{directory}: is a symlink or not a directory; refusing to read or empty the quarantine through it", path=directory) from None
+        raise
+
+
 def entries(root: str) -> list[QuarantineEntry]:
     """Every quarantined checkpoint, oldest move first. Entries that are not ours are ignored."""
     directory = os.path.join(root, QUARANTINE_DIR)
-    try:
-        names = os.listdir(directory)
-    except (FileNotFoundError, NotADirectoryError):
+    fd = _open_quarantine(root)
+    if fd is None:
         return []
+    try:
+        names = os.listdir(fd)
+    finally:
+        os.close(fd)
     out = []
     for name in names:
         match = _ENTRY.fullmatch(name)
         path = os.path.join(directory, name)
-        if match is None or not os.path.isdir(path) or os.path.islink(path):
-            continue
+        if match is None or os.path.islink(path) or not os.path.isdir(path):
+            continue  # a link is never listed, so never emptied through
         moved = calendar.timegm(time.strptime(match.group(2), "%Y%m%dT%H%M%SZ"))
         entry = QuarantineEntry(int(match.group(1)), Path(path), float(moved), "unknown (no readable note)")
         out.append(_with_note(entry))
@@ -141,9 +162,9 @@ def _with_note(entry: QuarantineEntry) -> QuarantineEntry:
 
 def empty(root: str, trash_dir: str) -> list[Path]:
     """Remove every quarantined checkpoint and its note; returns the checkpoints' paths. Caller holds the writer lock."""
-    removed = []
+    removed: list[Path] = []
     directory = os.path.join(root, QUARANTINE_DIR)
-    for entry in entries(root):
+    for entry in entries(root):  # refuses a symlinked .quarantine/
         trash = os.path.join(trash_dir, f"{entry.path.name}.{secrets.token_hex(4)}")
         # Leaving .quarantine/ is the removal's commit point, as for any delete: a kill
         # mid-removal leaves the rest in .trash/, which the next writer's recovery removes.

@@ -109,7 +109,7 @@ from ._layout import CHECKPOINTS_DIR, STAGING_DIR, TRASH_DIR, check_layout, requ
 from ._lock import WriterLock
 from ._manifest import MANIFEST_NAME, FileEntry, Manifest, check_metrics, parse_manifest
 from ._metadata_lock import metadata_lock
-from ._metrics_log import METRICS_NAME, Recorded, dump_metrics, parse_metrics
+from ._metrics_log import METRICS_NAME, Recorded, dump_metrics, read_metrics
 from ._quarantine import FAILED_VERIFICATION, LEFT_AHEAD, QuarantineEntry
 from ._retention import RetentionPolicy, commit_order, left_ahead, plan_deletions, rank_best
 from ._decode import decode_state
@@ -577,13 +577,7 @@ class Store:
         _durable.write_file_atomic(os.path.join(self._root, TAGS_NAME), dump_tags(tags), site="tags")
 
     def _read_metrics_log(self) -> dict[int, Recorded]:
-        path = os.path.join(self._root, METRICS_NAME)
-        try:
-            with open(path, "rb") as fh:
-                data = fh.read()
-        except FileNotFoundError:
-            return {}
-        return parse_metrics(data, path=path)
+        return read_metrics(os.path.join(self._root, METRICS_NAME))
 
     def record_metrics(self, step: int, metrics: Mapping[str, Any]) -> CheckpointInfo:
         """Add metrics to committed checkpoint ``step`` (e.g. validation at the end of the epoch); returns its info.
@@ -679,6 +673,8 @@ class Store:
     def _guarded(self, action, *, what: str) -> Any:
         try:
             return action()
+        except CkstoreError:
+            raise  # already typed (UnsafeStoreError is also an OSError)
         except OSError as exc:
             raise StorageError(f"{self._root}: {what} failed: {exc.strerror or exc}", errno=exc.errno, path=getattr(exc, "filename", None)) from exc
 

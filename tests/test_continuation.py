@@ -479,3 +479,37 @@ def test_a_background_save_committed_with_errors_is_reported_so_by_the_next_call
         assert excinfo.value.step == 1
         store.save(state(2), step=2)  # reported once
         assert steps_of(store) == [1, 2]
+
+
+def test_a_symlinked_quarantine_is_never_listed_or_emptied_through(store, tmp_path):
+    victim = tmp_path / "elsewhere"
+    (victim / "step-00000001.20261202T000000Z.0badc0de").mkdir(parents=True)
+    (victim / "step-00000001.20261202T000000Z.0badc0de" / "precious").write_text("keep me")
+    store.save(state(1), step=1)
+    os.symlink(victim, store.path / ".quarantine")
+    for call in (store.quarantine, store.empty_quarantine):
+        with pytest.raises(ckstore.UnsafeStoreError):
+            call()
+    assert (victim / "step-00000001.20261202T000000Z.0badc0de" / "precious").read_text() == "keep me"
+    corrupt(store, 1)
+    with pytest.raises(ckstore.StorageError):  # nor is a checkpoint moved into it
+        store.save(state(-1), step=1)
+    assert sorted(os.listdir(victim)) == ["step-00000001.20261202T000000Z.0badc0de"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "symlink"])
+def test_a_metrics_json_that_is_not_a_file_is_reported_not_fatal(store, kind, tmp_path):
+    store.save(state(1), step=1)
+    target = store.path / "metrics.json"
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "directory":
+        target.mkdir()
+    else:
+        (tmp_path / "real.json").write_text("{}")
+        os.symlink(tmp_path / "real.json", target)
+    with pytest.warns(ckstore.CorruptCheckpointWarning):
+        assert steps_of(store) == [1]
+    assert [p.path for p in store.verify()] == [str(target)]
+    with pytest.raises(ckstore.ManifestError):
+        store.record_metrics(1, {"val_loss": 0.1})
