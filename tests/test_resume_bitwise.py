@@ -327,7 +327,8 @@ def _kill_randomly(
             "start": start_step,
             "status": status,
             "last_logged": _last_logged_step(log),
-            "staging": sorted(os.listdir(store / ".staging")),
+            # The store's directories appear at its first save: a kill before it leaves none.
+            "staging": sorted(os.listdir(store / ".staging")) if (store / ".staging").exists() else [],
         }
         attempts.append(record)
         if sig == signal.SIGKILL:
