@@ -161,7 +161,7 @@ class UnsafeStoreError(CkstoreError, PermissionError):
     """A store is not safe to act on: another user could make ckstore touch files outside it.
 
     Raised when a write is asked of a store whose root or layout directory
-    (``checkpoints/``, ``.staging/``, ``.trash/``) is owned by another user or
+    (``checkpoints/``, ``.staging/``, ``.trash/``, ``.quarantine/``) is owned by another user or
     writable by group or others without the sticky bit (override with
     ``Store(..., trust_foreign=True)``), and, whatever the options, when one of
     those directories or the ``checkpoints/step-N`` to delete is a symlink.

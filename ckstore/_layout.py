@@ -5,8 +5,9 @@ user pre-created in a shared ``/tmp``). Two things must hold before ckstore
 acts on it:
 
 * **Its layout directories are real directories.** ``checkpoints/``,
-  ``.staging/`` and ``.trash/`` are never symlinks: every read would otherwise
-  leave the store, and recovery would empty whatever the link points to. A
+  ``.staging/``, ``.trash/`` and ``.quarantine/`` are never symlinks: every
+  read would otherwise leave the store, and recovery (or emptying the
+  quarantine) would move or empty whatever the link points to. A
   symlink there is refused (:class:`UnsafeStoreError`) on every open, readonly
   included; another file type there is not a store (:class:`InvalidArgumentError`).
 * **Only the caller can change it, before a write.** A store whose root or
@@ -25,11 +26,12 @@ import os
 import stat
 
 from ._errors import CheckpointNotFoundError, InvalidArgumentError, UnsafeStoreError
+from ._quarantine import QUARANTINE_DIR
 
 CHECKPOINTS_DIR = "checkpoints"
 STAGING_DIR = ".staging"
 TRASH_DIR = ".trash"
-LAYOUT_DIRS = (CHECKPOINTS_DIR, STAGING_DIR, TRASH_DIR)
+LAYOUT_DIRS = (CHECKPOINTS_DIR, STAGING_DIR, TRASH_DIR, QUARANTINE_DIR)
 
 
 def _lstat(path: str) -> os.stat_result | None:

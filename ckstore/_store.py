@@ -174,7 +174,7 @@ class Store:
     is never modified. Use it as a context manager, or call :meth:`close`.
 
     A write refuses (:class:`UnsafeStoreError`) a store whose root,
-    ``checkpoints/``, ``.staging/`` or ``.trash/`` is owned by another user or
+    ``checkpoints/``, ``.staging/``, ``.trash/`` or ``.quarantine/`` is owned by another user or
     writable by group or others without the sticky bit, since that user could
     swap entries under ckstore; a plain (not readonly) open already refuses an
     existing such store. ``trust_foreign=True`` turns that check off (a
@@ -618,6 +618,9 @@ class Store:
         self._check_open()
         if self.readonly:
             raise ReadOnlyStoreError(f"{self._root}: store is open readonly")
+        # Writes that skip the writer lock (tags, recorded metrics) still never write a store another user
+        # controls: the path may have been created by someone else since this object was opened.
+        check_layout(self._root, write=True, trust_foreign=self.trust_foreign)
 
     def tag(self, step: int, name: str) -> CheckpointInfo:
         """Point tag ``name`` at ``step`` (moving it if it named another checkpoint). Tagged checkpoints are kept by retention.

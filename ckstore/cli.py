@@ -77,7 +77,7 @@ def _quarantine_json(entry: QuarantineEntry) -> dict[str, Any]:
 
 
 def _quarantine_rows(entries: Sequence[QuarantineEntry]) -> list[str]:
-    return [f"quarantined: step {e.step}, {e.reason}, moved {_when(e.moved)}: {e.path}" for e in entries]
+    return [f"quarantined: step {e.step}, {escape(e.reason)}, moved {_when(e.moved)}: {escape(str(e.path))}" for e in entries]
 
 
 def cmd_ls(args: argparse.Namespace) -> int:

@@ -133,10 +133,22 @@ def test_recovery_removes_a_planted_symlink_not_its_target(store_path, victim, s
     assert os.listdir(store_path / sub) == []
 
 
-@pytest.mark.parametrize("sub", [".staging", ".trash", "checkpoints"])
+def test_emptying_a_symlinked_quarantine_never_moves_what_it_points_to(store_path, victim):
+    _saved(store_path, 1)
+    (victim / "step-00000001.20261202T061502Z.3fa9c2d1").mkdir()  # looks like a quarantined checkpoint
+    (store_path / ".quarantine").symlink_to(victim)
+    try:
+        with pytest.raises(ckstore.UnsafeStoreError, match=".quarantine"):
+            with ckstore.Store(store_path) as store:
+                store.empty_quarantine()
+    finally:
+        (victim / "step-00000001.20261202T061502Z.3fa9c2d1").rmdir()  # so the victim check sees what it had
+
+
+@pytest.mark.parametrize("sub", [".staging", ".trash", "checkpoints", ".quarantine"])
 def test_a_symlinked_layout_directory_is_refused_by_writes(store_path, victim, sub):
     _saved(store_path, 1)
-    shutil.rmtree(store_path / sub)
+    shutil.rmtree(store_path / sub, ignore_errors=True)
     (store_path / sub).symlink_to(victim / "tree")
     with pytest.raises(ckstore.UnsafeStoreError, match=sub):
         with ckstore.Store(store_path) as store:
@@ -297,6 +309,25 @@ def test_a_store_writable_by_others_is_refused_unless_sticky(store_path, sub):
     os.chmod(store_path / sub, 0o1777)
     with ckstore.Store(store_path) as store:
         store.save({}, step=3)
+
+
+def test_tagging_a_store_of_another_user_is_refused(shared):
+    """tag/untag/record_metrics take only the metadata lock, not the writer lock: they must check the store too."""
+    original = _saved(shared / "original", 7)
+    with ckstore.Store(original) as store:
+        store.tag(7, "old")
+    subprocess.run(["chmod", "-R", "a+rX", str(original)], check=True)
+    path = shared / "run"
+    store = ckstore.Store(path)  # names a new store: nothing there yet, so nothing to refuse
+    copied = _as_nobody("cp", "-r", str(original), str(path))  # another user gets there before the first write
+    assert copied.returncode == 0, copied.stderr
+    before = _snapshot(path)
+    for call in (lambda: store.tag(7, "mine"), lambda: store.untag("old"), lambda: store.record_metrics(7, {"acc": 0.5})):
+        with pytest.raises(ckstore.UnsafeStoreError):
+            call()
+    store.close()
+    assert _snapshot(path) == before
+    assert main(["tag", str(path), "pinned", "7"]) == 2
 
 
 def test_a_new_store_in_a_sticky_world_writable_directory_is_fine(shared):
