@@ -6,6 +6,7 @@ builtin exception says the same thing, the class also subclasses it, so
 
     CkstoreError
     ├── IntegrityError            a file disagrees with its manifest (hash, size, missing, torn)
+    │   └── CheckpointReadError (OSError)  reading a checkpoint file failed (EIO, ...); ``errno`` says why
     ├── ManifestError (ValueError)  a manifest is malformed or of an unsupported version
     ├── CheckpointNotFoundError (LookupError)
     ├── CheckpointExistsError (FileExistsError)
@@ -50,6 +51,31 @@ class IntegrityError(CkstoreError):
 
 def _rebuild_integrity(message: str, path: str, expected: Any, actual: Any) -> IntegrityError:
     return IntegrityError(message, path=path, expected=expected, actual=actual)
+
+
+class CheckpointReadError(IntegrityError, OSError):
+    """Reading a checkpoint's file failed at the OS level: EIO, a permission denied, a vanished directory.
+
+    Like any IntegrityError the checkpoint is skipped by ``load()`` with no
+    step (which falls back to an older one) and reported by ``verify()``.
+    ``path`` names the file and ``errno`` the OS error (``errno.EIO``, ...).
+    """
+
+    def __init__(self, message: str, *, path: str | os.PathLike[str], errno: int | None = None) -> None:
+        IntegrityError.__init__(self, message, path=path, expected="readable file", actual=os.strerror(errno) if errno else "unreadable")
+        self.errno = errno
+        self.filename = self.path
+        self.strerror = message
+
+    def __str__(self) -> str:
+        return self.strerror
+
+    def __reduce__(self):
+        return (_rebuild_read_error, (self.strerror, self.path, self.errno))
+
+
+def _rebuild_read_error(message: str, path: str, errno: int | None) -> CheckpointReadError:
+    return CheckpointReadError(message, path=path, errno=errno)
 
 
 class ManifestError(CkstoreError, ValueError):

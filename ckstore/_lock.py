@@ -17,11 +17,13 @@ import time
 
 import filelock
 
-from . import _durable
-from ._errors import InvalidArgumentError, StorageError, StoreLockedError
+from . import _durable, _safeio
+from ._errors import CkstoreError, InvalidArgumentError, StorageError, StoreLockedError
 
 LOCK_NAME = ".ckstore.lock"
 OWNER_NAME = ".ckstore.lock.owner"
+#: What the holder writes is ~80 bytes; anything much larger was not written by ckstore.
+_MAX_OWNER_BYTES = 4096
 
 
 class WriterLock:
@@ -82,10 +84,21 @@ class WriterLock:
             self._lock.release(force=True)
 
     def holder(self) -> tuple[int | None, str | None]:
-        """The pid and host recorded by the current holder, if readable."""
+        """The pid and host recorded by the current holder, if readable.
+
+        The file is read like every store file (``_safeio``: no symlink, no
+        FIFO, at most 4 KiB), so a planted FIFO or a link to ``/dev/zero``
+        cannot hang or exhaust the process reporting a busy lock. The host
+        goes into error messages: control characters (terminal escape
+        sequences, newlines) are escaped.
+        """
+        path = os.path.join(self.root, OWNER_NAME)
         try:
-            with open(os.path.join(self.root, OWNER_NAME), encoding="utf-8") as fh:
-                owner = json.load(fh)
-            return int(owner["pid"]), str(owner["host"])
-        except (OSError, ValueError, KeyError, TypeError):
+            data = _safeio.read_small(path, cap=_MAX_OWNER_BYTES, what="lock owner file", error=lambda reason: InvalidArgumentError(reason))
+            owner = json.loads(data.decode("utf-8"))
+            pid, host = owner["pid"], owner["host"]
+            if type(pid) is not int or not isinstance(host, str):
+                return None, None
+            return pid, _safeio.escape_control(host, limit=255)
+        except (CkstoreError, OSError, ValueError, KeyError, TypeError, RecursionError):
             return None, None

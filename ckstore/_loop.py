@@ -38,12 +38,11 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ._errors import CheckpointNotFoundError, IntegrityError, InvalidArgumentError, ManifestError, StateError
-from ._store import CheckpointInfo, CorruptCheckpointWarning, Store
+from ._errors import CheckpointNotFoundError, InvalidArgumentError, StateError
+from ._store import CheckpointInfo, Store
 
 logger = logging.getLogger("ckstore")
 
@@ -67,22 +66,15 @@ def resume(store: Store, state: Any, *, map_location: Any = None, strict: bool =
     """
     if not isinstance(store, Store):
         raise InvalidArgumentError(f"resume() needs a ckstore.Store, got {type(store).__name__}")
-    infos = store.checkpoints()
-    failed = []
-    for info in reversed(infos):
-        try:
-            store.load(state, step=info.step, map_location=map_location, strict=strict)
-        except (IntegrityError, ManifestError) as exc:
-            warnings.warn(f"checkpoint step {info.step} failed verification and was skipped: {exc}", CorruptCheckpointWarning, stacklevel=2)
-            failed.append(info.step)
-            continue
-        except CheckpointNotFoundError:
-            continue  # removed while we looked
-        logger.info("resumed from step %d (%s)", info.step, info.path)
-        return info.step
-    if failed:
-        raise CheckpointNotFoundError(f"{store.path}: no checkpoint verifies (failed: steps {failed}); refusing to start over", step=None)
-    return 0
+    try:
+        loaded = store._load_newest(state, map_location=map_location, verify=True, strict=strict, stacklevel=4)
+    except CheckpointNotFoundError as exc:
+        raise CheckpointNotFoundError(f"{exc}; refusing to start over", step=None) from exc.__cause__
+    if loaded is None:
+        return 0
+    info, _ = loaded
+    logger.info("resumed from step %d (%s)", info.step, info.path)
+    return info.step
 
 
 # ---------------------------------------------------------------- interval

@@ -90,24 +90,27 @@ from typing import Any
 
 import torch
 
-from . import _durable, _quarantine
+from . import _durable, _quarantine, _safeio
 from ._async import AsyncSave, BackgroundSaver, StagingArea
 from ._errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
+    CheckpointReadError,
     CkstoreError,
     CommittedWithErrorsError,
     IntegrityError,
     InvalidArgumentError,
     ManifestError,
     ReadOnlyStoreError,
+    StateError,
     StorageError,
     UnsafeStoreError,
 )
 from ._hashing import default_algorithm, new_hasher
 from ._layout import CHECKPOINTS_DIR, STAGING_DIR, TRASH_DIR, check_layout, require_store
 from ._lock import WriterLock
-from ._manifest import MANIFEST_NAME, FileEntry, Manifest, check_metrics, parse_manifest
+from ._manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, FileEntry, Manifest, check_metrics, parse_manifest
+from ._manifest_cache import ManifestCache
 from ._metadata_lock import metadata_lock
 from ._metrics_log import METRICS_NAME, Recorded, dump_metrics, read_metrics
 from ._quarantine import FAILED_VERIFICATION, LEFT_AHEAD, QuarantineEntry
@@ -115,8 +118,8 @@ from ._retention import RetentionPolicy, commit_order, left_ahead, plan_deletion
 from ._decode import decode_state
 from ._state import Encoded, encode_state, tensor_refs
 from ._targets import plan_load
-from ._tags import TAGS_NAME, TagEntry, check_tag_name, dump_tags, parse_tags
-from ._tensorfile import WritePipeline, WrittenFile, check_tensor, parse_header, prepare_tensor, read_one_tensor, read_tensor_file, read_verified
+from ._tags import TAGS_NAME, TagEntry, check_tag_name, dump_tags, read_tags
+from ._tensorfile import WritePipeline, WrittenFile, check_tensor, prepare_tensor, read_one_tensor, read_tensor_file, verify_tensor_file
 
 # ASCII digits only: "\d" also matches "١" (Arabic-Indic one), and int() reads "step-١" as step 1.
 _STEP_DIR = re.compile(r"^step-([0-9]{1,30})$", re.ASCII)
@@ -214,7 +217,7 @@ class Store:
         self._ckpt_dir = os.path.join(self._root, CHECKPOINTS_DIR)
         self._staging_dir = os.path.join(self._root, STAGING_DIR)
         self._trash_dir = os.path.join(self._root, TRASH_DIR)
-        self._manifest_cache: dict[str, tuple[tuple[int, int, int], Manifest]] = {}
+        self._manifest_cache = ManifestCache()
         self._mutex = threading.RLock()
         self._hash_pools: list[ThreadPoolExecutor] = []
         self._pipeline: WritePipeline | None = None
@@ -224,7 +227,7 @@ class Store:
         # Incremental saves: per file of the last checkpoint this store wrote,
         # the tensors' identity and version counters, its entry and directory.
         self._previous: dict[str, tuple[tuple, FileEntry, str]] = {}
-        self._key_index: dict[str, tuple[Manifest, dict[str, str]]] = {}  # read_tensor: key -> file, per manifest
+        self._key_index: tuple[str, Manifest, dict[str, str]] | None = None  # read_tensor: key -> file, of the last manifest read
         self._meta = metadata_lock(self._root)  # tags.json, metrics.json: see ckstore._metadata_lock
         #: step -> manifest ``created`` of each checkpoint a load or verify through this object found corrupt
         #: (``created`` tells it from a later checkpoint of the same step); retention gives them no slot.
@@ -400,6 +403,8 @@ class Store:
             names = os.listdir(self._ckpt_dir)
         except FileNotFoundError:
             return []
+        except OSError as exc:
+            raise CheckpointReadError(f"{self._ckpt_dir}: cannot list checkpoints: {exc.strerror or exc}", path=self._ckpt_dir, errno=exc.errno) from None
         out = []
         for name in names:
             match = _STEP_DIR.fullmatch(name)  # not match(): "$" also accepts "step-00000001\n"
@@ -411,39 +416,39 @@ class Store:
     def _exists(self, step: int) -> bool:
         return os.path.isfile(os.path.join(self._ckpt_dir, step_dir_name(step), MANIFEST_NAME))
 
-    def _manifest(self, name: str) -> Manifest:
-        """Parse (or reuse the parse of) a checkpoint's manifest. Raises ManifestError/IntegrityError."""
+    def _manifest(self, name: str, *, full: bool = True) -> Manifest:
+        """Parse (or reuse the parse of) a checkpoint's manifest. Raises ManifestError/IntegrityError.
+
+        The file is read through ``_safeio`` (no symlink, no FIFO, at most
+        MAX_MANIFEST_BYTES) and the parse cached, bounded (``_manifest_cache``);
+        ``full=False`` accepts a cached summary without the state skeleton,
+        which is all a listing needs. A vanished manifest is
+        CheckpointNotFoundError (deleted by a writer meanwhile); an OS error
+        (EIO) is CheckpointReadError.
+        """
         path = os.path.join(self._ckpt_dir, name, MANIFEST_NAME)
         if os.path.islink(os.path.join(self._ckpt_dir, name)):
             # A symlinked checkpoint directory would make every read leave the store.
             raise ManifestError(f"{os.path.join(self._ckpt_dir, name)}: checkpoint directory is a symlink; refusing to read outside the store", path=path)
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
+            st = os.lstat(path)
         except FileNotFoundError:
             raise CheckpointNotFoundError(f"{path}: checkpoint vanished or has no manifest") from None
         except OSError as exc:
-            raise ManifestError(f"{path}: cannot open manifest ({exc.strerror})", path=path) from None
+            raise CheckpointReadError(f"{path}: cannot read manifest: {exc.strerror or exc}", path=path, errno=exc.errno) from None
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        cached = self._manifest_cache.get(name, key, full=full)
+        if cached is not None:
+            return cached
         try:
-            st = os.fstat(fd)
-            key = (st.st_ino, st.st_mtime_ns, st.st_size)
-            cached = self._manifest_cache.get(name)
-            if cached is not None and cached[0] == key:
-                return cached[1]
-            if st.st_size > 256 << 20:
-                raise ManifestError(f"{path}: manifest too large ({st.st_size} bytes)", path=path)
-            data = b""
-            while len(data) < st.st_size:
-                chunk = os.read(fd, st.st_size - len(data))
-                if not chunk:
-                    break
-                data += chunk
-        finally:
-            os.close(fd)
+            data = _safeio.read_small(path, cap=MAX_MANIFEST_BYTES, what="manifest", error=lambda reason: ManifestError(f"{path}: {reason}", path=path))
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(f"{path}: checkpoint vanished or has no manifest") from None
         manifest = parse_manifest(data, path=path)
         expected = int(_STEP_DIR.match(name).group(1))  # type: ignore[union-attr]
         if manifest.step != expected:
             raise ManifestError(f"{path}: manifest says step {manifest.step} but lives in {name}", path=path)
-        self._manifest_cache[name] = (key, manifest)
+        self._manifest_cache.put(name, key, manifest, len(data))
         return manifest
 
     def _info(self, manifest: Manifest, tags_by_step: Mapping[int, list[str]], recorded: Mapping[int, Recorded] | None = None) -> CheckpointInfo:
@@ -480,7 +485,7 @@ class Store:
         infos = []
         for _, name in self._step_dirs():
             try:
-                manifest = self._manifest(name)
+                manifest = self._manifest(name, full=False)
             except CheckpointNotFoundError:
                 continue  # deleted between listdir and open
             except (ManifestError, IntegrityError) as exc:
@@ -509,7 +514,7 @@ class Store:
             return self.policy.metric, self.policy.mode
         for info in reversed(infos):  # the newest manifest records the policy its writer used
             try:
-                retention = self._manifest(info.path.name).retention
+                retention = self._manifest(info.path.name, full=False).retention
             except CheckpointNotFoundError:
                 continue  # deleted by a writer's retention since it was listed
             if retention is not None:
@@ -550,7 +555,7 @@ class Store:
         name = step_dir_name(step)
         if not os.path.isdir(os.path.join(self._ckpt_dir, name)):
             raise CheckpointNotFoundError(f"{self._root}: no checkpoint at step {step}", step=step)
-        manifest = self._manifest(name)
+        manifest = self._manifest(name, full=False)
         tags = {}
         with contextlib.suppress(ManifestError, IntegrityError):
             tags = self._read_tags()
@@ -565,13 +570,7 @@ class Store:
     # ------------------------------------------------------------ tags
 
     def _read_tags(self) -> dict[str, TagEntry]:
-        path = os.path.join(self._root, TAGS_NAME)
-        try:
-            with open(path, "rb") as fh:
-                data = fh.read()
-        except FileNotFoundError:
-            return {}
-        return parse_tags(data, path=path)
+        return read_tags(os.path.join(self._root, TAGS_NAME))
 
     def _write_tags(self, tags: Mapping[str, TagEntry]) -> None:
         _durable.write_file_atomic(os.path.join(self._root, TAGS_NAME), dump_tags(tags), site="tags")
@@ -1080,19 +1079,43 @@ class Store:
         self._check_open()
         if step is not None:
             return self._load_one(self.resolve(step), state, map_location, verify, strict)
+        loaded = self._load_newest(state, map_location=map_location, verify=verify, strict=strict, stacklevel=3)
+        if loaded is None:
+            raise CheckpointNotFoundError(f"{self._root}: store has no checkpoints")
+        return loaded[1]
+
+    def _load_newest(self, state: Any, *, map_location: Any, verify: bool, strict: bool = True, stacklevel: int) -> tuple[CheckpointInfo, Any] | None:
+        """Load the newest checkpoint that loads; return it and the restored state, or None if the store is empty.
+
+        The one fallback loop, shared by :meth:`load` and :func:`ckstore.resume`.
+        Every CkstoreError of one checkpoint (a hash or size mismatch, a read
+        error such as EIO, a malformed manifest or state skeleton, an odd file
+        where a manifest belongs) skips it with a CorruptCheckpointWarning and
+        tries the next older one; it is left on disk untouched. A StateError
+        is raised at once: the caller's objects do not fit the checkpoint, and
+        every older one would disagree alike. A checkpoint deleted meanwhile
+        (by a writer's retention) is skipped silently. If checkpoints exist
+        but none loads, CheckpointNotFoundError names each step and its error.
+        """
         infos = self.checkpoints()
         if not infos:
-            raise CheckpointNotFoundError(f"{self._root}: store has no checkpoints")
-        skipped = []
+            return None
+        failed: list[str] = []
+        first: CkstoreError | None = None
         for info in reversed(commit_order(infos)):  # the last committed first (see ckstore._retention)
             try:
-                return self._load_one(info, state, map_location, verify, strict)
-            except (IntegrityError, ManifestError) as exc:
-                warnings.warn(f"checkpoint step {info.step} failed verification and was skipped: {exc}", CorruptCheckpointWarning, stacklevel=2)
-                skipped.append(info.step)
+                return info, self._load_one(info, state, map_location, verify, strict)
             except CheckpointNotFoundError:
                 continue  # deleted by retention while we looked
-        raise CheckpointNotFoundError(f"{self._root}: no checkpoint verifies (failed: steps {skipped})")
+            except StateError:
+                raise
+            except CkstoreError as exc:
+                warnings.warn(f"checkpoint step {info.step} failed to load and was skipped: {exc}", CorruptCheckpointWarning, stacklevel=stacklevel)
+                failed.append(f"step {info.step}: {type(exc).__name__}: {str(exc)[:300]}")
+                first = first or exc
+        if not failed:
+            return None
+        raise CheckpointNotFoundError(f"{self._root}: no checkpoint verifies ({'; '.join(failed)})") from first
 
     def _load_one(self, info: CheckpointInfo, state: Any, map_location: Any, verify: bool, strict: bool = True) -> Any:
         with _gc_paused():
@@ -1105,6 +1128,8 @@ class Store:
     def _load_one_file_by_file(self, info: CheckpointInfo, state: Any, map_location: Any, verify: bool, strict: bool) -> Any:
         directory = str(info.path)
         manifest = self._manifest(info.path.name)
+        if verify:
+            self._refuse_unlisted(directory, manifest, info.step)
         # ``state`` is matched against the checkpoint before any byte is read
         # (a strict load refuses a mismatch with nothing restored). Tensors of
         # ``state`` (module parameters and buffers, plain tensors) that the
@@ -1163,6 +1188,22 @@ class Store:
             plan.mismatch.warn(f"step {info.step}", stacklevel=4)
         return result
 
+    def _refuse_unlisted(self, directory: str, manifest: Manifest, step: int) -> None:
+        """A file in the checkpoint that its manifest does not list (planted, or a symlink out) fails the load, as it fails verify()."""
+        extra = sorted(self._unlisted(directory, manifest))
+        if extra:
+            path = os.path.join(directory, extra[0])
+            raise IntegrityError(f"{path}: file not listed in the manifest (step {step} holds {len(extra)} such)", path=path, expected=None, actual="unlisted file")
+
+    def _unlisted(self, directory: str, manifest: Manifest) -> set[str]:
+        try:
+            present = os.listdir(directory)
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(f"{directory}: checkpoint was deleted while being loaded") from None
+        except OSError as exc:
+            raise CheckpointReadError(f"{directory}: cannot list the checkpoint: {exc.strerror or exc}", path=directory, errno=exc.errno) from None
+        return set(present) - set(manifest.files) - {MANIFEST_NAME}
+
     def tensor_keys(self, step: int | str = "latest") -> list[str]:
         """The keys :meth:`read_tensor` accepts for a checkpoint: state paths joined by ``/`` (``model/fc.weight``)."""
         self._check_open()
@@ -1186,11 +1227,11 @@ class Store:
             raise InvalidArgumentError(f"key must be a string, got {type(key).__name__}")
         info = self.resolve(step)
         manifest = self._manifest(info.path.name)
-        cached = self._key_index.get(info.path.name)
-        if cached is None or cached[0] is not manifest:
-            cached = (manifest, {name: file for file, name in tensor_refs(manifest.state)})
-            self._key_index[info.path.name] = cached
-        file = cached[1].get(key)
+        cached = self._key_index
+        if cached is None or cached[0] != info.path.name or cached[1] is not manifest:
+            # One checkpoint's index only: an index per checkpoint read would keep every manifest alive past the cache's bound.
+            cached = self._key_index = (info.path.name, manifest, {name: file for file, name in tensor_refs(manifest.state)})
+        file = cached[2].get(key)
         if file is None:
             raise InvalidArgumentError(f"step {info.step} has no tensor {key!r}; see Store.tensor_keys()")
         entry = manifest.files[file]
@@ -1202,8 +1243,13 @@ class Store:
         An empty list means everything verified. Nothing is modified or deleted.
         """
         self._check_open()
+        problems: list[Problem] = []
         if step is None:
-            targets = self._step_dirs()
+            try:
+                targets = self._step_dirs()
+            except CheckpointReadError as exc:
+                problems.append(Problem(None, exc.path, str(exc), exc.expected, exc.actual))
+                targets = []
         elif isinstance(step, int) and not isinstance(step, bool):
             # By number, without parsing the manifest: a corrupt manifest is a problem to report, not an error.
             number = _check_step(step)
@@ -1213,7 +1259,6 @@ class Store:
         else:
             info = self.resolve(step)
             targets = [(info.step, info.path.name)]
-        problems: list[Problem] = []
         for number, name in targets:
             found = self._verify_dir(number, name)
             if found:
@@ -1254,19 +1299,19 @@ class Store:
         for file, entry in manifest.files.items():
             path = os.path.join(directory, file)
             try:
-                buffer = read_verified(path, size=entry.size, expected=entry.hash)
-                specs, _ = parse_header(buffer, len(buffer), path)
+                specs = verify_tensor_file(path, size=entry.size, expected=entry.hash)
             except IntegrityError as exc:
                 problems.append(Problem(step, exc.path, str(exc), exc.expected, exc.actual))
                 continue
             for key in sorted(wanted.get(file, set()) - specs.keys()):
                 problems.append(Problem(step, path, f"{path}: tensor {key!r} named by the manifest is not in the file", key, "missing"))
         try:
-            present = set(os.listdir(directory))
-        except OSError:
-            present = set()
-        for extra in sorted(present - set(manifest.files) - {MANIFEST_NAME}):
-            problems.append(Problem(step, os.path.join(directory, extra), "file not listed in the manifest", None, "unlisted file"))
+            extra = self._unlisted(directory, manifest)
+        except CkstoreError as exc:
+            problems.append(Problem(step, directory, str(exc)))
+            extra = set()
+        for name_ in sorted(extra):
+            problems.append(Problem(step, os.path.join(directory, name_), "file not listed in the manifest", None, "unlisted file"))
         if problems and not os.path.isdir(directory):
             return []  # deleted (by a writer's retention) while being checked: gone, not corrupt
         return problems

@@ -17,6 +17,7 @@ match their byte ranges) and reports every violation as a typed error.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import mmap
@@ -37,8 +38,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from . import _durable
-from ._errors import IntegrityError, StateError
+from . import _durable, _safeio
+from ._errors import CheckpointReadError, CkstoreError, IntegrityError, StateError
 from ._hashing import Hasher, HashInfo, new_hasher
 
 if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
@@ -479,7 +480,12 @@ def _bulk_specs(header: dict[str, Any], data_size: int) -> dict[str, TensorSpec]
         return None
     begins, ends = bounds[0::2], bounds[1::2]
     # Sizes are non-negative, so equal sizes also mean that no range ends before it begins.
-    if list(map(operator.sub, ends, begins)) != list(map(operator.mul, map(math.prod, shapes), map(ITEMSIZE.__getitem__, dtypes))):
+    counts = list(map(math.prod, shapes))
+    if list(map(operator.sub, ends, begins)) != list(map(operator.mul, counts, map(ITEMSIZE.__getitem__, dtypes))):
+        return None
+    # A tensor with data has every dimension and its element count bounded by the file; an empty
+    # one ([0, 2**70]) does not, and torch cannot even build it: check those.
+    if 0 in counts and not all(_fits_int64(shape) for shape, count in zip(shapes, counts) if count == 0):
         return None
     keys = list(header)
     if not _chained(begins, ends, data_size):
@@ -489,6 +495,19 @@ def _bulk_specs(header: dict[str, Any], data_size: int) -> dict[str, TensorSpec]
         if not _chained(begins, ends, data_size):
             return None
     return dict(zip(keys, map(TensorSpec, dtypes, map(tuple, shapes), begins, ends)))
+
+
+#: Every dimension, and the element count with empty dimensions taken as 1 (what torch computes strides from), must fit in int64.
+_INT64_MAX = (1 << 63) - 1
+
+
+def _fits_int64(shape: list[int]) -> bool:
+    product = 1
+    for d in shape:  # stops at the first overflow: a crafted shape of huge dimensions costs no bignum product
+        product *= d or 1
+        if product > _INT64_MAX:
+            return False
+    return True
 
 
 def _chained(begins: list[int], ends: list[int], data_size: int) -> bool:
@@ -515,6 +534,8 @@ def _entry_specs(header: dict[str, Any], data_size: int, bad: Callable[[str], In
         offsets = entry["data_offsets"]
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int and o >= 0 for o in offsets):
             raise bad(f"tensor {key[:80]!r}: data_offsets must be two non-negative integers")
+        if not _fits_int64(shape):
+            raise bad(f"tensor {key[:80]!r}: shape {str(shape)[:80]} does not fit in 64-bit sizes")
         begin, end = offsets
         nbytes = math.prod(shape) * ITEMSIZE[dtype]
         if end < begin or end - begin != nbytes:
@@ -531,20 +552,25 @@ def _entry_specs(header: dict[str, Any], data_size: int, bad: Callable[[str], In
     return dict(ordered)
 
 
-def open_regular(path: str) -> int:
-    """Open an existing regular file for reading without following a symlink."""
-    # O_NONBLOCK: opening a FIFO planted where a tensor file belongs would
-    # otherwise block forever; it has no effect on reads of a regular file.
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
+@contextlib.contextmanager
+def _typed_reads(path: str) -> Iterator[None]:
+    """Turn any OSError while reading ``path`` (EIO, EACCES, ...) into CheckpointReadError naming it,
+    and a failed allocation of a tensor's memory into one with ENOMEM: loads fall back past both."""
     try:
-        import stat as _stat
-
-        if not _stat.S_ISREG(os.fstat(fd).st_mode):
-            raise IntegrityError(f"{path}: not a regular file", path=path, expected="regular file", actual="other")
-    except BaseException:
-        os.close(fd)
+        yield
+    except CkstoreError:
         raise
-    return fd
+    except OSError as exc:
+        raise CheckpointReadError(f"{path}: read failed: {exc.strerror or exc}", path=path, errno=exc.errno) from None
+    except MemoryError:
+        raise CheckpointReadError(f"{path}: not enough memory to read this file", path=path, errno=errno.ENOMEM) from None
+
+
+def _allocate(shape: tuple[int, ...] | int, dtype: torch.dtype, path: str, **kwargs: Any) -> torch.Tensor:
+    try:
+        return torch.empty(shape, dtype=dtype, **kwargs)
+    except (RuntimeError, MemoryError) as exc:  # torch reports a failed allocation as RuntimeError
+        raise CheckpointReadError(f"{path}: cannot allocate memory for {shape} {dtype}: {str(exc)[:120]}", path=path, errno=errno.ENOMEM) from None
 
 
 def read_verified(path: str, *, size: int, expected: HashInfo | None) -> bytearray:
@@ -555,24 +581,56 @@ def read_verified(path: str, *, size: int, expected: HashInfo | None) -> bytearr
     """
     fd, _ = _open_checked(path, size)
     try:
-        buffer = bytearray(size)
-        view = memoryview(buffer)
-        hasher = new_hasher(expected.algo) if expected is not None else None
-        done = 0
-        while done < size:
-            n = os.readv(fd, [view[done : done + _READ_CHUNK]])
-            if n == 0:
-                raise IntegrityError(f"{path}: file shrank while being read", path=path, expected=size, actual=done)
-            if hasher is not None:
-                hasher.update(view[done : done + n])
-            done += n
+        with _typed_reads(path):
+            buffer = bytearray(size)
+            view = memoryview(buffer)
+            hasher = new_hasher(expected.algo) if expected is not None else None
+            done = 0
+            while done < size:
+                n = _safeio.pread_into(fd, view[done : done + _READ_CHUNK], done, path)
+                if n == 0:
+                    raise IntegrityError(f"{path}: file shrank while being read", path=path, expected=size, actual=done)
+                if hasher is not None:
+                    hasher.update(view[done : done + n])
+                done += n
     finally:
         os.close(fd)
-    if hasher is not None and expected is not None:
-        actual = HashInfo(expected.algo, hasher.hexdigest())
-        if actual != expected:
-            raise IntegrityError(f"{path}: content hash mismatch (expected {expected}, got {actual})", path=path, expected=str(expected), actual=str(actual))
+    _check_hash(path, hasher, expected)
     return buffer
+
+
+#: Verification hashes a file through one buffer of this size, whatever the file's size.
+_VERIFY_CHUNK = 4 << 20
+
+
+def verify_tensor_file(path: str, *, size: int, expected: HashInfo) -> dict[str, TensorSpec]:
+    """Check a tensor file's size, header and hash in bounded memory; return its specs.
+
+    What a load checks, without keeping the data: the header is read and
+    validated (as a load does), then the whole file is hashed through one
+    fixed buffer of :data:`_VERIFY_CHUNK` bytes.
+    """
+    fd, actual = _open_checked(path, size)
+    try:
+        with _typed_reads(path):
+            _, specs, _ = _read_header(fd, actual, path)
+            hasher = new_hasher(expected.algo)
+            _hash_stream(fd, actual, path, hasher)
+    finally:
+        os.close(fd)
+    _check_hash(path, hasher, expected)
+    return specs
+
+
+def _hash_stream(fd: int, size: int, path: str, hasher: Hasher) -> None:
+    buffer = bytearray(min(_VERIFY_CHUNK, max(size, 1)))
+    view = memoryview(buffer)
+    offset = 0
+    while offset < size:
+        n = min(len(buffer), size - offset)
+        _safeio.read_exact(fd, view[:n], offset, path)
+        hasher.update(view[:n])
+        offset += n
 
 
 def tensors_from_buffer(buffer: bytearray, path: str, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
@@ -607,27 +665,36 @@ def _tensor_at(buffer: bytearray, start: int, spec: TensorSpec) -> torch.Tensor:
 _MAX_IOV = 512
 
 
-def _pread_exact(fd: int, view: memoryview, offset: int, path: str) -> None:
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            raise IntegrityError(f"{path}: file shrank while being read", path=path, expected=offset + len(view), actual=offset + done)
-        done += n
+_pread_exact = _safeio.read_exact
+
+#: A file this large whose disk blocks cover less than half of it is hashed before any memory is allocated for it.
+_SPARSE_MIN = 64 << 20
 
 
-def _open_checked(path: str, size: int | None) -> tuple[int, int]:
-    """Open a checkpoint file for reading and check its size against the manifest."""
+def _open_checked(path: str, size: int | None, expected: HashInfo | None = None) -> tuple[int, int]:
+    """Open a checkpoint file for reading (``_safeio``: no symlink, no FIFO) and check its size against the manifest.
+
+    With ``expected``, a large sparse file (its declared size mostly holes: a
+    28 KB file claiming 8 GiB) is hashed first, through a fixed buffer, so a
+    lying one is refused before its declared size is allocated.
+    """
     try:
-        fd = open_regular(path)
+        fd, st = _safeio.open_regular(path)
     except FileNotFoundError:
         raise IntegrityError(f"{path}: file listed in the manifest is missing", path=path, expected=size, actual="missing") from None
+    except _safeio.NotRegularFile as exc:
+        raise IntegrityError(f"{path}: {exc.strerror}; refusing to read it", path=path, expected="regular file", actual=exc.kind) from None
     except OSError as exc:
-        raise IntegrityError(f"{path}: cannot open ({exc.strerror})", path=path, expected="readable file", actual=exc.strerror) from None
+        raise CheckpointReadError(f"{path}: cannot open: {exc.strerror or exc}", path=path, errno=exc.errno) from None
     try:
-        actual = os.fstat(fd).st_size
+        actual = st.st_size
         if size is not None and actual != size:
             raise IntegrityError(f"{path}: size {actual} bytes, manifest says {size} (torn or altered file)", path=path, expected=size, actual=actual)
+        if expected is not None and actual >= _SPARSE_MIN and st.st_blocks * 512 < actual // 2:
+            hasher = new_hasher(expected.algo)
+            with _typed_reads(path):
+                _hash_stream(fd, actual, path, hasher)
+            _check_hash(path, hasher, expected)
     except BaseException:
         os.close(fd)
         raise
@@ -704,24 +771,28 @@ def _padded(count: int) -> int:
 
 
 class _Placement:
-    """Where each tensor of a file is read to: a target's own memory, pinned memory on its way to a device, or a spare buffer."""
+    """Where each tensor of a file is read to: a target's own memory, pinned memory on its way to a device, or a new tensor.
+
+    A tensor with no target gets memory of its own (read straight into it, no
+    copy), not a slice of one buffer for the whole file: a slice would keep
+    the whole buffer alive as long as any tensor of the file is (a 4-element
+    tensor pinned the 16 MiB of its file).
+    """
 
     def __init__(self, specs: Mapping[str, TensorSpec], targets: Mapping[str, torch.Tensor]) -> None:
         self.direct: dict[str, torch.Tensor] = {}
         self.on_device: dict[str, torch.Tensor] = {}
-        self.spare_bytes = self.pinned_bytes = 0
+        self.pinned_bytes = 0
         get = targets.get
         for key, spec in specs.items():
             target = get(key)
-            if target is not None and fits(target, spec):
-                self.direct[key] = target
-            elif spec.end == spec.begin:
+            if target is None or spec.end == spec.begin:
                 continue
-            elif target is not None and fits(target, spec, "cuda"):
+            if fits(target, spec):
+                self.direct[key] = target
+            elif fits(target, spec, "cuda"):
                 self.on_device[key] = target
                 self.pinned_bytes += _padded(spec.end - spec.begin)
-            else:
-                self.spare_bytes += _padded(spec.end - spec.begin)
 
 
 class _BatchReader:
@@ -759,7 +830,7 @@ class _BatchReader:
         batch, fd = self.batch, self.fd
         if not batch:
             return
-        n = os.preadv(fd, batch, self.offset)
+        n = _safeio.preadv(fd, batch, self.offset, self.path, self.nbytes)
         if n != self.nbytes:  # short read: finish buffer by buffer
             skip = n
             for buffer in batch:
@@ -809,16 +880,17 @@ def read_tensor_file(
     overlaps reading the next one. The caller must run every check before it
     uses any tensor returned.
     """
-    fd, actual = _open_checked(path, size)
+    fd, actual = _open_checked(path, size, expected)
     reader = None
     try:
-        head, specs, start = _read_header(fd, actual, path)
-        hasher = new_hasher(expected.algo) if expected is not None else None
-        if hasher is not None:
-            hasher.update(head)
-        place = _Placement(specs, targets or {})
-        reader = _BatchReader(fd, start, path, hasher, hash_pool)
-        out = _read_placed(specs, place, reader)
+        with _typed_reads(path):
+            head, specs, start = _read_header(fd, actual, path)
+            hasher = new_hasher(expected.algo) if expected is not None else None
+            if hasher is not None:
+                hasher.update(head)
+            place = _Placement(specs, targets or {})
+            reader = _BatchReader(fd, start, path, hasher, hash_pool)
+            out = _read_placed(specs, place, reader, path)
         if deferred is None:
             for future in reader.pending:
                 future.result()
@@ -842,17 +914,15 @@ def read_tensor_file(
     return out
 
 
-def _read_placed(specs: Mapping[str, TensorSpec], place: _Placement, reader: _BatchReader) -> dict[str, torch.Tensor]:
+def _read_placed(specs: Mapping[str, TensorSpec], place: _Placement, reader: _BatchReader, path: str) -> dict[str, torch.Tensor]:
     """Read every tensor of a file where ``place`` says; start the copies of device targets; return the tensors by key."""
-    spare = torch.empty(place.spare_bytes, dtype=torch.uint8) if place.spare_bytes else None
-    spare_view = memoryview(spare.numpy()) if spare is not None else None
     # torch's caching host allocator reuses pinned blocks once the copies
     # that read them have finished, so repeated loads allocate no more.
-    pinned = torch.empty(place.pinned_bytes, dtype=torch.uint8, pin_memory=True) if place.pinned_bytes else None
+    pinned = _allocate(place.pinned_bytes, torch.uint8, path, pin_memory=True) if place.pinned_bytes else None
     staged: list[tuple[torch.Tensor, torch.Tensor]] = []
     out: dict[str, torch.Tensor] = {}
     direct, on_device = place.direct, place.on_device
-    used = pinned_used = 0
+    pinned_used = 0
     for key, (dtype, shape, begin, end) in specs.items():
         count = end - begin
         target = direct.get(key)
@@ -869,9 +939,8 @@ def _read_placed(specs: Mapping[str, TensorSpec], place: _Placement, reader: _Ba
             out[key] = on_device[key]
             reader.add(region.numpy(), count)
         else:
-            out[key] = spare[used : used + count].view(dtype).reshape(shape)  # type: ignore[index]
-            reader.add(spare_view[used : used + count], count)  # type: ignore[index]
-            used += _padded(count)
+            tensor = out[key] = _allocate(shape, dtype, path)
+            reader.add(_writable(tensor), count)
     reader.flush()
     with torch.no_grad():
         for target, host in staged:
@@ -891,35 +960,36 @@ def read_one_tensor(path: str, key: str, *, size: int | None, expected: HashInfo
     through a small buffer, the tensor's bytes copied from that same stream),
     and the header is validated in full, as for a full read.
     """
-    fd, actual = _open_checked(path, size)
+    fd, actual = _open_checked(path, size, expected)
     try:
-        if expected is None:
-            head = _read_header_bytes(fd, actual, path)
-            spec, start = _one_spec(head, actual, key, path)
-        else:
-            head, specs, start = _read_header(fd, actual, path)
-            spec = specs.get(key)
-            if spec is None:
-                raise IntegrityError(f"{path}: no tensor {key!r} in this file", path=path, expected=key, actual="missing")
-        tensor = torch.empty(spec.shape, dtype=spec.dtype)
-        target = tensor_bytes(tensor)
-        begin, end = start + spec.begin, start + spec.end
-        if expected is None:
-            if end > begin:
-                _pread_exact(fd, target, begin, path)
-            return tensor
-        hasher = new_hasher(expected.algo)
-        buffer = bytearray(min(_READ_CHUNK, max(actual, 1)))
-        view = memoryview(buffer)
-        offset = 0
-        while offset < actual:
-            n = min(len(buffer), actual - offset)
-            _pread_exact(fd, view[:n], offset, path)
-            hasher.update(view[:n])
-            lo, hi = max(begin, offset), min(end, offset + n)
-            if lo < hi:  # the tensor's bytes are taken from the stream that was hashed
-                target[lo - begin : hi - begin] = view[lo - offset : hi - offset]
-            offset += n
+        with _typed_reads(path):
+            if expected is None:
+                head = _read_header_bytes(fd, actual, path)
+                spec, start = _one_spec(head, actual, key, path)
+            else:
+                head, specs, start = _read_header(fd, actual, path)
+                spec = specs.get(key)
+                if spec is None:
+                    raise IntegrityError(f"{path}: no tensor {key!r} in this file", path=path, expected=key, actual="missing")
+            tensor = _allocate(spec.shape, spec.dtype, path)
+            target = tensor_bytes(tensor)
+            begin, end = start + spec.begin, start + spec.end
+            if expected is None:
+                if end > begin:
+                    _pread_exact(fd, target, begin, path)
+                return tensor
+            hasher = new_hasher(expected.algo)
+            buffer = bytearray(min(_READ_CHUNK, max(actual, 1)))
+            view = memoryview(buffer)
+            offset = 0
+            while offset < actual:
+                n = min(len(buffer), actual - offset)
+                _pread_exact(fd, view[:n], offset, path)
+                hasher.update(view[:n])
+                lo, hi = max(begin, offset), min(end, offset + n)
+                if lo < hi:  # the tensor's bytes are taken from the stream that was hashed
+                    target[lo - begin : hi - begin] = view[lo - offset : hi - offset]
+                offset += n
         _check_hash(path, hasher, expected)
     finally:
         os.close(fd)
@@ -965,6 +1035,8 @@ def _one_spec(head: bytes, size: int, key: str, path: str) -> tuple[TensorSpec, 
         raise bad(f"tensor {key[:80]!r}: shape must be a list of non-negative integers")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int and o >= 0 for o in offsets):
         raise bad(f"tensor {key[:80]!r}: data_offsets must be two non-negative integers")
+    if not _fits_int64(shape):
+        raise bad(f"tensor {key[:80]!r}: shape {str(shape)[:80]} does not fit in 64-bit sizes")
     begin, end = offsets
     if end < begin or end - begin != math.prod(shape) * ITEMSIZE[dtype] or 8 + length + end > size:
         raise bad(f"tensor {key[:80]!r}: byte range {begin}..{end} does not hold shape {shape} of {entry['dtype']} inside the file")

@@ -43,8 +43,9 @@ def _step_dir(root, step: int):
     return root / "checkpoints" / f"step-{step:08d}"
 
 
-def _tensor_file(root, step: int) -> str:
-    return str(next(p for p in _step_dir(root, step).iterdir() if p.name != "manifest.json"))
+def _tensor_file(root, step: int, key: str = "w") -> str:
+    """The file holding tensor ``key`` of checkpoint ``step``."""
+    return str(_step_dir(root, step) / f"{key}.safetensors")
 
 
 class _Inject:
@@ -224,13 +225,21 @@ def test_a_malformed_newest_checkpoint_state_falls_back(two):
             assert ckstore.resume(store, state) == 1
 
 
-def test_an_unreadable_manifest_is_skipped_by_another_user(tmp_path):
+@pytest.fixture
+def shared_dir():
+    """A directory a second uid can reach (pytest's tmp_path is private to root)."""
+    import tempfile
+    from pathlib import Path
+
+    path = tempfile.mkdtemp(prefix="ckstore-test-", dir="/tmp")
+    os.chmod(path, 0o755)
+    yield Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_an_unreadable_manifest_is_skipped_by_another_user(shared_dir):
     """Made unreadable for real (mode 000) and listed by a second uid: the good checkpoint stays listed."""
-    base = tmp_path / "shared"
-    base.mkdir()
-    for p in (tmp_path, base):
-        os.chmod(p, 0o755)
-    root = base / "store"
+    root = shared_dir / "store"
     with ckstore.Store(root) as store:
         store.save(_state(1), step=1)
         store.save(_state(2), step=2)
@@ -258,16 +267,16 @@ def test_an_unreadable_manifest_is_skipped_by_another_user(tmp_path):
 
 
 def test_loaded_tensors_do_not_pin_their_files_buffer(tmp_path):
-    big = torch.randn(4 << 20)  # 16 MiB
+    layer = {"small": torch.arange(4.0), **{f"w{i}": torch.randn(1 << 16) for i in range(64)}}  # 16 MiB in all
     with ckstore.Store(tmp_path / "s") as store:
-        store.save({"layer": {"big": big, "small": torch.arange(4.0)}}, step=1)
+        store.save({"layer": layer}, step=1)
         info = store.checkpoints()[0]
-        assert len(info.files) == 1  # both tensors in one file: the case that pinned it
+        assert len(info.files) == 1 and info.nbytes > 16 << 20  # every tensor in one file: the case that pinned it
         out = store.load()
     small = out["layer"]["small"]
     assert torch.equal(small, torch.arange(4.0))
     assert small.untyped_storage().nbytes() <= 4096
-    loaded = out["layer"]["big"]
-    assert torch.equal(loaded, big)
+    loaded = out["layer"]["w0"]
+    assert torch.equal(loaded, layer["w0"])
     # Large tensors are still read straight into memory of their own (no copy, no extra buffer).
     assert loaded.untyped_storage().nbytes() == loaded.nbytes
