@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -243,3 +244,121 @@ def test_stateful_dataloader_state_survives_a_real_store(tmp_path, workers):
     assert sampler.epoch == 1
     rest, _ = read(loader, sampler, tracked=False)
     assert got + rest == reference
+
+
+# ---------------------------------------------------------------- StatefulDataLoader(shuffle=True, generator=g) through a store
+
+
+def _shuffling(dataset, workers, seed=0):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return StatefulDataLoader(dataset, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(seed), num_workers=workers)
+
+
+def _epochs(loader, epochs, *, cut=None, store=None):
+    """Read ``epochs`` epochs; with ``cut``, save {"loader": loader} to ``store`` after that many batches and stop."""
+    got = []
+    for _ in range(epochs):
+        for batch in loader:
+            got.append(batch.tolist())
+            if cut is not None and len(got) == cut:
+                store.save({"loader": loader}, step=cut)
+                return got
+    return got
+
+
+def _resumed_in_a_fresh_process(run_python, store_path, cuts, workers, epochs):
+    """A new interpreter builds, for each checkpoint, a fresh loader (another seed), loads it and reads to the end of ``epochs``."""
+    code = f"""
+import json, warnings
+import torch, ckstore
+from torchdata.stateful_dataloader import StatefulDataLoader
+warnings.simplefilter("ignore")
+out = {{}}
+with ckstore.Store({str(store_path)!r}, readonly=True) as store:
+    for cut in {list(cuts)!r}:
+        loader = StatefulDataLoader(list(range(22)), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(123), num_workers={workers})
+        store.load({{"loader": loader}}, step=cut)
+        rest = []
+        for _ in range({epochs} - (cut - 1) // 6):  # the interrupted epoch's rest, then the later ones
+            rest += [b.tolist() for b in loader]
+        out[cut] = rest
+print(json.dumps(out))
+"""
+    result = run_python(code, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {int(k): v for k, v in json.loads(result.stdout.strip().splitlines()[-1]).items()}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_shuffling_stateful_loader_resumes_bitwise_in_a_fresh_process(tmp_path, run_python, workers):
+    """Stopped mid-epoch (or at an epoch's last batch) and resumed in a new process: this epoch and every later one
+    read exactly what the uninterrupted run read. Before the fix, with 0 workers every later epoch was shuffled anew."""
+    dataset = list(range(22))  # 6 batches an epoch, the last one short
+    epochs = 3
+    reference = _epochs(_shuffling(dataset, workers), epochs)
+    cuts = [2, 6, 9] if workers else [2, 5, 6, 7, 11]
+    with ckstore.Store(tmp_path / "s") as store:
+        for cut in cuts:
+            assert _epochs(_shuffling(dataset, workers), epochs, cut=cut, store=store) == reference[:cut]
+    rests = _resumed_in_a_fresh_process(run_python, tmp_path / "s", cuts, workers, epochs)
+    for cut in cuts:
+        assert reference[:cut] + rests[cut] == reference, f"resumed after batch {cut}"
+
+
+def test_a_plain_state_dict_of_a_shuffling_loader_resumes_bitwise_too(tmp_path):
+    """The tutorials' pattern: {"loader": loader.state_dict()} saved, loaded into {"loader": loader}."""
+    dataset = list(range(22))
+    reference = _epochs(_shuffling(dataset, 0), 3)
+    loader = _shuffling(dataset, 0)
+    iterator = iter(loader)
+    for _ in range(3):
+        next(iterator)
+    with ckstore.Store(tmp_path / "s") as store:
+        store.save({"loader": loader.state_dict()}, step=1)
+        fresh = _shuffling(dataset, 0, seed=99)
+        store.load({"loader": fresh}, step=1)
+    rest = [b.tolist() for _ in range(3) for b in fresh]
+    assert reference[:3] + rest == reference
+
+
+def test_a_plain_dataloader_is_refused_naming_the_key_and_what_to_use(store):
+    loader = DataLoader(list(range(8)), batch_size=2, shuffle=True)
+    with pytest.raises(ckstore.StateError) as excinfo:
+        store.save({"model": torch.nn.Linear(2, 2), "data": {"train": loader}}, step=1)
+    assert excinfo.value.key == "state['data']['train']"
+    assert "StatefulDataLoader" in str(excinfo.value) and "ResumableSampler" in str(excinfo.value)
+    store.save({"data": {"train": {"epoch": 1}}}, step=1)
+    with pytest.raises(ckstore.StateError) as excinfo:
+        store.load({"data": {"train": loader}}, step=1)
+    assert excinfo.value.key == "state['data']['train']" and "ResumableSampler" in str(excinfo.value)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda d: StatefulDataLoader(d, batch_size=2, sampler=torch.utils.data.RandomSampler(d)),
+        lambda d: StatefulDataLoader(d, batch_size=2, sampler=torch.utils.data.SubsetRandomSampler(range(len(d)))),
+        lambda d: StatefulDataLoader(d, batch_size=2, sampler=torchdata.sampler.RandomSampler(d, replacement=True, generator=torch.Generator())),
+    ],
+    ids=["random_sampler", "subset_random_sampler", "with_replacement"],
+)
+def test_stateful_loaders_that_cannot_resume_exactly_are_refused(store, make):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loader = make(list(range(8)))
+    with pytest.raises(ckstore.StateError) as excinfo:
+        store.save({"loader": loader}, step=1)
+    assert excinfo.value.key == "state['loader']" and "ResumableSampler" in str(excinfo.value)
+
+
+def test_a_loader_with_a_generator_does_not_load_into_one_without(store):
+    loader = _shuffling(list(range(8)), 0)
+    next(iter(loader))
+    store.save({"loader": loader}, step=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        other = StatefulDataLoader(list(range(8)), batch_size=4, shuffle=True)
+    with pytest.raises(ckstore.StateError) as excinfo:
+        store.load({"loader": other}, step=1)
+    assert "generator" in str(excinfo.value)

@@ -9,7 +9,11 @@ scikit-learn's breast-cancer data. The parent kills it with real signals:
   once right after the child announces it is inside a save;
 * SIGTERM at random moments: the child must finish the step, save it and exit
   with status 143;
-* SIGKILL with a loader of 2 worker processes.
+* SIGKILL with a loader of 2 worker processes;
+* SIGKILL with torchdata's ``StatefulDataLoader(shuffle=True, generator=g)``
+  in the state instead of the sampler, with 0 and with 2 workers (torchdata
+  alone replays the shuffle but not the worker-seed draw: with 0 workers
+  every epoch after a mid-epoch resume was shuffled differently).
 
 Every attempt appends ``step loss.hex()`` lines to a log; every logged loss
 (including steps re-run after a kill) and the final parameters, optimizer,
@@ -58,6 +62,7 @@ def child_main(argv: list[str]) -> None:
     parser.add_argument("--announce-saves", action="store_true")
     parser.add_argument("--step-sleep", type=float, default=0.004)
     parser.add_argument("--async-saves", action="store_true")
+    parser.add_argument("--loader", choices=["tracked", "stateful"], default="tracked")
     args = parser.parse_args(argv)
 
     torch.use_deterministic_algorithms(True)
@@ -72,14 +77,32 @@ def child_main(argv: list[str]) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(30, 32), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(32, 2))
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=40, gamma=0.5)
-    sampler = ckstore.ResumableSampler(len(dataset), seed=7, shuffle=True)
-    loader = DataLoader(dataset, batch_size=BATCH, sampler=sampler, num_workers=args.workers)
+    if args.loader == "stateful":
+        import warnings
+
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torchdata 0.11 warns about a deprecated torch.set_vital call
+            loader = StatefulDataLoader(dataset, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(7), num_workers=args.workers)
+        data: Any = loader
+
+        def batches() -> Any:
+            return loader
+    else:
+        sampler = ckstore.ResumableSampler(len(dataset), seed=7, shuffle=True)
+        loader = DataLoader(dataset, batch_size=BATCH, sampler=sampler, num_workers=args.workers)
+        data = sampler
+
+        def batches() -> Any:
+            return sampler.track(loader)
+
     losses = torch.zeros(STEPS, dtype=torch.float32)
     state = {
         "model": model,
         "optimizer": optimizer,
         "scheduler": scheduler,
-        "data": sampler,
+        "data": data,
         "rng": ckstore.RNGState(),
         "losses": losses,
     }
@@ -106,7 +129,7 @@ def child_main(argv: list[str]) -> None:
         print(f"START {step}", flush=True)
         with ckstore.Checkpointer(store, state, every=EVERY, at_exit=True, blocking=not args.async_saves) as ckpt:
             while step < STEPS:
-                for x, y in sampler.track(loader):
+                for x, y in batches():
                     model.train()
                     optimizer.zero_grad()
                     loss = torch.nn.functional.cross_entropy(model(x), y)
@@ -279,6 +302,27 @@ def reference(zygote, tmp_path_factory) -> dict[str, Any]:
     return {"state": _final_state(root / "store"), "losses": dict(logged)}
 
 
+@pytest.fixture(scope="module")
+def stateful_reference(zygote, tmp_path_factory) -> Any:
+    """The uninterrupted run with a StatefulDataLoader(shuffle=True, generator=g), by number of workers.
+
+    Per worker count: torchdata's multi-process iterator shuffles its first
+    epoch twice (once more in ``_reset``), so its order differs from 0 workers.
+    """
+    made: dict[int, dict[str, Any]] = {}
+
+    def get(workers: int) -> dict[str, Any]:
+        if workers not in made:
+            root = tmp_path_factory.mktemp(f"stateful-reference-{workers}")
+            _run_to_end(zygote, root / "store", root / "log", "--loader", "stateful", "--workers", str(workers))
+            logged = _logged(root / "log")
+            assert [s for s, _ in logged] == list(range(1, STEPS + 1))
+            made[workers] = {"state": _final_state(root / "store"), "losses": dict(logged)}
+        return made[workers]
+
+    return get
+
+
 def _check_against(reference: dict[str, Any], store: Path, log: Path) -> None:
     logged = _logged(log)
     assert {s for s, _ in logged} == set(range(1, STEPS + 1))
@@ -304,9 +348,10 @@ def _kill_randomly(
     workers: int = 0,
     mid_save: int | None = None,
     async_saves: bool = False,
+    loader: str = "tracked",
 ) -> list[dict]:
     """Start the trainer, kill it ``kills`` times (restarting it each time), then let it finish."""
-    extra = ["--workers", str(workers), *(["--async-saves"] if async_saves else [])]
+    extra = ["--workers", str(workers), "--loader", loader, *(["--async-saves"] if async_saves else [])]
     attempts = []
     for attempt in range(kills):
         announce = attempt == mid_save
@@ -380,6 +425,16 @@ def test_sigkill_with_background_saves_is_bitwise_identical(zygote, reference, t
     attempts = _kill_randomly(zygote, tmp_path / "store", tmp_path / "log", rng, kills=5, sig=signal.SIGKILL, mid_save=1, async_saves=True)
     assert len(attempts) == 5
     _check_against(reference, tmp_path / "store", tmp_path / "log")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigkill_with_a_shuffling_stateful_dataloader_is_bitwise_identical(zygote, stateful_reference, tmp_path, workers):
+    """StatefulDataLoader(shuffle=True, generator=g) in the state, killed mid-epoch: every later epoch reads the same order."""
+    rng = random.Random(11 + workers)
+    attempts = _kill_randomly(zygote, tmp_path / "store", tmp_path / "log", rng, kills=4, sig=signal.SIGKILL, workers=workers, loader="stateful")
+    assert any(a["last_logged"] % BATCHES_PER_EPOCH for a in attempts), "no kill landed mid-epoch"
+    assert attempts[0]["last_logged"] < STEPS - 2 * BATCHES_PER_EPOCH, "epochs after the first resume were compared"
+    _check_against(stateful_reference(workers), tmp_path / "store", tmp_path / "log")
 
 
 if __name__ == "__main__":
