@@ -1,4 +1,4 @@
-"""Resumable data order: :class:`ResumableSampler`.
+"""Resumable data order: :class:`ResumableSampler`, and saving and restoring torchdata's ``StatefulDataLoader`` exactly.
 
 The order of an epoch is a pure function of ``(seed, epoch)``, so resuming
 needs only two integers: the epoch and how many of its samples the training
@@ -35,6 +35,8 @@ Supported:
   prefetching included) and the sampler too (for the epoch number). Pass the
   loader a ``generator=`` of its own so that creating an iterator does not draw
   from torch's global generator.
+* torchdata's ``StatefulDataLoader(dataset, shuffle=True, generator=g)``, any
+  ``num_workers``: put the loader in the saved state (see above).
 
 What a resume does not restore: the RNG state *inside* worker processes
 mid-epoch. Workers of a tracked loader are seeded from ``(seed, epoch)`` (the

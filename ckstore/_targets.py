@@ -448,10 +448,10 @@ def load_into(target: Any, state: Any, path: Path, *, strict: bool, mismatch: Mi
 def _guarded(call: Any, target: Any, path: Path, strict: bool, mismatch: Mismatch) -> None:
     try:
         call()
-    except StateError:
+    except StateError as exc:
         if strict:
             raise
-        mismatch.mismatched.append((format_path(path), "its load_state_dict refused the saved state"))
+        mismatch.mismatched.append((format_path(path), f"its load_state_dict refused the saved state: {exc}"))
     except Exception as exc:
         why = f"{type(target).__name__}.load_state_dict failed: {exc}"
         if strict:
