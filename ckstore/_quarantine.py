@@ -48,7 +48,8 @@ QUARANTINE_DIR = ".quarantine"
 FAILED_VERIFICATION = "failed verification"
 LEFT_AHEAD = "left ahead by a rollback"
 NOTE_FORMAT = "ckstore.quarantine"
-_ENTRY = re.compile(r"^step-(\d{1,30})\.(\d{8}T\d{6}Z)\.([0-9a-f]{8})$")
+# ASCII digits only: "\d" also matches "١" (Arabic-Indic one), which int() reads as 1.
+_ENTRY = re.compile(r"^step-([0-9]{1,30})\.([0-9]{8}T[0-9]{6}Z)\.([0-9a-f]{8})$", re.ASCII)
 _MAX_NOTE_BYTES = 1 << 20
 
 
@@ -125,7 +126,10 @@ def entries(root: str) -> list[QuarantineEntry]:
         path = os.path.join(directory, name)
         if match is None or os.path.islink(path) or not os.path.isdir(path):
             continue  # a link is never listed, so never emptied through
-        moved = calendar.timegm(time.strptime(match.group(2), "%Y%m%dT%H%M%SZ"))
+        try:
+            moved = calendar.timegm(time.strptime(match.group(2), "%Y%m%dT%H%M%SZ"))
+        except ValueError:
+            continue  # "99999999T999999Z": not a time ckstore wrote, so not our entry
         entry = QuarantineEntry(int(match.group(1)), Path(path), float(moved), "unknown (no readable note)")
         out.append(_with_note(entry))
     out.sort(key=lambda e: (e.moved, e.path.name))

@@ -418,3 +418,14 @@ def test_cli_output_carries_no_control_characters_from_the_store(store_path, arg
         assert bad == [], f"{argv}: raw control characters reached the terminal: {bad!r}"
         assert b"\nFAKE" not in stream
     assert done.returncode in (0, 1)
+
+
+@pytest.mark.parametrize(
+    "name", ["step-\u0661.20261202T061502Z.3fa9c2d1", "step-00000001.\u0662\u0660\u0662\u0666\u0661\u0662\u0660\u0662T061502Z.3fa9c2d1", "step-00000001.99999999T999999Z.3fa9c2d1"]
+)
+def test_a_quarantine_entry_with_non_ascii_digits_or_a_bad_date_is_ignored(store_path, capsys, name):
+    _saved(store_path, 1)
+    (store_path / ".quarantine" / name).mkdir(parents=True)
+    with ckstore.Store(store_path, readonly=True) as reader:
+        assert reader.quarantine() == []
+    assert main(["ls", str(store_path)]) == 0
