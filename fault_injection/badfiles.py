@@ -312,8 +312,8 @@ def _bogus_state(kind: str) -> Callable[[dict[str, Any]], None]:
 
 
 #: How strictly a case is judged. "file": a defect of the files themselves: load(step=5)
-#: raises a CkstoreError, verify() reports it, load() falls back to step 3. "extra":
-#: the same, except an unlisted extra file does not stop load(step=5). "decode": a
+#: raises a CkstoreError, verify() reports it, load() falls back to step 3 (an unlisted
+#: file in the checkpoint is such a defect: load refuses it as verify reports it). "decode": a
 #: semantically malformed state skeleton under a valid checksum (only a crafted or
 #: buggy writer makes one): load(step=5) raises a CkstoreError, and neither verify()
 #: nor load() raise anything that is not one.
@@ -360,7 +360,9 @@ CASES: list[tuple[str, Callable[[Case], None], str]] = [
     ("step disagrees with directory", _edit_manifest(lambda b: b.__setitem__("step", 6)), "file"),
     ("listed file missing on disk", lambda c: os.unlink(os.path.join(c.dir, _first(c))), "file"),
     ("file dropped from the manifest", _edit_manifest(_drop_file_entry), "file"),
-    ("extra unlisted file on disk", lambda c: c.write_raw("extra.safetensors", b"\0" * 16), "extra"),
+    ("extra unlisted file on disk", lambda c: c.write_raw("extra.safetensors", b"\0" * 16), "file"),
+    ("unlisted symlink to /etc/passwd", lambda c: os.symlink("/etc/passwd", os.path.join(c.dir, "passwd")), "file"),
+    ("header: empty tensor of 2^70 elements", _edit_header(lambda h, k: h.__setitem__("empty", {"dtype": "F32", "shape": [0, 1 << 70], "data_offsets": [0, 0]})), "file"),
     ("wrong hash in manifest", _edit_manifest(_bad_hash), "file"),
     ("wrong size in manifest", _edit_manifest(_bad_size), "file"),
     ("malformed hash string", _edit_manifest(lambda b: b["files"][sorted(b["files"])[0]].__setitem__("hash", "md5:abc")), "file"),
@@ -413,8 +415,7 @@ def _run_case(root: str, mutate: Callable[[Case], None], mode: str) -> list[str]
         with ckstore.Store(root, readonly=True) as store:
             try:
                 store.load(step=5)
-                if mode != "extra":
-                    out.append("load(step=5) succeeded on a corrupt checkpoint")
+                out.append("load(step=5) succeeded on a corrupt checkpoint")
             except ckstore.CkstoreError:
                 pass
             except Exception as exc:
