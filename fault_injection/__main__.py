@@ -18,7 +18,7 @@ import tempfile
 import time
 from typing import Any
 
-TIERS = ("kill", "model", "power", "errors", "mutation", "badfiles", "security")
+TIERS = ("kill", "model", "power", "errors", "mutation", "badfiles", "readfaults", "security")
 
 ALL_WORKLOADS = ["first_save", "next_save", "many_files", "retention", "tag_update", "gc_delete", "second_writer", "recover_leftovers", "async_save", "train_resume"]
 
@@ -38,6 +38,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "mutant_power_cycles": 0,
         "crafted": True,
         "fuzz_inputs": 3_000,
+        "read_operations": ["load", "verify", "read_tensor"],
     },
     "ci": {
         "kill_workloads": ALL_WORKLOADS + ["dvc_publish"],
@@ -56,6 +57,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "mutant_power_cycles": 12,
         "crafted": True,
         "fuzz_inputs": 100_000,
+        "read_operations": "all",
     },
     "full": {
         "kill_workloads": ALL_WORKLOADS + ["next_save_large", "dvc_publish"],
@@ -72,6 +74,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "mutant_power_cycles": 40,
         "crafted": True,
         "fuzz_inputs": 1_000_000,
+        "read_operations": "all",
     },
 }
 
@@ -137,6 +140,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             from . import badfiles
 
             show(badfiles.run_tier(workdir, crafted=profile["crafted"], fuzz_inputs=profile["fuzz_inputs"], seed=args.seed))
+        if "readfaults" in tiers:
+            from . import readfaults
+
+            ops = profile["read_operations"]
+            show(readfaults.run_tier(workdir, operations=tuple(readfaults.OPERATIONS) if ops == "all" else tuple(ops)))
         if "security" in tiers:
             from . import security
 

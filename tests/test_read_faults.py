@@ -280,3 +280,17 @@ def test_loaded_tensors_do_not_pin_their_files_buffer(tmp_path):
     assert torch.equal(loaded, layer["w0"])
     # Large tensors are still read straight into memory of their own (no copy, no extra buffer).
     assert loaded.untyped_storage().nbytes() == loaded.nbytes
+
+
+# ---------------------------------------------------------------- the readfaults tier
+
+
+@pytest.mark.parametrize("operation", ["load_step", "resume", "read_tensor_verified"])
+def test_readfaults_tier_finds_no_violation(tmp_path, operation):
+    """Every read of the operation failed in turn (EIO, short read, early EOF, vanished file): typed or fallback, never torn."""
+    sys.path.insert(0, str(REPO_ROOT))
+    from fault_injection import readfaults
+
+    row = readfaults.run_operation(operation, str(tmp_path))
+    assert row.violations == 0, row.examples[:5]
+    assert row.states >= 20  # faults really hit reads
