@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import struct
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 
 from ._errors import CkstoreError, ManifestError, StateError
-from ._skeleton import MARK, MAX_DEPTH, TORCH_DTYPES, check_skeleton
+from ._skeleton import MARK, MAX_DEPTH, TORCH_DTYPES, check_skeleton, decode_float
 from ._state import Path, format_path, is_stateful
 from ._targets import Mismatch, incompatible, is_plain, load_into, restore_plain
 
@@ -33,11 +32,9 @@ _TENSORS = frozenset({torch.Tensor, torch.nn.Parameter})
 _MAYBE_PLAIN = frozenset({type(None), bool, int, float, str, bytes, list, tuple, dict, torch.dtype, torch.device})
 
 
-def decode_float(node: Mapping[str, Any]) -> float:
-    bits = node.get("bits")
-    if bits is None:
-        return float(node["value"])
-    return struct.unpack("<d", bytes.fromhex(bits))[0]
+def _may_be_plain(target: Any) -> bool:
+    """A cheap first test (one set lookup for the tensors of a model) before :func:`is_plain`."""
+    return type(target) in _MAYBE_PLAIN or isinstance(target, np.generic)
 
 
 class _Decoder:
@@ -94,7 +91,7 @@ class _Decoder:
         for index, item in enumerate(items):
             sub = target[index]
             value = self.decode(item, sub if self._fits(item, sub) else None, path + (index,))
-            if type(sub) in _MAYBE_PLAIN and isinstance(target, list) and is_plain(sub) and self._fits(item, sub):
+            if _may_be_plain(sub) and isinstance(target, list) and is_plain(sub) and self._fits(item, sub):
                 restore_plain(target, index, sub, value, path + (index,), self.mismatch)
             values.append(value)
         return values
@@ -115,7 +112,7 @@ class _Decoder:
             if sub is _ABSENT:
                 out[key] = self.decode(value, None, path + (key,))
                 continue
-            if type(sub) not in _MAYBE_PLAIN:  # tensors, arrays, objects: filled in place
+            if not _may_be_plain(sub):  # tensors, arrays, objects: filled in place
                 out[key] = self.decode(value, sub if self._fits(value, sub) else None, path + (key,))
                 continue
             fits = self._fits(value, sub)

@@ -184,6 +184,14 @@ def _check_tagged(node: dict[str, Any], kind: Any, inner: int, is_key: bool, sta
     raise _bad(path, f"{where} holds an unknown tagged value {str(kind)[:40]!r}")
 
 
+def decode_float(node: dict[str, Any]) -> float:
+    """The float of a (validated) ``{"$ck": "float"}`` node: inf, -inf, or a NaN with its exact bits."""
+    bits = node.get("bits")
+    if bits is None:
+        return float(node["value"])
+    return struct.unpack("<d", bytes.fromhex(bits))[0]
+
+
 def _check_float(node: dict[str, Any], path: str) -> None:
     value = node.get("value")
     bits = node.get("bits")

@@ -46,7 +46,7 @@ import torch
 
 from . import _data
 from ._errors import StateError
-from ._skeleton import MARK, numpy_scalar_dtype
+from ._skeleton import MARK, decode_float, numpy_scalar_dtype
 from ._state import Path, format_path, is_stateful
 
 #: How many key paths of each sort a message names before it says "and N more".
@@ -258,8 +258,6 @@ def decode_key(node: Any) -> Any:
         return node
     kind = node[MARK]
     if kind == "float":
-        from ._decode import decode_float
-
         return decode_float(node)
     if kind == "tuple":
         return tuple(decode_key(item) for item in node["items"])

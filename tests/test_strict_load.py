@@ -193,11 +193,12 @@ def test_resume_restores_plain_values_into_the_callers_dict(store, make_model):
 
 
 def test_plain_values_inside_lists_arrays_and_nested_dicts(store):
-    store.save({"runs": [{"model": torch.ones(2), "step": 5}], "mask": np.arange(3), "meta": {}}, step=1)
+    store.save({"runs": [{"model": torch.ones(2), "step": 5}, 0.5], "mask": np.arange(3), "meta": {}, "best": np.float32(0.25)}, step=1)
     target_tensor, mask, meta = torch.zeros(2), np.zeros(3, dtype=np.int64), {}
-    state = {"runs": [{"model": target_tensor, "step": 0}], "mask": mask, "meta": meta}
+    state = {"runs": [{"model": target_tensor, "step": 0}, 0.0], "mask": mask, "meta": meta, "best": np.float32(1)}
     store.load(state, step=1)
-    assert state["runs"][0]["step"] == 5 and torch.equal(target_tensor, torch.ones(2))
+    assert state["runs"][0]["step"] == 5 and state["runs"][1] == 0.5 and torch.equal(target_tensor, torch.ones(2))
+    assert state["best"] == np.float32(0.25) and type(state["best"]) is np.float32
     assert state["mask"] is mask and mask.tolist() == [0, 1, 2]
     assert state["meta"] is meta and meta == {}
 
