@@ -16,7 +16,8 @@ MODULES = sorted(PACKAGE.glob("*.py"))
 
 #: Calls that change store files on disk: only ``_durable`` may make them (so fault injection sees every one).
 DURABILITY_CALLS = {("os", "fsync"), ("os", "fdatasync"), ("os", "replace"), ("os", "rename"), ("os", "renames"), ("os", "unlink"),
-                    ("os", "remove"), ("os", "rmdir"), ("os", "removedirs"), ("shutil", "rmtree"), ("shutil", "move"), ("os", "link"), ("os", "symlink")}
+                    ("os", "remove"), ("os", "rmdir"), ("os", "removedirs"), ("shutil", "rmtree"), ("shutil", "move"), ("os", "link"), ("os", "symlink"),
+                    ("os", "mkdir"), ("os", "makedirs")}  # a store's parents too: made one by one, each parent fsynced
 PICKLE_CALLS = {("torch", "save"), ("torch", "load"), ("pickle", "load"), ("pickle", "loads"), ("pickle", "dump"), ("pickle", "dumps"),
                 ("numpy", "load"), ("np", "load")}
 
