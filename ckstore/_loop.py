@@ -53,7 +53,7 @@ DEFAULT_SIGNALS: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1, signal.SIGIN
 
 
 def resume(store: Store, state: Any, *, map_location: Any = None, strict: bool = True) -> int:
-    """Restore the newest checkpoint that verifies into ``state``; return its step (0 for an empty store).
+    """Restore the last committed checkpoint that verifies into ``state``; return its step (0 for an empty store).
 
     ``state`` must match the checkpoint, and its plain values (``state["epoch"]``)
     are restored too; ``strict=False`` restores what matches and warns about

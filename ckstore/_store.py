@@ -1121,8 +1121,10 @@ class Store:
         with _gc_paused():
             try:
                 return self._load_one_file_by_file(info, state, map_location, verify, strict)
-            except (IntegrityError, ManifestError):
-                self._corrupt[info.step] = info.created  # retention gives it no slot and never deletes it
+            except (CheckpointNotFoundError, StateError):
+                raise  # gone, or the caller's objects do not fit: says nothing about the checkpoint
+            except CkstoreError:
+                self._corrupt[info.step] = info.created  # failed to load: retention gives it no slot and never deletes it
                 raise
 
     def _load_one_file_by_file(self, info: CheckpointInfo, state: Any, map_location: Any, verify: bool, strict: bool) -> Any:

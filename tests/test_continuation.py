@@ -65,6 +65,18 @@ def test_a_save_after_rolling_back_to_a_tag_is_kept_and_is_the_latest(store_path
         assert ckstore.resume(store, state(0)) == 102
 
 
+def test_resume_after_a_rollback_continues_the_rolled_back_run(store_path):
+    with ckstore.Store(store_path, keep_last=3) as store:
+        store.save(state(100), step=100, tags=["release"])
+        store.save(state(300), step=300)
+        store.load(step="release")
+        store.save(state(101), step=101)
+    with ckstore.Store(store_path, keep_last=3) as store:  # killed and restarted
+        s = state(0)
+        assert ckstore.resume(store, s) == 101 and float(s["w"][0]) == 101.0
+        assert steps_of(store) == [100, 101, 300]  # 300 is still kept (keep_last=3), but not resumed
+
+
 def test_latest_is_the_last_committed_and_load_falls_back_in_commit_order(store_path):
     with ckstore.Store(store_path, keep_last=3) as store:
         for step in (10, 20, 30):
