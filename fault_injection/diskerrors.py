@@ -3,7 +3,8 @@
 Injected errors: the durability hook raises ``OSError(EIO)`` or
 ``OSError(ENOSPC)`` before the n-th operation of a workload, for every n. The
 operation that failed must surface as a typed ``StorageError`` (never another
-exception); after a failed fsync the file must never be fsynced again and the
+exception), or as ``CommittedWithErrorsError`` when it came after the commit
+rename (tagging, retention: the checkpoint is durable and the error says so); after a failed fsync the file must never be fsynced again and the
 save must not commit (Linux may have dropped the dirty pages, a second fsync
 can report success over lost data); afterwards every invariant holds on the
 directory (earlier checkpoints intact, leftovers recovered, the store opens).
@@ -98,6 +99,12 @@ def run_injected(workload: Workload, workdir: str) -> Row:
                 continue
             if raised is None:
                 row.violation(f"{where}: the error was swallowed; the workload completed as if it had succeeded")
+            elif isinstance(raised, ckstore.CommittedWithErrorsError):
+                # A failure after the commit rename (tags, retention): the checkpoint is durable and the error says so.
+                if "rename [commit]" not in events[: n - 1]:
+                    row.violation(f"{where}: CommittedWithErrorsError, but the save never reached its commit rename")
+                elif raised.errno != err:
+                    row.violation(f"{where}: CommittedWithErrorsError carries errno {raised.errno}, expected {err}")
             elif not isinstance(raised, ckstore.StorageError):
                 row.violation(f"{where}: raised {type(raised).__name__} ({str(raised)[:120]}), not StorageError")
             elif raised.errno != err:
