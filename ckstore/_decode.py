@@ -91,8 +91,8 @@ class _Decoder:
         for index, item in enumerate(items):
             sub = target[index]
             value = self.decode(item, sub if self._fits(item, sub) else None, path + (index,))
-            if _may_be_plain(sub) and isinstance(target, list) and is_plain(sub) and self._fits(item, sub):
-                restore_plain(target, index, sub, value, path + (index,), self.mismatch)
+            if _may_be_plain(sub) and is_plain(sub) and self._fits(item, sub):
+                self._restore(target, index, sub, value, path + (index,))
             values.append(value)
         return values
 
@@ -118,8 +118,13 @@ class _Decoder:
             fits = self._fits(value, sub)
             out[key] = decoded = self.decode(value, sub if fits else None, path + (key,))
             if fits and is_plain(sub):
-                restore_plain(target, key, sub, decoded, path + (key,), self.mismatch)
+                self._restore(target, key, sub, decoded, path + (key,))
         return out
+
+    def _restore(self, parent: Any, key: Any, current: Any, value: Any, path: Path) -> None:
+        why = restore_plain(parent, key, current, value)
+        if why is not None:
+            self._refuse(path, why)
 
     def _fits(self, node: Any, target: Any) -> bool:
         """Whether ``target`` may receive ``node``; the plan has already refused (strict) or reported the others."""

@@ -22,7 +22,9 @@ skeleton together and lists every disagreement, and a strict load raises one
   target holds a number, string, bool, bytes, ``None``, or a list, tuple or
   dict built only of these, the saved value replaces it (a list's contents
   are replaced in place; a dict gets its saved keys), so ``state["epoch"]``
-  is right after ``resume()``.
+  is right after ``resume()``. Inside a tuple nothing can be replaced: a
+  plain value there that differs from the saved one is refused (found while
+  decoding, so objects before it in the state may already be restored).
 
 With ``strict=False`` the load restores what matches and reports the rest
 with one :class:`StateMismatchWarning`, whose ``missing``, ``unexpected`` and
@@ -312,10 +314,7 @@ class _Planner:
                 self.plan.mismatch.mismatched.append((format_path(path), f"the checkpoint holds {len(items)} items, the target {len(target)}"))
                 return
             for index, (item, sub) in enumerate(zip(items, target)):
-                if isinstance(target, tuple) and is_plain(sub):
-                    self.plan.mismatch.mismatched.append((format_path(path + (index,)), "a plain value inside a tuple cannot be restored in place; use a list"))
-                else:
-                    self.visit(item, sub, path + (index,))
+                self.visit(item, sub, path + (index,))
 
     def visit_object(self, node: Any, target: Any, path: Path) -> None:
         refusal = _data.loader_refusal(target)
@@ -404,8 +403,13 @@ def drop_overlapping(targets: dict[str, dict[str, torch.Tensor]]) -> None:
 # ---------------------------------------------------------------- restoring
 
 
-def restore_plain(parent: Any, key: Any, current: Any, value: Any, path: Path, mismatch: Mismatch) -> None:
-    """Put the saved plain ``value`` where the target held ``current`` (``parent[key]``), in place where it can."""
+def restore_plain(parent: Any, key: Any, current: Any, value: Any) -> str | None:
+    """Put the saved plain ``value`` where the target held ``current`` (``parent[key]``), in place where it can.
+
+    Returns why it could not: the parent is immutable (a tuple) and the
+    value differs from what it holds (an equal value needs no restoring, so
+    a state with ``(model, 0)`` in it still loads into itself).
+    """
     if type(current) is list and isinstance(value, (list, tuple)):
         current[:] = value
     elif type(current) is dict and isinstance(value, Mapping):
@@ -414,8 +418,21 @@ def restore_plain(parent: Any, key: Any, current: Any, value: Any, path: Path, m
                 current[k] = v
     elif isinstance(parent, (MutableMapping, list)):
         parent[key] = value
-    else:
-        mismatch.mismatched.append((format_path(path), f"cannot be restored in place inside a {type(parent).__name__}"))
+    elif not _same_plain(current, value):
+        return f"a plain value inside a {type(parent).__name__} cannot be restored in place (use a list or dict)"
+    return None
+
+
+def _same_plain(a: Any, b: Any) -> bool:
+    """Equal plain values; NaN equals NaN and 0.0 differs from -0.0, as in a bitwise resume."""
+    if type(a) is not type(b):
+        return False
+    try:
+        if a == b and repr(a) == repr(b):
+            return True
+    except Exception:  # noqa: BLE001 - an odd __eq__ only means "not provably the same"
+        return False
+    return repr(a) == repr(b)
 
 
 def load_into(target: Any, state: Any, path: Path, *, strict: bool, mismatch: Mismatch, module_state: Mapping[str, Any] | None) -> None:

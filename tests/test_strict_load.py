@@ -10,6 +10,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same
+from hypothesis import given
+from test_state import shared_store, states  # noqa: F401 - a fixture and a strategy shared with the round-trip tests
 
 import ckstore
 
@@ -214,10 +217,14 @@ def test_a_nested_plain_dict_gets_the_saved_keys_and_reports_the_ones_it_lacks(s
 
 
 def test_plain_values_in_a_tuple_cannot_be_restored_and_say_so(store, make_model):
-    store.save({"pair": (make_model(seed=1), 4)}, step=1)
+    model = make_model(seed=1)
+    store.save({"pair": (model, 4)}, step=1)
     with pytest.raises(ckstore.StateError) as excinfo:
         store.load({"pair": (make_model(seed=2), 0)}, step=1)
     assert excinfo.value.key == "state['pair'][1]" and "tuple" in str(excinfo.value)
+    fresh = make_model(seed=2)
+    store.load({"pair": (fresh, 4)}, step=1)  # an equal value needs no restoring
+    assert _same(fresh, _params(model))
 
 
 def test_loading_without_a_target_or_a_part_of_the_checkpoint_is_not_a_mismatch(store, make_model):
@@ -230,3 +237,18 @@ def test_loading_without_a_target_or_a_part_of_the_checkpoint_is_not_a_mismatch(
         out = store.load({"model": fresh}, step=1)
         assert out["epoch"] == 3 and _same(fresh, _params(model))
         assert store.load(step=1)["epoch"] == 3
+
+
+# ---------------------------------------------------------------- every state loads into itself
+
+
+@given(state=states)
+def test_any_state_loads_strictly_into_itself(shared_store, state):
+    """Whatever save() accepts is a strict target for its own checkpoint, and comes back unchanged."""
+    store, steps = shared_store
+    step = next(steps)
+    store.save(state, step=step)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = store.load(state, step=step)
+    assert_same(loaded, state)
