@@ -31,6 +31,8 @@ class ChildResult:
     acks: list[tuple[str, Any]] = field(default_factory=list)
     events: int | None = None
     error: str | None = None
+    #: The event the child was killed at, as the killed run itself saw it ("before rename [commit]").
+    killed_at: str | None = None
 
     @property
     def killed(self) -> bool:
@@ -83,6 +85,8 @@ def fork_workload(
                     hook(op, phase, path, info)
                 count += 1
                 if count == kill_at:
+                    # The label comes from this run's own trace: a dry run's thread interleaving may differ.
+                    send({"at": f"{phase} {op} [{info.get('site')}]"})
                     os.killpg(0, signal.SIGKILL)
 
             if before_run is not None:
@@ -121,6 +125,8 @@ def fork_workload(
             continue  # a line cut by the kill
         if "ack" in msg:
             result.acks.append(_as_ack(msg["ack"]))
+        elif "at" in msg:
+            result.killed_at = msg["at"]
         elif "events" in msg:
             result.events = msg["events"]
         elif "error" in msg:

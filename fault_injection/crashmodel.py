@@ -38,13 +38,16 @@ from typing import Any
 
 from ckstore import _durable
 
-from .invariants import check_store
+from .invariants import COMPLETES, check_store
 from .killpoints import prepare_template
 from .report import Row
 from .workloads import WORKLOADS, Workload, run_in_process_variant
 
 
 # ---------------------------------------------------------------- the model file system
+
+#: The lock-owner file (pid and host, written with durable=False): its operations are noise for the state count.
+LOCK_OWNER = ".ckstore.lock.owner"
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,7 @@ class Tree:
         other.nodes = {ino: (dict(n) if isinstance(n, dict) else bytearray(n)) for ino, n in self.nodes.items()}
         return other
 
-    def apply(self, op: Op, variant: str = "full") -> None:
+    def apply(self, op: Op, variant: str = "full", stale: bytes = b"") -> None:
         if op.kind == "link":
             self.nodes[op.a][op.name] = op.b
         elif op.kind == "unlink":
@@ -104,8 +107,12 @@ class Tree:
             data = op.data
             if variant == "half":
                 data = data[: len(data) // 2]
+            elif variant == "tail":  # the second half landed, the first is a hole
+                data = bytes(len(data) // 2) + data[len(data) // 2 :]
             elif variant == "zeros":
                 data = bytes(len(data))
+            elif variant == "stale":  # a reused block: another file's old bytes
+                data = (stale * (len(data) // max(1, len(stale)) + 1))[: len(data)]
             buf = self.nodes[op.a]
             end = op.b + len(data)
             if len(buf) < end:
@@ -123,7 +130,9 @@ class Tree:
                 with open(child, "wb") as fh:
                     fh.write(node)
 
-    def digest(self, root_ino: int) -> str:
+    def digest(self, root_ino: int, *, skip_lock_owner: bool = False) -> str:
+        """A digest of the tree; ``skip_lock_owner`` leaves out the lock-owner file and its temp files
+        (informational, never fsynced: states that differ only there are the same store)."""
         h = hashlib.blake2b(digest_size=16)
 
         def walk(ino: int, prefix: str) -> None:
@@ -131,6 +140,8 @@ class Tree:
             if isinstance(node, dict):
                 h.update(f"D{prefix}\0".encode())
                 for name in sorted(node):
+                    if skip_lock_owner and LOCK_OWNER in name:
+                        continue
                     walk(node[name], prefix + "/" + name)
             else:
                 h.update(f"F{prefix}\0{len(node)}\0".encode())
@@ -150,7 +161,14 @@ class Recorder:
         self.base = base
         self.tree = tree  # the live namespace (applied as recorded)
         self.paths: dict[str, int] = {}
+        #: Files open for writing, by the path they were created at: a writer's later operations
+        #: (write, fsync, close) name that path even after a rename moved the file or its directory,
+        #: exactly as its descriptor still names the same inode.
+        self.open_files: dict[str, int] = {}
         self.ops: list[Op] = []
+        #: Fail the n-th file fsync (1-based, 0: never) with EIO, and drop that file's dirty pages (fsyncgate).
+        self.fail_fsync = 0
+        self.fsyncs = 0
 
         def index(ino: int, rel: str) -> None:
             self.paths[rel] = ino
@@ -169,7 +187,25 @@ class Recorder:
 
     def _parent(self, rel: str) -> tuple[int, str]:
         parent, name = os.path.split(rel)
+        if parent not in self.paths:
+            self._untracked_dirs(parent)
         return self.paths[parent], name
+
+    def _untracked_dirs(self, rel: str) -> None:
+        """Directories made outside the durability module (``os.makedirs``): created, never fsynced.
+
+        They enter the trace as creations no fsync covers, so a crash may lose
+        them, and everything under them, as a power cut would.
+        """
+        parent, name = os.path.split(rel)
+        if parent not in self.paths:
+            self._untracked_dirs(parent)
+        ino = self.tree.new({})
+        self.paths[rel] = ino
+        self._emit(Op("link", self.paths[parent], name, ino, new="d", what=f"mkdir {rel} [outside _durable]"))
+
+    def _file(self, rel: str) -> int:
+        return self.open_files[rel] if rel in self.open_files else self.paths[rel]
 
     def _emit(self, op: Op) -> None:
         self.ops.append(op)
@@ -179,21 +215,29 @@ class Recorder:
         self.ops.append(Op("ack", name=kind, data=value, what=f"ack {kind} {value}"))
 
     def hook(self, op: str, phase: str, path: str, info: dict[str, Any]) -> None:
-        if phase != "after":
-            return
         rel = self._rel(path)
         site = info.get("site")
+        if phase == "before" and op == "fsync":
+            self.fsyncs += 1
+            if self.fsyncs == self.fail_fsync:
+                # The kernel reports EIO and drops the file's dirty pages; a later fsync would succeed.
+                self.ops.append(Op("fsync_fail", self._file(rel), what=f"fsync {rel} FAILED (EIO, pages dropped) [{site}]"))
+                raise OSError(5, "Input/output error (injected)", path)
+        if phase != "after":
+            return
         if op in ("mkdir", "create"):
             parent, name = self._parent(rel)
             kind = "d" if op == "mkdir" else "f"
             ino = self.tree.new({} if kind == "d" else bytearray())
             self.paths[rel] = ino
+            if kind == "f":
+                self.open_files[rel] = ino
             self._emit(Op("link", parent, name, ino, new=kind, what=f"{op} {rel} [{site}]"))
         elif op == "write":
             data = bytes(info["data"])
-            self._emit(Op("write", self.paths[rel], b=info["offset"], data=data, what=f"write {rel} +{info['offset']} {len(data)}B [{site}]"))
+            self._emit(Op("write", self._file(rel), b=info["offset"], data=data, what=f"write {rel} +{info['offset']} {len(data)}B [{site}]"))
         elif op == "fsync":
-            self.ops.append(Op("fsync", self.paths[rel], what=f"fsync {rel} [{site}]"))
+            self.ops.append(Op("fsync", self._file(rel), what=f"fsync {rel} [{site}]"))
         elif op == "fsync_dir":
             self.ops.append(Op("fsync_dir", self.paths[rel], what=f"fsync_dir {rel or '.'} [{site}]"))
         elif op in ("unlink", "rmdir"):
@@ -219,13 +263,18 @@ class Recorder:
             ino = self.paths[rel]
             self._emit(Op("link", dp, dname, ino, what=f"link {rel} -> {dst} [{site}]"))
             self.paths[dst] = ino
-        # "close" changes nothing on disk
+        elif op == "close":  # changes nothing on disk; the descriptor is gone
+            self.open_files.pop(rel, None)
 
 
-def record(workload: Workload, workdir: str, prepared: tuple[str, list[int]] | None = None) -> tuple[Tree, int, list[Op], list[int]]:
+def record(
+    workload: Workload, workdir: str, prepared: tuple[str, list[int]] | None = None, *, fail_fsync: int = 0
+) -> tuple[Tree, int, list[Op], list[int]]:
     """Run ``workload`` once with the recording hook; return the base tree, its root inode, the trace and base steps.
 
     ``prepared``: a template and its steps from :func:`prepare_template` to reuse instead of preparing again.
+    ``fail_fsync``: fail the n-th file fsync (fsyncgate); the run's own error is then expected and
+    recorded as an ``ack`` of kind ``failed``. Any other exception is recorded as ``raised``.
     """
     template, base_steps = prepared or prepare_template(workload, workdir)
     base = os.path.join(workdir, f"recorded-{workload.name}")
@@ -233,18 +282,24 @@ def record(workload: Workload, workdir: str, prepared: tuple[str, list[int]] | N
     shutil.copytree(template, base, symlinks=True)
     tree, base_ino = Tree.snapshot(base)
     recorder = Recorder(base, tree.copy(), base_ino)
+    recorder.fail_fsync = fail_fsync
     run = run_in_process_variant(workload)
-    with _durable.hooked(recorder.hook):
-        run(os.path.join(base, "store"), recorder.mark, workload.scale)
+    try:
+        with _durable.hooked(recorder.hook):
+            run(os.path.join(base, "store"), recorder.mark, workload.scale)
+    except Exception as exc:
+        recorder.mark("failed" if fail_fsync and recorder.fsyncs >= fail_fsync else "raised", f"{type(exc).__name__}: {str(exc)[:300]}")
     return tree, base_ino, recorder.ops, base_steps
 
 
 # ---------------------------------------------------------------- enumeration
 
 
-def pending_at(ops: list[Op], k: int) -> list[int]:
-    """Indices of the operations among the first ``k`` that are not yet durable."""
+def durability(ops: list[Op], k: int) -> tuple[list[int], set[int]]:
+    """Among the first ``k`` operations: the indices not yet durable, and the writes whose pages were
+    dropped by a failed fsync (they never reach the disk, whatever fsync follows: fsyncgate)."""
     pending: list[int] = []
+    dropped: set[int] = set()
     # rename index -> the directories that still need an fsync
     waiting: dict[int, set[int]] = {}
     for i in range(k):
@@ -256,6 +311,10 @@ def pending_at(ops: list[Op], k: int) -> list[int]:
             waiting[i] = {op.a, op.b}
         elif op.kind == "fsync":
             pending = [j for j in pending if not (ops[j].kind == "write" and ops[j].a == op.a)]
+        elif op.kind == "fsync_fail":
+            gone = {j for j in pending if ops[j].kind == "write" and ops[j].a == op.a}
+            dropped |= gone
+            pending = [j for j in pending if j not in gone]
         elif op.kind == "fsync_dir":
             keep = []
             for j in pending:
@@ -268,15 +327,24 @@ def pending_at(ops: list[Op], k: int) -> list[int]:
                         continue
                 keep.append(j)
             pending = keep
-    return pending
+    return pending, dropped
+
+
+def pending_at(ops: list[Op], k: int) -> list[int]:
+    """Indices of the operations among the first ``k`` that are not yet durable."""
+    return durability(ops, k)[0]
 
 
 #: Up to this many pending operations, every subset of them is a crash state.
 EXHAUSTIVE = 8
 
+#: How a pending write may reach the disk: whole, a prefix ("half"), a suffix with a hole before it
+#: ("tail": not a prefix), size grown but no data ("zeros"), or another file's old bytes ("stale").
+TORN = ("half", "tail", "zeros", "stale")
+
 
 def states_at(ops: list[Op], k: int, rng: random.Random, random_subsets: int, exhaustive: int = EXHAUSTIVE) -> list[dict[int, str]]:
-    """Crash states at crash point ``k``: each maps pending op index -> variant ("full", "half", "zeros"); absent = lost."""
+    """Crash states at crash point ``k``: each maps pending op index -> variant ("full" or one of :data:`TORN`); absent = lost."""
     pending = pending_at(ops, k)
     writes = [j for j in pending if ops[j].kind == "write"]
     full = {j: "full" for j in pending}
@@ -286,8 +354,12 @@ def states_at(ops: list[Op], k: int, rng: random.Random, random_subsets: int, ex
         out.append({j: "full"})
         out.append({i: "full" for i in pending[:n]})  # persisted in program order up to j
     for j in writes:
-        out.append({**full, j: "half"})
-        out.append({**full, j: "zeros"})
+        for variant in TORN:
+            out.append({**full, j: variant})
+    if len(writes) > 1:  # several torn writes in one state
+        for variant in TORN:
+            out.append({**full, **{j: variant for j in writes}})
+        out.append({**full, **{j: rng.choice(TORN) for j in writes}})
     if len(pending) <= exhaustive:  # a small window: every subset of the pending operations
         for mask in range(1 << len(pending)):
             out.append({j: "full" for bit, j in enumerate(pending) if mask >> bit & 1})
@@ -295,13 +367,22 @@ def states_at(ops: list[Op], k: int, rng: random.Random, random_subsets: int, ex
         chosen = {}
         for j in pending:
             if rng.random() < 0.5:
-                chosen[j] = rng.choice(("full", "full", "half", "zeros")) if ops[j].kind == "write" else "full"
+                chosen[j] = rng.choice(("full", "full") + TORN) if ops[j].kind == "write" else "full"
         out.append(chosen)
     return out
 
 
+def _stale_source(ops: list[Op], i: int) -> bytes:
+    """Old bytes a reused block may hold: the data of the latest earlier write to another file."""
+    for j in range(i - 1, -1, -1):
+        if ops[j].kind == "write" and ops[j].a != ops[i].a and ops[j].data:
+            return ops[j].data
+    return b"\xa5"
+
+
 def build(tree: Tree, ops: list[Op], k: int, chosen: dict[int, str]) -> Tree:
-    pending = set(pending_at(ops, k))
+    pending_list, dropped = durability(ops, k)
+    pending = set(pending_list)
     state = tree.copy()
     for op in ops[:k]:
         if op.new is not None:  # inodes exist from their creation on, reachable or not
@@ -310,10 +391,13 @@ def build(tree: Tree, ops: list[Op], k: int, chosen: dict[int, str]) -> Tree:
         op = ops[i]
         if op.kind not in ("link", "unlink", "rename", "write"):
             continue
-        if i in pending:
+        if i in dropped:
+            state.apply(op, "zeros")  # the size was recorded, the pages were dropped
+        elif i in pending:
             if i not in chosen:
                 continue
-            state.apply(op, chosen[i])
+            variant = chosen[i]
+            state.apply(op, variant, stale=_stale_source(ops, i) if variant == "stale" else b"")
         else:
             state.apply(op)
     return state
@@ -333,24 +417,57 @@ def run_workload(
     row = Row("2 crash model", workload.name)
     start = time.monotonic()
     tree, base_ino, ops, base_steps = record(workload, workdir, prepared)
-    rng = random.Random(seed)
+    check_states(row, workload, workdir, tree, base_ino, ops, base_steps, random.Random(seed), random_subsets, exhaustive, max_states, stop_on_violation)
+    row.seconds = time.monotonic() - start
+    return row
+
+
+def check_states(
+    row: Row,
+    workload: Workload,
+    workdir: str,
+    tree: Tree,
+    base_ino: int,
+    ops: list[Op],
+    base_steps: list[int],
+    rng: random.Random,
+    random_subsets: int,
+    exhaustive: int = EXHAUSTIVE,
+    max_states: int | None = None,
+    stop_on_violation: bool = False,
+    points: range | None = None,
+) -> None:
+    """Enumerate, deduplicate and check the crash states of a recorded trace; count them into ``row``.
+
+    ``row.states`` counts distinct states without the lock-owner file's noise
+    (only those are checked, one representative each); the note also gives
+    the count with it, as earlier tables reported.
+    """
+    raised = [op.data for op in ops if op.kind == "ack" and op.name == "raised"]
+    if raised:
+        row.violation(f"{COMPLETES}: the recorded run raised: {raised[0]}")
     seen: set[str] = set()
+    noisy: set[str] = set()
     states_dir = os.path.join(workdir, "model-state")
-    for k in range(len(ops) + 1):
+    lock_ops = sum(1 for op in ops if LOCK_OWNER in op.what)
+    for k in points if points is not None else range(len(ops) + 1):
         acks = [(op.name, op.data) for op in ops[:k] if op.kind == "ack"]
+        ack_key = repr(sorted(acks, key=repr))
+        pending = pending_at(ops, k)
         for chosen in states_at(ops, k, rng, random_subsets, exhaustive):
             state = build(tree, ops, k, chosen)
-            digest = state.digest(base_ino)
-            key = digest + repr(sorted(acks, key=repr))
+            noisy.add(state.digest(base_ino) + ack_key)
+            key = state.digest(base_ino, skip_lock_owner=True) + ack_key
             if key in seen:
                 continue
             seen.add(key)
             shutil.rmtree(states_dir, ignore_errors=True)
             state.materialize(base_ino, states_dir)
             row.states += 1
-            for message in check_store(os.path.join(states_dir, "store"), workload, acks, base_steps):
+            final = k == len(ops) and not raised and all(chosen.get(j) == "full" for j in pending)
+            for message in check_store(os.path.join(states_dir, "store"), workload, acks, base_steps, quiescent=final):
                 where = ops[k - 1].what if k else "before the first operation"
-                lost = [ops[j].what for j in pending_at(ops, k) if j not in chosen][:3]
+                lost = [f"{ops[j].what} ({chosen[j]})" if j in chosen else ops[j].what for j in pending if chosen.get(j) != "full"][:3]
                 row.violation(f"crash after op {k} ({where}); lost/partial {lost}: {message}")
             if stop_on_violation and row.violations:
                 break
@@ -358,9 +475,36 @@ def run_workload(
                 break
         if (stop_on_violation and row.violations) or (max_states is not None and row.states >= max_states):
             break
-    row.cycles = len(ops) + 1
+    row.cycles += len(points) if points is not None else len(ops) + 1
+    fsyncs = sum(1 for o in ops if o.kind in ("fsync", "fsync_dir"))
+    row.note = (
+        f"{len(ops)} ops ({lock_ops} lock-owner), {fsyncs} fsyncs; "
+        f"{len(noisy)} states counting lock-owner variants"
+    )
+
+
+def run_fsyncgate(workload: Workload, workdir: str, *, limit: int, seed: int, stop_on_violation: bool = False, prepared: tuple[str, list[int]] | None = None) -> Row:
+    """Fail each file fsync of the run in turn (up to ``limit`` of them, spread over the run) with EIO;
+    the failing file's dirty pages are dropped, as Linux does, and a later fsync of it would succeed.
+
+    Every state from the failure to the end of the run is checked (reduced variants): a save that
+    ignored the failure and committed would leave a visible checkpoint with a hole in its data.
+    """
+    row = Row("2 crash model", f"{workload.name} (fsyncgate)")
+    start = time.monotonic()
+    prepared = prepared or prepare_template(workload, workdir)
+    _, _, clean, _ = record(workload, workdir, prepared)
+    total = sum(1 for op in clean if op.kind == "fsync")
+    picks = sorted({1 + (i * total) // max(1, limit) for i in range(min(limit, total))})
+    rng = random.Random(seed)
+    for n in picks:
+        tree, base_ino, ops, base_steps = record(workload, workdir, prepared, fail_fsync=n)
+        failed_at = next(i for i, op in enumerate(ops) if op.kind == "fsync_fail")
+        check_states(row, workload, workdir, tree, base_ino, ops, base_steps, rng, 0, exhaustive=2, stop_on_violation=stop_on_violation, points=range(failed_at + 1, len(ops) + 1))
+        if stop_on_violation and row.violations:
+            break
     row.seconds = time.monotonic() - start
-    row.note = f"{len(ops)} ops, {sum(1 for o in ops if o.kind in ('fsync', 'fsync_dir'))} fsyncs"
+    row.note = f"{len(picks)} of {total} file fsyncs failed in turn; " + row.note
     return row
 
 

@@ -213,7 +213,7 @@ def run_signal_storm(workdir: str, *, scale: int = 1 << 15) -> Row:
     start = time.monotonic()
     base = os.path.join(workdir, "storm")
     shutil.rmtree(base, ignore_errors=True)
-    workload = Workload("storm", _storm_saves, None, {"keep_last": 3}, may_vanish=frozenset(range(3, 10)), scale=scale)
+    workload = Workload("storm", _storm_saves, None, {"keep_last": 3}, scale=scale)
 
     def storm() -> None:
         def handler(signum: int, frame: Any) -> None:

@@ -13,8 +13,10 @@ bugs inside the process, partial cleanups and recovery bugs.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
+import re
 import shutil
 import signal
 import time
@@ -23,7 +25,7 @@ from typing import Any
 import ckstore
 
 from . import _child
-from .invariants import check_store
+from .invariants import COMPLETES, check_store, write_base
 from .report import Row
 from .workloads import WORKLOADS, Workload, expected_state
 
@@ -34,12 +36,10 @@ def prepare_template(workload: Workload, workdir: str) -> tuple[str, list[int]]:
     shutil.rmtree(template, ignore_errors=True)
     os.makedirs(template)
     root = os.path.join(template, "store")
-    steps: list[int] = []
     if workload.prepare is not None:
         workload.prepare(root, workload.scale)
-        with ckstore.Store(root, readonly=True) as store:
-            steps = [info.step for info in store.checkpoints()]
-    return template, steps
+    # base.json beside the store: the oracle's record of what exists before the window (steps, metrics, tags)
+    return template, write_base(root)
 
 
 def fresh_copy(template: str, workdir: str, name: str) -> str:
@@ -71,31 +71,80 @@ def _describe_events(workload: Workload, template: str, workdir: str) -> list[st
     return events
 
 
+def outcome_digest(root: str) -> str:
+    """A digest of what a cycle left on disk, blind to what differs between identical runs.
+
+    Random name suffixes (staging, trash and temp names) are normalised, and
+    the lock-owner file (pid, host, time) is skipped, so two cycles that left
+    the same store get the same digest: the "distinct outcomes" count.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    for dirpath, dirnames, names in os.walk(root):
+        dirnames.sort()
+        rel = os.path.relpath(dirpath, root)
+        h.update(_RANDOM.sub("*", rel).encode() + b"\0D")
+        for name in sorted(_RANDOM.sub("*", n) + "\0" + n for n in names):
+            shown, real = name.split("\0")
+            h.update(shown.encode() + b"\0F")
+            if real.startswith(".ckstore.lock"):
+                continue
+            path = os.path.join(dirpath, real)
+            if os.path.isfile(path) and not os.path.islink(path):
+                with open(path, "rb") as fh:
+                    data = fh.read()
+                if real.endswith(".json") or ".json.tmp-" in real:
+                    data = _TIMES.sub(b"#", data)  # creation and tag times differ from run to run
+                h.update(hashlib.blake2b(data, digest_size=16).digest())
+    return h.hexdigest()
+
+
+_TIMES = re.compile(rb"\d{9,}\.\d+")
+_RANDOM = re.compile(r"(\.[0-9a-f]{8}$|tmp-[0-9a-f]{12}|\.[0-9a-f]{8}(?=/))")
+
+
 def run_boundaries(workload: Workload, workdir: str, *, stride: int = 1) -> Row:
-    """Kill ``workload`` at every ``stride``-th event boundary (stride 1: all of them)."""
+    """Kill ``workload`` at every ``stride``-th event boundary (stride 1: all of them).
+
+    The dry run only counts the events; each kill's label comes from the killed
+    run's own trace (the child reports the event it dies at), since threads may
+    interleave differently from one run to the next.
+    """
     row = Row("1 kill points", workload.name)
     start = time.monotonic()
     template, base_steps = prepare_template(workload, workdir)
-    events = _describe_events(workload, template, workdir)
+    try:
+        events = _describe_events(workload, template, workdir)
+    except RuntimeError as exc:
+        row.violation(f"{COMPLETES}: {exc}")
+        row.seconds = time.monotonic() - start
+        row.note = "the run fails without a fault"
+        return row
     covered = 0
+    outcomes: set[str] = set()
+    relabelled = 0
     for n in range(1, len(events) + 2):  # len+1: the run that finishes un-killed
         if stride > 1 and n % stride and n <= len(events):
             continue
         root = fresh_copy(template, workdir, "cycle")
         result = _child.fork_workload(workload, root, kill_at=n)
         row.cycles += 1
-        where = events[n - 1] if n <= len(events) else "after the last operation"
+        where = result.killed_at or (events[n - 1] if n <= len(events) else "after the last operation")
+        if result.killed_at and n <= len(events) and result.killed_at != events[n - 1]:
+            relabelled += 1
         if n <= len(events) and not result.killed:
-            row.violation(f"kill point {n} ({where}) not reached: {result.error or result.status}")
+            row.violation(f"{COMPLETES}: kill point {n} ({where}) not reached: {result.error or result.status}")
             continue
         if n > len(events) and not result.ok:
-            row.violation(f"workload failed without a kill: {result.error or result.status}")
+            row.violation(f"{COMPLETES}: workload failed without a kill: {result.error or result.status}")
             continue
         covered += 1
-        for message in check_store(root, workload, result.acks, base_steps):
+        outcomes.add(outcome_digest(root))
+        for message in check_store(root, workload, result.acks, base_steps, quiescent=n > len(events)):
             row.violation(f"kill at event {n} ({where}): {message}")
     row.seconds = time.monotonic() - start
-    row.note = f"{covered}/{len(events) + 1} boundaries" if stride == 1 else f"every {stride}th of {len(events) + 1} boundaries"
+    row.states = len(outcomes)
+    span = f"{covered}/{len(events) + 1} boundaries" if stride == 1 else f"every {stride}th of {len(events) + 1} boundaries"
+    row.note = f"{span}; {len(outcomes)} distinct outcomes; labels from the killed run ({relabelled} differ from the dry run)"
     return row
 
 

@@ -156,7 +156,7 @@ def _check(store: ckstore.Store, acks: list[tuple[str, Any]]) -> list[str]:
 
 
 def power_workload(scale: int) -> Workload:
-    return Workload("power_saves", _run_saves, _prepare, {"keep_last": KEEP_LAST}, may_vanish=frozenset(range(1, LAST_STEP + 1)), check=_check, scale=scale)
+    return Workload("power_saves", _run_saves, _prepare, {"keep_last": KEEP_LAST}, check=_check, scale=scale)
 
 
 def run_fs(fs: str, workdir: str, *, cycles: int, scale: int, seed: int, stop_on_violation: bool = False) -> Row:

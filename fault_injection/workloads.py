@@ -11,9 +11,13 @@ A :class:`Workload` has two halves:
   crash that happens after it.
 
 What a workload promises is stated as data, so one invariant checker
-(:mod:`fault_injection.invariants`) serves every tier: the steps that may
-vanish (retention targets), the content of every step (a pure function of the
-step number), and an optional extra check. A later write path (DVC publish,
+(:mod:`fault_injection.invariants`) serves every tier: the store options (the
+retention policy the oracle applies), the acknowledgements it sends (an
+``intent`` mark with each save's step, metrics and tags before the call, then
+``save``/``tag``/``untag``/``deleting``/``delete`` once a call returned), the
+content of every step (a pure function of the step number), and an optional
+extra check. No step is exempt from the loss check: a step may vanish only
+where the retention rule allows it. A later write path (DVC publish,
 async saves) is one more entry in :data:`WORKLOADS`.
 """
 
@@ -72,8 +76,6 @@ class Workload:
     prepare: Callable[[str, int], None] | None = None
     #: Store options used when the checker (recovery) opens the store.
     store_kwargs: dict[str, Any] = field(default_factory=dict)
-    #: Steps a run may legitimately delete (retention, explicit delete).
-    may_vanish: frozenset[int] = frozenset()
     #: Extra invariant: (open store, acknowledged events) -> violation messages.
     check: Callable[[ckstore.Store, list[tuple[str, Any]]], list[str]] | None = None
     #: Tensor scale (elements per tensor row) of the saved states.
@@ -82,7 +84,13 @@ class Workload:
     content: Callable[[int, int], Any] | None = expected_state
 
 
+def intent(ack: Ack, step: int, metrics: dict[str, float] | None = None, tags: Any = ()) -> None:
+    """Mark a save about to start: its step, metrics and tags feed the retention oracle."""
+    ack("intent", [step, dict(metrics or {}), sorted(tags)])
+
+
 def _save(store: ckstore.Store, step: int, scale: int, ack: Ack, **kwargs: Any) -> None:
+    intent(ack, step, kwargs.get("metrics"), kwargs.get("tags", ()))
     store.save(expected_state(step, scale), step=step, **kwargs)
     ack("save", step)
 
@@ -121,6 +129,7 @@ def _run_next(root: str, ack: Ack, scale: int) -> None:
 def _run_retention(root: str, ack: Ack, scale: int) -> None:
     with ckstore.Store(root, keep_last=2) as store:
         _save(store, 4, scale, ack)  # deletes 1 and 2 after 4 is durable
+        ack("deleting", 3)
         store.delete(3)
         ack("delete", 3)
 
@@ -136,6 +145,7 @@ def many_files_state(step: int, scale: int = 64) -> dict[str, Any]:
 
 def _run_many(root: str, ack: Ack, scale: int) -> None:
     with ckstore.Store(root, keep_last=1) as store:
+        intent(ack, 3)
         store.save(many_files_state(3, scale), step=3)
         ack("save", 3)
 
@@ -160,6 +170,7 @@ def _run_gc(root: str, ack: Any, scale: int) -> None:
         store.gc()  # keeps 4 (best), 5 (newest), 3 (tagged); deletes 1 and 2
         ack("delete", 1)
         ack("delete", 2)
+        ack("deleting", 3)
         store.delete(3, force=True)  # tagged: its tag goes first, then the directory
         ack("delete", 3)
 
@@ -229,12 +240,15 @@ def _run_async(root: str, ack: Ack, scale: int) -> None:
     """
     with ckstore.Store(root, keep_last=2) as store:
         state = expected_state(3, scale)
+        intent(ack, 3)
         store.save(state, step=3, blocking=False)
         state["model"]["enc.weight"].zero_()  # allowed at once: the state was copied before save returned
+        intent(ack, 4)
         handle = store.save(expected_state(4, scale), step=4, blocking=False)
         ack("save", 3)  # the second save waited for the first one to be durable
         handle.result()
         ack("save", 4)
+        intent(ack, 5, tags=["async"])
         store.save(expected_state(5, scale), step=5, blocking=False, tags=["async"])
         store.wait()
         ack("save", 5)
@@ -354,6 +368,8 @@ def train(root: str, ack: Ack | None = None, *, resume: bool = False) -> dict[st
         for step in range(start + 1, TRAIN_STEPS + 1):
             train_step(objs)
             if step % TRAIN_EVERY == 0:
+                if ack is not None:
+                    intent(ack, step, {"step": step})
                 store.save(_train_state(objs, step), step=step, metrics={"step": step})
                 if ack is not None:
                     ack("save", step)
@@ -392,13 +408,13 @@ WORKLOADS: dict[str, Workload] = {
     for w in (
         Workload("first_save", _run_first, None, {"keep_last": 2}),
         Workload("next_save", _run_next, _prepare_steps(1, 2)),
-        Workload("retention", _run_retention, _prepare_steps(1, 2, 3), {"keep_last": 2}, may_vanish=frozenset({1, 2, 3})),
+        Workload("retention", _run_retention, _prepare_steps(1, 2, 3), {"keep_last": 2}),
         Workload("tag_update", _run_tags, _prepare_steps(1, 2, tags={"top": 1, "old": 1}), check=_check_tags),
         Workload("second_writer", _run_second_writer, _prepare_steps(1)),
         Workload("recover_leftovers", _run_leftovers, _prepare_leftovers),
-        Workload("async_save", _run_async, _prepare_steps(1, 2), {"keep_last": 2}, may_vanish=frozenset({1, 2, 3})),
-        Workload("many_files", _run_many, _prepare_many, {"keep_last": 1}, may_vanish=frozenset({2}), content=many_files_state),
-        Workload("gc_delete", _run_gc, _prepare_ranked, {"keep_best": 1, "metric": "loss"}, may_vanish=frozenset({1, 2, 3})),
+        Workload("async_save", _run_async, _prepare_steps(1, 2), {"keep_last": 2}),
+        Workload("many_files", _run_many, _prepare_many, {"keep_last": 1}, content=many_files_state),
+        Workload("gc_delete", _run_gc, _prepare_ranked, {"keep_best": 1, "metric": "loss"}),
         # next_save with 8 MB tensors: the large-write path (direct writes, several chunks per file)
         Workload("next_save_large", _run_next, _prepare_steps(1, 2), scale=1 << 19),
         Workload(
@@ -406,7 +422,6 @@ WORKLOADS: dict[str, Workload] = {
             _run_train,
             None,
             {"keep_last": 2},
-            may_vanish=frozenset(range(TRAIN_EVERY, TRAIN_STEPS, TRAIN_EVERY)),
             check=_check_train,
             content=None,
         ),
