@@ -435,6 +435,11 @@ def _run_case(root: str, mutate: Callable[[Case], None], mode: str) -> list[str]
                     out.append(f"load() did not fall back to step 3: {type(exc).__name__}: {str(exc)[:120]}")
             except Exception as exc:
                 out.append(f"load() raised {type(exc).__name__}: {str(exc)[:120]}")
+        # Then as a training run would: open writable (recovery runs) and save. Nothing committed may go:
+        # the good step 3 stays, and the damaged step 5 is kept or quarantined, never deleted.
+        from .invariants import Oracle, writable_save
+
+        out.extend(writable_save(root, {}, Oracle.build({}, [{"step": 3}], [])))
     return out
 
 

@@ -25,6 +25,11 @@ invariant caught a bug.
     The retention upper bound, checked wherever the store is quiescent (a run
     that finished, and after the save that follows every crash state): each
     visible checkpoint is one the policy keeps, pinned, or the latest save's.
+``tags-as-acked``
+    Every tag points where the acknowledged operations put it, or where an
+    operation in flight at the crash was moving it (a save carrying the tag, a
+    ``tagging`` mark, an untag or explicit delete that began). Publish pins
+    (``published.*``) are the DVC workloads' business.
 ``content-exact``
     Every visible checkpoint loads to exactly the state saved at its step.
 ``load-newest``
@@ -78,6 +83,7 @@ VERIFIES = "visible-verifies"
 ACKED_KEPT = "acked-kept-by-policy"
 NO_LEAK = "no-retention-leak"
 DELETE_STAYS = "delete-stays-done"
+TAGS = "tags-as-acked"
 CONTENT = "content-exact"
 NEWEST = "load-newest"
 CORRUPT_KEPT = "corrupt-never-deleted"
@@ -86,7 +92,7 @@ WORKLOAD = "workload-check"
 COMPLETES = "workload-completes"
 CHECKER = "checker-crashed"
 
-NAMES = (OPENS, LEFTOVERS, VERIFIES, ACKED_KEPT, NO_LEAK, DELETE_STAYS, CONTENT, NEWEST, CORRUPT_KEPT, WRITABLE_SAVE, WORKLOAD, COMPLETES, CHECKER)
+NAMES = (OPENS, LEFTOVERS, VERIFIES, ACKED_KEPT, NO_LEAK, DELETE_STAYS, TAGS, CONTENT, NEWEST, CORRUPT_KEPT, WRITABLE_SAVE, WORKLOAD, COMPLETES, CHECKER)
 
 #: The file beside a template's store that records its checkpoints (see :func:`write_base`).
 BASE_FILE = "base.json"
@@ -117,6 +123,7 @@ class Oracle:
     sure_tags: dict[str, int] = field(default_factory=dict)  # tag -> step, acknowledged
     maybe_pinned: set[int] = field(default_factory=set)  # any tag might point here
     last_saved: int | None = None  # the most recent acknowledged save
+    tag_moves: dict[str, set[int | None]] = field(default_factory=dict)  # tag -> where an op in flight may leave it
     intended: list[int] = field(default_factory=list)  # every save begun, in order
 
     @classmethod
@@ -135,6 +142,7 @@ class Oracle:
                 oracle.sure_tags[tag] = step
                 oracle.maybe_pinned.add(step)
         intent_tags: dict[int, list[str]] = {}
+        moves: list[tuple[str, int | None, tuple[str, Any]]] = []  # tag, target, the ack that settles it
         for kind, value in acks:
             if kind == "intent":
                 step, metrics, tags = value
@@ -143,6 +151,13 @@ class Oracle:
                 oracle.intended.append(int(step))
                 if tags:
                     oracle.maybe_pinned.add(int(step))
+                moves.extend((tag, int(step), ("save", int(step))) for tag in tags or ())
+            elif kind == "tagging":
+                name, step = value
+                oracle.maybe_pinned.add(int(step))
+                moves.append((name, int(step), ("tag", (name, int(step)))))
+            elif kind == "begin" and isinstance(value, str) and value.startswith("untag "):
+                moves.append((value[6:], None, ("untag", value[6:])))
             elif kind == "save":
                 step = int(value)
                 oracle.acked.add(step)
@@ -158,10 +173,20 @@ class Oracle:
                 oracle.sure_tags.pop(value, None)
             elif kind == "deleting":
                 oracle.deleting.add(int(value))
+                moves.extend((tag, None, ("delete", int(value))) for tag, at in list(oracle.sure_tags.items()) if at == int(value))
             elif kind == "delete":
                 oracle.deleted.add(int(value))
                 oracle.acked.discard(int(value))
+                for tag in [t for t, at in oracle.sure_tags.items() if at == int(value)]:
+                    del oracle.sure_tags[tag]  # a forced delete takes its tags with it
+        settled = {(k, tuple(v) if isinstance(v, list) else v) for k, v in acks if k in ("save", "tag", "untag", "delete")}
+        for tag, target, settles in moves:
+            if settles not in settled or oracle.sure_tags.get(tag, None) != target:
+                oracle.tag_moves.setdefault(tag, set()).add(target)
         return oracle
+
+    def tag_allowed(self, tag: str) -> set[int | None]:
+        return {self.sure_tags.get(tag)} | self.tag_moves.get(tag, set())
 
     @property
     def sure_pinned(self) -> set[int]:
@@ -321,6 +346,8 @@ def _check(root: str, workload: Workload, acks: list[tuple[str, Any]], oracle: O
         bad = set()
         for problem in store.verify():
             bad.add(problem.step)
+            if problem.step in oracle.corrupt:
+                continue  # damaged before the window (the workload's bit rot): corrupt-never-deleted covers it
             out.append(f"{VERIFIES}: visible checkpoint fails verification: step {problem.step}: {problem.message[:160]}")
         infos = store.checkpoints()
         present = {info.step for info in infos} - bad
@@ -328,8 +355,11 @@ def _check(root: str, workload: Workload, acks: list[tuple[str, Any]], oracle: O
         if quiescent:
             out.extend(retention_upper_bound(oracle, present, [i.step for i in infos if i.tags]))
         out.extend(_corrupt_kept(root, oracle))
+        out.extend(check_tags(oracle, {t: i.step for i in infos for t in i.tags}))
         if workload.content is not None:
             for info in infos:
+                if info.step in bad and info.step in oracle.corrupt:
+                    continue
                 try:
                     loaded = store.load(step=info.step)
                 except ckstore.CkstoreError as exc:
@@ -351,6 +381,19 @@ def _check(root: str, workload: Workload, acks: list[tuple[str, Any]], oracle: O
         store.close()
     if probe and not out:
         out.extend(writable_save(root, workload.store_kwargs, oracle))
+    return out
+
+
+def check_tags(oracle: Oracle, store_tags: Mapping[str, int]) -> list[str]:
+    """``tags-as-acked``: every tag the operations name is where they left it (or where one in flight may)."""
+    out = []
+    for tag in sorted(set(oracle.sure_tags) | set(oracle.tag_moves) | set(store_tags)):
+        if tag.startswith("published."):
+            continue
+        now = store_tags.get(tag)
+        allowed = oracle.tag_allowed(tag)
+        if now not in allowed:
+            out.append(f"{TAGS}: tag {tag!r} points at {now}, the acknowledged operations leave it at {sorted(allowed, key=str)}")
     return out
 
 

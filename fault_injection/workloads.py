@@ -180,6 +180,7 @@ def _run_gc(root: str, ack: Any, scale: int) -> None:
 
 def _run_tags(root: str, ack: Ack, scale: int) -> None:
     with ckstore.Store(root) as store:
+        ack("tagging", ("top", 2))
         store.tag(2, "top")
         ack("tag", ("top", 2))
         _save(store, 3, scale, ack, tags=["release"])
@@ -444,6 +445,9 @@ def _register_later_write_paths() -> None:
 
     WORKLOADS[PUBLISH_SWAP.name] = PUBLISH_SWAP
     WORKLOADS[PULL_INSTALL.name] = PULL_INSTALL
+    from .writepaths import WORKLOADS as MORE  # incremental, model-sized, continuation, ...
+
+    WORKLOADS.update(MORE)
 
 
 _register_later_write_paths()
