@@ -165,10 +165,15 @@ class Recorder:
         #: (write, fsync, close) name that path even after a rename moved the file or its directory,
         #: exactly as its descriptor still names the same inode.
         self.open_files: dict[str, int] = {}
+        #: Every file by the path it was created at, closed or not: a duplicated descriptor may still
+        #: fsync it after close (that is a legal, if late, fsync of the same inode).
+        self.created: dict[str, int] = {}
         self.ops: list[Op] = []
         #: Fail the n-th file fsync (1-based, 0: never) with EIO, and drop that file's dirty pages (fsyncgate).
         self.fail_fsync = 0
         self.fsyncs = 0
+        self._armed: str | None = None  # the op whose fsync system call must fail
+        self._failed_op: str | None = None  # its "after" event (a swallowed failure) makes nothing durable
 
         def index(ino: int, rel: str) -> None:
             self.paths[rel] = ino
@@ -205,7 +210,21 @@ class Recorder:
         self._emit(Op("link", self.paths[parent], name, ino, new="d", what=f"mkdir {rel} [outside _durable]"))
 
     def _file(self, rel: str) -> int:
-        return self.open_files[rel] if rel in self.open_files else self.paths[rel]
+        if rel in self.open_files:
+            return self.open_files[rel]
+        return self.paths[rel] if rel in self.paths else self.created[rel]
+
+    def fsync_syscall(self, real: Any) -> Any:
+        """A replacement for ``os.fsync`` that fails the armed call with EIO, inside the library's own
+        error handling (the failure comes from the system call, not from the hook before it)."""
+
+        def fsync(fd: int) -> None:
+            if self._armed is not None:
+                self._failed_op, self._armed = self._armed, None
+                raise OSError(5, "Input/output error (injected at the fsync system call)")
+            real(fd)
+
+        return fsync
 
     def _emit(self, op: Op) -> None:
         self.ops.append(op)
@@ -217,13 +236,20 @@ class Recorder:
     def hook(self, op: str, phase: str, path: str, info: dict[str, Any]) -> None:
         rel = self._rel(path)
         site = info.get("site")
-        if phase == "before" and op == "fsync":
+        if phase == "before" and op in ("fsync", "fsync_dir"):
             self.fsyncs += 1
             if self.fsyncs == self.fail_fsync:
-                # The kernel reports EIO and drops the file's dirty pages; a later fsync would succeed.
-                self.ops.append(Op("fsync_fail", self._file(rel), what=f"fsync {rel} FAILED (EIO, pages dropped) [{site}]"))
-                raise OSError(5, "Input/output error (injected)", path)
+                # The kernel reports EIO; for a file it drops the dirty pages, and a later fsync would
+                # succeed. A failed directory fsync makes nothing durable.
+                self._armed = op
+                if op == "fsync":
+                    self.ops.append(Op("fsync_fail", self._file(rel), what=f"fsync {rel} FAILED (EIO, pages dropped) [{site}]"))
+                else:
+                    self.ops.append(Op("ack", name="note", what=f"fsync_dir {rel or '.'} FAILED (EIO) [{site}]"))
         if phase != "after":
+            return
+        if op == self._failed_op:  # the library went on as if the failed fsync had worked: it did not
+            self._failed_op = None
             return
         if op in ("mkdir", "create"):
             parent, name = self._parent(rel)
@@ -232,6 +258,7 @@ class Recorder:
             self.paths[rel] = ino
             if kind == "f":
                 self.open_files[rel] = ino
+                self.created[rel] = ino
             self._emit(Op("link", parent, name, ino, new=kind, what=f"{op} {rel} [{site}]"))
         elif op == "write":
             data = bytes(info["data"])
@@ -284,11 +311,16 @@ def record(
     recorder = Recorder(base, tree.copy(), base_ino)
     recorder.fail_fsync = fail_fsync
     run = run_in_process_variant(workload)
+    real_fsync = os.fsync
+    if fail_fsync:
+        os.fsync = recorder.fsync_syscall(real_fsync)
     try:
         with _durable.hooked(recorder.hook):
             run(os.path.join(base, "store"), recorder.mark, workload.scale)
     except Exception as exc:
         recorder.mark("failed" if fail_fsync and recorder.fsyncs >= fail_fsync else "raised", f"{type(exc).__name__}: {str(exc)[:300]}")
+    finally:
+        os.fsync = real_fsync
     return tree, base_ino, recorder.ops, base_steps
 
 
@@ -343,20 +375,22 @@ EXHAUSTIVE = 8
 TORN = ("half", "tail", "zeros", "stale")
 
 
-def states_at(ops: list[Op], k: int, rng: random.Random, random_subsets: int, exhaustive: int = EXHAUSTIVE) -> list[dict[int, str]]:
+def states_at(ops: list[Op], k: int, rng: random.Random, random_subsets: int, exhaustive: int = EXHAUSTIVE, *, torn: bool = True) -> list[dict[int, str]]:
     """Crash states at crash point ``k``: each maps pending op index -> variant ("full" or one of :data:`TORN`); absent = lost."""
     pending = pending_at(ops, k)
     writes = [j for j in pending if ops[j].kind == "write"]
     full = {j: "full" for j in pending}
     out = [full, {}]
+    if not torn:  # the reduced set (fsyncgate runs): all, none, and each program-order prefix
+        return out + [{i: "full" for i in pending[:n]} for n in range(1, len(pending))]
     for n, j in enumerate(pending):
         out.append({i: v for i, v in full.items() if i != j})
         out.append({j: "full"})
         out.append({i: "full" for i in pending[:n]})  # persisted in program order up to j
-    for j in writes:
+    for j in writes if torn else ():
         for variant in TORN:
             out.append({**full, j: variant})
-    if len(writes) > 1:  # several torn writes in one state
+    if torn and len(writes) > 1:  # several torn writes in one state
         for variant in TORN:
             out.append({**full, **{j: variant for j in writes}})
         out.append({**full, **{j: rng.choice(TORN) for j in writes}})
@@ -436,6 +470,7 @@ def check_states(
     max_states: int | None = None,
     stop_on_violation: bool = False,
     points: range | None = None,
+    torn: bool = True,
 ) -> None:
     """Enumerate, deduplicate and check the crash states of a recorded trace; count them into ``row``.
 
@@ -454,7 +489,7 @@ def check_states(
         acks = [(op.name, op.data) for op in ops[:k] if op.kind == "ack"]
         ack_key = repr(sorted(acks, key=repr))
         pending = pending_at(ops, k)
-        for chosen in states_at(ops, k, rng, random_subsets, exhaustive):
+        for chosen in states_at(ops, k, rng, random_subsets, exhaustive, torn=torn):
             state = build(tree, ops, k, chosen)
             noisy.add(state.digest(base_ino) + ack_key)
             key = state.digest(base_ino, skip_lock_owner=True) + ack_key
@@ -476,10 +511,11 @@ def check_states(
         if (stop_on_violation and row.violations) or (max_states is not None and row.states >= max_states):
             break
     row.cycles += len(points) if points is not None else len(ops) + 1
+    row.extra += len(noisy)
     fsyncs = sum(1 for o in ops if o.kind in ("fsync", "fsync_dir"))
     row.note = (
         f"{len(ops)} ops ({lock_ops} lock-owner), {fsyncs} fsyncs; "
-        f"{len(noisy)} states counting lock-owner variants"
+        f"{row.extra} states counting lock-owner variants"
     )
 
 
@@ -494,17 +530,17 @@ def run_fsyncgate(workload: Workload, workdir: str, *, limit: int, seed: int, st
     start = time.monotonic()
     prepared = prepared or prepare_template(workload, workdir)
     _, _, clean, _ = record(workload, workdir, prepared)
-    total = sum(1 for op in clean if op.kind == "fsync")
+    total = sum(1 for op in clean if op.kind in ("fsync", "fsync_dir"))
     picks = sorted({1 + (i * total) // max(1, limit) for i in range(min(limit, total))})
     rng = random.Random(seed)
     for n in picks:
         tree, base_ino, ops, base_steps = record(workload, workdir, prepared, fail_fsync=n)
-        failed_at = next(i for i, op in enumerate(ops) if op.kind == "fsync_fail")
-        check_states(row, workload, workdir, tree, base_ino, ops, base_steps, rng, 0, exhaustive=2, stop_on_violation=stop_on_violation, points=range(failed_at + 1, len(ops) + 1))
+        failed_at = next((i for i, op in enumerate(ops) if op.kind == "fsync_fail" or "FAILED" in op.what), len(ops))
+        check_states(row, workload, workdir, tree, base_ino, ops, base_steps, rng, 0, exhaustive=2, stop_on_violation=stop_on_violation, points=range(failed_at + 1, len(ops) + 1), torn=False)
         if stop_on_violation and row.violations:
             break
     row.seconds = time.monotonic() - start
-    row.note = f"{len(picks)} of {total} file fsyncs failed in turn; " + row.note
+    row.note = f"{len(picks)} of {total} fsyncs failed in turn at the system call; " + row.note
     return row
 
 

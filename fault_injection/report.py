@@ -14,6 +14,7 @@ class Row:
     violations: int = 0
     seconds: float = 0.0
     note: str = ""
+    extra: int = 0  # a second count a tier reports in its note (crash states with lock-owner variants)
     examples: list[str] = field(default_factory=list)
 
     def violation(self, message: str) -> None:

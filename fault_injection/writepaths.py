@@ -11,9 +11,9 @@ Each is a :class:`~fault_injection.workloads.Workload` registered in
     frozen layers and writes the changed head, step 5 changes nothing but the
     step (every tensor file hard-linked: the save is links and a manifest).
 ``model_sized``
-    More than 64 groups (the small ones pooled into one file), groups over
-    the small-group size that are split into shards over the file-size
-    limit, and several fsync batches. The limits are lowered for the run
+    77 groups, more than the 64 that trigger pooling (the small ones pooled
+    into one file), groups over the small-group size that are split into
+    shards over the file-size limit, and 3 fsync batches. The limits are lowered for the run
     (:func:`small_limits`) so that this costs kilobytes, not gigabytes.
 ``async_retention``
     Background saves under ``keep_last=1`` + ``keep_best=1`` while the best
@@ -83,7 +83,7 @@ def _run_incremental(root: str, ack: Ack, scale: int) -> None:
 
 
 @contextlib.contextmanager
-def small_limits(*, file_bytes: int = 1024, small_group: int = 512, fsync_batch: int = 8) -> Iterator[None]:
+def small_limits(*, file_bytes: int = 1024, small_group: int = 512, fsync_batch: int = 4) -> Iterator[None]:
     """Lower the library's layout limits for a run, so a few KB exercise what takes GBs at the defaults:
     shards over the file-size limit, pooled small groups, several fsync batches."""
     from ckstore import _state, _tensorfile
@@ -99,11 +99,12 @@ def small_limits(*, file_bytes: int = 1024, small_group: int = 512, fsync_batch:
 
 
 def model_state(step: int, scale: int = 8) -> dict[str, Any]:
-    """72 tiny layers (pooled into one file) + 12 embedding groups of 1.2 KB (each split into 2 shards)."""
+    """72 tiny layers (pooled into one file) + 5 embedding groups of 1.2 KB (each split into 2 shards):
+    77 groups, 11 files, 3 fsync batches under :func:`small_limits`."""
     gen = torch.Generator().manual_seed(9000 + step)
     return {
         "model": {f"layer{i}": {"w": torch.randn(4, generator=gen)} for i in range(72)},
-        "emb": {f"table{i}": {"a": torch.randn(150, generator=gen), "b": torch.randn(150, generator=gen)} for i in range(12)},
+        "emb": {f"table{i}": {"a": torch.randn(150, generator=gen), "b": torch.randn(150, generator=gen)} for i in range(5)},
         "step": step,
     }
 
