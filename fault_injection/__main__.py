@@ -179,6 +179,23 @@ def cmd_mutant_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mutant_run(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.set_num_threads(1)
+    from . import mutation
+
+    try:
+        result = mutation.mutant_run(args.name, args.workdir, tiers=args.tiers.split(","), first=args.first, power_cycles=args.power_cycles)
+    except Exception as exc:
+        import traceback
+
+        print(traceback.format_exc()[-1500:], file=sys.stderr)
+        result = {"error": f"{type(exc).__name__}: {exc}"}
+    print(json.dumps(result), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fault_injection", description="Crash-safety harness for ckstore.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -193,6 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--workdir", required=True)
     check.add_argument("--power-cycles", type=int, default=12)
     check.set_defaults(func=cmd_mutant_check)
+    real = sub.add_parser("mutant-run", help="(internal) run the tiers against one realistic mutant on PYTHONPATH; print JSON")
+    real.add_argument("--name", required=True)
+    real.add_argument("--workdir", required=True)
+    real.add_argument("--tiers", default="kill,model,fsyncgate,errors,badfiles")
+    real.add_argument("--first", action="store_true", help="stop at the first tier that catches it")
+    real.add_argument("--power-cycles", type=int, default=0)
+    real.set_defaults(func=cmd_mutant_run)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -34,14 +34,19 @@ import ckstore
 from ckstore import _durable
 
 from . import _child
-from .invariants import check_store
+from .invariants import ERRORS, check_store
 from .killpoints import fresh_copy, prepare_template
 from .report import Row
 from .workloads import WORKLOADS, Workload, expected_state, same_state
 
 
 class _Injector:
-    """Fails the ``target``-th "before" event with ``err``; records every event after it."""
+    """Fails the ``target``-th operation with ``err``; records every event after it.
+
+    An fsync fails at the system call itself (:meth:`fsync` replaces
+    ``os.fsync`` for the run), inside the library's own error handling; other
+    operations fail from the hook just before their system call.
+    """
 
     def __init__(self, target: int, err: int) -> None:
         self.target = target
@@ -49,6 +54,14 @@ class _Injector:
         self.count = 0
         self.failed: tuple[str, str, str] | None = None  # op, site, path of the injected failure
         self.after: list[tuple[str, str, str, dict[str, Any]]] = []
+        self._armed = False
+        self._real_fsync = os.fsync
+
+    def fsync(self, fd: int) -> None:
+        if self._armed:
+            self._armed = False
+            raise OSError(self.err, os.strerror(self.err))
+        self._real_fsync(fd)
 
     def hook(self, op: str, phase: str, path: str, info: dict[str, Any]) -> None:
         if self.failed is not None:
@@ -58,6 +71,9 @@ class _Injector:
         self.count += 1
         if self.count == self.target:
             self.failed = (op, info.get("site"), path)
+            if op in ("fsync", "fsync_dir"):
+                self._armed = True
+                return
             raise OSError(self.err, os.strerror(self.err), path)
 
 
@@ -74,51 +90,63 @@ def _count_before_events(workload: Workload, template: str, workdir: str) -> lis
     return events
 
 
-def run_injected(workload: Workload, workdir: str) -> Row:
-    row = Row("4 disk errors", f"{workload.name}: EIO+ENOSPC each op")
+#: ENOSPC is injected only where space is allocated; elsewhere it takes EIO's path exactly.
+ENOSPC_OPS = ("write", "create", "mkdir", "link")
+
+
+def run_injected(workload: Workload, workdir: str, *, stop_on_violation: bool = False) -> Row:
+    row = Row("4 disk errors", f"{workload.name}: EIO each op, ENOSPC where space is allocated")
     start = time.monotonic()
     template, base_steps = prepare_template(workload, workdir)
     events = _count_before_events(workload, template, workdir)
+    enospc = 0
     for n in range(1, len(events) + 1):
-        for err in (errno.EIO, errno.ENOSPC):
+        if stop_on_violation and row.violations:
+            break
+        errs = (errno.EIO, errno.ENOSPC) if events[n - 1].split(" ")[0] in ENOSPC_OPS else (errno.EIO,)
+        enospc += len(errs) - 1
+        for err in errs:
             root = fresh_copy(template, workdir, "errors-cycle")
             injector = _Injector(n, err)
             acks: list[tuple[str, Any]] = []
             raised: BaseException | None = None
-            with _durable.hooked(injector.hook):
-                try:
+            os.fsync = injector.fsync
+            try:
+                with _durable.hooked(injector.hook):
                     workload.run(root, lambda kind, value: acks.append((kind, value)), workload.scale)
-                except BaseException as exc:  # classified below
-                    raised = exc
+            except BaseException as exc:  # classified below
+                raised = exc
+            finally:
+                os.fsync = injector._real_fsync
             row.cycles += 1
             where = f"{errno.errorcode[err]} at op {n} ({events[n - 1]})"
             if isinstance(raised, ckstore.AsyncSaveError):  # a background save reports its StorageError as the cause
                 raised = raised.__cause__ if isinstance(raised.__cause__, ckstore.StorageError) else raised
             if injector.failed is None:
-                row.violation(f"{where}: injection point not reached")
+                row.violation(f"{ERRORS}: {where}: injection point not reached")
                 continue
             if raised is None:
-                row.violation(f"{where}: the error was swallowed; the workload completed as if it had succeeded")
+                row.violation(f"{ERRORS}: {where}: the error was swallowed; the workload completed as if it had succeeded")
             elif isinstance(raised, ckstore.CommittedWithErrorsError):
                 # A failure after the commit rename (tags, retention): the checkpoint is durable and the error says so.
                 if "rename [commit]" not in events[: n - 1]:
-                    row.violation(f"{where}: CommittedWithErrorsError, but the save never reached its commit rename")
+                    row.violation(f"{ERRORS}: {where}: CommittedWithErrorsError, but the save never reached its commit rename")
                 elif raised.errno != err:
-                    row.violation(f"{where}: CommittedWithErrorsError carries errno {raised.errno}, expected {err}")
+                    row.violation(f"{ERRORS}: {where}: CommittedWithErrorsError carries errno {raised.errno}, expected {err}")
             elif not isinstance(raised, ckstore.StorageError):
-                row.violation(f"{where}: raised {type(raised).__name__} ({str(raised)[:120]}), not StorageError")
+                row.violation(f"{ERRORS}: {where}: raised {type(raised).__name__} ({str(raised)[:120]}), not StorageError")
             elif raised.errno != err:
-                row.violation(f"{where}: StorageError carries errno {raised.errno}, expected {err}")
+                row.violation(f"{ERRORS}: {where}: StorageError carries errno {raised.errno}, expected {err}")
             op, site, path = injector.failed
             if op == "fsync":
                 if any(o == "fsync" and p == path for o, _, p, _ in injector.after):
-                    row.violation(f"{where}: the failed fsync was retried on {os.path.basename(path)}")
+                    row.violation(f"{ERRORS}: {where}: the failed fsync was retried on {os.path.basename(path)}")
                 if site in ("tensor_file", "manifest") and any(o == "rename" and i.get("site") == "commit" for o, ph, _, i in injector.after if ph == "after"):
-                    row.violation(f"{where}: the save committed after its fsync failed")
+                    row.violation(f"{ERRORS}: {where}: the save committed after its fsync failed")
             for message in check_store(root, workload, acks, base_steps):
                 row.violation(f"{where}: {message}")
     row.seconds = time.monotonic() - start
-    row.note = f"{len(events)} ops x 2 errors"
+    row.note = f"EIO at each of {len(events)} ops (fsync failed at the system call), ENOSPC at the {enospc} that allocate space"
     return row
 
 

@@ -46,6 +46,10 @@ invariant caught a bug.
     The workload's own check (tags, a resumed training run, a DVC tree).
 ``workload-completes``
     A run without a fault finishes without an exception (checked by the tiers).
+``error-surfaces``
+    An injected disk error surfaces as a typed ``StorageError`` carrying its
+    errno, a failed fsync is never retried and never followed by the commit
+    (checked by the disk-error tier).
 
 The retention rule is evaluated by :func:`policy_keeps`, an implementation
 independent of ``ckstore._retention`` (a bug there must not also be in the
@@ -90,9 +94,10 @@ CORRUPT_KEPT = "corrupt-never-deleted"
 WRITABLE_SAVE = "writable-save-keeps-committed"
 WORKLOAD = "workload-check"
 COMPLETES = "workload-completes"
+ERRORS = "error-surfaces"
 CHECKER = "checker-crashed"
 
-NAMES = (OPENS, LEFTOVERS, VERIFIES, ACKED_KEPT, NO_LEAK, DELETE_STAYS, TAGS, CONTENT, NEWEST, CORRUPT_KEPT, WRITABLE_SAVE, WORKLOAD, COMPLETES, CHECKER)
+NAMES = (OPENS, LEFTOVERS, VERIFIES, ACKED_KEPT, NO_LEAK, DELETE_STAYS, TAGS, CONTENT, NEWEST, CORRUPT_KEPT, WRITABLE_SAVE, WORKLOAD, COMPLETES, ERRORS, CHECKER)
 
 #: The file beside a template's store that records its checkpoints (see :func:`write_base`).
 BASE_FILE = "base.json"
@@ -101,9 +106,9 @@ PROBE_OFFSET = 100_000
 
 
 def invariant_of(message: str) -> str:
-    """The invariant name a violation message starts with ("" if none)."""
-    head = message.split(":", 1)[0].strip()
-    return head if head in NAMES else ""
+    """The first invariant name a violation message carries ("" if none); tiers prefix where it happened."""
+    found = [(message.find(f"{name}: "), name) for name in NAMES if f"{name}: " in message]
+    return min(found)[1] if found else ""
 
 
 # ---------------------------------------------------------------- the oracle

@@ -102,7 +102,7 @@ _TIMES = re.compile(rb"\d{9,}\.\d+")
 _RANDOM = re.compile(r"(\.[0-9a-f]{8}$|tmp-[0-9a-f]{12}|\.[0-9a-f]{8}(?=/))")
 
 
-def run_boundaries(workload: Workload, workdir: str, *, stride: int = 1) -> Row:
+def run_boundaries(workload: Workload, workdir: str, *, stride: int = 1, stop_on_violation: bool = False) -> Row:
     """Kill ``workload`` at every ``stride``-th event boundary (stride 1: all of them).
 
     The dry run only counts the events; each kill's label comes from the killed
@@ -123,6 +123,8 @@ def run_boundaries(workload: Workload, workdir: str, *, stride: int = 1) -> Row:
     outcomes: set[str] = set()
     relabelled = 0
     for n in range(1, len(events) + 2):  # len+1: the run that finishes un-killed
+        if stop_on_violation and row.violations:
+            break
         if stride > 1 and n % stride and n <= len(events):
             continue
         root = fresh_copy(template, workdir, "cycle")

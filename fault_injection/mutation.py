@@ -172,7 +172,6 @@ def run_tier(workdir: str, *, power_cycles: int, timeout: float = 300, jobs: int
             row.violation(f"mutant {mutant.label}: harness error {result.get('error')}")
         elif result["caught_by"]:
             caught[result["caught_by"]] += 1
-            row.states += 1
         elif not result["reached"]:
             unreached.append(mutant.label)
         elif mutant.function in CLEANUP_FUNCTIONS:
@@ -184,7 +183,7 @@ def run_tier(workdir: str, *, power_cycles: int, timeout: float = 300, jobs: int
     row.seconds = time.monotonic() - start
     exercised = len(mutants) - len(unreached)
     row.note = (
-        f"{row.states}/{exercised - len(survivors_ok)} mutants caught (model {caught['model']}, power {caught['power']})"
+        f"{sum(caught.values())}/{exercised - len(survivors_ok)} mutants caught (model {caught['model']}, power {caught['power']})"
         + (f"; {len(survivors_ok)} redundant survive (listed)" if survivors_ok else "")
         + (f"; {len(unreached)} not reached" if unreached else "")
     )
@@ -268,3 +267,134 @@ def mutant_check(workdir: str, *, power_cycles: int) -> dict:
             if row.violations:
                 return {"caught_by": "power", "reached": True, "example": row.examples[0]}
     return {"caught_by": None, "reached": reached or os.environ.get(REACHED_ENV) == "1"}
+
+
+# ---------------------------------------------------------------- realistic bugs (fault_injection/mutants.py)
+
+
+def mutant_run(name: str, workdir: str, *, tiers: list[str], first: bool, power_cycles: int) -> dict:
+    """Run inside the mutant's interpreter: each tier of ``tiers`` on the mutant's workloads.
+
+    Returns per tier whether it caught the bug, by which invariant, with one
+    example. With ``first`` the first catch ends the run (the later tiers are
+    "not run"); otherwise every tier runs, so the table can say which missed.
+    """
+    from . import badfiles, crashmodel, diskerrors, killpoints, mutants, powercut
+    from .invariants import invariant_of
+    from .workloads import WORKLOADS
+
+    mutant = mutants.by_name(name)
+    os.makedirs(workdir, exist_ok=True)
+    if any(w in ("pull_local", "publish_loop") for w in mutant.workloads):
+        from .publish import hermetic_env
+
+        os.environ.update(hermetic_env(workdir))
+    results: dict[str, dict] = {}
+    for tier in mutants.TIER_ORDER:
+        if tier not in tiers or tier not in mutant.tiers + ("power",):
+            continue
+        if tier == "badfiles" and not mutant.badfiles:
+            continue
+        started = time.monotonic()
+        rows: list[Row] = []
+        if tier == "power":
+            if power_cycles and powercut.skip_reason("ext4") is None:
+                rows.append(powercut.run_fs("ext4", workdir, cycles=power_cycles, scale=1 << 14, seed=0, stop_on_violation=True))
+            else:
+                continue
+        elif tier == "badfiles":
+            rows.append(badfiles.run_crafted(workdir))
+        else:
+            for wname in mutant.workloads:
+                workload = WORKLOADS[wname]
+                if tier == "kill":
+                    rows.append(killpoints.run_boundaries(workload, workdir, stride=1, stop_on_violation=True))
+                elif tier == "model":
+                    rows.append(crashmodel.run_workload(workload, workdir, random_subsets=2, seed=0, exhaustive=4, stop_on_violation=True))
+                elif tier == "fsyncgate":
+                    rows.append(crashmodel.run_fsyncgate(workload, workdir, limit=8, seed=0, stop_on_violation=True))
+                elif tier == "errors":
+                    rows.append(diskerrors.run_injected(workload, workdir, stop_on_violation=True))
+                if rows[-1].violations:
+                    break
+        hit = next((r for r in rows if r.violations), None)
+        example = hit.examples[0] if hit else ""
+        results[tier] = {
+            "caught": hit is not None,
+            "invariant": invariant_of(example) or ("(unnamed)" if hit else ""),
+            "where": hit.workload if hit else "",
+            "example": example[:400],
+            "seconds": round(time.monotonic() - started, 1),
+        }
+        if first and hit is not None:
+            break
+    return {"results": results}
+
+
+def run_realistic(workdir: str, *, tiers: list[str], first: bool, power_cycles: int, timeout: float = 420, jobs: int = 2) -> list[Row]:
+    """One row per realistic mutant: which tier caught it, by which invariant, and which tiers missed it."""
+    from . import mutants
+
+    package_dir = os.path.join(workdir, "pristine-realistic", "ckstore")
+    shutil.rmtree(os.path.dirname(package_dir), ignore_errors=True)
+    shutil.copytree(os.path.dirname(os.path.abspath(ckstore.__file__)), package_dir, ignore=shutil.ignore_patterns("__pycache__"))
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rows: dict[str, Row] = {}
+    queue = list(mutants.MUTANTS)
+    running: dict[str, tuple[subprocess.Popen, float, Row]] = {}
+
+    def launch(mutant: mutants.Mutant) -> None:
+        row = Row("5 mutation", f"{mutant.name} ({mutant.kind})")
+        rows[mutant.name] = row
+        try:
+            target = mutants.apply(package_dir, mutant, os.path.join(workdir, f"real-{mutant.name}"))
+        except mutants.PatchError as exc:  # loud: a mutant that does not apply proves nothing
+            row.violation(f"PATCH DOES NOT APPLY: {exc}")
+            row.note = "patch does not apply"
+            return
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([target, repo_root]))
+        work = os.path.join(workdir, f"real-{mutant.name}-work")
+        os.makedirs(work, exist_ok=True)
+        cmd = [sys.executable, "-m", "fault_injection", "mutant-run", "--name", mutant.name, "--workdir", work, "--tiers", ",".join(tiers), "--power-cycles", str(power_cycles)]
+        if first:
+            cmd.append("--first")
+        running[mutant.name] = (subprocess.Popen(cmd, env=env, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), time.monotonic(), row)
+
+    start = time.monotonic()
+    while queue or running:
+        while queue and len(running) < jobs:
+            launch(queue.pop(0))
+        time.sleep(0.2)
+        for name, (proc, began, row) in list(running.items()):
+            if proc.poll() is None and time.monotonic() - began < timeout:
+                continue
+            if proc.poll() is None:
+                proc.kill()
+            out, err = proc.communicate()
+            del running[name]
+            row.seconds = time.monotonic() - began
+            shutil.rmtree(os.path.join(workdir, f"real-{name}"), ignore_errors=True)
+            shutil.rmtree(os.path.join(workdir, f"real-{name}-work"), ignore_errors=True)
+            try:
+                result = json.loads(out.strip().splitlines()[-1])["results"]
+            except (ValueError, IndexError, KeyError):
+                row.violation(f"harness error (rc {proc.returncode}): {err[-600:]}")
+                row.note = "harness error"
+                continue
+            caught = [(t, r) for t, r in result.items() if r["caught"]]
+            missed = [t for t, r in result.items() if not r["caught"]]
+            row.cycles = len(result)
+            if not caught:
+                row.violation(f"SURVIVED every tier run ({', '.join(result) or 'none'})")
+                row.note = f"SURVIVED; missed by {', '.join(missed) or '-'}"
+                continue
+            tier, first_hit = caught[0]
+            row.note = (
+                f"caught by {tier} [{first_hit['invariant']}] on {first_hit['where']}"
+                + (", also " + ", ".join(f"{t} [{r['invariant']}]" for t, r in caught[1:]) if len(caught) > 1 else "")
+                + f"; missed by {', '.join(missed) or '-'}"
+            )
+            row.examples.append(f"caught: {first_hit['example'][:300]}")
+    ordered = [rows[m.name] for m in mutants.MUTANTS]
+    _ = start
+    return ordered
