@@ -1,10 +1,10 @@
 """``python -m fault_injection run --profile ci``: run every tier, print one table, exit 1 on any violation.
 
-Profiles: ``smoke`` (seconds; used by the pytest smoke test), ``ci`` (the
-issue's numbers, a few minutes on 2 cores; run by ``make test``), ``full``
-(longer: more power cuts, random subsets, fuzz inputs). ``--tiers`` picks a
-subset, e.g. ``--tiers kill,model``. ``--report FILE`` also writes the table
-to a file.
+Profiles: ``smoke`` (seconds; used by the pytest smoke test), ``ci`` (about
+ten minutes on 2 cores; run by ``make test``), ``full`` (hours: every tier on
+every mutant, more power cuts, random subsets, fuzz inputs). What each covers:
+docs/fault-injection.md. ``--tiers`` picks a subset, e.g. ``--tiers
+kill,model``. ``--report FILE`` also writes the table to a file.
 """
 
 from __future__ import annotations
@@ -21,56 +21,72 @@ from typing import Any
 TIERS = ("kill", "model", "power", "errors", "mutation", "badfiles", "readfaults", "security")
 
 ALL_WORKLOADS = ["first_save", "next_save", "many_files", "retention", "tag_update", "gc_delete", "second_writer", "recover_leftovers", "async_save", "train_resume"]
+#: The write paths added with the retention oracle: incremental links, a model-sized layout, background
+#: saves under retention, tags racing with saves, a crash during recovery (fault_injection/writepaths.py).
+NEW_WORKLOADS = ["incremental", "model_sized", "async_retention", "tags_race", "recover_crash"]
+#: The continuation workloads: a run that goes on after a rollback, a fallback past a corrupt checkpoint,
+#: a first save under missing parents, a pull into a store with local work, a publish from the loop.
+CONTINUATION = ["rollback_continue", "corrupt_continue", "first_save_nested", "pull_local", "publish_loop"]
 
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {
-        "kill_workloads": ["first_save", "tag_update", "second_writer"],
+        "kill_workloads": ["first_save", "tag_update", "second_writer", "incremental"],
         "kill_stride": {"*": 3},
         "random_cycles": 3,
         "random_scale": 1 << 16,
-        "model_workloads": ["first_save", "retention"],
+        "model_workloads": ["first_save", "retention", "incremental"],
         "random_subsets": 2,
+        "fsyncgate_workloads": ["next_save"],
+        "fsyncgate_limit": 2,
         "power_fs": ["ext4"],
         "power_cycles": 4,
         "power_scale": 1 << 14,
         "error_workloads": ["first_save", "tag_update"],
         "mutation": False,
+        "realistic_mutants": False,
         "mutant_power_cycles": 0,
         "crafted": True,
         "fuzz_inputs": 3_000,
         "read_operations": ["load", "verify", "read_tensor"],
     },
     "ci": {
-        "kill_workloads": ALL_WORKLOADS + ["dvc_publish"],
-        # every boundary, except in the two workloads whose check is a whole resumed run / a DVC re-publish
-        "kill_stride": {"*": 1, "train_resume": 8, "dvc_publish": 8},
+        "kill_workloads": ALL_WORKLOADS + NEW_WORKLOADS + CONTINUATION + ["dvc_publish"],
+        # every boundary, except in the workloads whose check is a whole resumed run or a DVC re-publish
+        # (and the larger new ones, every second boundary)
+        "kill_stride": {"*": 1, "train_resume": 8, "dvc_publish": 8, "pull_local": 4, "publish_loop": 16, "model_sized": 2, "async_retention": 2, "tags_race": 2},
         "random_cycles": 20,
         "random_scale": 1 << 19,
         # + ckstore's own steps of a DVC publish (materialize, copy, swap) and of a pull (install, swap)
-        "model_workloads": ALL_WORKLOADS + ["publish_swap", "pull_install"],
+        "model_workloads": ALL_WORKLOADS + NEW_WORKLOADS + ["rollback_continue", "corrupt_continue", "first_save_nested", "publish_swap", "pull_install"],
         "random_subsets": 12,
+        "fsyncgate_workloads": ["next_save", "model_sized", "incremental"],
+        "fsyncgate_limit": 8,
         "power_fs": ["ext4", "xfs", "btrfs"],
         "power_cycles": 50,
         "power_scale": 1 << 16,
-        "error_workloads": ["first_save", "next_save", "many_files", "retention", "tag_update", "gc_delete", "recover_leftovers", "async_save"],
+        "error_workloads": ["first_save", "next_save", "many_files", "retention", "tag_update", "gc_delete", "recover_leftovers", "async_save", "model_sized", "incremental"],
         "mutation": True,
+        "realistic_mutants": "first",  # each mutant until the first tier catches it
         "mutant_power_cycles": 12,
         "crafted": True,
         "fuzz_inputs": 100_000,
         "read_operations": "all",
     },
     "full": {
-        "kill_workloads": ALL_WORKLOADS + ["next_save_large", "dvc_publish"],
+        "kill_workloads": ALL_WORKLOADS + NEW_WORKLOADS + CONTINUATION + ["next_save_large", "dvc_publish"],
         "kill_stride": {"*": 1},
         "random_cycles": 300,
         "random_scale": 1 << 20,
-        "model_workloads": ALL_WORKLOADS + ["publish_swap", "pull_install"],
+        "model_workloads": ALL_WORKLOADS + NEW_WORKLOADS + ["rollback_continue", "corrupt_continue", "first_save_nested", "pull_local", "publish_swap", "pull_install"],
         "random_subsets": 60,
+        "fsyncgate_workloads": ["next_save", "model_sized", "incremental", "many_files", "async_save", "tag_update"],
+        "fsyncgate_limit": 64,
         "power_fs": ["ext4", "xfs", "btrfs"],
         "power_cycles": 1000,
         "power_scale": 1 << 17,
-        "error_workloads": ["first_save", "next_save", "many_files", "retention", "tag_update", "gc_delete", "recover_leftovers", "async_save", "second_writer"],
+        "error_workloads": ["first_save", "next_save", "many_files", "retention", "tag_update", "gc_delete", "recover_leftovers", "async_save", "second_writer", "model_sized", "incremental", "async_retention", "tags_race"],
         "mutation": True,
+        "realistic_mutants": "all",  # every tier on every mutant: the table says which tiers miss each one
         "mutant_power_cycles": 40,
         "crafted": True,
         "fuzz_inputs": 1_000_000,
@@ -121,6 +137,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
             for n, name in enumerate(profile["model_workloads"]):
                 show([crashmodel.run_workload(crashmodel.WORKLOADS[name], workdir, random_subsets=profile["random_subsets"], seed=args.seed + n)])
+            for n, name in enumerate(profile["fsyncgate_workloads"]):
+                show([crashmodel.run_fsyncgate(crashmodel.WORKLOADS[name], workdir, limit=profile["fsyncgate_limit"], seed=args.seed + n)])
         if "power" in tiers:
             from . import powercut
 
@@ -136,6 +154,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             from . import mutation
 
             show(mutation.run_tier(workdir, power_cycles=profile["mutant_power_cycles"]))
+            if profile["realistic_mutants"]:
+                tiers_for_mutants = ["kill", "model", "fsyncgate", "errors", "badfiles"] + (["power"] if profile["realistic_mutants"] == "all" else [])
+                show(mutation.run_realistic(workdir, tiers=tiers_for_mutants, first=profile["realistic_mutants"] == "first", power_cycles=profile["mutant_power_cycles"]))
         if "badfiles" in tiers:
             from . import badfiles
 

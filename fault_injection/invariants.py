@@ -195,7 +195,8 @@ class Oracle:
 
     @property
     def sure_pinned(self) -> set[int]:
-        return set(self.sure_tags.values())
+        """Steps pinned by a tag no operation in flight was moving (a moving tag may already be gone)."""
+        return {step for tag, step in self.sure_tags.items() if tag not in self.tag_moves}
 
     def keeps(self, steps: Iterable[int], *, pinned: Iterable[int] = (), latest: int | None = None) -> set[int]:
         return policy_keeps(set(steps), self.metrics, self.policy, set(pinned), latest)
@@ -231,8 +232,11 @@ def retention_lower_bound(oracle: Oracle, present: set[int], *, label: str = "")
     # A checkpoint the user deleted explicitly still counts as evidence: it was committed and durable
     # when retention dropped older ones, and its own deletion does not oblige retention to bring them back.
     evidence = present | oracle.deleting | oracle.deleted
+    # "The latest save" is the last one begun that committed: a save in flight at the crash may have
+    # committed and run its retention before its acknowledgement.
+    latest = next((s for s in reversed(oracle.intended) if s in present), oracle.last_saved)
     for step in sorted(oracle.acked - present - oracle.deleting):
-        keeps = oracle.keeps(evidence | {step}, pinned=oracle.sure_pinned, latest=oracle.last_saved)
+        keeps = oracle.keeps(evidence | {step}, pinned=oracle.sure_pinned, latest=latest)
         if step in keeps:
             what = "checkpoint from before the crash window" if step in oracle.base else "acknowledged save"
             out.append(f"{ACKED_KEPT}: {what} of step {step} lost{label}, but the policy {oracle.policy or '(keep all)'} still keeps it given the checkpoints present {sorted(present)}")
@@ -436,7 +440,11 @@ def writable_save(root: str, store_kwargs: Mapping[str, Any], oracle: Oracle | N
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with ckstore.Store(root, readonly=True) as reader:
-                good_before = {i.step for i in reader.checkpoints()} - {p.step for p in reader.verify()}
+                listed = reader.checkpoints()
+                good_before = {i.step for i in listed} - {p.step for p in reader.verify()}
+                # The tags as they stand (tags-as-acked has already checked them against the operations):
+                # they, not the tags of operations cut short, are what pins during this save.
+                tags_before = {t: i.step for i in listed for t in i.tags}
             known = [*oracle.acked, *oracle.intended, *good_before, *oracle.corrupt, 0]
             probe = max(known) + PROBE_OFFSET
             state = expected_state(probe, scale)
@@ -461,8 +469,8 @@ def writable_save(root: str, store_kwargs: Mapping[str, Any], oracle: Oracle | N
     post.metrics = dict(oracle.metrics)
     post.acked = (oracle.acked | good_before) - oracle.deleted
     post.base = set(post.acked)
-    post.sure_tags = dict(oracle.sure_tags)
-    post.maybe_pinned = set(oracle.maybe_pinned)
+    post.sure_tags = tags_before
+    post.maybe_pinned = set(oracle.maybe_pinned) | set(tags_before.values())
     post.acked.add(probe)
     post.last_saved = probe
     post.metrics[probe] = {}

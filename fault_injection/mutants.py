@@ -43,6 +43,8 @@ class Mutant:
     workloads: tuple[str, ...]
     badfiles: bool = False  # also open every crafted bad file writable
     tiers: tuple[str, ...] = field(default=("kill", "model", "fsyncgate", "errors", "badfiles"))
+    #: Tiers to try first when the run stops at the first catch (ci): the one meant to catch it.
+    first: tuple[str, ...] = ()
 
 
 #: The order tiers run in for a mutant (cheapest first); in the ci profile the first catch ends it.
@@ -78,6 +80,7 @@ MUTANTS: tuple[Mutant, ...] = (
             ),
         ),
         ("tag_update", "tags_race"),
+        first=('model',),
     ),
     Mutant(
         "tensor_fsync_after_commit",
@@ -102,6 +105,7 @@ MUTANTS: tuple[Mutant, ...] = (
             ),
         ),
         ("next_save",),
+        first=('model',),
     ),
     Mutant(
         "retention_before_durable",
@@ -112,6 +116,7 @@ MUTANTS: tuple[Mutant, ...] = (
             Edit(_S, "self._apply_retention()", "after", ('_durable.sync_dir(self._ckpt_dir, site="checkpoints_dir")',)),
         ),
         ("retention", "many_files"),
+        first=('model',),
     ),
     Mutant(
         "retention_before_save",
@@ -132,6 +137,7 @@ MUTANTS: tuple[Mutant, ...] = (
             Edit(_S, '_durable.make_dir(staging, site="staging")', "after", ('_durable.sync_dir(staging, site="staging_dir")',)),
         ),
         ("next_save",),
+        first=('model',),
     ),
     Mutant(
         "keep_last_too_many",
@@ -191,6 +197,7 @@ MUTANTS: tuple[Mutant, ...] = (
         ),
         ("recover_crash",),
         badfiles=True,
+        first=('badfiles',),
     ),
     Mutant(
         "fsync_error_ignored",
@@ -206,6 +213,7 @@ MUTANTS: tuple[Mutant, ...] = (
             ),
         ),
         ("next_save",),
+        first=('fsyncgate',),
     ),
     Mutant(
         "earlier_batch_error_ignored",
@@ -213,6 +221,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "a failed fsync in an earlier batch is ignored when the last batch succeeds",
         (Edit(_T, "for batch in batches:", "replace", ("for batch in batches[-1:]:  # mutant: only the last batch is checked",)),),
         ("model_sized",),
+        first=('fsyncgate',),
     ),
     Mutant(
         "dir_fsync_eio_swallowed",
@@ -220,6 +229,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "EIO from a directory fsync is swallowed",
         (Edit(_D, "os.fsync(fd)", "replace", ("try:", "    os.fsync(fd)", "except OSError:", "    pass  # mutant: EIO swallowed")),),
         ("next_save",),
+        first=('fsyncgate',),
     ),
     Mutant(
         "incremental_skips_dir_fsync",
@@ -234,6 +244,7 @@ MUTANTS: tuple[Mutant, ...] = (
             ),
         ),
         ("incremental",),
+        first=('model',),
     ),
     Mutant(
         "async_failure_lost",

@@ -290,7 +290,8 @@ def mutant_run(name: str, workdir: str, *, tiers: list[str], first: bool, power_
 
         os.environ.update(hermetic_env(workdir))
     results: dict[str, dict] = {}
-    for tier in mutants.TIER_ORDER:
+    order = list(mutant.first) + [t for t in mutants.TIER_ORDER if t not in mutant.first] if first else list(mutants.TIER_ORDER)
+    for tier in order:
         if tier not in tiers or tier not in mutant.tiers + ("power",):
             continue
         if tier == "badfiles" and not mutant.badfiles:
@@ -341,6 +342,7 @@ def run_realistic(workdir: str, *, tiers: list[str], first: bool, power_cycles: 
     repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     rows: dict[str, Row] = {}
     queue = list(mutants.MUTANTS)
+    by_name = {m.name: m for m in mutants.MUTANTS}
     running: dict[str, tuple[subprocess.Popen, float, Row]] = {}
 
     def launch(mutant: mutants.Mutant) -> None:
@@ -383,6 +385,7 @@ def run_realistic(workdir: str, *, tiers: list[str], first: bool, power_cycles: 
                 continue
             caught = [(t, r) for t, r in result.items() if r["caught"]]
             missed = [t for t, r in result.items() if not r["caught"]]
+            skipped = [t for t in tiers if t not in result and (t != "badfiles" or by_name[name].badfiles)]
             row.cycles = len(result)
             if not caught:
                 row.violation(f"SURVIVED every tier run ({', '.join(result) or 'none'})")
@@ -393,6 +396,7 @@ def run_realistic(workdir: str, *, tiers: list[str], first: bool, power_cycles: 
                 f"caught by {tier} [{first_hit['invariant']}] on {first_hit['where']}"
                 + (", also " + ", ".join(f"{t} [{r['invariant']}]" for t, r in caught[1:]) if len(caught) > 1 else "")
                 + f"; missed by {', '.join(missed) or '-'}"
+                + (f"; not run: {', '.join(skipped)}" if skipped else "")
             )
             row.examples.append(f"caught: {first_hit['example'][:300]}")
     ordered = [rows[m.name] for m in mutants.MUTANTS]
