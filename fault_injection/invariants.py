@@ -129,12 +129,18 @@ class Oracle:
     maybe_pinned: set[int] = field(default_factory=set)  # any tag might point here
     last_saved: int | None = None  # the most recent acknowledged save
     tag_moves: dict[str, set[int | None]] = field(default_factory=dict)  # tag -> where an op in flight may leave it
+    #: Commit order: base checkpoints by their recorded commit time, then the run's saves as begun,
+    #: then the probe save. Retention ranks by commit order, not by step (a rollback's saves are newest).
+    order: dict[int, tuple[int, float]] = field(default_factory=dict)
     intended: list[int] = field(default_factory=list)  # every save begun, in order
 
     @classmethod
     def build(cls, policy: Mapping[str, Any], base: Iterable[Mapping[str, Any]], acks: Iterable[tuple[str, Any]]) -> Oracle:
         keys = ("keep_last", "keep_best", "metric", "mode", "keep_every")
         oracle = cls({k: policy[k] for k in keys if k in policy})
+        for n, entry in enumerate(sorted(base, key=lambda e: (e.get("created", 0.0), e["step"]))):
+            if not entry.get("corrupt"):
+                oracle.order[int(entry["step"])] = (0, n)
         for entry in base:
             step = int(entry["step"])
             if entry.get("corrupt"):
@@ -154,6 +160,7 @@ class Oracle:
                 oracle.metrics[int(step)] = dict(metrics or {})
                 intent_tags[int(step)] = list(tags or ())
                 oracle.intended.append(int(step))
+                oracle.order[int(step)] = (1, len(oracle.intended))
                 if tags:
                     oracle.maybe_pinned.add(int(step))
                 moves.extend((tag, int(step), ("save", int(step))) for tag in tags or ())
@@ -199,18 +206,27 @@ class Oracle:
         return {step for tag, step in self.sure_tags.items() if tag not in self.tag_moves}
 
     def keeps(self, steps: Iterable[int], *, pinned: Iterable[int] = (), latest: int | None = None) -> set[int]:
-        return policy_keeps(set(steps), self.metrics, self.policy, set(pinned), latest)
+        return policy_keeps(set(steps), self.metrics, self.policy, set(pinned), latest, self.order)
 
 
-def policy_keeps(steps: set[int], metrics: Mapping[int, Mapping[str, float]], policy: Mapping[str, Any], pinned: set[int], latest: int | None) -> set[int]:
-    """The reference retention rule (README): newest, keep_last newest, keep_best best, keep_every multiples,
-    pinned, and the checkpoint the latest save committed (a save never removes its own checkpoint)."""
+def policy_keeps(
+    steps: set[int],
+    metrics: Mapping[int, Mapping[str, float]],
+    policy: Mapping[str, Any],
+    pinned: set[int],
+    latest: int | None,
+    order: Mapping[int, tuple[int, float]] | None = None,
+) -> set[int]:
+    """The reference retention rule (README): the newest commit, the keep_last most recent commits, the
+    keep_best best (ties to the higher step), keep_every multiples, pinned, and the checkpoint the latest
+    save committed (a save never removes its own checkpoint). ``order`` ranks commits (default: by step)."""
     if not steps:
         return set()
     keep_last, keep_best, keep_every = policy.get("keep_last"), policy.get("keep_best"), policy.get("keep_every")
     if keep_last is None and keep_best is None and keep_every is None:
         return set(steps)
-    order = sorted(steps)
+    rank = order or {}
+    order = sorted(steps, key=lambda s: (rank.get(s, (1, float("inf"))), s))
     keep = {order[-1]}
     if keep_last:
         keep.update(order[-keep_last:])
@@ -272,7 +288,7 @@ def write_base(root: str) -> list[int]:
                 infos = {info.step: info for info in store.checkpoints()}
                 bad = {problem.step for problem in store.verify()}
         for step, info in sorted(infos.items()):
-            entry: dict[str, Any] = {"step": step, "metrics": dict(info.metrics), "tags": sorted(info.tags)}
+            entry: dict[str, Any] = {"step": step, "metrics": dict(info.metrics), "tags": sorted(info.tags), "created": info.created}
             if step in bad:
                 entry["corrupt"] = _hashes(str(info.path))
             entries.append(entry)
@@ -471,9 +487,12 @@ def writable_save(root: str, store_kwargs: Mapping[str, Any], oracle: Oracle | N
     post.base = set(post.acked)
     post.sure_tags = tags_before
     post.maybe_pinned = set(oracle.maybe_pinned) | set(tags_before.values())
+    post.order = dict(oracle.order)
+    post.order.update({s: (0, -1.0) for s in good_before if s not in post.order})  # committed before the window
     post.acked.add(probe)
     post.last_saved = probe
     post.metrics[probe] = {}
+    post.order[probe] = (2, 0.0)
     out.extend(m.replace(ACKED_KEPT, WRITABLE_SAVE, 1) for m in retention_lower_bound(post, present, label=" by the writable save"))
     out.extend(retention_upper_bound(post, present, pins, latest=probe, label=" after the writable save"))
     return out

@@ -113,7 +113,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "retention runs after the commit rename but before the checkpoints directory is fsynced",
         (
             Edit(_S, '_durable.sync_dir(self._ckpt_dir, site="checkpoints_dir")', "replace", ("pass  # mutant: moved after retention",)),
-            Edit(_S, "self._apply_retention()", "after", ('_durable.sync_dir(self._ckpt_dir, site="checkpoints_dir")',)),
+            Edit(_S, "self._apply_retention(protect=step)", "after", ('_durable.sync_dir(self._ckpt_dir, site="checkpoints_dir")',)),
         ),
         ("retention", "many_files"),
         first=('model',),
@@ -123,7 +123,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "ordering",
         "retention 'makes room' before the new checkpoint is written",
         (
-            Edit(_S, "self._apply_retention()", "replace", ("pass  # mutant: moved before the commit",)),
+            Edit(_S, "self._apply_retention(protect=step)", "replace", ("pass  # mutant: moved before the commit",)),
             Edit(_S, "self._commit(encoded, step, metrics, file_prints)", "before", ("self._apply_retention()",)),
         ),
         ("retention",),
@@ -173,7 +173,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "a save's tags are written before its checkpoint is committed",
         (
             Edit(_S, "self._commit(encoded, step, metrics, file_prints)", "replace", ("pass  # mutant: committed after the tags",)),
-            Edit(_S, 'self._guarded(lambda: self._write_tags(current), what="tagging the new checkpoint")', "after", ("self._commit(encoded, step, metrics, file_prints)",), dedent=1),
+            Edit(_S, 'what = "retention"', "before", ("self._commit(encoded, step, metrics, file_prints)",)),
         ),
         ("tags_race", "tag_update"),
     ),

@@ -191,7 +191,7 @@ def test_writable_save_keeps_committed(tmp_path: Path, monkeypatch: pytest.Monke
     # a retention that keeps one too few: 3 goes although keep_last=2 keeps it next to the new step
     from ckstore import _store as store_module
 
-    monkeypatch.setattr(store_module, "select_kept", lambda infos, policy: frozenset({max(i.step for i in infos)}))
+    monkeypatch.setattr(store_module, "plan_deletions", lambda infos, policy, **kw: sorted(i.step for i in infos)[:-1])
     bad = inv.writable_save(root2, {"keep_last": 2}, inv.Oracle.build({"keep_last": 2}, [{"step": s} for s in (1, 2, 3)], []))
     assert _names(bad) == {inv.WRITABLE_SAVE}
 
