@@ -120,8 +120,11 @@ def run_injected(workload: Workload, workdir: str, *, stop_on_violation: bool = 
                 os.fsync = injector._real_fsync
             row.cycles += 1
             where = f"{errno.errorcode[err]} at op {n} ({events[n - 1]})"
-            if isinstance(raised, ckstore.AsyncSaveError):  # a background save reports its StorageError as the cause
-                raised = raised.__cause__ if isinstance(raised.__cause__, ckstore.StorageError) else raised
+            # The typed outcomes: StorageError (nothing committed), or CommittedWithErrorsError (the checkpoint
+            # committed, then tagging or retention failed; it says so). A background save wraps either.
+            typed = (ckstore.StorageError, ckstore.CommittedWithErrorsError)
+            if isinstance(raised, ckstore.AsyncSaveError):
+                raised = raised.__cause__ if isinstance(raised.__cause__, typed) else raised
             if injector.failed is None:
                 row.violation(f"{ERRORS}: {where}: injection point not reached")
                 continue
@@ -134,7 +137,7 @@ def run_injected(workload: Workload, workdir: str, *, stop_on_violation: bool = 
                 elif raised.errno != err:
                     row.violation(f"{ERRORS}: {where}: CommittedWithErrorsError carries errno {raised.errno}, expected {err}")
             elif not isinstance(raised, ckstore.StorageError):
-                row.violation(f"{ERRORS}: {where}: raised {type(raised).__name__} ({str(raised)[:120]}), not StorageError")
+                row.violation(f"{ERRORS}: {where}: raised {type(raised).__name__} ({str(raised)[:120]}), not StorageError or CommittedWithErrorsError")
             elif raised.errno != err:
                 row.violation(f"{ERRORS}: {where}: StorageError carries errno {raised.errno}, expected {err}")
             op, site, path = injector.failed

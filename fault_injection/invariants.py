@@ -172,6 +172,9 @@ class Oracle:
                 moves.append((value[6:], None, ("untag", value[6:])))
             elif kind == "save":
                 step = int(value)
+                if step not in oracle.intended:  # a save acknowledged without an intent mark: ranked at its ack
+                    oracle.intended.append(step)
+                    oracle.order[step] = (1, len(oracle.intended))
                 oracle.acked.add(step)
                 oracle.metrics.setdefault(step, {})
                 oracle.last_saved = step
