@@ -128,7 +128,8 @@ def test_workloads_run_to_completion(tmp_path: Path, name: str) -> None:
         root = fresh_copy(template, str(tmp_path), "run")
         result = _child.fork_workload(workload, root)
         assert result.ok, result.error
-        assert result.events and result.events > 10
+        # a pull into a store with local work is refused after a few operations (the lock, the check)
+        assert result.events and result.events > (0 if name == "pull_local" else 10)
         assert check_store(root, workload, result.acks, base_steps, quiescent=True) == []
     finally:
         os.environ.clear()
