@@ -525,3 +525,24 @@ def test_a_metrics_json_that_is_not_a_file_is_reported_not_fatal(store, kind, tm
     assert [p.path for p in store.verify()] == [str(target)]
     with pytest.raises(ckstore.ManifestError):
         store.record_metrics(1, {"val_loss": 0.1})
+
+
+def test_ckstore_publish_from_a_shell_while_the_training_process_holds_the_store(tmp_path, monkeypatch):
+    """The shell's publish pins the checkpoint with the metadata lock only; the run's retention keeps it."""
+    pytest.importorskip("dvc.repo", reason="DVC is an optional extra: pip install 'ckstore[dvc]'")
+    import test_dvc
+    from conftest import subprocess_env
+
+    for key, value in test_dvc.hermetic_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    env = subprocess_env()
+    repo, remote = test_dvc.make_repo(tmp_path, env)
+    store_dir = repo / "runs" / "exp"
+    with ckstore.Store(store_dir, keep_last=1, metric="val_loss") as store:  # holds the writer lock from the first save
+        test_dvc.train(store, steps=(10, 20), losses=(0.5, 0.2))
+        out = test_dvc.ck("publish", "runs/exp", "best", "--json", cwd=repo, env=env, check=False)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert json.loads(out.stdout)["step"] == 20
+        test_dvc.train(store, steps=(30, 40), losses=(0.4, 0.3))
+        assert steps_of(store) == [20, 40] and store.resolve("published.best").step == 20
+    assert test_dvc.remote_objects(remote)
