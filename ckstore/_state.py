@@ -8,7 +8,10 @@ strings in sorted order stays a plain JSON object, so the manifest reads
 naturally (any other dict is a ``{"$ck": "dict", "items": [[key, value], ...]}``
 so that key order survives canonical JSON's sorted keys). Objects
 with ``state_dict()``/``load_state_dict()`` are stored as their state dict and
-restored in place. Nothing is pickled, on save or on load.
+restored in place. Nothing is pickled, on save or on load. This module
+encodes; the skeleton's schema and limits are in ``_skeleton`` (the encoder
+refuses what the reader would), decoding is in ``_decode`` and matching the
+objects a load restores into is in ``_targets``.
 
 Tensors are grouped into files by where they sit in the state: the top-level
 key plus the first dotted component of the next key (``model.encoder``,
