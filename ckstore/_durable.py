@@ -349,8 +349,11 @@ def _enter_or_unlink(stack: list, parent_fd: int, name: str, path: str, site: st
         try:
             _unlink_at(parent_fd, name, path, site)
             return
-        except IsADirectoryError:
-            pass  # became a directory since it was listed: empty it first
+        except OSError as exc:
+            # A directory after all (swapped in since it was listed): empty it first. Linux says
+            # EISDIR; POSIX allows EPERM.
+            if exc.errno not in (errno.EISDIR, errno.EPERM):
+                raise
     try:
         fd = open_dir(name, dir_fd=parent_fd)
     except FileNotFoundError:

@@ -120,6 +120,19 @@ def test_remove_tree_does_not_enter_a_directory_swapped_for_a_symlink_mid_remova
     assert swapped and not os.path.lexists(top)
 
 
+def test_remove_tree_refuses_a_tree_deeper_than_its_cap_with_a_typed_error_from_recovery(store_path):
+    _saved(store_path, 1)
+    deep = store_path / ".staging" / "step-00000002.deadbeef"
+    path = deep
+    for _ in range(_durable.MAX_TREE_DEPTH + 2):
+        path = path / "d"
+    path.mkdir(parents=True)
+    with pytest.raises(ckstore.StorageError, match="deeper than"):
+        with ckstore.Store(store_path) as store:
+            store.save({}, step=2)
+    assert path.is_dir()  # nothing half-removed: removal is bottom-up, and it never got to the bottom
+
+
 # ---------------------------------------------------------------- recovery
 
 
