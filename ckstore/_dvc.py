@@ -65,7 +65,6 @@ DVC itself is imported lazily, only here, with an install hint when missing.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import dataclasses
 import hashlib
@@ -74,13 +73,9 @@ import json
 import os
 import re
 import secrets
-import subprocess
 import sys
-import threading
 import warnings
-import weakref
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -88,15 +83,21 @@ import filelock
 
 from . import _durable
 from ._dvc_files import check_real_dirs, read_dvc_file
+from ._dvc_git import DEFAULT_DEST, _git, _one_line, _tag
 from ._errors import CheckpointNotFoundError, CkstoreError, DvcError, IntegrityError, InvalidArgumentError, ManifestError, StorageError
 from ._hashing import HashInfo, new_hasher
+from ._layout import STAGING_DIR, TRASH_DIR
+from ._lock import LOCK_NAME, OWNER_NAME
 from ._manifest import MANIFEST_NAME, Manifest, parse_manifest
+from ._metadata_lock import META_LOCK_NAME
+from ._metrics_log import METRICS_NAME
+from ._quarantine import QUARANTINE_DIR
+from ._tags import TAGS_NAME
 
 if TYPE_CHECKING:
     from ._store import Store
 
 CHECKPOINTS_DIR = "checkpoints"
-DEFAULT_DEST = "models"
 STAGES = ("materialize", "swap", "add", "push", "commit", "tag")
 TAG_PREFIX = "published."
 JOURNAL_FORMAT = "ckstore.publish-journal"
@@ -109,6 +110,8 @@ DVCIGNORE_LINES = (
     ".trash/",
     ".ckstore.lock",
     ".ckstore.lock.owner",
+    ".ckstore.meta.lock",
+    ".quarantine/",
     ".*.ckstore-tmp-*",
     ".*.ckstore-old-*",
 )
@@ -211,7 +214,7 @@ def check_dest(dest: object) -> str:
     parts = dest.strip("/").split("/")
     if any(p in ("..", ".", ".git", ".dvc") or p.startswith(".") for p in parts):
         raise InvalidArgumentError(f"dest {dest!r} must not contain '..', '.' or hidden components")
-    if len(parts) > 16 or not all(_DEST_PART.fullmatch(p) for p in parts):
+    if len(parts) > 16 or not all(_DEST_PART.fullmatch(p) and not p.endswith(".lock") for p in parts):
         raise InvalidArgumentError(
             f"dest {dest!r}: each part holds ASCII letters, digits and '_.+-' only (no control characters, spaces or backslashes)"
         )
@@ -281,50 +284,6 @@ def _dvc_call(what: str, fn: Callable[[], Any]) -> Any:
         raise
     except Exception as exc:  # DVC raises its own hierarchy (DvcException) and library errors
         raise DvcError(f"dvc {what} failed: {type(exc).__name__}: {exc}") from exc
-
-
-#: git options for every call into a repository someone else may have prepared: its hooks
-#: (post-commit, reference-transaction, ...), fsmonitor and signing programs are commands the
-#: repository's config names, and none of them may run. safe.directory is left alone on purpose:
-#: git's refusal of a repository owned by another user stands.
-GIT_SAFE_CONFIG = (
-    "-c", "core.hooksPath=/dev/null",
-    "-c", "core.fsmonitor=false",
-    "-c", "core.untrackedCache=false",
-    "-c", "commit.gpgSign=false",
-    "-c", "tag.gpgSign=false",
-    "-c", "tag.forceSignAnnotated=false",
-    "-c", "gc.auto=0",
-    "-c", "maintenance.auto=false",
-)
-
-
-def _git(repo: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    # core.fsync: the commits ckstore makes survive a power cut, not just a crash.
-    cmd = ["git", *GIT_SAFE_CONFIG, "-c", "core.fsync=committed", "-C", repo, *args]
-    env = dict(os.environ)
-    if not _has_identity(repo):
-        env.setdefault("GIT_AUTHOR_NAME", "ckstore")
-        env.setdefault("GIT_AUTHOR_EMAIL", "ckstore@localhost")
-        env.setdefault("GIT_COMMITTER_NAME", env["GIT_AUTHOR_NAME"])
-        env.setdefault("GIT_COMMITTER_EMAIL", env["GIT_AUTHOR_EMAIL"])
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
-    except FileNotFoundError as exc:
-        raise DvcError("git is not installed; publishing needs git") from exc
-    if check and proc.returncode != 0:
-        raise DvcError(f"git {' '.join(args[:2])} failed in {repo}: {(proc.stderr or proc.stdout).strip()}")
-    return proc
-
-
-_identity_cache: dict[str, bool] = {}
-
-
-def _has_identity(repo: str) -> bool:
-    if repo not in _identity_cache:
-        proc = subprocess.run(["git", *GIT_SAFE_CONFIG, "-C", repo, "var", "GIT_COMMITTER_IDENT"], capture_output=True, stdin=subprocess.DEVNULL)
-        _identity_cache[repo] = proc.returncode == 0
-    return _identity_cache[repo]
 
 
 def _hash_file(path: str, *, copy_to: str | None, expected: HashInfo | None, md5: str | None = None, site: str) -> tuple[int, str]:
@@ -571,7 +530,9 @@ def _sweep_old_versions(job: PublishJob) -> None:
 
 
 #: What may sit in a published directory: the checkpoint, and what opening it as a store adds.
-_ALIAS_ENTRIES = frozenset({CHECKPOINTS_DIR, ".staging", ".trash", ".ckstore.lock", ".ckstore.lock.owner", "tags.json"})
+_ALIAS_ENTRIES = frozenset(
+    {CHECKPOINTS_DIR, STAGING_DIR, TRASH_DIR, LOCK_NAME, OWNER_NAME, META_LOCK_NAME, TAGS_NAME, METRICS_NAME, QUARANTINE_DIR}
+)
 
 
 def _check_alias(job: PublishJob) -> None:
@@ -654,27 +615,6 @@ def _finish(job: PublishJob) -> PublishResult:
     return PublishResult(job.name, job.step, Path(job.dvc_file), md5, commit, tag, job.remote)
 
 
-def _one_line(text: str) -> str:
-    """``text`` for one line of a commit message: control characters shown as escapes (``\\n``)."""
-    return text if text.isprintable() and text.isascii() else ascii(text)[1:-1]
-
-
-def _tag(job: PublishJob, commit: str) -> str:
-    """Annotated tag ``<name>@v<k>`` on ``commit``, unless one of this name's tags already points there."""
-    listing = _git(job.repo, "tag", "--list", f"{job.name}@v*", "--format=%(refname:strip=2) %(*objectname)").stdout
-    versions = []
-    for line in listing.splitlines():
-        tag, _, target = line.partition(" ")
-        match = re.fullmatch(re.escape(job.name) + r"@v(\d+)", tag)
-        if match:
-            if target == commit:
-                return tag
-            versions.append(int(match.group(1)))
-    tag = f"{job.name}@v{max(versions, default=0) + 1}"
-    _git(job.repo, "tag", "-a", tag, "-m", f"ckstore publish {job.name}: step {job.step}", commit)
-    return tag
-
-
 def run_publish(job: PublishJob) -> PublishResult:
     """Publish synchronously (the background worker calls this). Recovers interrupted publishes first."""
     _import_dvc()
@@ -703,200 +643,22 @@ def run_publish(job: PublishJob) -> PublishResult:
         return _finish(job)
 
 
-# ------------------------------------------------------------------ the background worker
+# ------------------------------------------------------------------ the background worker (ckstore._dvc_worker)
 
 
-class Publication:
-    """A queued publish. :meth:`result` waits for it and raises its failure."""
+def publish(store: Store, step_or_name: int | str, *, name: str, repo: str | os.PathLike[str] | None = None,
+            dest: str = DEFAULT_DEST, remote: str | None = None, wait: bool = False) -> Any:
+    """Queue the publish of a committed checkpoint under ``name``; see :func:`ckstore._dvc_worker.publish`."""
+    from . import _dvc_worker
 
-    def __init__(self, job: PublishJob, future: Future[PublishResult], publisher: _Publisher) -> None:
-        self.job = job
-        self._future = future
-        self._publisher = publisher
-
-    @property
-    def name(self) -> str:
-        return self.job.name
-
-    @property
-    def step(self) -> int:
-        return self.job.step
-
-    def done(self) -> bool:
-        return self._future.done()
-
-    def result(self, timeout: float | None = None) -> PublishResult:
-        """Wait (up to ``timeout`` seconds) and return the result; raises DvcError (or the CkstoreError) on failure."""
-        try:
-            result = self._future.result(timeout)
-        except BaseException:
-            self._publisher.reported(self._future)
-            raise
-        return result
-
-    def __repr__(self) -> str:
-        state = "done" if self.done() else "pending"
-        return f"Publication(name={self.name!r}, step={self.step}, {state})"
-
-
-class _Publisher:
-    """One worker thread per store: runs publishes in submission order."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._queue: list[tuple[PublishJob, Future[PublishResult]]] = []
-        self._thread: threading.Thread | None = None
-        self._futures: list[Future[PublishResult]] = []
-        self._unreported: list[Future[PublishResult]] = []
-        _all_publishers.add(self)
-
-    def submit(self, job: PublishJob) -> Future[PublishResult]:
-        future: Future[PublishResult] = Future()
-        with self._lock:
-            self._queue.append((job, future))
-            self._futures.append(future)
-            if self._thread is None:
-                # Not a daemon: a script that ends right after publish() still finishes publishing.
-                self._thread = threading.Thread(target=self._work, name="ckstore-publish", daemon=False)
-                self._thread.start()
-        return future
-
-    def _work(self) -> None:
-        while True:
-            with self._lock:
-                if not self._queue:
-                    self._thread = None
-                    return
-                job, future = self._queue.pop(0)
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                result = run_publish(job)
-            except BaseException as exc:
-                if not isinstance(exc, CkstoreError):
-                    wrapped = DvcError(f"publishing {job.name!r} (step {job.step}) failed: {type(exc).__name__}: {exc}")
-                    wrapped.__cause__ = exc
-                    exc = wrapped
-                with self._lock:
-                    self._unreported.append(future)
-                future.set_exception(exc)
-            else:
-                future.set_result(result)
-
-    def reported(self, future: Future[PublishResult]) -> None:
-        with self._lock:
-            if future in self._unreported:
-                self._unreported.remove(future)
-
-    def raise_unreported(self) -> None:
-        """Raise the oldest failure nobody has seen yet (as DvcError, cause chained)."""
-        with self._lock:
-            if not self._unreported:
-                return
-            future = self._unreported.pop(0)
-        exc = future.exception()
-        assert exc is not None
-        raise DvcError(f"an earlier publish failed: {exc}") from exc
-
-    def wait(self, timeout: float | None = None) -> None:
-        with self._lock:
-            futures = list(self._futures)
-        for future in futures:
-            with contextlib.suppress(BaseException):
-                future.result(timeout)
-        with self._lock:
-            self._futures = [f for f in self._futures if not f.done()]
-        self.raise_unreported()
-
-    def drain(self) -> None:
-        """Wait until the queue is empty and the worker has stopped (failures stay recorded)."""
-        while True:
-            with self._lock:
-                thread = self._thread
-            if thread is None:
-                return
-            thread.join()
-
-    def unreported_messages(self) -> list[str]:
-        with self._lock:
-            return [str(f.exception()) for f in self._unreported]
-
-
-_publishers: weakref.WeakKeyDictionary[Store, _Publisher] = weakref.WeakKeyDictionary()
-_all_publishers: weakref.WeakSet[_Publisher] = weakref.WeakSet()
-_publishers_lock = threading.Lock()
-
-
-def _drain_at_exit() -> None:
-    # When the main thread ends, concurrent.futures refuses new work ("cannot schedule new
-    # futures after interpreter shutdown"), which DVC's push needs. Threading's own exit
-    # callbacks run last-registered first, so this one (registered after concurrent.futures
-    # was imported) lets queued publishes finish before that door closes.
-    for publisher in list(_all_publishers):
-        with contextlib.suppress(BaseException):
-            publisher.drain()
-
-
-@atexit.register
-def _report_at_exit() -> None:
-    # Runs after the publish threads have finished: print what nobody collected.
-    for publisher in list(_all_publishers):
-        for message in publisher.unreported_messages():
-            print(f"ckstore: publish failed and nobody collected the error: {message}", file=sys.stderr)
-
-
-import concurrent.futures.thread  # noqa: E402  (registers its exit hook first, so ours runs before it)
-
-if hasattr(threading, "_register_atexit"):
-    threading._register_atexit(_drain_at_exit)
-
-
-def _publisher_for(store: Store) -> _Publisher:
-    with _publishers_lock:
-        publisher = _publishers.get(store)
-        if publisher is None:
-            publisher = _publishers[store] = _Publisher()
-        return publisher
+    return _dvc_worker.publish(store, step_or_name, name=name, repo=repo, dest=dest, remote=remote, wait=wait)
 
 
 def wait(store: Store, timeout: float | None = None) -> None:
     """Wait for every publish queued on ``store``; raise the first failure nobody has collected."""
-    publisher = _publishers.get(store)
-    if publisher is not None:
-        publisher.wait(timeout)
-
-
-def publish(
-    store: Store,
-    step_or_name: int | str,
-    *,
-    name: str,
-    repo: str | os.PathLike[str] | None = None,
-    dest: str = DEFAULT_DEST,
-    remote: str | None = None,
-    wait: bool = False,
-) -> Publication:
-    """Queue the publish of a committed checkpoint under ``name`` (see the module docstring).
-
-    Synchronous part (cheap): resolve the checkpoint, pin it with the store tag
-    ``published.<name>`` so retention keeps it, raise any earlier publish
-    failure. The rest runs on the store's publish thread. ``wait=True`` waits
-    for this and every earlier publish and raises the first failure.
-    """
-    check_name(name)
-    dest = check_dest(dest)
-    _check_installed()  # cheaply here; the import itself (about 0.5 s) happens on the publish thread
-    root = resolve_repo(repo, store.path, os.getcwd())
-    publisher = _publisher_for(store)
-    publisher.raise_unreported()
-    info = store.resolve(step_or_name)
-    store.tag(info.step, TAG_PREFIX + name)  # pins it: never removed by retention while named
-    job = PublishJob(name=name, step=info.step, store=str(store.path), repo=root, dest=dest, remote=remote, metrics=dict(info.metrics))
-    publication = Publication(job, publisher.submit(job), publisher)
-    if wait:
-        publication.result()
-        publisher.wait()
-    return publication
+    worker = sys.modules.get("ckstore._dvc_worker")  # loaded by the first publish
+    if worker is not None:
+        worker.wait(store, timeout)
 
 
 # ------------------------------------------------------------------ DVC garbage collection

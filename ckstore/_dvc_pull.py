@@ -52,6 +52,7 @@ from ._errors import DvcError, IntegrityError, InvalidArgumentError, StoreLocked
 from ._hashing import HashInfo
 from ._lock import WriterLock
 from ._manifest import MANIFEST_NAME, parse_manifest
+from ._quarantine import QUARANTINE_DIR
 
 _HEX2 = re.compile(r"[0-9a-f]{2}")
 
@@ -223,19 +224,26 @@ def _check_target(alias: str, *, force: bool) -> WriterLock | None:
         if force:
             return None  # replaced by the swap; a symlink is renamed away, never followed
         raise InvalidArgumentError(f"{alias} is not a plain directory; refusing to replace it (pass --force to replace it)")
-    unknown = sorted(set(os.listdir(alias)) - _ALIAS_ENTRIES)
-    if unknown and not force:
-        raise InvalidArgumentError(f"{alias} holds {', '.join(map(show, unknown[:5]))}, which no pull put there; refusing to replace it (pass --force to replace it)")
     lock = WriterLock(alias)
     taken = lock.try_acquire()
     if not taken and not force:
         pid, host = lock.holder()
         who = f"pid {pid} on {show(host)}" if pid is not None else "another process"
         raise StoreLockedError(
-            f"{alias}: the store is being written by {who}; refusing to replace it under a writer "
+            f"{alias}: a writer ({who}) holds this store; pull refuses to replace it under a writer "
             "(stop the writer, or pass --force)",
             path=alias, pid=pid, host=host,
         )
+    try:
+        unknown = sorted(set(os.listdir(alias)) - _ALIAS_ENTRIES)
+        if unknown and not force:
+            raise InvalidArgumentError(
+                f"{alias} holds {', '.join(map(show, unknown[:5]))}, which no pull put there; refusing to replace it (pass --force to replace it)"
+            )
+    except BaseException:
+        if taken:
+            lock.release()
+        raise
     return lock if taken else None
 
 
@@ -246,6 +254,13 @@ def _check_local_work(alias: str, cache: _Cache, step_name: str) -> None:
     manifest's bytes (both put it there); one saved locally into the pulled
     store (fine-tuning from it) does not.
     """
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        if os.listdir(os.path.join(alias, QUARANTINE_DIR)):
+            # Checkpoints that failed verification are never deleted silently.
+            raise InvalidArgumentError(
+                f"{alias} holds quarantined checkpoints ({QUARANTINE_DIR}/); pull would delete them. "
+                "Empty the quarantine, or pass --force to replace them"
+            )
     checkpoints = os.path.join(alias, CHECKPOINTS_DIR)
     try:
         names = os.listdir(checkpoints)

@@ -616,7 +616,7 @@ def test_pull_refuses_to_delete_checkpoints_saved_locally_and_a_held_writer_lock
         writer.save(state, step=2, metrics={"val_loss": 0.05})
         # While the writer holds the store: refused, whatever is in it.
         proc = ck_here("pull", "models/best", cwd=clone)
-        assert proc.returncode == 2 and "--force" in proc.stderr and "being written" in proc.stderr, proc.stderr
+        assert proc.returncode == 2 and "--force" in proc.stderr and "a writer (pid" in proc.stderr, proc.stderr
         assert "readonly=" not in proc.stderr and "lock_timeout=" not in proc.stderr
     assert sorted(os.listdir(pulled / "checkpoints")) == ["step-00000001", "step-00000002"]
     # The writer is gone, but step 2 is local work no published version has: refused, named.
@@ -628,3 +628,146 @@ def test_pull_refuses_to_delete_checkpoints_saved_locally_and_a_held_writer_lock
     # --force replaces it with the published version.
     assert ck_here("pull", "models/best", "--force", cwd=clone).returncode == 0
     assert sorted(os.listdir(pulled / "checkpoints")) == ["step-00000001"]
+
+
+# ---------------------------------------------------------------- publishing from a shell during training (issue 11)
+
+TRAINER_SCRIPT = textwrap.dedent("""
+    import sys, time, torch, ckstore
+    store_dir, seconds = sys.argv[1], float(sys.argv[2])
+    with ckstore.Store(store_dir, keep_last=1, metric="loss") as store:
+        step = 0
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            step += 1
+            store.save({"w": torch.full((256,), float(step))}, step=step, metrics={"loss": 1.0 / step})
+            if step == 3:
+                print("training", flush=True)
+        print("done", step, flush=True)
+""")
+
+
+def test_cli_publish_works_while_training_holds_the_store_and_its_retention_honours_the_pin(tmp_path, env):
+    repo, _ = make_repo(tmp_path, env)
+    store_dir = repo / "runs" / "exp1"
+    (repo / ".gitignore").write_text("/runs/\n")
+    trainer = subprocess.Popen([PYTHON, "-c", TRAINER_SCRIPT, str(store_dir), "25"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        assert trainer.stdout.readline().strip() == "training"
+        # keep_last=1 deletes every older step while the shell publishes "the latest so far".
+        out = ck("publish", "runs/exp1", "latest", "--name", "last", "--json", cwd=repo, env=env)
+        published = json.loads(out.stdout)["step"]
+        with ckstore.Store(store_dir, readonly=True) as reader:
+            assert reader.resolve("published.last").step == published  # pinned: the trainer's retention kept it
+        assert trainer.poll() is None, "the trainer stopped while the shell published"
+    finally:
+        stdout, stderr = trainer.communicate(timeout=120)
+    assert trainer.returncode == 0, stderr
+    last = int(stdout.split()[-1])
+    assert last > published
+    with ckstore.Store(store_dir, readonly=True) as reader:
+        assert [i.step for i in reader.checkpoints()] == [published, last]
+    clone = tmp_path / "clone"
+    git("clone", "-q", str(repo), str(clone), cwd=tmp_path, env=env)
+    assert ck_here("pull", "models/last", cwd=clone).returncode == 0
+
+
+def test_cli_lock_errors_name_cli_options(tmp_path, env):
+    repo, _ = make_repo(tmp_path, env)
+    with ckstore.Store(repo / "runs" / "exp1", metric="val_loss") as store:
+        train(store, steps=(1,), losses=(0.1,))
+        proc = ck_here("gc", "runs/exp1", "--keep-last", "1", cwd=repo)
+        assert proc.returncode == 2 and "--wait" in proc.stderr, proc.stderr
+        assert "lock_timeout=" not in proc.stderr and "readonly=" not in proc.stderr
+
+
+# ---------------------------------------------------------------- publishing from the loop as the best moves (issue 11)
+
+
+def test_publishing_the_moving_best_from_the_loop_supersedes_queued_publishes_and_never_fails(tmp_path, env):
+    import threading
+
+    repo, _ = make_repo(tmp_path, env)
+    gate = threading.Event()
+
+    def hold_first(stage, phase, info):
+        if (stage, phase, info["step"]) == ("materialize", "before", 1):
+            assert gate.wait(120)
+
+    previous = _dvc.set_stage_hook(hold_first)
+    try:
+        with ckstore.Store(tmp_path / "run", keep_last=1, metric="loss") as store:
+            publications = []
+            for step in range(1, 6):  # the README's loop: publish the best as it moves
+                store.save({"w": torch.full((64,), float(step))}, step=step, metrics={"loss": 1.0 / step})
+                publications.append(store.publish("best", name="best", repo=repo))
+            gate.set()
+            results = [p.result(timeout=300) for p in publications]
+            store.publish("best", name="best", repo=repo, wait=True)  # nothing failed unseen either
+            # Only 5 is pinned now (the running publish's pin on 1 was removed when it finished):
+            # retention keeps nothing else.
+            assert {t: i.step for i in store.checkpoints() for t in i.tags} == {"published.best": 5}
+            store.gc()
+            assert [i.step for i in store.checkpoints()] == [5]
+    finally:
+        _dvc.set_stage_hook(previous)
+    # The first was running when the best moved: pinned until done, published. 2-4 were superseded
+    # by 5 while queued: their result is 5's.
+    assert [r.step for r in results] == [1, 5, 5, 5, 5]
+    assert results[0].tag == "best@v1" and results[-1].tag == "best@v2"
+    assert git("tag", "--list", cwd=repo, env=env).split() == ["best@v1", "best@v2"]
+
+
+def test_version_tags_stay_distinct_across_dest(tmp_path, env):
+    repo, _ = make_repo(tmp_path, env)
+    with ckstore.Store(tmp_path / "run", metric="val_loss") as store:
+        train(store)
+        assert store.publish(10, name="best", repo=repo, wait=True).result().tag == "best@v1"
+        assert store.publish(20, name="best", repo=repo, dest="exports", wait=True).result().tag == "exports/best@v1"
+        assert store.publish(30, name="best", repo=repo, wait=True).result().tag == "best@v2"
+    assert sorted(git("tag", "--list", cwd=repo, env=env).split()) == ["best@v1", "best@v2", "exports/best@v1"]
+    show = git("show", "-s", "--format=%B", "exports/best@v1^{commit}", cwd=repo, env=env)
+    assert "Ckstore-Dvc-File: exports/best.dvc" in show
+
+
+FORK_SCRIPT = textwrap.dedent("""
+    import os, sys, threading, time, torch, ckstore
+    from ckstore import _dvc
+    store_dir, repo = sys.argv[1:3]
+    started, gate = threading.Event(), threading.Event()
+    def hook(stage, phase, info):
+        if (stage, phase) == ("materialize", "before"):
+            started.set()
+            gate.wait(60)
+    _dvc.set_stage_hook(hook)
+    store = ckstore.Store(store_dir)
+    store.save({"w": torch.zeros(4)}, step=1)
+    publication = store.publish(1, name="best", repo=repo)
+    started.wait(60)
+    pid = os.fork()
+    if pid == 0:
+        sys.exit(0)  # a normal exit: atexit handlers, thread joins, open stores closed
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        print("child hung at exit", flush=True)
+        status = -1
+    gate.set()
+    print("child exit", os.waitstatus_to_exitcode(status) if status != -1 else "hung", flush=True)
+    print("parent published", publication.result().tag, flush=True)
+    store.close()
+""")
+
+
+def test_a_child_forked_while_a_publish_is_in_flight_exits_normally(tmp_path, env):
+    repo, _ = make_repo(tmp_path, env)
+    proc = run([PYTHON, "-c", FORK_SCRIPT, str(tmp_path / "run"), str(repo)], tmp_path, env)
+    assert "child exit 0" in proc.stdout, proc.stdout + proc.stderr
+    assert "parent published best@v1" in proc.stdout
