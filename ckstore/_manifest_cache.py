@@ -30,6 +30,9 @@ from ._manifest import Manifest
 
 #: Estimated bytes of memory per byte of a parsed manifest (6x measured, rounded up).
 COST_PER_BYTE = 8
+#: Estimated bytes per JSON value (a dict, list, string or number object and its slot): a manifest
+#: of tiny containers costs more per byte than a real one (an empty dict is 64 bytes for 3 of JSON).
+COST_PER_NODE = 72
 #: Estimated bytes of memory per file entry of a summary (FileEntry, HashInfo, strings, dict slot).
 COST_PER_FILE = 400
 #: The cache's default budget: 256 MiB estimated, e.g. seven 4.3 MB manifests in full.
@@ -59,10 +62,10 @@ class ManifestCache:
         self._entries.move_to_end(name)
         return entry.manifest
 
-    def put(self, name: str, key: StatKey, manifest: Manifest, size: int) -> None:
-        """Cache a fully parsed manifest whose file is ``size`` bytes, then shrink to the budget."""
+    def put(self, name: str, key: StatKey, manifest: Manifest, size: int, nodes: int = 0) -> None:
+        """Cache a fully parsed manifest whose file is ``size`` bytes holding ``nodes`` JSON values, then shrink to the budget."""
         self.pop(name)
-        entry = _Entry(key, manifest, size * COST_PER_BYTE, True)
+        entry = _Entry(key, manifest, max(size * COST_PER_BYTE, nodes * COST_PER_NODE), True)
         self._entries[name] = entry
         self.cost += entry.cost
         self._shrink()

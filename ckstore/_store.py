@@ -109,7 +109,7 @@ from ._errors import (
 from ._hashing import default_algorithm, new_hasher
 from ._layout import CHECKPOINTS_DIR, STAGING_DIR, TRASH_DIR, check_layout, require_store
 from ._lock import WriterLock
-from ._manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, FileEntry, Manifest, check_metrics, parse_manifest
+from ._manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, FileEntry, Manifest, check_metrics, count_nodes, parse_manifest
 from ._manifest_cache import ManifestCache
 from ._metadata_lock import metadata_lock
 from ._metrics_log import METRICS_NAME, Recorded, dump_metrics, read_metrics
@@ -448,7 +448,7 @@ class Store:
         expected = int(_STEP_DIR.match(name).group(1))  # type: ignore[union-attr]
         if manifest.step != expected:
             raise ManifestError(f"{path}: manifest says step {manifest.step} but lives in {name}", path=path)
-        self._manifest_cache.put(name, key, manifest, len(data))
+        self._manifest_cache.put(name, key, manifest, len(data), count_nodes(data))
         return manifest
 
     def _info(self, manifest: Manifest, tags_by_step: Mapping[int, list[str]], recorded: Mapping[int, Recorded] | None = None) -> CheckpointInfo:
