@@ -5,6 +5,7 @@ Each case below used to return normally having restored nothing (issue: "loads t
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 import torch
 from conftest import assert_same
 from hypothesis import given
-from test_state import shared_store, states  # noqa: F401 - a fixture and a strategy shared with the round-trip tests
+from test_state import states  # the round-trip tests' strategy of nested states
 
 import ckstore
 
@@ -242,10 +243,17 @@ def test_loading_without_a_target_or_a_part_of_the_checkpoint_is_not_a_mismatch(
 # ---------------------------------------------------------------- every state loads into itself
 
 
+@pytest.fixture(scope="module")
+def own_store(fast_root):
+    """One store for the property below (a fresh step for each example); its own path, apart from test_state's."""
+    with ckstore.Store(fast_root / "strict-load-store") as s:
+        yield s, itertools.count()
+
+
 @given(state=states)
-def test_any_state_loads_strictly_into_itself(shared_store, state):
+def test_any_state_loads_strictly_into_itself(own_store, state):
     """Whatever save() accepts is a strict target for its own checkpoint, and comes back unchanged."""
-    store, steps = shared_store
+    store, steps = own_store
     step = next(steps)
     store.save(state, step=step)
     with warnings.catch_warnings():
