@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ._errors import InvalidArgumentError
+from ._text import has_unsafe_chars
 
 
 class Ranked(Protocol):
@@ -78,6 +79,8 @@ class RetentionPolicy:
             raise InvalidArgumentError("keep_best needs metric= (the metric to rank checkpoints by)")
         if self.metric is not None and (not isinstance(self.metric, str) or not self.metric):
             raise InvalidArgumentError(f"metric must be a non-empty string, got {self.metric!r}")
+        if self.metric is not None and has_unsafe_chars(self.metric):
+            raise InvalidArgumentError(f"metric {self.metric!r} holds control or format characters")  # as check_metrics refuses
 
     @property
     def prunes(self) -> bool:

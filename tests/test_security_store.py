@@ -442,3 +442,10 @@ def test_a_quarantine_entry_with_non_ascii_digits_or_a_bad_date_is_ignored(store
     with ckstore.Store(store_path, readonly=True) as reader:
         assert reader.quarantine() == []
     assert main(["ls", str(store_path)]) == 0
+
+
+@pytest.mark.parametrize("metric", ["loss\x1b[31m", "loss\n", "\u202eloss"])
+def test_a_retention_metric_with_control_characters_is_refused(store_path, metric):
+    """It is written into every manifest (``retention``) and later ranks ``best``: refused like a metric name."""
+    with pytest.raises(ckstore.InvalidArgumentError, match="metric"):
+        ckstore.Store(store_path, keep_best=1, metric=metric)
