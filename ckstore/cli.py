@@ -251,7 +251,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 def _cli_message(exc: CkstoreError) -> str:
     """The error's message, with the way out said in CLI options rather than Python arguments."""
-    if isinstance(exc, StoreLockedError) and "being written by" in str(exc):  # the writer lock, not the metadata lock
+    if isinstance(exc, StoreLockedError) and "lock_timeout=" in str(exc):  # the writer lock's Python advice
         who = f"pid {exc.pid} on {exc.host}" if exc.pid is not None else "another process"
         return (
             f"{exc.path}: the store is being written by {who}; one writer per store. "
