@@ -91,7 +91,8 @@ class MetadataLock:
             # (a power cut that loses it loses no lock: the kernel dropped every lock anyway).
             fd = os.open(self.path, _FLAGS, 0o644)
         except OSError as exc:
-            raise StorageError(f"{self.path}: cannot open the metadata lock: {exc.strerror or exc}", errno=exc.errno, path=self.path) from exc
+            message = f"{self.path}: cannot open the metadata lock: {exc.strerror or exc}"
+            raise StorageError(message, errno=exc.errno, path=self.path) from exc
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -99,7 +100,8 @@ class MetadataLock:
             except OSError as exc:
                 if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EINTR):
                     os.close(fd)
-                    raise StorageError(f"{self.path}: cannot take the metadata lock: {exc.strerror or exc}", errno=exc.errno, path=self.path) from exc
+                    message = f"{self.path}: cannot take the metadata lock: {exc.strerror or exc}"
+                    raise StorageError(message, errno=exc.errno, path=self.path) from exc
             if time.monotonic() >= deadline:
                 os.close(fd)
                 raise self._timeout_error()

@@ -91,7 +91,9 @@ def parse_metrics(data: bytes, *, path: str = METRICS_NAME) -> dict[int, Recorde
         raise bad("malformed checksum") from None
     actual = hash_bytes(_canonical(raw), expected.algo)
     if actual != expected:
-        raise IntegrityError(f"{path}: checksum mismatch (altered or corrupt metrics file)", path=path, expected=str(expected), actual=str(actual))
+        raise IntegrityError(
+            f"{path}: checksum mismatch (altered or corrupt metrics file)", path=path, expected=str(expected), actual=str(actual)
+        )
     if _canonical({**raw, "checksum": str(expected)}) != bytes(data):
         raise bad("metrics file is not in canonical form (altered, or not written by ckstore)")
     entries = raw["metrics"]

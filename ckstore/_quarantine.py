@@ -106,7 +106,9 @@ def _open_quarantine(root: str) -> int | None:
         return None
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise UnsafeStoreError(f"{directory}: is a symlink or not a directory; refusing to read or empty the quarantine through it", path=directory) from None
+            raise UnsafeStoreError(
+                f"{directory}: is a symlink or not a directory; refusing to read or empty the quarantine through it", path=directory
+            ) from None
         raise
 
 
@@ -139,7 +141,8 @@ def entries(root: str) -> list[QuarantineEntry]:
 def _with_note(entry: QuarantineEntry) -> QuarantineEntry:
     """The entry completed from its note; a missing or unreadable note (a crash before it was written) leaves "unknown"."""
     try:
-        fd = os.open(f"{entry.path}.json", os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+        fd = os.open(f"{entry.path}.json", flags)
     except OSError:
         return entry
     try:

@@ -610,7 +610,8 @@ class Store:
             recorded[step] = Recorded(info.created, {**kept, **metrics})
             live = {s: r for s, r in recorded.items() if s == step or self._exists(s)}
             path = os.path.join(self._root, METRICS_NAME)
-            self._guarded(lambda: _durable.write_file_atomic(path, dump_metrics(live), site="metrics"), what=f"recording metrics of step {step}")
+            data = dump_metrics(live)
+            self._guarded(lambda: _durable.write_file_atomic(path, data, site="metrics"), what=f"recording metrics of step {step}")
             return self._resolve_step(step)
 
     def _check_writable(self) -> None:
@@ -953,7 +954,8 @@ class Store:
                 bytes_linked=sum(e.size for e in linked.values()),
             )
             retention = {"metric": self.policy.metric, "mode": self.policy.mode} if self.policy.metric else None
-            manifest = Manifest(step=step, created=self._commit_time(), files=files, state=encoded.skeleton, metrics=metrics, retention=retention)
+            created = self._commit_time()
+            manifest = Manifest(step=step, created=created, files=files, state=encoded.skeleton, metrics=metrics, retention=retention)
             self._saver.check_abandoned()  # an abandoned save never commits, however far its writes got
             with _durable.FileWriter(os.path.join(staging, MANIFEST_NAME), site="manifest") as writer:
                 writer.write(manifest.to_json())

@@ -73,7 +73,14 @@ def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
 
 
 def _quarantine_json(entry: QuarantineEntry) -> dict[str, Any]:
-    return {"step": entry.step, "path": str(entry.path), "moved": entry.moved, "reason": entry.reason, "tags": list(entry.tags), "problems": list(entry.problems)}
+    return {
+        "step": entry.step,
+        "path": str(entry.path),
+        "moved": entry.moved,
+        "reason": entry.reason,
+        "tags": list(entry.tags),
+        "problems": list(entry.problems),
+    }
 
 
 def _quarantine_rows(entries: Sequence[QuarantineEntry]) -> list[str]:
@@ -275,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", help="rank by this metric to mark the best (default: the metric the writer used)")
     p.add_argument("--mode", choices=("min", "max"), default="min", help="whether lower or higher --metric is better")
 
-    p = command("quarantine", "list checkpoints a save moved aside (failed verification, left ahead by a rollback); --empty deletes them", cmd_quarantine)
+    p = command(
+        "quarantine", "list checkpoints a save moved aside (failed verification, left ahead by a rollback); --empty deletes them", cmd_quarantine
+    )
     p.add_argument("--empty", action="store_true", help="delete every quarantined checkpoint (needs the writer lock)")
     p.add_argument("--wait", type=float, default=0, help="with --empty: seconds to wait for the writer lock (default: fail at once)")
 

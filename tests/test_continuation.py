@@ -12,15 +12,19 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
 import torch
-from conftest import flip_byte
+from conftest import flip_byte, subprocess_env
 
 import ckstore
+from ckstore import _durable
 from ckstore.cli import main
 
 
@@ -250,14 +254,10 @@ print(json.dumps(done), flush=True)
 
 def test_a_shell_tags_while_a_training_process_saves_and_retention_honours_every_pin(store_path, run_python):
     """Two real processes race: one saves with keep_last=1, the other tags the latest checkpoint through the CLI."""
-    import subprocess
-    import sys
-
-    from conftest import subprocess_env
-
     with ckstore.Store(store_path) as store:
         store.save(state(0), step=0)  # the store exists before the tagger starts
-    writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(store_path), "150"], env=subprocess_env(), stdout=subprocess.PIPE, text=True)
+    command = [sys.executable, "-c", _WRITER, str(store_path), "150"]
+    writer = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, text=True)
     try:
         assert writer.stdout.readline().strip() == "READY"
         tagger = run_python(_TAGGER, str(store_path), "60", timeout=300)
@@ -447,8 +447,6 @@ def test_a_save_asking_for_tags_while_tags_json_is_corrupt_is_refused_before_it_
 
 
 def _enospc_at(op_name: str, site: str):
-    import errno
-
     def hook(op, phase, path, info):
         if op == op_name and phase == "before" and info["site"] == site:
             raise OSError(errno.ENOSPC, "injected ENOSPC", path)
@@ -459,9 +457,6 @@ def _enospc_at(op_name: str, site: str):
 @pytest.mark.parametrize("blocking", [True, False])
 @pytest.mark.parametrize("op, site", [("rename", "tags"), ("rename", "delete")])
 def test_a_failure_after_the_commit_says_the_checkpoint_is_committed(store_path, blocking, op, site):
-    import errno
-
-    from ckstore import _durable
 
     with ckstore.Store(store_path, keep_last=1) as store:
         store.save(state(1), step=1)
@@ -481,8 +476,6 @@ def test_a_failure_after_the_commit_says_the_checkpoint_is_committed(store_path,
 
 
 def test_a_background_save_committed_with_errors_is_reported_so_by_the_next_call(store_path):
-    from ckstore import _durable
-
     with ckstore.Store(store_path) as store:
         with _durable.hooked(_enospc_at("rename", "tags")):
             store.save(state(1), step=1, tags=["a"], blocking=False)
@@ -531,7 +524,6 @@ def test_ckstore_publish_from_a_shell_while_the_training_process_holds_the_store
     """The shell's publish pins the checkpoint with the metadata lock only; the run's retention keeps it."""
     pytest.importorskip("dvc.repo", reason="DVC is an optional extra: pip install 'ckstore[dvc]'")
     import test_dvc
-    from conftest import subprocess_env
 
     for key, value in test_dvc.hermetic_env(tmp_path).items():
         monkeypatch.setenv(key, value)
