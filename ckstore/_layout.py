@@ -33,6 +33,9 @@ STAGING_DIR = ".staging"
 TRASH_DIR = ".trash"
 LAYOUT_DIRS = (CHECKPOINTS_DIR, STAGING_DIR, TRASH_DIR, QUARANTINE_DIR)
 
+#: The way out of an ownership refusal, in Python terms (the CLI says it in its own options).
+ADVICE = "open it with readonly=True to read it, or with trust_foreign=True to write it if you trust its owner"
+
 
 def _lstat(path: str) -> os.stat_result | None:
     try:
@@ -79,7 +82,7 @@ def check_layout(root: str, *, write: bool, trust_foreign: bool = False) -> bool
                 who = "group and others" if sub.st_mode & stat.S_IWGRP and sub.st_mode & stat.S_IWOTH else "group" if sub.st_mode & stat.S_IWGRP else "others"
                 raise UnsafeStoreError(
                     f"{path}: is writable by {who} (mode {stat.S_IMODE(sub.st_mode):o}, no sticky bit), so another user could "
-                    "swap checkpoints or plant links in it; fix the permissions (chmod go-w) or open with trust_foreign=True",
+                    f"swap checkpoints or plant links in it; fix the permissions (chmod go-w), or {ADVICE}",
                     path=path,
                 )
     return True
@@ -89,7 +92,7 @@ def _check_owner(path: str, st: os.stat_result, *, what: str) -> None:
     if st.st_uid != os.geteuid():
         raise UnsafeStoreError(
             f"{path}: {what} is owned by uid {st.st_uid}, not by you (uid {os.geteuid()}); refusing to write a store another "
-            "user controls. Open it with readonly=True to read it, or with trust_foreign=True if you trust that user",
+            f"user controls: {ADVICE}",
             path=path,
         )
 

@@ -19,8 +19,8 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from ._errors import CkstoreError, InvalidArgumentError, StoreLockedError
-from ._layout import require_store
+from ._errors import CkstoreError, InvalidArgumentError, StoreLockedError, UnsafeStoreError
+from ._layout import ADVICE, require_store
 from ._manifest import MANIFEST_NAME
 from ._quarantine import QuarantineEntry
 from ._retention import RetentionPolicy
@@ -123,7 +123,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def cmd_quarantine(args: argparse.Namespace) -> int:
     if args.empty:
-        with Store(_existing_store(args.store), lock_timeout=args.wait) as store:
+        with Store(_existing_store(args.store), lock_timeout=args.wait, trust_foreign=args.trust_foreign) as store:
             removed = store.empty_quarantine()
         _emit(args, {"removed": [str(p) for p in removed]}, f"removed {len(removed)} quarantined checkpoint(s)")
         return 0
@@ -175,7 +175,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_tag(args: argparse.Namespace) -> int:
     if args.delete is not None:  # "" too: it is an invalid tag (exit 2), not a request to list tags
-        with Store(_existing_store(args.store), lock_timeout=args.wait) as store:
+        with Store(_existing_store(args.store), lock_timeout=args.wait, trust_foreign=args.trust_foreign) as store:
             store.untag(args.delete)
         _emit(args, {"untagged": args.delete}, f"removed tag {escape(args.delete)}")
         return 0
@@ -184,7 +184,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
             tags = {t: i.step for i in store.checkpoints() for t in i.tags}
         _emit(args, {"tags": tags}, "\n".join(f"{escape(t)}\t{s}" for t, s in sorted(tags.items())) or "(no tags)")
         return 0
-    with Store(_existing_store(args.store), lock_timeout=args.wait) as store:
+    with Store(_existing_store(args.store), lock_timeout=args.wait, trust_foreign=args.trust_foreign) as store:
         target = store.resolve(_step_arg(args.step)).step
         info = store.tag(target, args.name)
     _emit(args, _info_json(info), f"tagged step {info.step} as {escape(args.name)}")
@@ -197,7 +197,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     )
     if not policy.prunes:
         policy = None  # only recover leftovers
-    with Store(_existing_store(args.store), lock_timeout=args.wait) as store:
+    with Store(_existing_store(args.store), lock_timeout=args.wait, trust_foreign=args.trust_foreign) as store:
         deleted = store.gc(policy=policy, dry_run=args.dry_run)
         remaining = [i.step for i in store.checkpoints()]
     if args.dvc:  # also the DVC cache (and remote with --cloud), keeping what any branch or tag names
@@ -264,7 +264,15 @@ def _cli_message(exc: CkstoreError) -> str:
             f"{exc.path}: the store is being written by {who}; one writer per store. "
             "Pass --wait SECONDS to wait for it; ls, show, verify, tag and publish work while it runs"
         )
+    if isinstance(exc, UnsafeStoreError):
+        return str(exc).replace(ADVICE, "ls, show and verify read it as it is; pass --trust-foreign to write it if you trust its owner")
     return str(exc)
+
+
+def _trust_foreign_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-foreign", action="store_true", help="write the store even if another user owns it or can modify it (see docs/security.md)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -287,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--empty", action="store_true", help="delete every quarantined checkpoint (needs the writer lock)")
     p.add_argument("--wait", type=float, default=0, help="with --empty: seconds to wait for the writer lock (default: fail at once)")
+    _trust_foreign_option(p)
 
     p = command("show", "show one checkpoint: metrics, tags, files with sizes and hashes", cmd_show)
     p.add_argument("step", help="step number, 'latest', 'best' or a tag")
@@ -299,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("step", nargs="?", default="latest", help="step number, 'latest', 'best' or a tag (default: latest)")
     p.add_argument("-d", "--delete", metavar="NAME", help="remove tag NAME instead")
     p.add_argument("--wait", type=float, default=0, help="seconds to wait for the writer lock (default: fail at once)")
+    _trust_foreign_option(p)
 
     p = command("gc", "remove leftovers of interrupted saves and deletes; apply a retention policy if given", cmd_gc)
     p.add_argument("--keep-last", type=int, help="keep the N newest")
@@ -308,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-every", type=int, help="keep steps that are multiples of N")
     p.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
     p.add_argument("--wait", type=float, default=0, help="seconds to wait for the writer lock (default: fail at once)")
+    _trust_foreign_option(p)
     p.add_argument("--dvc", action="store_true", help="also dvc gc the repository's cache, keeping what the workspace, any branch or tag names")
     p.add_argument("--cloud", action="store_true", help="with --dvc: collect the DVC remote too (same protection)")
     p.add_argument("--repo", help="with --dvc: the git + DVC repository (default: the one holding the store, else the current directory)")

@@ -449,3 +449,16 @@ def test_a_retention_metric_with_control_characters_is_refused(store_path, metri
     """It is written into every manifest (``retention``) and later ranks ``best``: refused like a metric name."""
     with pytest.raises(ckstore.InvalidArgumentError, match="metric"):
         ckstore.Store(store_path, keep_best=1, metric=metric)
+
+
+@pytest.mark.parametrize("argv", [["gc"], ["tag", "pinned", "7"], ["tag", "-d", "old"], ["quarantine", "--empty"]])
+def test_cli_writes_refuse_a_store_of_another_user_unless_trust_foreign(shared, capsys, argv):
+    original = _saved(shared / "original", 7)
+    with ckstore.Store(original) as store:
+        store.tag(7, "old")
+    subprocess.run(["chmod", "-R", "a+rX", str(original)], check=True)
+    path = shared / "run"
+    assert _as_nobody("cp", "-r", str(original), str(path)).returncode == 0
+    assert main([argv[0], str(path), *argv[1:]]) == 2
+    assert "--trust-foreign" in capsys.readouterr().err
+    assert main([argv[0], str(path), *argv[1:], "--trust-foreign"]) == 0
