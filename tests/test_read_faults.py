@@ -294,3 +294,23 @@ def test_readfaults_tier_finds_no_violation(tmp_path, operation):
     row = readfaults.run_operation(operation, str(tmp_path))
     assert row.violations == 0, row.examples[:5]
     assert row.states >= 20  # faults really hit reads
+
+
+# ---------------------------------------------------------------- one reader
+
+
+def test_checkpoint_files_are_read_only_through_safeio():
+    """The modules that read manifests, tags, tensor files and the lock owner never open or read a file themselves.
+
+    Every such read goes through ``ckstore._safeio`` (no symlink, no FIFO,
+    capped, hookable), or a FIFO or a read fault could slip past the checks
+    and the readfaults tier. The scan checks itself: _safeio does match.
+    """
+    import re
+
+    pattern = re.compile(r"\bos\.(open|read|readv|pread|preadv)\(|(?<![\w.])open\(")
+    package = REPO_ROOT / "ckstore"
+    assert pattern.search((package / "_safeio.py").read_text())
+    for name in ("_store.py", "_tensorfile.py", "_tags.py", "_lock.py", "_manifest.py", "_manifest_cache.py"):
+        offenders = [line.strip() for line in (package / name).read_text().splitlines() if pattern.search(line) and not line.lstrip().startswith("#")]
+        assert not offenders, f"{name} reads files itself: {offenders}"
