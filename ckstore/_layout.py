@@ -79,7 +79,7 @@ def check_layout(root: str, *, write: bool, trust_foreign: bool = False) -> bool
         for path, sub in entries:
             _check_owner(path, sub, what="store directory")
             if sub.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not sub.st_mode & stat.S_ISVTX:
-                who = "group and others" if sub.st_mode & stat.S_IWGRP and sub.st_mode & stat.S_IWOTH else "group" if sub.st_mode & stat.S_IWGRP else "others"
+                who = {stat.S_IWGRP: "group", stat.S_IWOTH: "others"}.get(sub.st_mode & (stat.S_IWGRP | stat.S_IWOTH), "group and others")
                 raise UnsafeStoreError(
                     f"{path}: is writable by {who} (mode {stat.S_IMODE(sub.st_mode):o}, no sticky bit), so another user could "
                     f"swap checkpoints or plant links in it; fix the permissions (chmod go-w), or {ADVICE}",

@@ -1040,7 +1040,9 @@ class Store:
                 raise CheckpointNotFoundError(f"{self._root}: no checkpoint at step {step}", step=step) from None
             if stat.S_ISLNK(mode):
                 # Never delete through a link: renaming it into .trash/ and emptying that would empty its target.
-                raise UnsafeStoreError(f"{path}: is a symlink, not a checkpoint; refusing to delete through it (remove the link by hand)", path=path)
+                raise UnsafeStoreError(
+                    f"{path}: is a symlink, not a checkpoint; refusing to delete through it (remove the link by hand)", path=path
+                )
             if not stat.S_ISDIR(mode):
                 raise InvalidArgumentError(f"{path}: is not a checkpoint directory; refusing to delete it")
             with self._meta.held():

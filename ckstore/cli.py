@@ -343,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: str | None = None) -> None:
+def _show_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: str | None = None
+) -> None:
     # A warning names a skipped checkpoint and quotes what was wrong with it: text from the store, escaped.
     print(f"ckstore: warning: {escape(str(message))}", file=sys.stderr if file is None else file)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PYTHON, REPO_ROOT, subprocess_env
+from conftest import PYTHON, subprocess_env
 
 import ckstore
 from ckstore import _durable
@@ -246,7 +246,11 @@ def test_recover_is_an_explicit_write(store_path):
 def test_parent_directories_are_made_one_by_one_and_each_parent_fsynced(tmp_path):
     path = tmp_path / "a" / "b" / "store"
     seen = []
-    with _durable.hooked(lambda op, phase, p, info: seen.append((op, os.path.relpath(p, tmp_path), info["site"])) if phase == "after" else None):
+    def record(op, phase, p, info):
+        if phase == "after":
+            seen.append((op, os.path.relpath(p, tmp_path), info["site"]))
+
+    with _durable.hooked(record):
         with ckstore.Store(path) as store:
             store.save({}, step=1)
     made = [(op, p, site) for op, p, site in seen if op in ("mkdir", "fsync_dir") and site.startswith("store_")]
@@ -434,7 +438,12 @@ def test_cli_output_carries_no_control_characters_from_the_store(store_path, arg
 
 
 @pytest.mark.parametrize(
-    "name", ["step-\u0661.20261202T061502Z.3fa9c2d1", "step-00000001.\u0662\u0660\u0662\u0666\u0661\u0662\u0660\u0662T061502Z.3fa9c2d1", "step-00000001.99999999T999999Z.3fa9c2d1"]
+    "name",
+    [
+        "step-\u0661.20261202T061502Z.3fa9c2d1",
+        "step-00000001.\u0662\u0660\u0662\u0666\u0661\u0662\u0660\u0662T061502Z.3fa9c2d1",
+        "step-00000001.99999999T999999Z.3fa9c2d1",
+    ],
 )
 def test_a_quarantine_entry_with_non_ascii_digits_or_a_bad_date_is_ignored(store_path, capsys, name):
     _saved(store_path, 1)
