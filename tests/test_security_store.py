@@ -471,3 +471,12 @@ def test_cli_writes_refuse_a_store_of_another_user_unless_trust_foreign(shared, 
     assert main([argv[0], str(path), *argv[1:]]) == 2
     assert "--trust-foreign" in capsys.readouterr().err
     assert main([argv[0], str(path), *argv[1:], "--trust-foreign"]) == 0
+
+
+def test_unsafe_store_error_is_a_permission_error_that_survives_a_process_boundary():
+    import pickle
+
+    err = ckstore.UnsafeStoreError("m", path="/s")
+    again = pickle.loads(pickle.dumps(err))  # noqa: S301 - our own object, as a multiprocessing pool sends it
+    assert isinstance(again, PermissionError) and isinstance(again, ckstore.CkstoreError)
+    assert (again.path, again.filename, str(again)) == ("/s", "/s", "m")
