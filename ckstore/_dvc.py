@@ -73,6 +73,7 @@ import json
 import os
 import re
 import secrets
+import stat
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -82,7 +83,7 @@ from typing import TYPE_CHECKING, Any
 import filelock
 
 from . import _durable
-from ._dvc_files import check_real_dirs, read_dvc_file
+from ._dvc_files import check_real_dirs, has_control, read_capped, read_dvc_file
 from ._dvc_git import DEFAULT_DEST, _git, _one_line, _tag
 from ._errors import CheckpointNotFoundError, CkstoreError, DvcError, IntegrityError, InvalidArgumentError, ManifestError, StorageError
 from ._hashing import HashInfo, new_hasher
@@ -219,6 +220,15 @@ def check_dest(dest: object) -> str:
             f"dest {dest!r}: each part holds ASCII letters, digits and '_.+-' only (no control characters, spaces or backslashes)"
         )
     return os.path.join(*parts)
+
+
+def check_remote(remote: object) -> str | None:
+    """None (the repository's default remote) or a DVC remote name without control characters."""
+    if remote is None:
+        return None
+    if not isinstance(remote, str) or not remote or has_control(remote):
+        raise InvalidArgumentError(f"remote must be a DVC remote name, got {remote!r}")
+    return remote
 
 
 def find_repo(start: str | os.PathLike[str]) -> str | None:
@@ -549,6 +559,22 @@ def _check_alias(job: PublishJob) -> None:
             raise InvalidArgumentError(f"{alias} holds files a ckstore publish did not put there; refusing to replace it")
 
 
+def _check_plain_file(path: str) -> None:
+    """``path`` is absent or a regular file: git and DVC read and rewrite ignore files, following links.
+
+    A cloned repository's ``.dvcignore`` (or ``<dest>/.gitignore``) pointing at a
+    file outside would have that file's content read into a commit, or DVC append to it.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise InvalidArgumentError(f"{path} is a symlink; ckstore never reads or writes through a symlink inside a repository")
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidArgumentError(f"{path} is not a regular file")
+
+
 def _ensure_dvcignore(repo: str) -> bool:
     """Add ckstore's patterns to ``.dvcignore``; True when the file changed."""
     path = os.path.join(repo, ".dvcignore")
@@ -556,9 +582,9 @@ def _ensure_dvcignore(repo: str) -> bool:
         # A publish killed mid-update leaves the atomic replace's temp file: an untracked file in git.
         if leftover.startswith("..dvcignore") and _durable.is_temp_name(leftover):
             _durable.unlink(os.path.join(repo, leftover), site="publish_dvcignore")
+    _check_plain_file(path)
     try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
+        text = read_capped(path, 1 << 20, what=".dvcignore").decode("utf-8", errors="replace")
     except FileNotFoundError:
         text = ""
     have = set(text.splitlines())
@@ -624,6 +650,7 @@ def run_publish(job: PublishJob) -> PublishResult:
         _check_alias(job)
         _ensure_dvcignore(job.repo)
         _make_dirs(job.repo, job.dest_dir, what="publish dest")
+        _check_plain_file(os.path.join(job.dest_dir, ".gitignore"))  # DVC appends "/<name>" to it
         token = secrets.token_hex(4)
         tmp, old = _tmp_paths(job, token)
         _write_journal(job, "materialize", token)

@@ -44,6 +44,7 @@ from ._dvc import (
     _remove,
     _repo_lock,
     _storage_errors,
+    check_remote,
     resolve_repo,
     swap_dir,
 )
@@ -112,6 +113,7 @@ def pull(
     there, or a held writer lock is refused with a message naming ``--force``.
     Returns the store directory (``<dest>/<name>``).
     """
+    remote = check_remote(remote)
     path = os.path.abspath(os.fspath(target))
     alias = path[: -len(".dvc")] if path.endswith(".dvc") else path
     dvc_file = alias + ".dvc"

@@ -44,6 +44,7 @@ from ._dvc import (
     _check_installed,
     check_dest,
     check_name,
+    check_remote,
     resolve_repo,
     run_publish,
 )
@@ -310,6 +311,7 @@ def publish(
     """
     check_name(name)
     dest = check_dest(dest)
+    remote = check_remote(remote)
     _check_installed()  # cheaply here; the import itself (about 0.5 s) happens on the publish thread
     root = resolve_repo(repo, store.path, os.getcwd())
     publisher = _publisher_for(store)

@@ -177,6 +177,11 @@ def test_dests_with_control_characters_or_backslashes_are_refused(bad):
         _dvc.check_dest(bad)
 
 
+def test_remote_names_with_control_characters_are_refused(tmp_path):
+    with pytest.raises(ckstore.InvalidArgumentError, match="remote"):
+        _dvc.pull(tmp_path / "models" / "best", remote="origin\n-x")
+
+
 def test_metric_names_cannot_inject_commit_trailers(tmp_path, env):
     # save() refuses such names now; a job replayed from a journal, or a store written by an older
     # version, can still carry them to the commit message.
@@ -292,3 +297,23 @@ def test_a_journal_another_user_could_write_is_refused(tmp_path, env):
     os.chown(journal, 65534, 65534)
     with pytest.raises(ckstore.DvcError, match="owned"):
         _dvc.recover(repo)
+
+
+@pytest.mark.parametrize("planted", [".dvcignore", "models/.gitignore"])
+def test_publish_never_reads_or_writes_through_a_symlinked_ignore_file(tmp_path, env, planted):
+    repo, _ = make_repo(tmp_path, env)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "secret.txt").write_text("do not touch\n")
+    before = snapshot(victim)
+    link = repo / planted
+    link.parent.mkdir(exist_ok=True)
+    if link.exists():
+        link.unlink()
+    link.symlink_to(victim / "secret.txt")
+    with ckstore.Store(tmp_path / "run", metric="val_loss") as store:
+        train(store, steps=(1,), losses=(0.1,))
+        with pytest.raises(ckstore.CkstoreError, match="symlink"):
+            store.publish(1, name="best", repo=repo).result()
+    assert snapshot(victim) == before
+    assert "do not touch" not in git("log", "-p", "--all", cwd=repo, env=env)
