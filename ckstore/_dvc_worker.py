@@ -4,11 +4,12 @@ A training loop calls ``store.publish("best", name="best")`` whenever the best
 moves, so publishes of one name pile up while DVC works. Rules:
 
 * **Pins.** ``publish()`` tags the checkpoint ``published.<name>`` before it
-  is queued, so retention keeps it. When the tag moves on to a newer
-  checkpoint while the older one's publish is *running*, the running one's
-  checkpoint is pinned by ``publishing.<name>`` until its publish is done
-  (then the worker removes that tag). A checkpoint is never deleted under a
-  publish that reads it.
+  is queued, so retention keeps it. While a publish *runs*, its checkpoint is
+  also pinned in memory (the store's retention in this process keeps it),
+  so the tag may move on to a newer best without the running publish losing
+  its checkpoint. In memory, because a crash must leave no pin behind. A
+  checkpoint is released when its publish is done and goes at the next
+  save's retention. (Another process's retention honours only the tag.)
 * **Supersede.** A newer publish of the same name, dest and repository
   replaces one that is still *queued*: the queued one never runs, and its
   :meth:`Publication.result` returns the newer one's result. Nothing fails
@@ -32,6 +33,7 @@ import contextlib
 import os
 import sys
 import threading
+import warnings
 import weakref
 from concurrent.futures import Future
 from typing import TYPE_CHECKING
@@ -53,8 +55,6 @@ from ._errors import CheckpointNotFoundError, CkstoreError, DvcError
 if TYPE_CHECKING:
     from ._store import Store
 
-#: The tag that keeps a running publish's checkpoint while ``published.<name>`` has moved on.
-RUNNING_PREFIX = "publishing."
 _RESOLVE_TRIES = 5
 
 
@@ -127,7 +127,6 @@ class _Publisher:
         self._futures: list[Future[PublishResult]] = []
         self._unreported: list[Future[PublishResult]] = []
         self._running: PublishJob | None = None
-        self._running_pinned = False
 
     def submit(self, job: PublishJob) -> Future[PublishResult]:
         """Pin ``job``'s checkpoint and queue it, superseding a queued publish of the same target.
@@ -138,11 +137,6 @@ class _Publisher:
         future: Future[PublishResult] = Future()
         store = self._store()
         with self._lock:
-            running = self._running
-            if store is not None and running is not None and running.name == job.name and running.step != job.step:
-                # The tag is about to leave the checkpoint a publish is reading right now.
-                store.tag(running.step, RUNNING_PREFIX + job.name)
-                self._running_pinned = True
             if store is not None:
                 store.tag(job.step, TAG_PREFIX + job.name)  # pins it: never removed by retention while named
             for queued in [q for q in self._queue if _same_target(q[0], job)]:
@@ -165,36 +159,52 @@ class _Publisher:
                     return
                 job, future = self._queue.pop(0)
                 self._running = job
+                # Still named by its tag here (a move would have superseded it under this lock):
+                # pinned in memory from now on, whatever the tag does.
+                self._pin({job.step})
+            if not future.set_running_or_notify_cancel():
+                self._unpin()
+                continue
+            result: PublishResult | None = None
+            error: BaseException | None = None
             try:
-                if future.set_running_or_notify_cancel():
-                    self._run(job, future)
-            finally:
-                self._unpin(job)
+                result = run_publish(job)
+            except BaseException as exc:
+                error = exc
+                if not isinstance(exc, CkstoreError):
+                    error = DvcError(f"publishing {job.name!r} (step {job.step}) failed: {type(exc).__name__}: {exc}")
+                    error.__cause__ = exc
+            self._unpin()
+            # Before the result is out: whoever waits on it (close() included) finds retention
+            # already applied to what this publish and the tags it saw move no longer pin.
+            self._retain()
+            if error is not None:
+                with self._lock:
+                    self._unreported.append(future)
+                future.set_exception(error)
+            else:
+                future.set_result(result)
 
-    def _run(self, job: PublishJob, future: Future[PublishResult]) -> None:
-        try:
-            result = run_publish(job)
-        except BaseException as exc:
-            if not isinstance(exc, CkstoreError):
-                wrapped = DvcError(f"publishing {job.name!r} (step {job.step}) failed: {type(exc).__name__}: {exc}")
-                wrapped.__cause__ = exc
-                exc = wrapped
-            with self._lock:
-                self._unreported.append(future)
-            future.set_exception(exc)
-        else:
-            future.set_result(result)
+    def _pin(self, steps: set[int]) -> None:
+        store = self._store()
+        if store is not None:
+            store._publish_reading = frozenset(steps)  # one assignment: retention reads it whole
 
-    def _unpin(self, job: PublishJob) -> None:
+    def _unpin(self) -> None:
         with self._lock:
             self._running = None
-            pinned, self._running_pinned = self._running_pinned, False
-            store = self._store()
-            if not pinned or store is None:
-                return
-            with contextlib.suppress(CkstoreError):  # already gone or moved by hand: nothing to undo
-                if store.resolve(RUNNING_PREFIX + job.name).step == job.step:
-                    store.untag(RUNNING_PREFIX + job.name)
+            self._pin(set())
+
+    def _retain(self) -> None:
+        """Apply the store's retention now that a pin is gone (only where this process is its writer)."""
+        store = self._store()
+        if store is None:
+            return
+        try:
+            store._retain_after_publish()
+        except (CkstoreError, OSError) as exc:
+            # Nothing is lost: the checkpoint stays until the next save's retention retries.
+            warnings.warn(f"retention after a publish failed (the next save retries it): {exc}", RuntimeWarning, stacklevel=2)
 
     def reported(self, future: Future[PublishResult]) -> None:
         with self._lock:

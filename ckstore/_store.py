@@ -232,6 +232,9 @@ class Store:
         #: step -> manifest ``created`` of each checkpoint a load or verify through this object found corrupt
         #: (``created`` tells it from a later checkpoint of the same step); retention gives them no slot.
         self._corrupt: dict[int, float] = {}
+        #: Steps a publish of this process is reading right now (``ckstore._dvc_worker``): retention keeps
+        #: them. In memory only, so a crash leaves no pin behind; replaced whole, never mutated.
+        self._publish_reading: frozenset[int] = frozenset()
         self._closed = False
         _live_stores.add(self)
         # Opening only looks (lstat): "loading never writes". A writable open refuses now, rather than at
@@ -1008,11 +1011,18 @@ class Store:
                 return []
             infos = self._listing(warn=False)
             corrupt = [info.step for info in infos if self._corrupt.get(info.step) == info.created]
-            doomed = plan_deletions(infos, policy, protect=() if protect is None else (protect,), corrupt=corrupt)
+            protected = ({protect} if protect is not None else set()) | self._publish_reading
+            doomed = plan_deletions(infos, policy, protect=protected, corrupt=corrupt)
             if not dry_run:
                 for step in doomed:
                     self._delete_dir(step)
         return doomed
+
+    def _retain_after_publish(self) -> None:
+        """Retention once a publish released its pins (``ckstore._dvc_worker``); only where this object is the writer."""
+        with self._mutex:
+            if not self._closed and self._lock is not None and self._lock.held:
+                self._apply_retention()
 
     def _delete_dir(self, step: int) -> None:
         name = step_dir_name(step)
