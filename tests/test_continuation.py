@@ -227,8 +227,17 @@ def test_the_cli_lists_and_empties_the_quarantine(store_path, capsys):
 # ---------------------------------------------------------------- 8. tags and pins from a shell while a run holds the store
 
 _WRITER = r"""
-import sys, torch, ckstore
+import sys, time, torch, ckstore
+from ckstore import _durable
 path, last = sys.argv[1], int(sys.argv[2])
+
+def widen(op, phase, p, info):
+    # Stretch retention's window between reading the tags and renaming a doomed checkpoint
+    # into .trash/, so a tag added in it would be lost if retention did not hold the metadata lock.
+    if op == "rename" and phase == "before" and info["site"] == "delete":
+        time.sleep(0.03)
+
+_durable.set_hook(widen)
 with ckstore.Store(path, keep_last=1) as store:
     print("READY", flush=True)
     for step in range(1, last + 1):
@@ -236,14 +245,17 @@ with ckstore.Store(path, keep_last=1) as store:
 """
 
 _TAGGER = r"""
-import contextlib, io, json, sys, time
+import contextlib, io, json, sys, time, ckstore
 from ckstore.cli import main
 path, rounds = sys.argv[1], int(sys.argv[2])
 done = []
 for k in range(rounds):
+    with ckstore.Store(path, readonly=True) as reader:
+        newest = max(i.step for i in reader.checkpoints())  # the one the next save's retention deletes
+    time.sleep(0.005 * (k % 5))
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-        code = main(["tag", path, f"pin{k}", "latest", "--json"])
+        code = main(["tag", path, f"pin{k}", str(newest), "--json"])
     if code == 0:
         done.append((f"pin{k}", json.loads(out.getvalue())["step"]))
     else:
@@ -256,11 +268,11 @@ def test_a_shell_tags_while_a_training_process_saves_and_retention_honours_every
     """Two real processes race: one saves with keep_last=1, the other tags the latest checkpoint through the CLI."""
     with ckstore.Store(store_path) as store:
         store.save(state(0), step=0)  # the store exists before the tagger starts
-    command = [sys.executable, "-c", _WRITER, str(store_path), "150"]
+    command = [sys.executable, "-c", _WRITER, str(store_path), "300"]
     writer = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, text=True)
     try:
         assert writer.stdout.readline().strip() == "READY"
-        tagger = run_python(_TAGGER, str(store_path), "60", timeout=300)
+        tagger = run_python(_TAGGER, str(store_path), "120", timeout=300)
         assert tagger.returncode == 0, tagger.stderr
         assert writer.wait(300) == 0
     finally:
@@ -270,13 +282,13 @@ def test_a_shell_tags_while_a_training_process_saves_and_retention_honours_every
     results = json.loads(tagger.stdout)
     pinned = {r[0]: r[1] for r in results if r[1] is not None}
     refused = [r[2] for r in results if r[1] is None]
-    assert len(pinned) >= 30, results  # the writer lock never stops a tag
-    assert set(refused) <= {"CheckpointNotFoundError"}  # only: "latest" was deleted between resolve and tag
+    assert len(pinned) >= 20, results  # the writer lock never stops a tag
+    assert set(refused) <= {"CheckpointNotFoundError"}  # only: the step was deleted before the tag was taken
     with ckstore.Store(store_path) as store:
         tags = {t: i.step for i in store.checkpoints() for t in i.tags}
         assert {t: s for t, s in tags.items() if t.startswith("pin")} == pinned  # every pin survived retention
         assert store.verify() == []
-        assert set(steps_of(store)) == set(pinned.values()) | {150}
+        assert set(steps_of(store)) == set(pinned.values()) | {300}
 
 
 # ---------------------------------------------------------------- 9. fork while a background save is in flight
