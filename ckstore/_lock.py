@@ -19,6 +19,7 @@ import filelock
 
 from . import _durable, _safeio
 from ._errors import CkstoreError, InvalidArgumentError, StorageError, StoreLockedError
+from ._text import escape
 
 LOCK_NAME = ".ckstore.lock"
 OWNER_NAME = ".ckstore.lock.owner"
@@ -99,6 +100,6 @@ class WriterLock:
             pid, host = owner["pid"], owner["host"]
             if type(pid) is not int or not isinstance(host, str):
                 return None, None
-            return pid, _safeio.escape_control(host, limit=255)
+            return pid, escape(host[:255])  # the one escaper (ckstore._text)
         except (CkstoreError, OSError, ValueError, KeyError, TypeError, RecursionError):
             return None, None

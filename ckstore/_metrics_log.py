@@ -26,11 +26,10 @@ Canonical JSON with a checksum, like the manifests and tags::
 from __future__ import annotations
 
 import json
-import os
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from . import _safeio
 from ._errors import IntegrityError, InvalidArgumentError, ManifestError
 from ._hashing import HashInfo, default_algorithm, hash_bytes
 from ._manifest import check_metrics
@@ -116,29 +115,15 @@ def parse_metrics(data: bytes, *, path: str = METRICS_NAME) -> dict[int, Recorde
 def read_metrics(path: str) -> dict[int, Recorded]:
     """Read and parse ``metrics.json`` at ``path``; ``{}`` when there is none.
 
-    Opened without following a link and without blocking (a FIFO planted
-    there must not hang the store); anything but a regular file is a
-    ManifestError, like a malformed one.
+    Read through ``_safeio`` (no link followed, no FIFO blocking the store,
+    capped, seen by the readfaults hook): anything but a regular file is a
+    ManifestError, like a malformed one; an OS error (EIO) is
+    CheckpointReadError.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        data = _safeio.read_small(
+            path, cap=MAX_METRICS_BYTES, what="the metrics file", error=lambda reason: ManifestError(f"{path}: {reason}", path=path)
+        )
     except FileNotFoundError:
         return {}
-    except OSError as exc:
-        raise ManifestError(f"{path}: cannot open the metrics file ({exc.strerror or exc})", path=path) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ManifestError(f"{path}: is not a regular file", path=path)
-        if st.st_size > MAX_METRICS_BYTES:
-            raise ManifestError(f"{path}: metrics file is too large", path=path)
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-            if sum(map(len, chunks)) > MAX_METRICS_BYTES:
-                raise ManifestError(f"{path}: metrics file is too large", path=path)
-    except OSError as exc:
-        raise ManifestError(f"{path}: cannot read the metrics file ({exc.strerror or exc})", path=path) from None
-    finally:
-        os.close(fd)
-    return parse_metrics(b"".join(chunks), path=path)
+    return parse_metrics(data, path=path)

@@ -41,8 +41,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import _durable
-from ._errors import UnsafeStoreError
+from . import _durable, _safeio
+from ._errors import CkstoreError, ManifestError, UnsafeStoreError
 
 QUARANTINE_DIR = ".quarantine"
 FAILED_VERIFICATION = "failed verification"
@@ -141,19 +141,12 @@ def entries(root: str) -> list[QuarantineEntry]:
 def _with_note(entry: QuarantineEntry) -> QuarantineEntry:
     """The entry completed from its note; a missing or unreadable note (a crash before it was written) leaves "unknown"."""
     try:
-        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
-        fd = os.open(f"{entry.path}.json", flags)
-    except OSError:
+        data = _safeio.read_small(f"{entry.path}.json", cap=_MAX_NOTE_BYTES, what="quarantine note", error=ManifestError)
+    except (OSError, CkstoreError):  # absent, a link, a FIFO, too large, EIO: the entry stays, without its note
         return entry
-    try:
-        data = os.read(fd, _MAX_NOTE_BYTES + 1)
-    except OSError:
-        return entry
-    finally:
-        os.close(fd)
     try:
         note = json.loads(data)
-        if len(data) > _MAX_NOTE_BYTES or note.get("format") != NOTE_FORMAT or note.get("step") != entry.step:
+        if note.get("format") != NOTE_FORMAT or note.get("step") != entry.step:
             return entry
         return QuarantineEntry(
             entry.step,

@@ -179,10 +179,3 @@ def read_small(path: str, *, cap: int, what: str, error: Callable[[str], Ckstore
     finally:
         os.close(fd)
 
-
-def escape_control(text: str, *, limit: int = 200) -> str:
-    """``text`` with control characters (terminal escapes, newlines) escaped, cut to ``limit`` characters."""
-    text = text[:limit]
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
