@@ -417,7 +417,9 @@ class Store:
         return out
 
     def _exists(self, step: int) -> bool:
-        return os.path.isfile(os.path.join(self._ckpt_dir, step_dir_name(step), MANIFEST_NAME))
+        # lexists, not isfile: a committed step whose manifest.json is a directory or a FIFO is malformed,
+        # not gone; pruning its tag here would drop the tag that its quarantine note must record.
+        return os.path.lexists(os.path.join(self._ckpt_dir, step_dir_name(step), MANIFEST_NAME))
 
     def _manifest(self, name: str, *, full: bool = True) -> Manifest:
         """Parse (or reuse the parse of) a checkpoint's manifest. Raises ManifestError/IntegrityError.
@@ -525,15 +527,24 @@ class Store:
         return None
 
     def best(self) -> CheckpointInfo | None:
-        """The best checkpoint by the store's metric (or the one recorded by the last writer), or None."""
+        """The best checkpoint by the store's metric (or the one recorded by the last writer), or None.
+
+        A checkpoint this Store has seen fail to load or verify is not a
+        candidate (as it holds no retention slot); the next best is returned.
+        """
+        ranked = self._ranked_best()
+        return ranked[0] if ranked else None
+
+    def _ranked_best(self) -> list[CheckpointInfo]:
+        """Checkpoints with the metric, best first, less those this Store saw fail; InvalidArgumentError if no metric is known."""
         infos = self.checkpoints()
         chosen = self._best_metric(infos)
         if chosen is None:
             if not infos:
-                return None
+                return []
             raise InvalidArgumentError(f"{self._root}: no metric configured; open the store with metric=... to rank checkpoints")
-        ranked = rank_best(infos, *chosen)
-        return ranked[0] if ranked else None  # type: ignore[return-value]
+        healthy = [info for info in infos if self._corrupt.get(info.step) != info.created]
+        return rank_best(healthy, *chosen)  # type: ignore[return-value]
 
     def resolve(self, step: int | str) -> CheckpointInfo:
         """The checkpoint named by a step, ``"latest"``, ``"best"`` or a tag."""
@@ -1089,8 +1100,17 @@ class Store:
         (numbers, strings, lists and dicts of them) are put into ``state``.
         ``strict=False`` restores what matches and warns
         (:class:`StateMismatchWarning`) naming the rest.
+
+        ``step="best"`` falls back like ``step=None``, down the ranking: a best
+        checkpoint that fails to load is skipped with a warning and the next
+        best is loaded; if none loads, CheckpointNotFoundError names each.
         """
         self._check_open()
+        if step == "best":
+            loaded = self._load_first(self._ranked_best(), state, map_location=map_location, verify=verify, strict=strict, stacklevel=3)
+            if loaded is None:
+                raise CheckpointNotFoundError(f"{self._root}: no best checkpoint (store is empty or no checkpoint has the metric)", step=step)
+            return loaded[1]
         if step is not None:
             return self._load_one(self.resolve(step), state, map_location, verify, strict)
         loaded = self._load_newest(state, map_location=map_location, verify=verify, strict=strict, stacklevel=3)
@@ -1112,11 +1132,16 @@ class Store:
         but none loads, CheckpointNotFoundError names each step and its error.
         """
         infos = self.checkpoints()
-        if not infos:
-            return None
+        # The last committed first (see ckstore._retention).
+        return self._load_first(reversed(commit_order(infos)), state, map_location=map_location, verify=verify, strict=strict, stacklevel=stacklevel + 1)
+
+    def _load_first(
+        self, candidates: Iterable[CheckpointInfo], state: Any, *, map_location: Any, verify: bool, strict: bool, stacklevel: int
+    ) -> tuple[CheckpointInfo, Any] | None:
+        """Load the first of ``candidates`` that loads (the fallback loop described in :meth:`_load_newest`); None if there are none."""
         failed: list[str] = []
         first: CkstoreError | None = None
-        for info in reversed(commit_order(infos)):  # the last committed first (see ckstore._retention)
+        for info in candidates:
             try:
                 return info, self._load_one(info, state, map_location, verify, strict)
             except CheckpointNotFoundError:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import ckstore
+from ckstore._tags import read_tags
 from conftest import REPO_ROOT
 
 
@@ -19,3 +20,86 @@ def test_readme_states_the_retention_rule_quarantine_strict_loads_and_read_fault
     assert "**Strict loads.**" in text
     assert "`.quarantine/" in text and "ckstore quarantine PATH --empty" in text
     assert "**A read fault falls back too.**" in text and "CheckpointReadError" in text
+
+
+# ---------------------------------------------------------------- a malformed committed step N, saved again
+
+
+def test_tag_of_a_step_whose_manifest_is_a_directory_survives_recovery_and_goes_to_the_quarantine_note(tmp_path):
+    """Recovery prunes tags of vanished steps; a malformed step is not vanished (its tag is recorded when it is quarantined)."""
+    root = tmp_path / "s"
+    store = ckstore.Store(root)
+    store.save({"w": torch.zeros(2)}, step=1)
+    store.save({"w": torch.zeros(2)}, step=2, tags=["keep"])
+    store.close()
+    manifest = root / "checkpoints" / "step-00000002" / "manifest.json"
+    manifest.unlink()
+    manifest.mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ckstore.CorruptCheckpointWarning)
+        store = ckstore.Store(root)
+        store.gc()  # the first write runs recovery, which prunes tags of steps that are gone
+        assert {t: e.step for t, e in read_tags(str(root / "tags.json")).items()} == {"keep": 2}
+        store.save({"w": torch.ones(2)}, step=2)  # quarantines the malformed step 2 and proceeds
+    [entry] = store.quarantine()
+    assert entry.step == 2 and entry.tags == ("keep",)
+    assert (entry.path / "manifest.json").is_dir()  # moved aside whole, not deleted
+    assert [i.step for i in store.checkpoints()] == [1, 2]
+    store.close()
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_saving_over_a_step_whose_manifest_is_not_a_file_quarantines_it(tmp_path, kind):
+    root = tmp_path / "s"
+    store = ckstore.Store(root)
+    store.save({"w": torch.zeros(2)}, step=1)
+    manifest = root / "checkpoints" / "step-00000001" / "manifest.json"
+    manifest.unlink()
+    manifest.mkdir() if kind == "directory" else os.mkfifo(manifest)
+    with pytest.warns(ckstore.CorruptCheckpointWarning, match="quarantine"):
+        info = store.save({"w": torch.ones(2)}, step=1)
+    assert info.step == 1 and [e.step for e in store.quarantine()] == [1]
+    assert torch.equal(store.load(step=1)["w"], torch.ones(2))
+    store.close()
+
+
+# ---------------------------------------------------------------- best() and a checkpoint known to be corrupt
+
+
+def _flip_a_tensor_byte(info: ckstore.CheckpointInfo) -> None:
+    [tensor_file] = [p for p in info.path.iterdir() if p.name != "manifest.json"]
+    data = bytearray(tensor_file.read_bytes())
+    data[-1] ^= 0xFF
+    tensor_file.write_bytes(bytes(data))
+
+
+def _two_ranked(tmp_path):
+    store = ckstore.Store(tmp_path / "s", metric="loss", mode="min")
+    store.save({"w": torch.full((4,), 1.0)}, step=1, metrics={"loss": 0.5})
+    store.save({"w": torch.full((4,), 2.0)}, step=2, metrics={"loss": 0.1})  # the best
+    _flip_a_tensor_byte(store.resolve(2))
+    return store
+
+
+def test_load_best_falls_back_to_the_next_best_that_loads(tmp_path):
+    store = _two_ranked(tmp_path)
+    with pytest.warns(ckstore.CorruptCheckpointWarning, match="step 2"):
+        state = store.load(step="best")
+    assert torch.equal(state["w"], torch.full((4,), 1.0))
+    store.close()
+
+
+def test_best_skips_a_checkpoint_this_store_saw_fail(tmp_path):
+    store = _two_ranked(tmp_path)
+    with pytest.raises(ckstore.IntegrityError):
+        store.load(step=2)  # asked for by number: the error, no fallback
+    assert store.best().step == 1
+    store.close()
+
+
+def test_load_best_when_no_ranked_checkpoint_loads_is_a_typed_error_naming_each(tmp_path):
+    store = _two_ranked(tmp_path)
+    _flip_a_tensor_byte(store.resolve(1))
+    with pytest.warns(ckstore.CorruptCheckpointWarning), pytest.raises(ckstore.CheckpointNotFoundError, match="step 1.*step 2|step 2.*step 1"):
+        store.load(step="best")
+    store.close()
