@@ -125,6 +125,10 @@ from ._tensorfile import WritePipeline, WrittenFile, check_tensor, prepare_tenso
 _STEP_DIR = re.compile(r"^step-([0-9]{1,30})$", re.ASCII)
 
 
+#: The Python advice of best() with no metric known; the CLI replaces it with its own (it has no ``metric=``).
+NO_METRIC_ADVICE = "open the store with metric=... to rank checkpoints"
+
+
 class CorruptCheckpointWarning(UserWarning):
     """A checkpoint failed verification and was skipped; it is left on disk untouched."""
 
@@ -542,7 +546,7 @@ class Store:
         if chosen is None:
             if not infos:
                 return []
-            raise InvalidArgumentError(f"{self._root}: no metric configured; open the store with metric=... to rank checkpoints")
+            raise InvalidArgumentError(f"{self._root}: no metric configured; {NO_METRIC_ADVICE}")
         healthy = [info for info in infos if self._corrupt.get(info.step) != info.created]
         return rank_best(healthy, *chosen)  # type: ignore[return-value]
 

@@ -24,13 +24,24 @@ from ._layout import ADVICE, require_store
 from ._manifest import MANIFEST_NAME
 from ._quarantine import QuarantineEntry
 from ._retention import RetentionPolicy
-from ._store import CheckpointInfo, Store
+from ._store import NO_METRIC_ADVICE, CheckpointInfo, Store
 from ._text import escape
 
 
 def _step_arg(text: str) -> int | str:
     # isascii: str.isdigit() is also true for "²" and other digits int() refuses.
     return int(text) if text.isascii() and text.isdigit() else text
+
+
+def _seconds(text: str) -> float:
+    """``--wait``: checked here, so a bad value is refused in CLI terms, not as the Python ``lock_timeout=``."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (0 <= value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
+    return value
 
 
 def _existing_store(path: str) -> str:
@@ -192,6 +203,14 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    # Checked here, so a bad value names the option, not the RetentionPolicy field (keep_last=).
+    for option, value in (("--keep-last", args.keep_last), ("--keep-best", args.keep_best), ("--keep-every", args.keep_every)):
+        if value is not None and value < 1:
+            raise InvalidArgumentError(f"{option} must be a positive integer, got {value}")
+    if args.metric is not None and not args.metric:
+        raise InvalidArgumentError("--metric must name a metric, got an empty string")
+    if args.keep_best is not None and args.metric is None:
+        raise InvalidArgumentError("--keep-best needs --metric (the metric that ranks checkpoints)")
     policy = RetentionPolicy(
         keep_last=args.keep_last, keep_best=args.keep_best, metric=args.metric, mode=args.mode, keep_every=args.keep_every
     )
@@ -264,6 +283,10 @@ def _cli_message(exc: CkstoreError) -> str:
             f"{exc.path}: the store is being written by {who}; one writer per store. "
             "Pass --wait SECONDS to wait for it; ls, show, verify, tag and publish work while it runs"
         )
+    if isinstance(exc, InvalidArgumentError) and str(exc).endswith(NO_METRIC_ADVICE):  # "best" with no metric known
+        return str(exc).replace(
+            NO_METRIC_ADVICE, "the writer recorded none; name a step or a tag instead of 'best', or rank with `ckstore ls --metric NAME`"
+        )
     if isinstance(exc, UnsafeStoreError):
         return str(exc).replace(ADVICE, "ls, show and verify read it as it is; pass --trust-foreign to write it if you trust its owner")
     return str(exc)
@@ -294,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
         "quarantine", "list checkpoints a save moved aside (failed verification, left ahead by a rollback); --empty deletes them", cmd_quarantine
     )
     p.add_argument("--empty", action="store_true", help="delete every quarantined checkpoint (needs the writer lock)")
-    p.add_argument("--wait", type=float, default=0, help="with --empty: seconds to wait for the writer lock (default: fail at once)")
+    p.add_argument("--wait", type=_seconds, default=0, help="with --empty: seconds to wait for the writer lock (default: fail at once)")
     _trust_foreign_option(p)
 
     p = command("show", "show one checkpoint: metrics, tags, files with sizes and hashes", cmd_show)
@@ -307,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="tag to set (omit to list tags)")
     p.add_argument("step", nargs="?", default="latest", help="step number, 'latest', 'best' or a tag (default: latest)")
     p.add_argument("-d", "--delete", metavar="NAME", help="remove tag NAME instead")
-    p.add_argument("--wait", type=float, default=0, help="seconds to wait for the writer lock (default: fail at once)")
+    p.add_argument("--wait", type=_seconds, default=0, help="seconds to wait for the writer lock (default: fail at once)")
     _trust_foreign_option(p)
 
     p = command("gc", "remove leftovers of interrupted saves and deletes; apply a retention policy if given", cmd_gc)
@@ -317,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("min", "max"), default="min", help="whether lower or higher --metric is better")
     p.add_argument("--keep-every", type=int, help="keep steps that are multiples of N")
     p.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
-    p.add_argument("--wait", type=float, default=0, help="seconds to wait for the writer lock (default: fail at once)")
+    p.add_argument("--wait", type=_seconds, default=0, help="seconds to wait for the writer lock (default: fail at once)")
     _trust_foreign_option(p)
     p.add_argument("--dvc", action="store_true", help="also dvc gc the repository's cache, keeping what the workspace, any branch or tag names")
     p.add_argument("--cloud", action="store_true", help="with --dvc: collect the DVC remote too (same protection)")
@@ -331,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dest", default="models", help="directory inside the repository for NAME.dvc (default: models)")
     p.add_argument("--remote", help="DVC remote to push to (default: the repository's default remote)")
     p.add_argument("--recover", action="store_true", help="only finish or roll back interrupted publishes into the repository")
-    p.add_argument("--wait", type=float, default=0, help="seconds to wait for the writer lock (default: fail at once)")
+    p.add_argument("--wait", type=_seconds, default=0, help="seconds to wait for the writer lock (default: fail at once)")
 
     p = command("pull", "fetch a published checkpoint (STORE is <dest>/NAME or its .dvc file) and install it verified", cmd_pull)
     p.add_argument("--repo", help="the git + DVC repository (default: the one holding STORE)")

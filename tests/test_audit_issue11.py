@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import warnings
 
 import pytest
@@ -103,3 +104,47 @@ def test_load_best_when_no_ranked_checkpoint_loads_is_a_typed_error_naming_each(
     with pytest.warns(ckstore.CorruptCheckpointWarning), pytest.raises(ckstore.CheckpointNotFoundError, match="step 1.*step 2|step 2.*step 1"):
         store.load(step="best")
     store.close()
+
+
+# ---------------------------------------------------------------- CLI errors speak in CLI options
+
+_PYTHON_SPEAK = re.compile(r"\b(metric|keep_last|keep_best|keep_every|lock_timeout|readonly|trust_foreign|repo|force|strict|mode)=")
+
+
+def _cli(capsys, *argv) -> tuple[int, str]:
+    from ckstore.cli import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse's own refusal: exit 2 with usage
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture
+def unranked(tmp_path):
+    root = tmp_path / "s"
+    with ckstore.Store(root) as store:
+        store.save({"w": torch.zeros(2)}, step=1)
+    return root
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["gc", "{s}", "--keep-best", "2"], "--metric"),
+        (["gc", "{s}", "--keep-last", "0"], "--keep-last"),
+        (["gc", "{s}", "--keep-every", "-3"], "--keep-every"),
+        (["gc", "{s}", "--keep-best", "1", "--metric", ""], "--metric"),
+        (["gc", "{s}", "--wait", "-1"], "--wait"),
+        (["tag", "{s}", "x", "1", "--wait", "-1"], "--wait"),
+        (["show", "{s}", "best"], "--metric"),
+        (["tag", "{s}", "good", "best"], "--metric"),
+    ],
+)
+def test_cli_errors_name_cli_options_not_python_arguments(capsys, unranked, argv, option):
+    code, err = _cli(capsys, *(a.format(s=unranked) for a in argv))
+    assert code == 2
+    assert "Traceback" not in err
+    assert option in err, err
+    assert not _PYTHON_SPEAK.search(err), err
