@@ -115,7 +115,7 @@ MUTANTS: tuple[Mutant, ...] = (
             Edit(_S, '_durable.sync_dir(self._ckpt_dir, site="checkpoints_dir")', "replace", ("pass  # mutant: moved after retention",)),
             Edit(_S, "self._apply_retention(protect=step)", "after", ('_durable.sync_dir(self._ckpt_dir, site="checkpoints_dir")',)),
         ),
-        ("retention", "many_files"),
+        ("many_files", "retention"),  # keep_last=1: the deleted predecessor was the only one kept
         first=('model',),
     ),
     Mutant(

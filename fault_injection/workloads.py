@@ -82,6 +82,9 @@ class Workload:
     scale: int = 64
     #: Content of the state saved at a step (None: the step's content is not checked here).
     content: Callable[[int, int], Any] | None = expected_state
+    #: End the check with the writable open + save of ``writable-save-keeps-committed`` (off where the
+    #: workload's own check already continues the run with saves the oracle did not record).
+    probe: bool = True
 
 
 def intent(ack: Ack, step: int, metrics: dict[str, float] | None = None, tags: Any = ()) -> None:
@@ -425,6 +428,7 @@ WORKLOADS: dict[str, Workload] = {
             {"keep_last": 2},
             check=_check_train,
             content=None,
+            probe=False,  # the check resumes training from the crash state: that is its writable open + saves
         ),
     )
 }
