@@ -74,6 +74,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "mutant_power_cycles": 8,
         "crafted": True,
         "fuzz_inputs": 100_000,
+        "read_operations": "all",
     },
     "full": {
         "kill_workloads": ALL_WORKLOADS + NEW_WORKLOADS + CONTINUATION + ["next_save_large", "dvc_publish"],
