@@ -113,7 +113,8 @@ def _check_mtbf(value: Any) -> float:
     return float(value)
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|secs|seconds?|m|min|mins|minutes?|h|hr|hours?)\s*$", re.IGNORECASE)
+# [0-9], not \d: "\d" also matches "١" and "５", which float() reads as 1 and 5.
+_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(s|sec|secs|seconds?|m|min|mins|minutes?|h|hr|hours?)\s*$", re.IGNORECASE)
 _UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
 

@@ -287,6 +287,8 @@ def _cli_message(exc: CkstoreError) -> str:
         return str(exc).replace(
             NO_METRIC_ADVICE, "the writer recorded none; name a step or a tag instead of 'best', or rank with `ckstore ls --metric NAME`"
         )
+    if isinstance(exc, InvalidArgumentError) and str(exc).endswith("; pass repo=... (or --repo)"):  # no DVC repository found
+        return str(exc).replace("pass repo=... (or --repo)", "pass --repo")
     if isinstance(exc, UnsafeStoreError):
         return str(exc).replace(ADVICE, "ls, show and verify read it as it is; pass --trust-foreign to write it if you trust its owner")
     return str(exc)

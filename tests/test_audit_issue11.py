@@ -148,3 +148,9 @@ def test_cli_errors_name_cli_options_not_python_arguments(capsys, unranked, argv
     assert "Traceback" not in err
     assert option in err, err
     assert not _PYTHON_SPEAK.search(err), err
+
+
+def test_cli_error_without_a_dvc_repo_names_repo_option(capsys, unranked, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no DVC repository above the store or here
+    code, err = _cli(capsys, "gc", unranked, "--dvc")
+    assert code == 2 and "--repo" in err and not _PYTHON_SPEAK.search(err), err

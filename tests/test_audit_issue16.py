@@ -82,3 +82,12 @@ def test_one_implementation_escapes_control_characters():
         if path.name == "_text.py":
             continue
         assert "unicode_escape" not in path.read_text(), f"{path.name} escapes control characters itself"
+
+
+# ---------------------------------------------------------------- ASCII digits only
+
+
+@pytest.mark.parametrize("every", ["\u0661\u0660min", "1\u0660s", "\uff15s"])  # Arabic-Indic and fullwidth digits
+def test_checkpointer_duration_takes_ascii_digits_only(tmp_path, every):
+    with ckstore.Store(tmp_path / "s") as store, pytest.raises(ckstore.InvalidArgumentError, match="duration"):
+        ckstore.Checkpointer(store, {"w": torch.zeros(2)}, every=every, signals=())
