@@ -91,3 +91,24 @@ def test_one_implementation_escapes_control_characters():
 def test_checkpointer_duration_takes_ascii_digits_only(tmp_path, every):
     with ckstore.Store(tmp_path / "s") as store, pytest.raises(ckstore.InvalidArgumentError, match="duration"):
         ckstore.Checkpointer(store, {"w": torch.zeros(2)}, every=every, signals=())
+
+
+# ---------------------------------------------------------------- verification hashes through a fixed buffer
+
+
+def test_verify_hashes_a_large_tensor_file_in_bounded_memory(tmp_path):
+    """Issue 16, "What must hold" 2: verification's memory does not grow with the file (a 256 MiB file, < 32 MiB traced)."""
+    import tracemalloc
+
+    with ckstore.Store(tmp_path / "s") as store:
+        store.save({"w": torch.zeros(64 << 20, dtype=torch.float32)}, step=1)
+    with ckstore.Store(tmp_path / "s", readonly=True) as reader:
+        reader.checkpoints()
+        tracemalloc.start()
+        try:
+            problems = reader.verify(1)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert problems == []
+    assert peak < 32 << 20, f"verify() allocated {peak >> 20} MiB for a 256 MiB file"
