@@ -305,11 +305,15 @@ def _hash_file(path: str, *, copy_to: str | None, expected: HashInfo | None, md5
     hasher = new_hasher(expected.algo) if expected is not None else None
     md5_hasher = hashlib.md5(usedforsecurity=False)
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        # O_NONBLOCK: a FIFO planted where a file belongs would block the open forever.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise IntegrityError(f"{path}: missing", path=path, expected="file", actual="missing") from None
     except OSError as exc:
         raise IntegrityError(f"{path}: cannot open ({exc.strerror})", path=path, expected="readable file", actual=exc.strerror) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise IntegrityError(f"{path}: not a regular file", path=path, expected="regular file", actual="special file")
     fh = os.fdopen(fd, "rb", buffering=0)
     writer = None
     size = 0
@@ -342,11 +346,11 @@ def _hash_file(path: str, *, copy_to: str | None, expected: HashInfo | None, md5
 
 
 def _read_small(path: str, limit: int = 256 << 20) -> bytes:
-    with open(path, "rb") as fh:
-        data = fh.read(limit + 1)
-    if len(data) > limit:
-        raise ManifestError(f"{path}: too large for a manifest", path=path)
-    return data
+    """A manifest's bytes: never through a symlink, never blocking on a FIFO, at most ``limit``."""
+    try:
+        return read_capped(path, limit, what="manifest")
+    except DvcError as exc:
+        raise ManifestError(str(exc), path=path) from None
 
 
 def _make_dirs(root: str, path: str, *, what: str) -> None:

@@ -317,3 +317,26 @@ def test_publish_never_reads_or_writes_through_a_symlinked_ignore_file(tmp_path,
             store.publish(1, name="best", repo=repo).result()
     assert snapshot(victim) == before
     assert "do not touch" not in git("log", "-p", "--all", cwd=repo, env=env)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("planted", ["fifo", "symlink"])
+def test_publish_of_a_store_with_a_fifo_or_symlink_for_a_file_is_refused_without_hanging(tmp_path, env, planted):
+    repo, _ = make_repo(tmp_path, env)
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(b"secret" * 100)
+    with ckstore.Store(tmp_path / "run", metric="val_loss") as store:
+        train(store, steps=(1,), losses=(0.1,))
+        info = store.resolve(1)
+    for name in [max(info.files, key=lambda n: info.files[n].size), "manifest.json"]:
+        path = info.path / name
+        original = path.read_bytes()
+        path.unlink()
+        os.mkfifo(path) if planted == "fifo" else path.symlink_to(victim)
+        with ckstore.Store(tmp_path / "run", metric="val_loss") as store:
+            with pytest.raises((ckstore.IntegrityError, ckstore.ManifestError, ckstore.CheckpointNotFoundError)) as exc:
+                store.publish(1, name="best", repo=repo).result(timeout=60)
+        assert name in str(exc.value)
+        path.unlink()
+        path.write_bytes(original)
+    assert not (repo / "models" / "best").exists()
