@@ -236,6 +236,9 @@ class Store:
         #: step -> manifest ``created`` of each checkpoint a load or verify through this object found corrupt
         #: (``created`` tells it from a later checkpoint of the same step); retention gives them no slot.
         self._corrupt: dict[int, float] = {}
+        #: step -> ``created`` of each checkpoint this object committed or that verified in retention's check
+        #: (``_slots_verified``): one that holds a retention slot is verified once per object, not per save.
+        self._verified: dict[int, float] = {}
         #: Steps a publish of this process is reading right now (``ckstore._dvc_worker``): retention keeps
         #: them. In memory only, so a crash leaves no pin behind; replaced whole, never mutated.
         self._publish_reading: frozenset[int] = frozenset()
@@ -1025,13 +1028,53 @@ class Store:
                 warnings.warn(f"retention skipped: {exc}", CorruptCheckpointWarning, stacklevel=3)
                 return []
             infos = self._listing(warn=False)
-            corrupt = [info.step for info in infos if self._corrupt.get(info.step) == info.created]
             protected = ({protect} if protect is not None else set()) | self._publish_reading
-            doomed = plan_deletions(infos, policy, protect=protected, corrupt=corrupt)
+            self._verified.update((info.step, info.created) for info in infos if info.step == protect)  # just written
+            doomed = self._slots_verified(infos, policy, protected)
             if not dry_run:
                 for step in doomed:
                     self._delete_dir(step)
         return doomed
+
+    def _slots_verified(self, infos: list[CheckpointInfo], policy: RetentionPolicy, protected: set[int]) -> list[int]:
+        """The deletions of ``policy``, once every checkpoint that holds a keep_last or keep_best slot has verified.
+
+        A corrupt checkpoint holds no slot, but a fresh Store that saves
+        without loading first knows of no corruption: bit rot in the newest
+        step took a slot and retention deleted the older one, the only one
+        that verified. So before deleting, each slot holder this object has
+        not yet verified (or committed) is verified, once per object; one that
+        fails is noted corrupt (never deleted, no slot) and the slots are
+        ranked again. Checkpoints kept by keep_every or a tag push nothing out,
+        so they are not read.
+        """
+        while True:
+            corrupt = {info.step for info in infos if self._corrupt.get(info.step) == info.created}
+            doomed = plan_deletions(infos, policy, protect=protected, corrupt=corrupt)
+            if not doomed:
+                return doomed
+            sound = [info for info in infos if info.step not in corrupt]
+            holders: list[CheckpointInfo] = commit_order(sound)[-policy.keep_last :] if policy.keep_last else []  # type: ignore[assignment]
+            if policy.keep_best and policy.metric is not None:
+                holders += rank_best(sound, policy.metric, policy.mode)[: policy.keep_best]  # type: ignore[arg-type]
+            unchecked = {info.step: info for info in holders if info.step not in protected and self._verified.get(info.step) != info.created}
+            if not unchecked:
+                return doomed
+            found = False
+            for step, info in sorted(unchecked.items()):
+                problems = self._verify_dir(step, info.path.name)
+                if problems:
+                    self._corrupt[step] = info.created
+                    found = True
+                    warnings.warn(
+                        f"checkpoint step {step} failed verification ({problems[0].message}); retention gives it no slot and keeps it",
+                        CorruptCheckpointWarning,
+                        stacklevel=5,
+                    )
+                else:
+                    self._verified[step] = info.created
+            if not found:
+                return doomed
 
     def _retain_after_publish(self) -> None:
         """Retention once a publish released its pins (``ckstore._dvc_worker``); only where this object is the writer."""

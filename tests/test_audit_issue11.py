@@ -154,3 +154,35 @@ def test_cli_error_without_a_dvc_repo_names_repo_option(capsys, unranked, tmp_pa
     monkeypatch.chdir(tmp_path)  # no DVC repository above the store or here
     code, err = _cli(capsys, "gc", unranked, "--dvc")
     assert code == 2 and "--repo" in err and not _PYTHON_SPEAK.search(err), err
+
+
+# ---------------------------------------------------------------- a fresh writer never gives an unverified corrupt checkpoint a slot
+
+
+def _flip_tensor_byte_of(root, step: int) -> None:
+    directory = root / "checkpoints" / f"step-{step:08d}"
+    [tensor_file] = [p for p in directory.iterdir() if p.name != "manifest.json"]
+    data = bytearray(tensor_file.read_bytes())
+    data[-1] ^= 0xFF
+    tensor_file.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("policy", [{"keep_last": 2}, {"keep_best": 1, "metric": "loss"}])
+def test_a_fresh_store_that_saves_without_loading_never_deletes_past_a_corrupt_checkpoint(tmp_path, policy):
+    """Found by the fault-injection tier's corrupt_continue workload: a fresh Store(keep_last=2) that saved without
+    loading first counted the bit-rotted newest step 20 as kept and deleted step 10, the only one that verifies."""
+    root = tmp_path / "s"
+    with ckstore.Store(root) as store:
+        store.save({"w": torch.full((4,), 10.0)}, step=10, metrics={"loss": 0.5})
+        store.save({"w": torch.full((4,), 20.0)}, step=20, metrics={"loss": 0.1})
+    _flip_tensor_byte_of(root, 20)
+    with ckstore.Store(root, **policy) as store, warnings.catch_warnings():
+        warnings.simplefilter("ignore", ckstore.CorruptCheckpointWarning)
+        store.save({"w": torch.full((4,), 21.0)}, step=21, metrics={"loss": 0.9})
+        steps = [i.step for i in store.checkpoints()]
+        assert 10 in steps, f"the last checkpoint that verifies was deleted: {steps}"
+        assert 20 in steps  # failed verification: never deleted
+        store.save({"w": torch.full((4,), 22.0)}, step=22, metrics={"loss": 0.8})
+        steps = [i.step for i in store.checkpoints()]
+    expected = {"keep_last": [20, 21, 22], "keep_best": [10, 20, 22]}[next(iter(policy))]
+    assert steps == expected
