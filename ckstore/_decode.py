@@ -147,7 +147,10 @@ class _Decoder:
             tensor = self.source(*ident)
             device = self._device(node.get("device"), path)
             if device is not None and tensor.device != device:
-                tensor = tensor.to(device)
+                try:
+                    tensor = tensor.to(device)
+                except (RuntimeError, AssertionError, ValueError, TypeError) as exc:  # torch: "not compiled with CUDA", bad index
+                    raise self._bad_location(path, f"cannot move the tensor to {device}: {exc}") from None
             value = tensor.numpy() if node.get("numpy") else tensor
             self.cache[ident] = value
         if value is target:
@@ -197,16 +200,26 @@ class _Decoder:
             for target, value in others:
                 target.copy_(value)
 
+    def _bad_location(self, path: Path, reason: str) -> StateError:
+        # A StateError, not the ManifestError a malformed skeleton gets: the caller's argument is wrong, so
+        # load() must not skip (and note as corrupt) every good checkpoint in turn.
+        return StateError(f"{format_path(path)}: map_location={self.map_location!r}: {reason}", key=format_path(path))
+
     def _device(self, recorded: str | None, path: Path) -> torch.device | None:
         location = self.map_location
         if location is None and recorded is None:  # the common case, once per tensor: a CPU tensor stays put
             return None
-        if callable(location):
-            return torch.device(location(recorded or "cpu"))
-        if isinstance(location, Mapping):
-            return torch.device(location.get(recorded or "cpu", recorded or "cpu"))
         if location is not None:
-            return torch.device(location)
+            try:
+                if callable(location):
+                    return torch.device(location(recorded or "cpu"))
+                if isinstance(location, Mapping):
+                    return torch.device(location.get(recorded or "cpu", recorded or "cpu"))
+                return torch.device(location)
+            except CkstoreError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - torch.device and the caller's callable raise anything
+                raise self._bad_location(path, f"not a device: {type(exc).__name__}: {exc}") from None
         if recorded is None:
             return None
         device = torch.device(recorded)

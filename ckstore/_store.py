@@ -125,6 +125,25 @@ from ._tensorfile import WritePipeline, WrittenFile, check_tensor, prepare_tenso
 _STEP_DIR = re.compile(r"^step-([0-9]{1,30})$", re.ASCII)
 
 
+def _check_path(path: Any) -> str:
+    """The store path as text; InvalidArgumentError for bytes, a non-path or a NUL byte (os raises untyped errors)."""
+    try:
+        raw = os.fspath(path)
+    except TypeError:
+        raise InvalidArgumentError(f"store path must be a str or os.PathLike, got {type(path).__name__}") from None
+    if not isinstance(raw, str):
+        raise InvalidArgumentError(f"store path must be text, not {type(raw).__name__}")
+    if "\0" in raw:
+        raise InvalidArgumentError(f"store path holds a NUL byte: {raw!r}")
+    return raw
+
+
+def _check_lock_timeout(timeout: Any) -> None:
+    # The same rule WriterLock.acquire applies (a negative timeout would make filelock wait forever).
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0):
+        raise InvalidArgumentError(f"lock_timeout must be None (wait forever) or a number of seconds >= 0, got {timeout!r}")
+
+
 #: The Python advice of best() with no metric known; the CLI replaces it with its own (it has no ``metric=``).
 NO_METRIC_ADVICE = "open the store with metric=... to rank checkpoints"
 
@@ -206,7 +225,8 @@ class Store:
         wait_at_exit: bool = True,
         trust_foreign: bool = False,
     ) -> None:
-        self.path = Path(os.path.abspath(os.fspath(path)))
+        self.path = Path(os.path.abspath(_check_path(path)))
+        _check_lock_timeout(lock_timeout)  # now, not at the first write minutes into a run
         self.incremental = bool(incremental)
         self.direct_io = bool(direct_io)
         #: Metrics of the last save: seconds stalled, waited, copied, written; files and bytes written and linked.
@@ -1124,6 +1144,8 @@ class Store:
 
     def gc(self, *, policy: RetentionPolicy | None = None, dry_run: bool = False) -> list[int]:
         """Recover leftovers and apply retention now (the store's policy, or ``policy``). Returns deleted steps."""
+        if policy is not None and not isinstance(policy, RetentionPolicy):
+            raise InvalidArgumentError(f"policy must be a ckstore.RetentionPolicy or None, got {type(policy).__name__}")
         with self._mutex:
             self._acquire()
             return self._apply_retention(policy, dry_run=dry_run)

@@ -186,3 +186,44 @@ def test_a_fresh_store_that_saves_without_loading_never_deletes_past_a_corrupt_c
         steps = [i.step for i in store.checkpoints()]
     expected = {"keep_last": [20, 21, 22], "keep_best": [10, 20, 22]}[next(iter(policy))]
     assert steps == expected
+
+
+# ---------------------------------------------------------------- no untyped exception from the public API
+
+
+@pytest.mark.parametrize("location", ["nodevice", "cuda:7", {"cpu": "warp:0"}, lambda saved: "nodevice"])
+def test_a_bad_map_location_is_a_state_error_not_a_corrupt_checkpoint(tmp_path, location):
+    """A map_location the machine cannot honour is the caller's mistake: a StateError raised at once, never a
+    ManifestError that makes load() skip every good checkpoint as corrupt (or a raw AssertionError from torch)."""
+    with ckstore.Store(tmp_path / "s") as store:
+        store.save({"w": torch.ones(2)}, step=1)
+        store.save({"w": torch.ones(2) * 2}, step=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ckstore.CorruptCheckpointWarning)  # no checkpoint is skipped as corrupt
+            with pytest.raises(ckstore.StateError, match="map_location"):
+                store.load(step=1, map_location=location)
+            with pytest.raises(ckstore.StateError, match="map_location"):
+                store.load(map_location=location)
+            assert float(store.load()["w"][0]) == 2.0
+
+
+@pytest.mark.parametrize("path", ["a\0b", b"/tmp/x", 3, None])
+def test_a_store_path_that_is_not_text_is_a_typed_error(path):
+    with pytest.raises(ckstore.InvalidArgumentError, match="path"):
+        ckstore.Store(path)
+
+
+@pytest.mark.parametrize("timeout", ["x", -1, float("nan"), True])
+def test_a_bad_lock_timeout_is_refused_when_the_store_is_opened(tmp_path, timeout):
+    """Not at the first write, minutes into a run."""
+    with pytest.raises(ckstore.InvalidArgumentError, match="lock_timeout"):
+        ckstore.Store(tmp_path / "s", lock_timeout=timeout)
+    assert not (tmp_path / "s").exists()
+
+
+def test_gc_with_a_policy_that_is_not_a_retention_policy_is_a_typed_error(tmp_path):
+    with ckstore.Store(tmp_path / "s") as store:
+        store.save({"w": torch.ones(2)}, step=1)
+        with pytest.raises(ckstore.InvalidArgumentError, match="RetentionPolicy"):
+            store.gc(policy={"keep_last": 1})
+        assert [i.step for i in store.checkpoints()] == [1]
