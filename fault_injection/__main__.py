@@ -29,7 +29,7 @@ NEW_WORKLOADS = ["incremental", "model_sized", "async_retention", "tags_race", "
 CONTINUATION = ["rollback_continue", "corrupt_continue", "first_save_nested", "pull_local", "publish_loop"]
 
 #: Continuation workloads that still find defects in the library: in the full profile until it passes them.
-NOT_YET = ("publish_loop", "corrupt_continue")
+NOT_YET = ("publish_loop",)
 
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {
@@ -54,8 +54,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     },
     "ci": {
         # In the full profile only: publish_loop (four DVC publishes per run; a queued publish still fails when
-        # a newer one moves the pin) and corrupt_continue (a fresh Store that saves without loading first gives
-        # an unverified corrupt checkpoint a retention slot; see docs/fault-injection.md)
+        # a newer one moves the pin; see docs/fault-injection.md)
         "kill_workloads": ALL_WORKLOADS + NEW_WORKLOADS + [w for w in CONTINUATION if w not in NOT_YET] + ["dvc_publish"],
         # every boundary of the small workloads, every second one of the others; the DVC and training
         # workloads (whose check is a whole resumed run or a re-publish) every 16th
