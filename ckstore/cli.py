@@ -39,7 +39,7 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not (0 <= value < float("inf")):
+    if not value >= 0:  # NaN and negatives; "inf" waits forever
         raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
     return value
 

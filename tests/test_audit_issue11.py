@@ -138,6 +138,7 @@ def unranked(tmp_path):
         (["gc", "{s}", "--keep-best", "1", "--metric", ""], "--metric"),
         (["gc", "{s}", "--wait", "-1"], "--wait"),
         (["tag", "{s}", "x", "1", "--wait", "-1"], "--wait"),
+        (["gc", "{s}", "--wait", "nan"], "--wait"),
         (["show", "{s}", "best"], "--metric"),
         (["tag", "{s}", "good", "best"], "--metric"),
     ],
