@@ -676,6 +676,7 @@ class Store:
         with self._meta.held():
             if not self._exists(step):
                 raise CheckpointNotFoundError(f"{self._root}: no checkpoint at step {step}", step=step)
+            self._resolve_step(step)  # a malformed one (manifest.json a directory) is refused before the tag is written
             tags = self._read_tags()
             tags[name] = TagEntry(step, time.time())
             self._guarded(lambda: self._write_tags(tags), what=f"tag {name!r}")

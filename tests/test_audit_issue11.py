@@ -228,3 +228,16 @@ def test_gc_with_a_policy_that_is_not_a_retention_policy_is_a_typed_error(tmp_pa
         with pytest.raises(ckstore.InvalidArgumentError, match="RetentionPolicy"):
             store.gc(policy={"keep_last": 1})
         assert [i.step for i in store.checkpoints()] == [1]
+
+
+def test_tagging_a_step_whose_manifest_is_a_directory_is_refused_before_the_tag_is_written(tmp_path):
+    """The checkpoint is there but malformed: a ManifestError naming the file (not "no checkpoint"), and no tag."""
+    root = tmp_path / "s"
+    with ckstore.Store(root) as store:
+        store.save({"w": torch.zeros(2)}, step=1)
+        manifest = root / "checkpoints" / "step-00000001" / "manifest.json"
+        manifest.unlink()
+        manifest.mkdir()
+        with pytest.raises(ckstore.ManifestError, match="manifest"):
+            store.tag(1, "pinned")
+        assert read_tags(str(root / "tags.json")) == {}
