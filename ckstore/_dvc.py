@@ -119,7 +119,8 @@ DVCIGNORE_LINES = (
 
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}(\.[A-Za-z0-9_-]{1,63}){0,3}", re.ASCII)
 _DEST_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}", re.ASCII)
-_STEP_DIR = re.compile(r"^step-(\d{1,30})$")
+# [0-9], not \d: "\d" also matches "١"; the store never lists "step-١", so pull must not install one.
+_STEP_DIR = re.compile(r"^step-([0-9]{1,30})$", re.ASCII)
 _CHUNK = 8 << 20
 
 # ------------------------------------------------------------------ hooks

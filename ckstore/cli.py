@@ -242,10 +242,10 @@ def cmd_publish(args: argparse.Namespace) -> int:
         _emit(args, payload, f"recovered {len(results)} interrupted publish(es) in {root}")
         return 0
     if args.name is None:
-        if args.step.isdigit():
+        if isinstance(_step_arg(args.step), int):  # ASCII digits only: "١".isdigit() is true too
             raise InvalidArgumentError("publish needs --name NAME for a step number (or --recover)")
         args.name = args.step  # `ckstore publish STORE best` publishes the best checkpoint as "best"
-    with Store(args.store, lock_timeout=args.wait) as store:
+    with Store(args.store, lock_timeout=args.wait, trust_foreign=args.trust_foreign) as store:
         publication = store.publish(_step_arg(args.step), name=args.name, repo=args.repo, dest=args.dest, remote=args.remote)
         result = publication.result()
     payload = {
@@ -357,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remote", help="DVC remote to push to (default: the repository's default remote)")
     p.add_argument("--recover", action="store_true", help="only finish or roll back interrupted publishes into the repository")
     p.add_argument("--wait", type=_seconds, default=0, help="seconds to wait for the writer lock (default: fail at once)")
+    _trust_foreign_option(p)
 
     p = command("pull", "fetch a published checkpoint (STORE is <dest>/NAME or its .dvc file) and install it verified", cmd_pull)
     p.add_argument("--repo", help="the git + DVC repository (default: the one holding STORE)")

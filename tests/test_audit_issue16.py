@@ -112,3 +112,41 @@ def test_verify_hashes_a_large_tensor_file_in_bounded_memory(tmp_path):
             tracemalloc.stop()
     assert problems == []
     assert peak < 32 << 20, f"verify() allocated {peak >> 20} MiB for a 256 MiB file"
+
+
+@pytest.mark.parametrize("name", ["step-\u0661", "step-0000000\u0661", "step-\uff11"])
+def test_pull_refuses_a_directory_object_whose_step_has_non_ascii_digits(name):
+    """The store never lists "step-١" (ASCII digits only), so pull must not install one as if it were step 1."""
+    from ckstore._dvc_pull import _one_checkpoint
+
+    assert _one_checkpoint({"checkpoints/step-00000001/manifest.json": "0" * 32}, "models/x.dvc") == "step-00000001"
+    with pytest.raises(ckstore.DvcError, match="one-checkpoint"):
+        _one_checkpoint({f"checkpoints/{name}/manifest.json": "0" * 32}, "models/x.dvc")
+
+
+@pytest.mark.parametrize("step", ["\u0661", "\u00b2", "\uff11"])  # Arabic-Indic one, superscript two, fullwidth one
+def test_cli_publish_does_not_take_non_ascii_digits_for_a_step_number(tmp_path, capsys, step):
+    from ckstore.cli import main
+
+    with ckstore.Store(tmp_path / "s") as store:
+        store.save({"w": torch.zeros(2)}, step=1)
+    assert main(["publish", str(tmp_path / "s"), step, "--repo", str(tmp_path / "norepo")]) == 2
+    err = capsys.readouterr().err
+    assert "step number" not in err, err
+
+
+def test_cli_publish_of_a_store_others_can_write_names_an_option_publish_takes(tmp_path, capsys):
+    """The refusal advised --trust-foreign, which `ckstore publish` did not accept."""
+    from ckstore.cli import main
+
+    root = tmp_path / "s"
+    with ckstore.Store(root) as store:
+        store.save({"w": torch.zeros(2)}, step=1)
+    root.chmod(0o777)  # world-writable, no sticky bit: refused for writing (publish pins the step with a tag)
+    argv = ["publish", str(root), "1", "--name", "m", "--repo", str(tmp_path / "norepo")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--trust-foreign" in err, err
+    assert main([*argv, "--trust-foreign"]) == 2  # the option exists and passes the check: the next error is the missing repo
+    err = capsys.readouterr().err
+    assert "not a DVC repository" in err and "trust" not in err, err
