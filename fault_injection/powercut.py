@@ -50,7 +50,29 @@ FIRST_STEP = 3
 LAST_STEP = 14
 
 
+#: cycles per file system that cut right after the k-th acknowledged save (k = 1..N)
+ACK_ALIGNED_CUTS = 3
+
 _MOUNT_PROBE: list[str | None] = []
+
+
+def _cut_after_ack(k: int) -> Any:
+    """A hook (run in the writer) that cuts at the first operation of the save after the ``k``-th acknowledged one.
+
+    The workload acknowledges save ``n`` before it starts save ``n + 1``, whose first durable
+    operation is the ``mkdir`` of its staging directory (site ``staging``): the ``k + 1``-th such
+    event comes right after the ``k``-th acknowledgement.
+    """
+    seen = 0
+
+    def hook(op: str, phase: str, path: str, info: dict[str, Any]) -> None:
+        nonlocal seen
+        if op == "mkdir" and phase == "before" and info.get("site") == "staging":
+            seen += 1
+            if seen == k + 1:
+                os.killpg(0, signal.SIGKILL)
+
+    return hook
 
 
 def can_mount() -> str | None:
@@ -177,17 +199,27 @@ def run_fs(fs: str, workdir: str, *, cycles: int, scale: int, seed: int, stop_on
         raise RuntimeError(f"power-cut dry run on {fs} failed: {dry.error}")
     acked_total = required = 0
     phases = {"before the first ack": 0, "mid-run": 0, "after the run finished": 0}
-    for _ in range(cycles):
+    # Random cuts, then one cut right after each acknowledgement: the writer dies at the first
+    # durable operation of the next save, so nothing later (a file fsync that makes ext4 commit its
+    # journal) can rescue a rename whose directory fsync is missing. A random delay lands in that
+    # window only by luck; these cycles make a missing directory fsync a certain finding.
+    plans: list[tuple[str, float | int]] = [("random", rng.uniform(0.0, span)) for _ in range(cycles)]
+    plans += [("after ack", k) for k in range(1, ACK_ALIGNED_CUTS + 1)]
+    for kind, when in plans:
         _copy(template, work)
-        delay = rng.uniform(0.0, span)
         with mounted(work, mnt, fs):
+            if kind == "random":
 
-            def wait(pid: int, delay: float = delay) -> None:
-                time.sleep(delay)
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
+                def wait(pid: int, delay: float = float(when)) -> None:
+                    time.sleep(delay)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(pid, signal.SIGKILL)
 
-            result = _child.fork_workload(workload, os.path.join(mnt, "store"), wait=wait)
+                result = _child.fork_workload(workload, os.path.join(mnt, "store"), wait=wait)
+                label = f"power cut at {float(when) * 1000:.0f} ms"
+            else:
+                result = _child.fork_workload(workload, os.path.join(mnt, "store"), hook=_cut_after_ack(int(when)))
+                label = f"power cut right after acknowledgement {when}"
             _copy(work, crash)  # the power cut: only what reached the device survives
         os.unlink(work)
         row.cycles += 1
@@ -203,7 +235,7 @@ def run_fs(fs: str, workdir: str, *, cycles: int, scale: int, seed: int, stop_on
         else:
             with mounted(crash, mnt, fs):
                 for message in check_store(os.path.join(mnt, "store"), workload, result.acks, base_steps):
-                    row.violation(f"power cut at {delay * 1000:.0f} ms after {len(result.acks)} acks: {message}")
+                    row.violation(f"{label} after {len(result.acks)} acks: {message}")
         os.unlink(crash)
         if stop_on_violation and row.violations:
             break
@@ -211,7 +243,8 @@ def run_fs(fs: str, workdir: str, *, cycles: int, scale: int, seed: int, stop_on
     row.seconds = time.monotonic() - start
     row.note = (
         f"cut {phases['mid-run']} mid-run ({acked_total} acknowledged saves, {required} of them required to survive by the policy), "
-        f"{phases['before the first ack']} before the first ack, {phases['after the run finished']} after the run finished; "
+        f"{phases['before the first ack']} before the first ack, {phases['after the run finished']} after the run finished "
+        f"({ACK_ALIGNED_CUTS} of the cuts right after an acknowledgement, the rest at random); "
         f"{expected_mb(scale):.1f} MB/save; kill + lost page cache, no device-level reordering"
     )
     return row

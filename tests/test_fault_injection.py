@@ -205,3 +205,26 @@ def test_realistic_mutants_are_caught(tmp_path: Path, name: str) -> None:
     caught = {tier: r["invariant"] for tier, r in results.items() if r["caught"]}
     assert caught, (results, proc.stderr[-2000:])
     assert set(caught.values()) <= {"no-retention-leak", "visible-verifies", "writable-save-keeps-committed"}, caught
+
+
+def test_power_cut_right_after_an_acknowledgement_catches_a_missing_directory_fsync(tmp_path, monkeypatch):
+    """A directory fsync whose system call is missing (the hook still reports it, so the crash model
+    cannot see it) must be caught by the power-cut tier every time, not only when a random cut
+    happens to land before the next file fsync makes ext4 commit its journal."""
+    from fault_injection import powercut
+
+    reason = powercut.skip_reason("ext4")
+    if reason is not None:
+        pytest.skip(reason)
+    from ckstore import _durable
+
+    def sync_dir_without_fsync(path, *, site):
+        info = {"site": site}
+        _durable._emit("fsync_dir", "before", os.fspath(path), info)
+        _durable._emit("fsync_dir", "after", os.fspath(path), info)
+
+    good = powercut.run_fs("ext4", str(tmp_path), cycles=0, scale=1 << 14, seed=0)
+    assert good.cycles == powercut.ACK_ALIGNED_CUTS and good.violations == 0, good.examples
+    monkeypatch.setattr(_durable, "sync_dir", sync_dir_without_fsync)
+    bad = powercut.run_fs("ext4", str(tmp_path), cycles=0, scale=1 << 14, seed=0)
+    assert bad.violations >= 1, bad.note
