@@ -1229,7 +1229,10 @@ class Store:
     def _load_one(self, info: CheckpointInfo, state: Any, map_location: Any, verify: bool, strict: bool = True) -> Any:
         with _gc_paused():
             try:
-                return self._load_one_file_by_file(info, state, map_location, verify, strict)
+                loaded = self._load_one_file_by_file(info, state, map_location, verify, strict)
+                if verify:  # every file was hashed: retention need not read it again (``_slots_verified``)
+                    self._mark_sound(info.step, info.created)
+                return loaded
             except (CheckpointNotFoundError, StateError):
                 raise  # gone, or the caller's objects do not fit: says nothing about the checkpoint
             except CkstoreError:
@@ -1372,8 +1375,7 @@ class Store:
             targets = [(info.step, info.path.name)]
         for number, name in targets:
             found = self._verify_dir(number, name)
-            if found:
-                self._note_corrupt(number, name)
+            self._note_verified(number, name, ok=not found)
             problems.extend(found)
         with contextlib.suppress(FileNotFoundError):
             try:
@@ -1387,9 +1389,20 @@ class Store:
                 problems.append(Problem(None, os.path.join(self._root, METRICS_NAME), str(exc)))
         return problems
 
-    def _note_corrupt(self, step: int, name: str) -> None:
+    def _note_verified(self, step: int, name: str, *, ok: bool) -> None:
+        """Record what verify() found, so retention neither re-hashes a sound checkpoint nor gives a corrupt one a slot."""
         with contextlib.suppress(CkstoreError):  # an unreadable manifest: not listed, so retention never sees it
-            self._corrupt[step] = self._manifest(name).created
+            created = self._manifest(name).created
+            if ok:
+                self._mark_sound(step, created)
+            else:
+                self._corrupt[step] = created
+
+    def _mark_sound(self, step: int, created: float) -> None:
+        """Every file of ``step`` just hashed right: no re-hash by retention, and a transient read error is forgotten."""
+        self._verified[step] = created
+        if self._corrupt.get(step) == created:
+            del self._corrupt[step]
 
     def _verify_dir(self, step: int, name: str) -> list[Problem]:
         directory = os.path.join(self._ckpt_dir, name)

@@ -241,3 +241,50 @@ def test_tagging_a_step_whose_manifest_is_a_directory_is_refused_before_the_tag_
         with pytest.raises(ckstore.ManifestError, match="manifest"):
             store.tag(1, "pinned")
         assert read_tags(str(root / "tags.json")) == {}
+
+
+@pytest.mark.parametrize("how", ["load", "verify"])
+def test_retention_does_not_hash_again_what_a_verified_load_or_verify_just_checked(tmp_path, how):
+    """After resume()/load() (or a clean verify()) the first pruning save must not re-read the checkpoint's
+    tensor files: they were hashed moments ago by this Store. Only the slot holders nobody checked are read."""
+    from ckstore import _safeio
+
+    path = tmp_path / "s"
+    with ckstore.Store(path) as s:
+        for step in (1, 2):
+            s.save({"w": torch.full((1024,), float(step))}, step=step)
+    with ckstore.Store(path, keep_last=2) as s:
+        if how == "load":
+            s.load({"w": torch.zeros(1024)})
+        else:
+            assert s.verify(2) == []
+        opened: list[str] = []
+        with _safeio.hooked(lambda op, p, info: opened.append(p) if op == "open" else None):
+            s.save({"w": torch.full((1024,), 3.0)}, step=3)
+        assert [c.step for c in s.checkpoints()] == [2, 3]
+    reread = [p for p in opened if "step-00000002" in p and p.endswith(".safetensors")]
+    assert reread == [], reread
+
+
+def test_a_checkpoint_that_verifies_after_a_transient_read_error_gets_its_retention_slot_back(tmp_path):
+    """A read error once (EIO) marks a checkpoint corrupt for this Store; a later clean verify() clears it,
+    so it holds its keep_last slot again instead of keeping an older one alive beside it."""
+    import errno
+
+    from ckstore import _safeio
+
+    path = tmp_path / "s"
+    with ckstore.Store(path) as s:
+        for step in (1, 2):
+            s.save({"w": torch.full((8,), float(step))}, step=step)
+    with ckstore.Store(path, keep_last=2) as s:
+
+        def eio(op, p, info):
+            if op == "read" and "step-00000002" in p and p.endswith(".safetensors"):
+                raise OSError(errno.EIO, "injected", p)
+
+        with _safeio.hooked(eio), pytest.warns(ckstore.CorruptCheckpointWarning):
+            assert s.load()["w"][0] == 1.0  # fell back past the read error
+        assert s.verify(2) == []
+        s.save({"w": torch.full((8,), 3.0)}, step=3)
+        assert [c.step for c in s.checkpoints()] == [2, 3]
