@@ -82,7 +82,7 @@ def _tag(job: PublishJob, commit: str) -> str:
     versions = []
     for line in listing.splitlines():
         tag, _, target = line.partition(" ")
-        match = re.fullmatch(re.escape(prefix) + r"@v(\d+)", tag)
+        match = re.fullmatch(re.escape(prefix) + r"@v([0-9]+)", tag, re.ASCII)
         if match:
             if target == commit:
                 return tag

@@ -731,6 +731,16 @@ def test_version_tags_stay_distinct_across_dest(tmp_path, env):
     assert "Ckstore-Dvc-File: exports/best.dvc" in show
 
 
+
+def test_a_version_tag_with_non_ascii_digits_is_not_a_version(tmp_path, env):
+    """``best@v١٠٠`` (Arabic-Indic digits, made by hand) is not version 100: the next publish is v1, not v101."""
+    repo, _ = make_repo(tmp_path, env)
+    git("commit", "--allow-empty", "-q", "-m", "hand-made tag", cwd=repo, env=env)
+    git("tag", "-a", "best@v\u0661\u0660\u0660", "-m", "by hand", cwd=repo, env=env)
+    with ckstore.Store(tmp_path / "run", metric="val_loss") as store:
+        train(store)
+        assert store.publish(10, name="best", repo=repo, wait=True).result().tag == "best@v1"
+
 FORK_SCRIPT = textwrap.dedent("""
     import os, sys, threading, time, torch, ckstore
     from ckstore import _dvc
