@@ -93,6 +93,7 @@ def test_only_durable_touches_store_files(module):
     assert offending == [], "durability calls must go through ckstore._durable"
 
 
+@pytest.mark.guarantee("G16")
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.name)
 def test_no_pickle(module):
     tree = ast.parse(module.read_text(), filename=str(module))

@@ -116,6 +116,7 @@ def _fail_fsync(op, phase, path, info):
         raise OSError(errno.EIO, "injected EIO", path)
 
 
+@pytest.mark.guarantee("G15")
 def test_background_failure_surfaces_on_the_next_save_with_the_cause_chained(store):
     state = _state()
     store.save(state, step=1)
@@ -133,6 +134,7 @@ def test_background_failure_surfaces_on_the_next_save_with_the_cause_chained(sto
     assert store.verify() == []
 
 
+@pytest.mark.guarantee("G15")
 def test_background_failure_surfaces_on_wait_and_on_the_handle(store):
     state = _state()
     with _durable.hooked(_fail_fsync):
@@ -151,6 +153,7 @@ def test_background_failure_surfaces_on_wait_and_on_the_handle(store):
     assert [i.step for i in store.checkpoints()] == [3]
 
 
+@pytest.mark.guarantee("G15")
 def test_background_failure_surfaces_on_close(store_path):
     store = ckstore.Store(store_path)
     with _durable.hooked(_fail_fsync):
@@ -310,6 +313,7 @@ def _steps_and_values(path):
         return out
 
 
+@pytest.mark.guarantee("G2")
 @pytest.mark.parametrize("op", ["write", "rename", "fsync_dir"])
 def test_sigkill_during_a_background_save_leaves_only_whole_checkpoints(store_path, op):
     """A real SIGKILL of a real process while the background thread is at ``op`` (mid-file, at the commit rename, after it)."""
@@ -336,6 +340,7 @@ def test_sigkill_during_a_background_save_leaves_only_whole_checkpoints(store_pa
         assert found[2] == 2.0
 
 
+@pytest.mark.guarantee("G15")
 def test_process_exit_waits_for_the_acknowledged_save(store_path):
     # main ends by raising SystemExit while the (slowed) background save runs
     child = _spawn(store_path, "exit-raise")
@@ -345,6 +350,7 @@ def test_process_exit_waits_for_the_acknowledged_save(store_path):
     assert _steps_and_values(store_path) == {1: 1.0, 2: 2.0}
 
 
+@pytest.mark.guarantee("G15")
 @pytest.mark.parametrize("attempt", range(3))
 def test_opting_out_of_the_exit_wait_abandons_the_save_cleanly(store_path, attempt):
     # Repeated: before the exit handler stopped the abandoned save, about one run in three
@@ -357,6 +363,7 @@ def test_opting_out_of_the_exit_wait_abandons_the_save_cleanly(store_path, attem
     assert _steps_and_values(store_path) == {1: 1.0}  # never committed; recovery removed the staging
 
 
+@pytest.mark.guarantee("G15")
 def test_a_failure_found_at_exit_is_printed(run_python, store_path):
     code = textwrap.dedent(
         """

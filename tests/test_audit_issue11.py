@@ -85,6 +85,7 @@ def _two_ranked(tmp_path):
     return store
 
 
+@pytest.mark.guarantee("G4")
 def test_load_best_falls_back_to_the_next_best_that_loads(tmp_path):
     store = _two_ranked(tmp_path)
     with pytest.warns(ckstore.CorruptCheckpointWarning, match="step 2"):
@@ -171,6 +172,7 @@ def _flip_tensor_byte_of(root, step: int) -> None:
     tensor_file.write_bytes(bytes(data))
 
 
+@pytest.mark.guarantee("G6")
 @pytest.mark.parametrize("policy", [{"keep_last": 2}, {"keep_best": 1, "metric": "loss"}])
 def test_a_fresh_store_that_saves_without_loading_never_deletes_past_a_corrupt_checkpoint(tmp_path, policy):
     """Found by the fault-injection tier's corrupt_continue workload: a fresh Store(keep_last=2) that saved without

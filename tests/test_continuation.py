@@ -50,6 +50,7 @@ def value_of(store: ckstore.Store, step: int) -> float:
 # ---------------------------------------------------------------- 1. the new save survives its retention
 
 
+@pytest.mark.guarantee("G8")
 @pytest.mark.parametrize("blocking", [True, False])
 def test_a_save_after_rolling_back_to_a_tag_is_kept_and_is_the_latest(store_path, blocking):
     with ckstore.Store(store_path, keep_last=1) as store:
@@ -97,6 +98,7 @@ def test_latest_is_the_last_committed_and_load_falls_back_in_commit_order(store_
         assert len(set(created)) == len(created)  # commit times are strictly increasing
 
 
+@pytest.mark.guarantee("G6")
 def test_a_save_after_falling_back_past_a_corrupt_checkpoint_is_kept(store_path):
     with ckstore.Store(store_path) as store:
         store.save(state(10), step=10)
@@ -111,6 +113,7 @@ def test_a_save_after_falling_back_past_a_corrupt_checkpoint_is_kept(store_path)
         assert store.latest().step == 11
 
 
+@pytest.mark.guarantee("G6")
 def test_a_corrupt_checkpoint_never_holds_the_best_slot(store_path):
     with ckstore.Store(store_path) as store:
         store.save(state(10), step=10, metrics={"loss": 0.5})
@@ -163,6 +166,7 @@ def test_the_checkpointer_passes_a_corrupt_step_by_quarantining_it(store_path):
         assert steps_of(store) == [20, 25]
 
 
+@pytest.mark.guarantee("G7")
 def test_saving_a_step_that_verifies_is_still_refused(store):
     store.save(state(10), step=10)
     store.save(state(20), step=20)
@@ -192,6 +196,7 @@ def test_a_step_left_ahead_by_a_rollback_is_quarantined_when_the_run_reaches_it(
         assert "experiment" not in store.resolve(300).tags
 
 
+@pytest.mark.guarantee("G6")
 def test_a_checkpoint_without_a_readable_manifest_is_quarantined_by_a_save_of_its_step(store):
     store.save(state(1), step=1)
     store.save(state(2), step=2)
@@ -264,6 +269,7 @@ print(json.dumps(done), flush=True)
 """
 
 
+@pytest.mark.guarantee("G10")
 def test_a_shell_tags_while_a_training_process_saves_and_retention_honours_every_pin(store_path, run_python):
     """Two real processes race: one saves with keep_last=1, the other tags the latest checkpoint through the CLI."""
     with ckstore.Store(store_path) as store:
@@ -372,6 +378,7 @@ def test_the_readme_loop_saves_every_step_and_reports_validation_at_the_end_of_t
         assert value_of(store, best_step) == float(best_step)
 
 
+@pytest.mark.guarantee("G7")
 def test_recording_metrics_never_modifies_the_committed_checkpoint(store):
     store.save(state(1), step=1, metrics={"loss": 0.5})
     directory = store.resolve(1).path
@@ -466,6 +473,7 @@ def _enospc_at(op_name: str, site: str):
     return hook
 
 
+@pytest.mark.guarantee("G14")
 @pytest.mark.parametrize("blocking", [True, False])
 @pytest.mark.parametrize("op, site", [("rename", "tags"), ("rename", "delete")])
 def test_a_failure_after_the_commit_says_the_checkpoint_is_committed(store_path, blocking, op, site):
@@ -487,6 +495,7 @@ def test_a_failure_after_the_commit_says_the_checkpoint_is_committed(store_path,
         assert store.latest().step == 3
 
 
+@pytest.mark.guarantee("G15")
 def test_a_background_save_committed_with_errors_is_reported_so_by_the_next_call(store_path):
     with ckstore.Store(store_path) as store:
         with _durable.hooked(_enospc_at("rename", "tags")):

@@ -103,6 +103,7 @@ def _make(seed):
     return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
 
 
+@pytest.mark.guarantee("G18")
 def test_resume_on_gpu_is_bitwise_identical(tmp_path, monkeypatch):
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
@@ -128,6 +129,7 @@ def test_resume_on_gpu_is_bitwise_identical(tmp_path, monkeypatch):
     assert_same(resumed_opt.state_dict()["state"], straight_opt.state_dict()["state"])
 
 
+@pytest.mark.guarantee("G3")
 def test_corrupt_file_is_refused_before_it_reaches_the_gpu(tmp_path):
     state = {"w": torch.randn(1 << 16, device="cuda")}
     with ckstore.Store(tmp_path / "s") as store:
@@ -143,6 +145,7 @@ def test_corrupt_file_is_refused_before_it_reaches_the_gpu(tmp_path):
     assert victim.name in str(raised.value)
 
 
+@pytest.mark.guarantee("G4")
 def test_load_into_a_gpu_model_falls_back_past_a_corrupt_newest(tmp_path):
     torch.manual_seed(2)
     model = torch.nn.Linear(256, 256).cuda()

@@ -290,6 +290,7 @@ print(json.dumps(out))
     return {int(k): v for k, v in json.loads(result.stdout.strip().splitlines()[-1]).items()}
 
 
+@pytest.mark.guarantee("G18")
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_shuffling_stateful_loader_resumes_bitwise_in_a_fresh_process(tmp_path, run_python, workers):
     """Stopped mid-epoch (or at an epoch's last batch) and resumed in a new process: this epoch and every later one

@@ -143,6 +143,7 @@ def train(store: ckstore.Store, steps=(10, 20, 30), losses=(0.5, 0.2, 0.4), froz
 # ---------------------------------------------------------------- round trip
 
 
+@pytest.mark.guarantee("G19")
 def test_publish_best_then_plain_dvc_pull_in_a_fresh_clone_verifies(tmp_path, env):
     repo, remote = make_repo(tmp_path, env)
     store_dir = tmp_path / "run"  # outside the repo: publishing materializes it inside
@@ -253,6 +254,7 @@ def test_unchanged_tensor_file_is_stored_once_in_the_remote(tmp_path, env):
 # ---------------------------------------------------------------- corruption
 
 
+@pytest.mark.guarantee("G19")
 def test_corrupt_remote_object_fails_pull_and_installs_nothing(tmp_path, env):
     repo, remote = make_repo(tmp_path, env)
     with ckstore.Store(tmp_path / "run", metric="val_loss") as store:
@@ -288,6 +290,7 @@ def test_corrupt_remote_object_fails_pull_and_installs_nothing(tmp_path, env):
     assert info_exc.value.path.endswith(victim_name)
 
 
+@pytest.mark.guarantee("G19")
 def test_corrupt_source_checkpoint_is_never_published(tmp_path, env):
     repo, remote = make_repo(tmp_path, env)
     with ckstore.Store(tmp_path / "run", metric="val_loss") as store:
@@ -387,6 +390,7 @@ def test_refuses_to_replace_what_it_did_not_publish(tmp_path, env):
     assert (repo / "models" / "mine" / "notes.txt").read_text() == "user data"
 
 
+@pytest.mark.guarantee("G19")
 def test_failed_publish_is_finished_by_the_next_one_or_dropped_if_its_directory_is_gone(tmp_path, env):
     repo, remote = make_repo(tmp_path, env)
 
@@ -530,6 +534,7 @@ KILL_POINTS = [
 ]
 
 
+@pytest.mark.guarantee("G19")
 def test_sigkill_at_each_publish_stage_then_rerun_or_recover_completes(tmp_path, env):
     """A real SIGKILL of a real publishing process at every stage; each time HEAD and the remote stay
     consistent, and re-running the publish (or ``ckstore publish --recover``) completes it."""

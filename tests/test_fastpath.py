@@ -124,6 +124,7 @@ def test_ten_thousand_small_tensors_take_a_handful_of_writes(store):
     assert_same(store.load(step=1), state)
 
 
+@pytest.mark.guarantee("G1")
 def test_every_fsync_happens_before_the_manifest_and_the_commit(store):
     state = {f"part{i}": torch.randn(300_000) for i in range(4)}
     events = []
@@ -137,6 +138,7 @@ def test_every_fsync_happens_before_the_manifest_and_the_commit(store):
     assert ops.index(("fsync_dir", "staging_dir")) < ops.index(("rename", "commit")) < ops.index(("fsync_dir", "checkpoints_dir"))
 
 
+@pytest.mark.guarantee("G14")
 def test_a_failed_write_aborts_cleanly_and_the_next_save_works(store):
     state = {f"part{i}": torch.randn(600_000) for i in range(3)}
     store.save(state, step=1)
@@ -191,6 +193,7 @@ def test_loading_into_a_model_reads_straight_into_its_parameters(store):
     assert_same(target.state_dict(), source.state_dict())
 
 
+@pytest.mark.guarantee("G4")
 def test_a_corrupt_checkpoint_read_into_a_model_is_refused_and_the_fallback_restores_it(store):
     old, new = _model(0), _model(1)
     store.save({"model": old}, step=1)

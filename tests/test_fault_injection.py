@@ -32,6 +32,7 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.mark.guarantee("G1", "G2", "G9", "G11", "G13", "G14")
 def test_smoke_profile_runs_clean(tmp_path: Path) -> None:
     # The harness puts its scratch files in /dev/shm (tmpfs) by default: on a real disk every fsync costs milliseconds.
     tiers = "kill,model,errors,badfiles" + (",power" if os.geteuid() == 0 else "")
@@ -51,6 +52,7 @@ def test_smoke_profile_runs_clean(tmp_path: Path) -> None:
     assert ", 0 violations" in table
 
 
+@pytest.mark.guarantee("G2")
 def test_invariants_see_a_lost_save_and_a_torn_file(tmp_path: Path) -> None:
     root = tmp_path / "store"
     with ckstore.Store(root) as store:
@@ -68,6 +70,7 @@ def test_invariants_see_a_lost_save_and_a_torn_file(tmp_path: Path) -> None:
     assert any("fails verification" in m for m in torn), torn
 
 
+@pytest.mark.guarantee("G1")
 def test_model_rename_needs_both_directories_fsynced() -> None:
     Op = crashmodel.Op
     ops = [
@@ -87,6 +90,7 @@ def test_model_rename_needs_both_directories_fsynced() -> None:
     assert {} in variants and {0: "full", 3: "full"} in variants
 
 
+@pytest.mark.guarantee("G1")
 @pytest.mark.parametrize("site", ["checkpoints_dir", "publish_swap_dir"])
 def test_a_missing_directory_fsync_is_caught(tmp_path: Path, site: str) -> None:
     """A save's directory fsync, and the publish swap's (reached by the ``publish_swap`` DVC workload)."""
@@ -182,7 +186,13 @@ def test_a_mutant_whose_anchor_is_gone_fails_loudly(tmp_path: Path) -> None:
     assert len(mutants.MUTANTS) >= 15 and len({m.kind for m in mutants.MUTANTS}) >= 6
 
 
-@pytest.mark.parametrize("name", ["keep_last_too_many", "incremental_skips_dir_fsync"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("keep_last_too_many", marks=pytest.mark.guarantee("G9")),
+        pytest.param("incremental_skips_dir_fsync", marks=pytest.mark.guarantee("G1")),
+    ],
+)
 def test_realistic_mutants_are_caught(tmp_path: Path, name: str) -> None:
     """A retention leak (upper bound) and a skipped directory fsync when every file is hard-linked (crash model)."""
     from fault_injection import mutants
@@ -207,6 +217,7 @@ def test_realistic_mutants_are_caught(tmp_path: Path, name: str) -> None:
     assert set(caught.values()) <= {"no-retention-leak", "visible-verifies", "writable-save-keeps-committed"}, caught
 
 
+@pytest.mark.guarantee("G1")
 def test_power_cut_right_after_an_acknowledgement_catches_a_missing_directory_fsync(tmp_path, monkeypatch):
     """A directory fsync whose system call is missing (the hook still reports it, so the crash model
     cannot see it) must be caught by the power-cut tier every time, not only when a random cut

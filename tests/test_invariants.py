@@ -67,6 +67,7 @@ def test_policy_keeps_is_the_readme_rule() -> None:
 # ---------------------------------------------------------------- retention lower bound
 
 
+@pytest.mark.guarantee("G9")
 def test_acked_kept_by_policy_flags_a_save_lost_while_the_policy_keeps_it() -> None:
     oracle = inv.Oracle.build({"keep_last": 2}, [{"step": 1}, {"step": 2}], _saves(3, 4))
     assert inv.retention_lower_bound(oracle, {3, 4}) == []  # 1 and 2 went by the rule: two newer ones are there
@@ -77,6 +78,7 @@ def test_acked_kept_by_policy_flags_a_save_lost_while_the_policy_keeps_it() -> N
     assert {m.split(" lost")[0].rsplit(" ", 1)[-1] for m in early} == {"1", "2"}
 
 
+@pytest.mark.guarantee("G9", "G10")
 def test_acked_kept_by_policy_honours_best_pins_and_explicit_deletes() -> None:
     base = [{"step": 1, "metrics": {"loss": 0.1}}, {"step": 2, "metrics": {"loss": 0.9}, "tags": ["keep"]}]
     acks = _saves(3, metrics={3: 0.5})
@@ -88,6 +90,7 @@ def test_acked_kept_by_policy_honours_best_pins_and_explicit_deletes() -> None:
     assert inv.retention_lower_bound(deleting, {1}) == []  # an explicit delete in flight may take it
 
 
+@pytest.mark.guarantee("G11")
 def test_delete_stays_done() -> None:
     oracle = inv.Oracle.build({}, [{"step": 1}, {"step": 2}], [("deleting", 2), ("delete", 2)])
     assert inv.retention_lower_bound(oracle, {1}) == []
@@ -97,6 +100,7 @@ def test_delete_stays_done() -> None:
 # ---------------------------------------------------------------- retention upper bound
 
 
+@pytest.mark.guarantee("G9")
 def test_no_retention_leak_flags_a_step_the_policy_drops() -> None:
     oracle = inv.Oracle.build({"keep_last": 2}, [{"step": 1}], _saves(2, 3))
     assert inv.retention_upper_bound(oracle, {2, 3}) == []
@@ -124,6 +128,7 @@ def test_check_store_is_quiet_on_an_honest_store(tmp_path: Path) -> None:
     assert inv.check_store(root, _workload(keep_last=2), _saves(1, 2, 3), quiescent=True) == []
 
 
+@pytest.mark.guarantee("G13")
 def test_opens_writable(tmp_path: Path) -> None:
     root = _store(tmp_path, [1])
     shutil.rmtree(os.path.join(root, ".staging"))
@@ -132,6 +137,7 @@ def test_opens_writable(tmp_path: Path) -> None:
     assert _names(inv.check_store(root, _workload(), _saves(1))) == {inv.OPENS}
 
 
+@pytest.mark.guarantee("G13")
 def test_no_leftovers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = _store(tmp_path, [1])
     monkeypatch.setattr(ckstore.Store, "_recover", lambda self: None)  # a recovery that forgets its job
@@ -139,6 +145,7 @@ def test_no_leftovers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert inv.LEFTOVERS in _names(inv.check_store(root, _workload(), _saves(1)))
 
 
+@pytest.mark.guarantee("G2")
 def test_visible_verifies_and_content_exact(tmp_path: Path) -> None:
     root = _store(tmp_path, [1, 2])
     target = os.path.join(root, "checkpoints", "step-00000002")
@@ -157,6 +164,7 @@ def test_content_exact_sees_a_whole_but_wrong_checkpoint(tmp_path: Path) -> None
     assert inv.CONTENT in _names(inv.check_store(root, _workload(), _saves(1, 2)))
 
 
+@pytest.mark.guarantee("G4")
 def test_load_newest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = _store(tmp_path, [1, 2])
     real = ckstore.Store.load
@@ -168,6 +176,7 @@ def test_load_newest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert _names(inv.check_store(root, _workload(), _saves(1, 2))) == {inv.NEWEST}
 
 
+@pytest.mark.guarantee("G6")
 def test_corrupt_never_deleted(tmp_path: Path) -> None:
     root = _store(tmp_path, [1, 2])
     target = os.path.join(root, "checkpoints", "step-00000002")
@@ -196,6 +205,7 @@ def test_writable_save_keeps_committed(tmp_path: Path, monkeypatch: pytest.Monke
     assert _names(bad) == {inv.WRITABLE_SAVE}
 
 
+@pytest.mark.guarantee("G6")
 def test_writable_save_flags_a_deleted_damaged_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = _store(tmp_path, [1, 2])
     with open(os.path.join(root, "checkpoints", "step-00000002", "manifest.json"), "w") as fh:

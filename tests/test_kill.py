@@ -150,6 +150,7 @@ def kill_root(tmp_path):
         shutil.rmtree(directory, ignore_errors=True)
 
 
+@pytest.mark.guarantee("G2", "G9", "G13")
 def test_sigkill_at_random_moments(kill_root):
     root = kill_root
     rng = random.Random(int(os.environ.get("CKSTORE_KILL_SEED", "20251125")))

@@ -10,6 +10,7 @@ import torch
 
 import ckstore
 
+@pytest.mark.guarantee("G12")
 def test_second_writer_process_is_refused_naming_the_holder(store_path, peer):
     with ckstore.Store(store_path) as store:
         store.save({}, step=1)
@@ -27,6 +28,7 @@ def test_second_writer_process_is_refused_naming_the_holder(store_path, peer):
         assert [i.step for i in reader.checkpoints()] == [1, 99]
 
 
+@pytest.mark.guarantee("G12")
 def test_second_writer_in_the_same_process_is_refused(store_path):
     with ckstore.Store(store_path) as first:
         first.save({}, step=1)
@@ -45,6 +47,7 @@ def test_second_writer_in_the_same_process_is_refused(store_path):
         again.save({}, step=2)
 
 
+@pytest.mark.guarantee("G12")
 def test_lock_is_taken_at_first_write_and_held_until_close(store_path, peer):
     store = ckstore.Store(store_path)
     try:
@@ -57,6 +60,7 @@ def test_lock_is_taken_at_first_write_and_held_until_close(store_path, peer):
     assert peer.call(op="save", path=store_path, step=3) == {"ok": True}
 
 
+@pytest.mark.guarantee("G12")
 def test_writer_with_a_timeout_waits_for_the_lock(store_path, peer):
     with ckstore.Store(store_path) as store:
         store.save({"who": "first"}, step=1)
@@ -68,6 +72,7 @@ def test_writer_with_a_timeout_waits_for_the_lock(store_path, peer):
         assert reader.load(step=2) == {"who": "second"}
 
 
+@pytest.mark.guarantee("G2")
 def test_readers_never_see_a_partial_checkpoint(store_path, peer):
     """A reader process lists and loads 300 times while this process saves (and prunes) in a loop."""
     rounds = 300

@@ -44,6 +44,7 @@ def test_resume_restores_the_newest_and_returns_its_step(store, make_training_st
     assert expected  # step 10 is still there for the next test's fallback
 
 
+@pytest.mark.guarantee("G4")
 def test_resume_skips_a_corrupt_newest_checkpoint(store, make_model):
     model = make_model(seed=1)
     store.save({"model": model}, step=1)

@@ -76,6 +76,7 @@ def _hooked(inject):
 # ---------------------------------------------------------------- EIO
 
 
+@pytest.mark.guarantee("G5")
 @pytest.mark.parametrize("target", ["tensor", "manifest"])
 def test_eio_while_reading_the_newest_checkpoint_falls_back_and_is_typed(two, target):
     needle = "step-00000002/" + ("manifest.json" if target == "manifest" else "")
@@ -100,6 +101,7 @@ def test_eio_while_reading_the_newest_checkpoint_falls_back_and_is_typed(two, ta
                 store.read_tensor("w", step=2, verify=True)
 
 
+@pytest.mark.guarantee("G5")
 def test_resume_falls_back_past_a_read_error(two):
     state = {"w": torch.zeros(64, 8), "b": torch.zeros(8), "step": 0, "note": ""}
     with ckstore.Store(two, readonly=True) as store, _hooked(_Inject(_tensor_file(two, 2))):
@@ -108,6 +110,7 @@ def test_resume_falls_back_past_a_read_error(two):
     assert torch.equal(state["w"], _state(1)["w"])
 
 
+@pytest.mark.guarantee("G5")
 def test_eio_reading_tags_is_reported_not_raised(two):
     with ckstore.Store(two) as store:
         store.tag(2, "release")
@@ -132,6 +135,7 @@ def test_short_reads_are_retried_and_load_is_exact(two):
     assert inject.fired > 10
 
 
+@pytest.mark.guarantee("G3")
 def test_early_end_of_file_never_gives_a_torn_load(two):
     inject = _Inject(_tensor_file(two, 2), ops=("read",), err=None, limit=0)
     with ckstore.Store(two, readonly=True) as store, _hooked(inject):
@@ -145,6 +149,7 @@ def test_early_end_of_file_never_gives_a_torn_load(two):
 # ---------------------------------------------------------------- vanishing files
 
 
+@pytest.mark.guarantee("G5")
 @pytest.mark.parametrize("what", ["manifest.json", "tensor"])
 def test_a_file_vanishing_between_listing_and_open_falls_back(two, what):
     needle = _tensor_file(two, 2) if what == "tensor" else str(_step_dir(two, 2) / "manifest.json")
@@ -176,6 +181,7 @@ def _make_odd(path, kind: str, outside) -> None:
         raise AssertionError(kind)
 
 
+@pytest.mark.guarantee("G5")
 @pytest.mark.parametrize("kind", ["directory", "fifo", "symlink"])
 def test_an_odd_manifest_is_skipped_and_the_store_stays_usable(two, kind, tmp_path):
     manifest = str(_step_dir(two, 2) / "manifest.json")
@@ -191,6 +197,7 @@ def test_an_odd_manifest_is_skipped_and_the_store_stays_usable(two, kind, tmp_pa
         assert [p.step for p in store.verify()] == [2]
 
 
+@pytest.mark.guarantee("G5")
 @pytest.mark.parametrize("kind", ["directory", "fifo", "symlink"])
 def test_an_odd_tags_file_is_reported_and_the_store_stays_usable(two, kind, tmp_path):
     with ckstore.Store(two) as store:
@@ -285,6 +292,7 @@ def test_loaded_tensors_do_not_pin_their_files_buffer(tmp_path):
 # ---------------------------------------------------------------- the readfaults tier
 
 
+@pytest.mark.guarantee("G5")
 @pytest.mark.parametrize("operation", ["load_step", "resume", "read_tensor_verified"])
 def test_readfaults_tier_finds_no_violation(tmp_path, operation):
     """Every read of the operation failed in turn (EIO, short read, early EOF, vanished file): typed or fallback, never torn."""

@@ -384,6 +384,7 @@ def _kill_randomly(
     return attempts
 
 
+@pytest.mark.guarantee("G18")
 def test_sigkill_at_random_moments_is_bitwise_identical(zygote, reference, tmp_path):
     rng = random.Random(1234)
     attempts = _kill_randomly(zygote, tmp_path / "store", tmp_path / "log", rng, kills=6, sig=signal.SIGKILL, mid_save=2)
@@ -395,6 +396,7 @@ def test_sigkill_at_random_moments_is_bitwise_identical(zygote, reference, tmp_p
     _check_against(reference, tmp_path / "store", tmp_path / "log")
 
 
+@pytest.mark.guarantee("G18")
 def test_sigterm_saves_the_finished_step_and_exits_143(zygote, reference, tmp_path):
     import ckstore
 
@@ -412,6 +414,7 @@ def test_sigterm_saves_the_finished_step_and_exits_143(zygote, reference, tmp_pa
     _check_against(reference, store, log)
 
 
+@pytest.mark.guarantee("G18")
 def test_sigkill_with_two_loader_workers_is_bitwise_identical(zygote, reference, tmp_path):
     rng = random.Random(7)
     attempts = _kill_randomly(zygote, tmp_path / "store", tmp_path / "log", rng, kills=5, sig=signal.SIGKILL, workers=2)
@@ -419,6 +422,7 @@ def test_sigkill_with_two_loader_workers_is_bitwise_identical(zygote, reference,
     _check_against(reference, tmp_path / "store", tmp_path / "log")
 
 
+@pytest.mark.guarantee("G18")
 def test_sigkill_with_background_saves_is_bitwise_identical(zygote, reference, tmp_path):
     """Checkpointer(blocking=False): saves run in a background thread while training goes on; kills land anywhere."""
     rng = random.Random(31)
@@ -427,6 +431,7 @@ def test_sigkill_with_background_saves_is_bitwise_identical(zygote, reference, t
     _check_against(reference, tmp_path / "store", tmp_path / "log")
 
 
+@pytest.mark.guarantee("G18")
 @pytest.mark.parametrize("workers", [0, 2])
 def test_sigkill_with_a_shuffling_stateful_dataloader_is_bitwise_identical(zygote, stateful_reference, tmp_path, workers):
     """StatefulDataLoader(shuffle=True, generator=g) in the state, killed mid-epoch: every later epoch reads the same order."""

@@ -81,6 +81,7 @@ def _reference(checkpoints, policy):
     return keep
 
 
+@pytest.mark.guarantee("G9")
 @given(checkpoints=checkpoint_lists(), policy=policies, order=st.randoms())
 def test_kept_set_is_exactly_the_union(checkpoints, policy, order):
     shuffled = list(checkpoints)
@@ -115,6 +116,7 @@ def test_invariants(checkpoints, policy):
         assert newest in again
 
 
+@pytest.mark.guarantee("G8")
 @given(checkpoints=checkpoint_lists(), policy=policies, data=st.data())
 def test_a_protected_step_is_always_kept_and_protection_only_adds(checkpoints, policy, data):
     """The store protects the step a save just committed, whatever its step and commit time."""
@@ -126,6 +128,7 @@ def test_a_protected_step_is_always_kept_and_protection_only_adds(checkpoints, p
     assert kept == select_kept(checkpoints, policy) | protect
 
 
+@pytest.mark.guarantee("G6")
 @given(checkpoints=checkpoint_lists(), policy=policies, data=st.data())
 def test_corrupt_checkpoints_hold_no_slot_and_are_never_deleted(checkpoints, policy, data):
     steps = sorted(c.step for c in checkpoints)
@@ -154,6 +157,7 @@ def test_left_ahead_means_a_lower_step_was_committed_later(checkpoints, data):
     assert not any(left_ahead(ordered, c.step) for c in ordered)
 
 
+@pytest.mark.guarantee("G9")
 def test_keep_last_counts_commits_not_steps_after_a_rollback():
     # 100 (tagged), 200, 300 saved; rolled back to 100; then 101 and 102 saved.
     cks = [Ck(100, tags=("release",), created=1.0), Ck(200, created=2.0), Ck(300, created=3.0), Ck(101, created=4.0), Ck(102, created=5.0)]
@@ -163,6 +167,7 @@ def test_keep_last_counts_commits_not_steps_after_a_rollback():
     assert [c.step for c in commit_order(cks)] == [100, 200, 300, 101, 102]
 
 
+@pytest.mark.guarantee("G9")
 @given(checkpoints=checkpoint_lists(), mode=st.sampled_from(["min", "max"]), k=st.integers(1, 5))
 def test_checkpoints_without_the_metric_are_never_best(checkpoints, mode, k):
     policy = RetentionPolicy(keep_best=k, metric="loss", mode=mode)
@@ -174,6 +179,7 @@ def test_checkpoints_without_the_metric_are_never_best(checkpoints, mode, k):
     assert all("loss" in c.metrics for c in ranked)
 
 
+@pytest.mark.guarantee("G9")
 @given(checkpoints=checkpoint_lists())
 def test_no_policy_keeps_everything(checkpoints):
     assert select_kept(checkpoints, RetentionPolicy()) == {c.step for c in checkpoints}
@@ -181,6 +187,7 @@ def test_no_policy_keeps_everything(checkpoints):
     assert not RetentionPolicy().prunes
 
 
+@pytest.mark.guarantee("G9")
 def test_ties_go_to_the_newer_step():
     cks = [Ck(1, {"loss": 1.0}), Ck(2, {"loss": 0.5}), Ck(3, {"loss": 0.5}), Ck(4, {"loss": 2.0}), Ck(5)]
     assert select_kept(cks, RetentionPolicy(keep_best=1, metric="loss")) == {3, 5}
@@ -222,6 +229,7 @@ def test_invalid_policies_are_refused(kwargs, store_path):
 # ---------------------------------------------------------------- in a store
 
 
+@pytest.mark.guarantee("G9")
 def test_store_applies_union_of_policies(store_path):
     losses = {10: 0.9, 20: 0.1, 30: 0.5, 40: 0.7, 50: 0.8, 60: 0.95}
     with ckstore.Store(store_path, keep_last=2, keep_best=1, metric="loss", keep_every=30) as store:
@@ -255,6 +263,7 @@ def test_checkpoints_without_metric_are_not_kept_as_best(store_path):
         assert [i.step for i in store.checkpoints()] == [1, 4]
 
 
+@pytest.mark.guarantee("G8", "G11")
 def test_deletion_happens_only_after_the_new_checkpoint_is_durable(store_path):
     from ckstore import _durable
 

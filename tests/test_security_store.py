@@ -208,6 +208,7 @@ def _planted(store_path: Path) -> None:
     (store_path / ".tags.json.tmp-0123456789ab").write_bytes(b"partial")
 
 
+@pytest.mark.guarantee("G13")
 def test_a_plain_open_that_only_reads_writes_nothing(store_path):
     _saved(store_path, 1, 2)
     _planted(store_path)
@@ -222,6 +223,7 @@ def test_a_plain_open_that_only_reads_writes_nothing(store_path):
     assert _snapshot(store_path) == before
 
 
+@pytest.mark.guarantee("G13")
 def test_a_plain_open_of_a_new_path_creates_nothing_until_the_first_save(tmp_path):
     path = tmp_path / "a" / "b" / "store"
     with ckstore.Store(path) as store:
@@ -243,6 +245,7 @@ def test_recover_is_an_explicit_write(store_path):
         ckstore.Store(store_path, readonly=True).recover()
 
 
+@pytest.mark.guarantee("G1")
 def test_parent_directories_are_made_one_by_one_and_each_parent_fsynced(tmp_path):
     path = tmp_path / "a" / "b" / "store"
     seen = []

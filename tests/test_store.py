@@ -62,6 +62,7 @@ def test_steps_order_numerically(store):
     assert [i.step for i in store.checkpoints()] == [0, 2, 9, 10, 100, 99_999_999, 100_000_000]
 
 
+@pytest.mark.guarantee("G7")
 def test_existing_step_is_refused(store):
     store.save({"v": 1}, step=3)
     with pytest.raises(ckstore.CheckpointExistsError) as excinfo:
@@ -169,6 +170,7 @@ def _flip_header(path):
 CORRUPTIONS = {"flip_data": _flip_last, "flip_header": _flip_header, "truncate": _truncate, "zero_fill": _zero_fill, "delete": os.unlink}
 
 
+@pytest.mark.guarantee("G3")
 @pytest.mark.parametrize("corrupt", sorted(CORRUPTIONS))
 def test_load_of_a_corrupt_checkpoint_names_the_file(store, corrupt):
     store.save(_state(1.0), step=1)
@@ -198,6 +200,7 @@ def test_load_of_a_corrupt_checkpoint_names_the_file(store, corrupt):
     assert torch.equal(target, torch.full((16,), 1.0))
 
 
+@pytest.mark.guarantee("G3")
 def test_flipped_manifest_byte_is_an_integrity_error(store):
     store.save(_state(1.0), step=1)
     info = store.save(_state(2.0), step=2)
@@ -215,6 +218,7 @@ def test_flipped_manifest_byte_is_an_integrity_error(store):
     assert manifest.exists()
 
 
+@pytest.mark.guarantee("G3")
 @pytest.mark.parametrize("position", [0, 1, 10, 50, 100, -2, -1])
 def test_any_manifest_flip_fails_loudly(store, position):
     info = store.save(_state(2.0), step=2)
@@ -226,6 +230,7 @@ def test_any_manifest_flip_fails_loudly(store, position):
     assert len(store.verify()) == 1
 
 
+@pytest.mark.guarantee("G4", "G6")
 def test_no_checkpoint_verifies(store):
     for step in (1, 2):
         info = store.save(_state(float(step)), step=step)
@@ -236,6 +241,7 @@ def test_no_checkpoint_verifies(store):
     assert len(store.checkpoints()) == 2
 
 
+@pytest.mark.guarantee("G3", "G6")
 def test_verify_reports_every_problem(store):
     a = store.save(_state(1.0), step=1)
     b = store.save(_state(2.0), step=2)
@@ -272,6 +278,7 @@ def _plant_leftovers(root):
     (root / ".tags.json.tmp-0123456789ab").write_bytes(b"partial")
 
 
+@pytest.mark.guarantee("G13")
 def test_leftovers_are_removed_by_the_first_write_but_ignored_by_reads(store_path):
     with ckstore.Store(store_path) as store:
         store.save(_state(1.0), step=1)
@@ -288,6 +295,7 @@ def test_leftovers_are_removed_by_the_first_write_but_ignored_by_reads(store_pat
         assert _leftovers(store_path) == []
 
 
+@pytest.mark.guarantee("G13")
 def test_recovery_waits_for_the_lock_holder(store_path, peer):
     """A writable open while another process writes must not remove that writer's staging."""
     with ckstore.Store(store_path) as store:
@@ -300,6 +308,7 @@ def test_recovery_waits_for_the_lock_holder(store_path, peer):
         assert _leftovers(store_path) == []
 
 
+@pytest.mark.guarantee("G13")
 def test_tags_of_missing_checkpoints_are_dropped_on_recovery(store_path):
     with ckstore.Store(store_path) as store:
         store.save({}, step=1, tags=["a"])
@@ -328,6 +337,7 @@ def test_readonly_store_refuses_writes(store_path):
     assert not (store_path / "checkpoints" / "step-00000002").exists()
 
 
+@pytest.mark.guarantee("G13")
 def test_readonly_store_takes_no_lock(store_path):
     with ckstore.Store(store_path) as writer:
         writer.save({}, step=1)
@@ -337,6 +347,7 @@ def test_readonly_store_takes_no_lock(store_path):
             assert reader.latest().step == 2
 
 
+@pytest.mark.guarantee("G11")
 def test_delete(store):
     for step in (1, 2, 3):
         store.save({}, step=step)
@@ -380,6 +391,7 @@ def _failing_save(root, incremental=False):
             store.save({**_state(4.0, n=1000), "frozen": _FROZEN}, step=4, metrics={"loss": 4.0})
 
 
+@pytest.mark.guarantee("G14")
 @pytest.mark.parametrize("phase, incremental", [("before", False), ("after", False), ("before", True)], ids=["before", "after", "incremental"])
 def test_enospc_at_each_operation_of_a_save(fast_path, phase, incremental):
     """Open a store and save (with tags and retention); fail the i-th durable operation with ENOSPC, for every i.
@@ -447,6 +459,7 @@ def test_enospc_at_each_operation_of_a_save(fast_path, phase, incremental):
             assert store.load()["epoch"] == 5, where
 
 
+@pytest.mark.guarantee("G14")
 def test_store_keeps_working_after_a_failed_save_in_the_same_object(store_path):
     with ckstore.Store(store_path) as store:
         store.save(_state(1.0), step=1)
@@ -476,6 +489,7 @@ def _tmpfs(path, size):
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+@pytest.mark.guarantee("G14")
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root (CI runs as root)")
 def test_real_full_filesystem(tmp_path):
     with _tmpfs(tmp_path / "small", "1m") as mount:
@@ -495,6 +509,7 @@ def test_real_full_filesystem(tmp_path):
             assert [i.step for i in store.checkpoints()] == [1, 2]
 
 
+@pytest.mark.guarantee("G7")
 def test_committed_files_are_never_rewritten(store):
     """A committed checkpoint is immutable: tagging and later saves leave its bytes alone."""
     info = store.save(_state(1.0), step=1)
@@ -507,6 +522,7 @@ def test_committed_files_are_never_rewritten(store):
     assert json.loads(before["manifest.json"])["step"] == 1
 
 
+@pytest.mark.guarantee("G16")
 def test_no_pickle_on_disk(store, make_training_state):
     model, optimizer, scheduler = make_training_state()
     info = store.save({"model": model, "optimizer": optimizer, "scheduler": scheduler}, step=1)

@@ -70,6 +70,7 @@ def test_a_state_dict_target_must_have_the_saved_keys_both_ways(store, make_mode
 # ---------------------------------------------------------------- refusals name every key
 
 
+@pytest.mark.guarantee("G17")
 def test_a_key_typo_is_refused_and_restores_nothing(store, trained, make_training_state):
     model, optimizer, _ = trained
     store.save({"model": model, "optimizer": optimizer}, step=1)
@@ -83,6 +84,7 @@ def test_a_key_typo_is_refused_and_restores_nothing(store, trained, make_trainin
     assert fresh_optimizer.state_dict()["state"][0]["exp_avg"].abs().sum() != optimizer.state_dict()["state"][0]["exp_avg"].abs().sum()
 
 
+@pytest.mark.guarantee("G17")
 def test_a_key_added_after_the_checkpoint_is_missing(store, trained, make_training_state):
     model, optimizer, _ = trained
     store.save({"model": model, "optimizer": optimizer}, step=1)
@@ -94,6 +96,7 @@ def test_a_key_added_after_the_checkpoint_is_missing(store, trained, make_traini
     assert _same(fresh_model, before), "the model was not half restored"
 
 
+@pytest.mark.guarantee("G17")
 def test_a_module_with_other_layers_is_refused_naming_each_key(store, make_model):
     model = make_model(seed=1)
     store.save({"model": model}, step=1)
@@ -107,6 +110,7 @@ def test_a_module_with_other_layers_is_refused_naming_each_key(store, make_model
     assert "unexpected" in str(excinfo.value) and "state['model']['2.weight']" in str(excinfo.value)
 
 
+@pytest.mark.guarantee("G17")
 @pytest.mark.parametrize(
     "saved, target, words",
     [
@@ -127,6 +131,7 @@ def test_values_of_another_kind_are_refused(store, make_model, saved, target, wo
     assert excinfo.value.key == f"state[{next(iter(saved))!r}]"
 
 
+@pytest.mark.guarantee("G17")
 def test_a_refused_load_does_not_fall_back_to_an_older_checkpoint(store, make_model):
     """A mismatch is the caller's, not the checkpoint's: every checkpoint would disagree alike."""
     store.save({"model": make_model(seed=1)}, step=1)
@@ -140,6 +145,7 @@ def test_a_refused_load_does_not_fall_back_to_an_older_checkpoint(store, make_mo
 # ---------------------------------------------------------------- strict=False
 
 
+@pytest.mark.guarantee("G17")
 def test_strict_false_restores_what_matches_and_warns_naming_the_rest(store, trained, make_training_state):
     model, optimizer, _ = trained
     store.save({"model": model, "optimizer": optimizer, "epoch": 3}, step=1)

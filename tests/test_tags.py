@@ -144,6 +144,7 @@ def test_tags_file_is_replaced_atomically(store):
     assert parse_tags((store.path / "tags.json").read_bytes())["release"].step == 2
 
 
+@pytest.mark.guarantee("G10")
 def test_tags_pin_against_retention(store_path):
     with ckstore.Store(store_path, keep_last=1) as store:
         store.save({}, step=1, tags=["keep"])
@@ -155,6 +156,7 @@ def test_tags_pin_against_retention(store_path):
         assert [i.step for i in store.checkpoints()] == [4]
 
 
+@pytest.mark.guarantee("G10")
 def test_delete_tagged_needs_force(store):
     store.save({}, step=1, tags=["release", "v1"])
     store.save({}, step=2)

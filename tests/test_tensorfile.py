@@ -139,6 +139,7 @@ BAD_FILES = {
 }
 
 
+@pytest.mark.guarantee("G3")
 @pytest.mark.parametrize("name", sorted(BAD_FILES))
 def test_parse_header_rejects_crafted_files(name):
     data = BAD_FILES[name]
@@ -171,6 +172,7 @@ def _parse_everything(data: bytes) -> None:
     tensors_from_buffer(bytearray(data), "fuzz")
 
 
+@pytest.mark.guarantee("G3")
 @given(data=st.binary(max_size=300))
 def test_fuzz_random_bytes_only_integrity_error(data):
     try:
@@ -179,6 +181,7 @@ def test_fuzz_random_bytes_only_integrity_error(data):
         pass
 
 
+@pytest.mark.guarantee("G3")
 @given(
     edits=st.lists(st.tuples(st.integers(0, len(_VALID) - 1), st.integers(0, 255)), min_size=1, max_size=4),
     cut=st.none() | st.integers(0, len(_VALID)),
@@ -195,6 +198,7 @@ def test_fuzz_mutated_valid_file_only_integrity_error(edits, cut):
         pass
 
 
+@pytest.mark.guarantee("G3")
 @given(header=st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
                            lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3), max_leaves=10),
        extra=st.binary(max_size=40))

@@ -61,6 +61,7 @@ def _outcomes(root: str) -> tuple[bool, bool, str]:
     return bool(problems), loaded, why
 
 
+@pytest.mark.guarantee("G3")
 @pytest.mark.parametrize("name,mutate,mode", badfiles.CASES, ids=[c[0] for c in badfiles.CASES])
 def test_verify_and_load_agree_on_every_crafted_case(template, tmp_path, name, mutate, mode):
     root = _fresh(template, tmp_path)
@@ -110,6 +111,7 @@ def _install_tensor_file(root: str, name: str, data: bytes) -> None:
     case.replace_file(name, data)
 
 
+@pytest.mark.guarantee("G3")
 @pytest.mark.parametrize("kind", ["manifest", "tensor"])
 def test_verify_and_load_agree_on_fuzz_inputs(tmp_path, kind):
     fuzzer = badfiles._Fuzzer(str(tmp_path / "fuzz"), seed=20261202 + (kind == "tensor"))
