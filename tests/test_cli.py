@@ -16,7 +16,7 @@ from conftest import flip_byte, subprocess_env
 import ckstore
 from ckstore.cli import main
 
-COMMANDS = ["ls", "show", "verify", "tag", "gc"]
+COMMANDS = ["ls", "show", "verify", "tag", "gc", "delete", "diff", "plot", "import"]
 
 
 @pytest.fixture
@@ -196,3 +196,118 @@ def test_real_entry_point(populated):
     assert result.returncode == 1, result.stderr
     payload = json.loads(result.stdout)
     assert [(p["step"], p["actual"]) for p in payload["problems"]] == [(2, "unlisted file")]
+
+
+# ---------------------------------------------------------------- issue 15: delete, diff, plot, show best --metric, progress
+
+
+def test_ls_with_an_unknown_metric_is_an_error_naming_the_option(capsys, populated):
+    code, out, err = run(capsys, "ls", populated, "--metric", "acc")
+    assert code == 2 and "--metric" in err and "'acc'" in err and "loss" in err  # names the metrics there are
+    assert run_json(capsys, "ls", populated, "--metric", "acc")[1]["error"] == "InvalidArgumentError"
+
+
+def test_show_best_with_metric(capsys, store_path):
+    with ckstore.Store(store_path) as store:  # no metric configured: "best" needs --metric
+        for step, acc in [(1, 0.5), (2, 0.9), (3, 0.7)]:
+            store.save({"w": torch.ones(2) * step}, step=step, metrics={"acc": acc, "loss": 1 - acc + step})
+    code, out, err = run(capsys, "show", store_path, "best")
+    assert code == 2 and "--metric" in err and "metric=" not in err
+    assert run_json(capsys, "show", store_path, "best", "--metric", "acc", "--mode", "max")[1]["step"] == 2
+    assert run_json(capsys, "show", store_path, "best", "--metric", "loss")[1]["step"] == 1
+    code, out, err = run(capsys, "show", store_path, "best", "--metric", "nope")
+    assert code == 2 and "--metric" in err and "nope" in err
+    code, out, err = run(capsys, "show", store_path, "2", "--metric", "acc")
+    assert code == 2 and "--metric" in err  # only 'best' is ranked: a metric beside a step is a mistake
+
+
+def test_delete(capsys, populated):
+    code, payload, _ = run_json(capsys, "delete", populated, "9")
+    assert code == 0 and payload == {"deleted": 9, "untagged": []}
+    code, out, err = run(capsys, "delete", populated, "1")  # tagged "first": refused as Store.delete refuses it
+    assert code == 2 and "--force" in err and "force=True" not in err and "first" in err
+    code, out, err = run(capsys, "delete", populated, "first", "--force")
+    assert code == 0 and "deleted step 1" in out and "first" in out
+    assert [c["step"] for c in run_json(capsys, "ls", populated)[1]["checkpoints"]] == [2, 10]
+    assert run(capsys, "delete", populated, "999")[0] == 2
+
+
+def test_delete_refuses_a_published_pin_without_force(capsys, populated):
+    with ckstore.Store(populated) as store:
+        store.tag(2, "published.best")
+    code, out, err = run(capsys, "delete", populated, "2")
+    assert code == 2 and "published.best" in err and "--force" in err
+
+
+def test_diff(capsys, store_path):
+    with ckstore.Store(store_path) as store:
+        store.save({"a": torch.zeros(4), "b": torch.ones(3, dtype=torch.float64), "gone": torch.ones(1)}, step=1)
+        store.save({"a": torch.zeros(4), "b": torch.full((3,), 2.0, dtype=torch.float64), "new": torch.ones(2, 2)}, step=2)
+    code, payload, _ = run_json(capsys, "diff", store_path, "1", "2")
+    assert code == 0
+    assert payload["a"] == 1 and payload["b"] == 2 and payload["unchanged"] == ["a"]
+    (changed,) = payload["changed"]
+    assert changed["key"] == "b" and changed["nbytes"] == [24, 24] and changed["dtype"] == ["float64", "float64"]
+    assert changed["hash"][0] != changed["hash"][1] and all(h.startswith("blake3:") for h in changed["hash"])
+    assert [(e["key"], e["shape"], e["nbytes"]) for e in payload["added"]] == [("new", [2, 2], 16)]
+    assert [e["key"] for e in payload["removed"]] == ["gone"]
+    code, out, _ = run(capsys, "diff", store_path, "1", "latest")
+    assert code == 0 and "changed  b" in out and "added    new" in out and "removed  gone" in out and "1 unchanged" in out
+    assert run_json(capsys, "diff", store_path, "2", "2")[1]["changed"] == []
+
+
+def test_plot_png(capsys, populated, tmp_path):
+    from PIL import Image
+
+    with ckstore.Store(populated) as store:
+        store.tag(9, "published.best")
+    out_png = tmp_path / "plot.png"
+    code, payload, _ = run_json(capsys, "plot", populated, "--metric", "loss", "-o", out_png)
+    assert code == 0 and payload["path"] == str(out_png) and payload["best"] == 2 and payload["points"] == 4
+    with Image.open(out_png) as image:
+        assert image.format == "PNG" and image.size == (1000, 500)
+        colors = image.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert len(colors) > 50  # a line, markers, labels, not a blank canvas
+    assert max(count for count, _ in colors) < 0.95 * 1000 * 500
+    code, out, err = run(capsys, "plot", populated, "--metric", "nope", "-o", tmp_path / "x.png")
+    assert code == 2 and "--metric" in err and not (tmp_path / "x.png").exists()
+
+
+def test_plot_without_matplotlib_names_the_extra(capsys, populated, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an install without ckstore[plot] sees: ImportError
+    code, out, err = run(capsys, "plot", populated, "--metric", "loss", "-o", tmp_path / "x.png")
+    assert code == 2 and "ckstore[plot]" in err
+
+
+def test_progress_is_quiet_off_a_tty_and_shown_on_one(populated):
+    """A real pseudo-terminal: the bar is drawn there; with --json, or into a pipe, nothing but the result."""
+    import pty
+    import select
+
+    script = Path(sys.executable).parent / "ckstore"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "ckstore"]
+
+    def on_tty(*argv):
+        master, slave = pty.openpty()
+        proc = subprocess.Popen([*command, *argv], stdout=slave, stderr=slave, env=subprocess_env() | {"COLUMNS": "100"})
+        os.close(slave)
+        chunks = []
+        while True:
+            ready, _, _ = select.select([master], [], [], 60)
+            try:
+                data = os.read(master, 65536) if ready else b""
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        os.close(master)
+        assert proc.wait(timeout=60) == 0
+        return b"".join(chunks).decode(errors="replace")
+
+    shown = on_tty("verify", str(populated))
+    assert "verify" in shown and "\x1b[" in shown and "OK: 4 checkpoint(s) verified" in shown
+    piped = subprocess.run([*command, "verify", str(populated)], capture_output=True, text=True, env=subprocess_env(), timeout=60)
+    assert piped.returncode == 0 and piped.stderr == "" and "\x1b" not in piped.stdout
+    as_json = on_tty("verify", str(populated), "--json")
+    assert "\x1b[" not in as_json and json.loads(as_json)["ok"] is True
