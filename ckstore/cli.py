@@ -1,9 +1,10 @@
-"""The ``ckstore`` command: inspect, verify, tag and clean a store.
+"""The ``ckstore`` command: inspect, verify, tag, compare, plot, import and clean a store.
 
 Exit codes: 0 success; 1 verification found problems; 2 bad usage or a
 ckstore error (the message says which), including a path that is not a store.
 Every command takes ``--json`` for scripts; the JSON goes to stdout, messages
-to stderr. Text read from a store (metric names, tags, paths, messages) may be
+to stderr. Long operations draw a progress bar on stderr when it is a terminal
+and ``--json`` is not given (``ckstore/_cli/progress.py``). Text read from a store (metric names, tags, paths, messages) may be
 someone else's: it is printed with control characters escaped (``\x1b``), so
 no escape sequence or forged line reaches the terminal.
 """
@@ -26,11 +27,20 @@ from ._quarantine import QuarantineEntry
 from ._retention import RetentionPolicy
 from ._store import NO_METRIC_ADVICE, CheckpointInfo, Store
 from ._text import escape
+from ._cli import inspect as _inspect
+from ._cli.progress import bars_for
 
 
 def _step_arg(text: str) -> int | str:
     # isascii: str.isdigit() is also true for "²" and other digits int() refuses.
     return int(text) if text.isascii() and text.isdigit() else text
+
+
+def _step_number(text: str) -> int:
+    """``--step``: ASCII digits only, checked here so a bad value names the option."""
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"must be a step number (0 or more, ASCII digits), got {text!r}")
+    return int(text)
 
 
 def _seconds(text: str) -> float:
@@ -104,9 +114,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
         latest = store.latest()
         quarantined = store.quarantine()
         best = None
-        if args.metric:
+        if args.metric is not None:
             from ._retention import rank_best
 
+            _inspect.require_metric(infos, args.metric)
             ranked = rank_best(infos, args.metric, args.mode)
             best = ranked[0].step if ranked else None
         else:
@@ -145,8 +156,15 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    if args.metric is not None and args.step != "best":
+        raise InvalidArgumentError(f"--metric ranks checkpoints for 'best'; it means nothing beside {args.step!r}")
     with Store(args.store, readonly=True) as store:
-        info = store.resolve(_step_arg(args.step))
+        if args.metric is not None:
+            _inspect.require_metric(store.checkpoints(), args.metric)
+            with Store(args.store, readonly=True, metric=args.metric, mode=args.mode) as ranked:
+                info = ranked.resolve("best")
+        else:
+            info = store.resolve(_step_arg(args.step))
     payload = _info_json(info) | {"files": {name: {"size": e.size, "hash": str(e.hash)} for name, e in info.files.items()}}
     lines = [
         f"step      {info.step}",
@@ -163,10 +181,18 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    with Store(args.store, readonly=True) as store, warnings.catch_warnings():
+    with Store(args.store, readonly=True) as store, warnings.catch_warnings(), bars_for(args) as bars:
         warnings.simplefilter("ignore")
         target = _step_arg(args.step) if args.step is not None else None
-        problems = store.verify(target)
+        if bars.live is None:
+            total = None
+        elif target is None:
+            total = sum(i.nbytes for i in store.checkpoints())
+        elif isinstance(target, int):  # by number: its manifest may be the corrupt part, so no resolve()
+            total = sum(i.nbytes for i in store.checkpoints() if i.step == target) or None
+        else:
+            total = store.resolve(target).nbytes
+        problems = bars.run("verify", total, store.verify, target)
         if target is None:
             checked = sorted({i.step for i in store.checkpoints()} | {p.step for p in problems if p.step is not None})
         else:  # by number without reading the manifest, which may be the corrupt part
@@ -247,7 +273,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
         args.name = args.step  # `ckstore publish STORE best` publishes the best checkpoint as "best"
     with Store(args.store, lock_timeout=args.wait, trust_foreign=args.trust_foreign) as store:
         publication = store.publish(_step_arg(args.step), name=args.name, repo=args.repo, dest=args.dest, remote=args.remote)
-        result = publication.result()
+        with bars_for(args) as bars:  # DVC hashes and pushes in its own processes: a bar of activity and time
+            result = bars.run(f"publish {args.name}", None, publication.result)
     payload = {
         "name": result.name,
         "step": result.step,
@@ -265,14 +292,58 @@ def cmd_publish(args: argparse.Namespace) -> int:
 def cmd_pull(args: argparse.Namespace) -> int:
     from . import _dvc
 
-    path = _dvc.pull(args.store, repo=args.repo, remote=args.remote, force=args.force)
-    with Store(path, readonly=True) as store, warnings.catch_warnings():
+    with bars_for(args) as bars:
+        path = bars.run("pull", None, _dvc.pull, args.store, repo=args.repo, remote=args.remote, force=args.force)
+    with Store(path, readonly=True) as store, warnings.catch_warnings(), bars_for(args) as bars:
         warnings.simplefilter("ignore")
-        problems = store.verify()
+        problems = bars.run("verify", sum(i.nbytes for i in store.checkpoints()), store.verify)
         checked = [i.step for i in store.checkpoints()]
     payload = {"ok": not problems, "path": str(path), "checked": checked, "problems": [p.message for p in problems]}
     _emit(args, payload, f"pulled {path}: step {', '.join(map(str, checked))}, every file verified" if not problems else "\n".join(payload["problems"]))
     return 1 if problems else 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    with Store(_existing_store(args.store), lock_timeout=args.wait, trust_foreign=args.trust_foreign) as store:
+        info = store.resolve(_step_arg(args.step))
+        store.delete(info.step, force=args.force)
+    untagged = sorted(info.tags) if args.force else []
+    note = f" and its tags {', '.join(map(escape, untagged))}" if untagged else ""
+    _emit(args, {"deleted": info.step, "untagged": untagged}, f"deleted step {info.step}{note}")
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    with Store(args.store, readonly=True) as store, bars_for(args) as bars:
+        payload = _inspect.diff(store, _step_arg(args.a), _step_arg(args.b), bars)
+    _emit(args, payload, _inspect.diff_text(payload, _size, escape))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    with Store(args.store, readonly=True) as store:
+        payload = _inspect.plot(store, args.metric, args.mode, args.output, title=args.title)
+    _emit(args, payload, f"wrote {escape(payload['path'])}: {payload['points']} checkpoint(s), best step {payload['best']}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from ._cli.transfer import run_import
+
+    with bars_for(args) as bars:
+        payload = run_import(args, bars)
+    skipped = f"; not imported: {', '.join(map(escape, payload['skipped']))}" if payload["skipped"] else ""
+    tags = f" as {', '.join(map(escape, payload['tags']))}" if payload["tags"] else ""
+    _emit(args, payload, f"imported {escape(payload['source'])} ({payload['format']}) as step {payload['step']}{tags}, verified{skipped}")
+    return 0
+
+
+# Python arguments named in library messages, and the options that say the same on the command line.
+_OPTION_ADVICE = (
+    ("; untag it or pass force=True", "; untag it or pass --force"),
+    ("; pass step=N", "; pass --step N"),
+    ("; pass format= one of", "; pass --format, one of"),
+)
 
 
 def _cli_message(exc: CkstoreError) -> str:
@@ -285,8 +356,13 @@ def _cli_message(exc: CkstoreError) -> str:
         )
     if isinstance(exc, InvalidArgumentError) and str(exc).endswith(NO_METRIC_ADVICE):  # "best" with no metric known
         return str(exc).replace(
-            NO_METRIC_ADVICE, "the writer recorded none; name a step or a tag instead of 'best', or rank with `ckstore ls --metric NAME`"
+            NO_METRIC_ADVICE,
+            "the writer recorded none; pass --metric NAME (and --mode max if higher is better), or name a step or a tag instead of 'best'",
         )
+    if isinstance(exc, InvalidArgumentError):
+        for python, cli in _OPTION_ADVICE:
+            if python in str(exc):
+                return str(exc).replace(python, cli)
     if isinstance(exc, InvalidArgumentError) and str(exc).endswith("; pass repo=... (or --repo)"):  # no DVC repository found
         return str(exc).replace("pass repo=... (or --repo)", "pass --repo")
     if isinstance(exc, UnsafeStoreError):
@@ -301,7 +377,7 @@ def _trust_foreign_option(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ckstore", description="Inspect, verify, tag and clean a ckstore checkpoint store.")
+    parser = argparse.ArgumentParser(prog="ckstore", description="Inspect, verify, tag, compare, plot, import and clean a ckstore checkpoint store.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str, fn) -> argparse.ArgumentParser:
@@ -324,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("show", "show one checkpoint: metrics, tags, files with sizes and hashes", cmd_show)
     p.add_argument("step", help="step number, 'latest', 'best' or a tag")
+    p.add_argument("--metric", help="with 'best': rank by this metric (default: the metric the writer used)")
+    p.add_argument("--mode", choices=("min", "max"), default="min", help="whether lower or higher --metric is better")
 
     p = command("verify", "check every file against its manifest (all checkpoints, or one); exit 1 on any problem", cmd_verify)
     p.add_argument("step", nargs="?", help="step number, 'latest', 'best' or a tag (default: all)")
@@ -358,6 +436,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recover", action="store_true", help="only finish or roll back interrupted publishes into the repository")
     p.add_argument("--wait", type=_seconds, default=0, help="seconds to wait for the writer lock (default: fail at once)")
     _trust_foreign_option(p)
+
+    p = command("delete", "delete one checkpoint crash-safely; a tagged or published one needs --force", cmd_delete)
+    p.add_argument("step", help="step number, 'latest', 'best' or a tag")
+    p.add_argument("--force", action="store_true", help="delete it even if it is tagged or published (its tags go with it)")
+    p.add_argument("--wait", type=_seconds, default=0, help="seconds to wait for the writer lock (default: fail at once)")
+    _trust_foreign_option(p)
+
+    p = command("diff", "compare two checkpoints tensor by tensor: changed (by content hash), added, removed, with sizes", cmd_diff)
+    p.add_argument("a", help="step number, 'latest', 'best' or a tag")
+    p.add_argument("b", help="step number, 'latest', 'best' or a tag")
+
+    p = command("plot", "draw a metric over steps as a PNG, marking best, tagged and published checkpoints (needs ckstore[plot])", cmd_plot)
+    p.add_argument("--metric", required=True, help="the metric to draw")
+    p.add_argument("--mode", choices=("min", "max"), default="min", help="whether lower or higher --metric is better (marks the best)")
+    p.add_argument("-o", "--output", required=True, help="the PNG file to write")
+    p.add_argument("--title", help="the plot's title (default: the metric and the store's name)")
+
+    p = sub.add_parser(
+        "import", help="import a torch.save file, Lightning .ckpt, HF checkpoint-N or DCP directory as one verified checkpoint",
+        description="Import a checkpoint another tool wrote (never unpickling anything that needs code to run); the source is only read.",
+    )
+    p.add_argument("src", help="the torch.save / .ckpt file, or the checkpoint-N / DCP directory")
+    p.add_argument("store", help="path of the store directory (created if new)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+    p.add_argument("--step", type=_step_number, help="the step number (default: the one the source records; required if it has none)")
+    p.add_argument("--name", help="tag the imported checkpoint NAME")
+    p.add_argument("--format", choices=("auto", "torch", "lightning", "hf", "dcp"), default="auto", help="the source's format (default: detect)")
+    p.add_argument("--wait", type=_seconds, default=0, help="seconds to wait for the writer lock (default: fail at once)")
+    _trust_foreign_option(p)
+    p.set_defaults(fn=cmd_import)
 
     p = command("pull", "fetch a published checkpoint (STORE is <dest>/NAME or its .dvc file) and install it verified", cmd_pull)
     p.add_argument("--repo", help="the git + DVC repository (default: the one holding STORE)")
