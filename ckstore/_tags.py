@@ -31,7 +31,8 @@ FORMAT_VERSION = 1
 #: A tag costs ~60 bytes: 4 MiB is ~70,000 tags. Parsed JSON costs up to ~25x its size.
 MAX_TAGS_BYTES = 4 << 20
 
-_TAG_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.@+:-]{0,127}$")
+# "=" so that Lightning's file names (epoch=0-step=11.ckpt) are names as they are.
+_TAG_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.@+:=-]{0,127}$")
 RESERVED = frozenset({"latest", "best"})
 
 
@@ -44,7 +45,7 @@ class TagEntry:
 def check_tag_name(name: object) -> str:
     if not isinstance(name, str) or not _TAG_NAME.fullmatch(name) or name in RESERVED:  # fullmatch: "$" accepts "a\n"
         raise InvalidArgumentError(
-            f"invalid tag {name!r}: a tag starts with a letter, holds letters, digits and _.@+:- "
+            f"invalid tag {name!r}: a tag starts with a letter, holds letters, digits and _.@+:=- "
             "(at most 128 characters), and is not 'latest' or 'best'"
         )
     return name

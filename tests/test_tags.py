@@ -14,7 +14,7 @@ import ckstore
 from ckstore._hashing import hash_bytes
 from ckstore._tags import TagEntry, check_tag_name, dump_tags, parse_tags
 
-tag_names = st.from_regex(r"\A[A-Za-z][A-Za-z0-9_.@+:-]{0,30}\Z").filter(lambda n: n not in ("latest", "best"))
+tag_names = st.from_regex(r"\A[A-Za-z][A-Za-z0-9_.@+:=-]{0,30}\Z").filter(lambda n: n not in ("latest", "best"))
 tag_maps = st.dictionaries(tag_names, st.builds(TagEntry, st.integers(0, 2**63 - 1), st.floats(0, 4e9)), max_size=6)
 
 
