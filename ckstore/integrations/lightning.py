@@ -125,6 +125,7 @@ class CkstoreCheckpointIO(CheckpointIO):
         #: Step of the checkpoint this plugin saved or loaded last: a save of that step again adds a name to it.
         self._current_step: int | None = None
         self._handle: ckstore.AsyncSave | None = None
+        self._loaded_step: int | None = None
         #: Names and metrics for a background save that has not committed yet (tagged once it has).
         self._pending_names: dict[str, int] = {}
         self._pending_metrics: dict[str, float] = {}
@@ -188,7 +189,17 @@ class CkstoreCheckpointIO(CheckpointIO):
             self.store.tag(step, name)
             return
         self._settle()
-        result = self.store.save(checkpoint, step=step, metrics=metrics, tags=[name], blocking=self.blocking)
+        try:
+            result = self.store.save(checkpoint, step=step, metrics=metrics, tags=[name], blocking=self.blocking)
+        except ckstore.CheckpointExistsError as exc:
+            if self._loaded_step is None or self._loaded_step >= step:
+                raise
+            # Lightning would write "-v1" files beside the old run's; a ckstore step is one checkpoint.
+            raise ckstore.CheckpointExistsError(
+                f"{exc}: this run resumed from step {self._loaded_step}, and the run it resumed from already saved step {step}. "
+                "Resume from ckpt_path='last', train into a new store (dirpath=), or delete the later steps (ckstore delete)",
+                step=step,
+            ) from exc
         self._current_step = step
         if not self.blocking:
             self._handle = result
@@ -199,7 +210,7 @@ class CkstoreCheckpointIO(CheckpointIO):
         name = self._name(path, for_save=False)
         self._settle()
         checkpoint = load_checkpoint(self.store, name, map_location=map_location)
-        self._current_step = checkpoint.get("global_step")
+        self._current_step = self._loaded_step = checkpoint.get("global_step")
         return checkpoint
 
     def remove_checkpoint(self, path: Any) -> None:
