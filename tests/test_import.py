@@ -292,3 +292,14 @@ def test_cli_import(capsys, tmp_path, store_path):
     code = main(["import", str(evil), str(store_path), "--step", "8", "--json"])
     out, err = capsys.readouterr()
     assert code == 2 and json.loads(out)["error"] == "UnsafePickleError" and "system" in err
+
+
+def test_an_import_that_cannot_be_stored_commits_nothing(tmp_path, store_path):
+    """Atomic like any save: a value ckstore refuses (a set) fails the whole import, and nothing is committed."""
+    src = tmp_path / "with_set.pt"
+    torch.save({"w": torch.ones(1000), "ids": {1, 2, 3}}, src)
+    with pytest.raises(ckstore.StateError, match="ids"):
+        import_checkpoint(src, store_path, step=3)
+    with ckstore.Store(store_path, readonly=True) as store:
+        assert store.checkpoints() == []
+    assert not any((store_path / ".staging").iterdir())

@@ -53,7 +53,7 @@ import torch
 
 import ckstore
 
-__all__ = ["FORMATS", "ImportResult", "UnsafePickleError", "detect_format", "import_checkpoint", "numpy_allowed", "read_checkpoint"]
+__all__ = ["FORMATS", "ImportResult", "SourceCheckpoint", "UnsafePickleError", "detect_format", "import_checkpoint", "numpy_allowed", "read_checkpoint"]
 
 FORMATS = ("torch", "lightning", "hf", "dcp")
 
@@ -91,6 +91,18 @@ class ImportResult:
     info: ckstore.CheckpointInfo
     format: str
     source: Path
+    files: tuple[str, ...]
+    skipped: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SourceCheckpoint:
+    """A checkpoint read from another tool's files by :func:`read_checkpoint`, nothing written yet."""
+
+    format: str
+    state: Any
+    step: int | None
+    metrics: dict[str, float]
     files: tuple[str, ...]
     skipped: tuple[str, ...]
 
@@ -432,8 +444,8 @@ def detect_format(src: str | os.PathLike[str]) -> str:
     raise ckstore.CheckpointNotFoundError(f"{path}: missing (no such file or directory)", step=None)
 
 
-def read_checkpoint(src: str | os.PathLike[str], *, format: str = "auto", progress: Progress | None = None) -> tuple[str, Any, int | None, dict[str, float], tuple[str, ...], tuple[str, ...]]:
-    """Read ``src`` without writing anything: ``(format, state, step or None, metrics, files read, files skipped)``."""
+def read_checkpoint(src: str | os.PathLike[str], *, format: str = "auto", progress: Progress | None = None) -> SourceCheckpoint:
+    """Read ``src`` (unsafe pickles refused, as for an import) without writing anything."""
     if format != "auto" and format not in FORMATS:
         raise ckstore.InvalidArgumentError(f"format must be 'auto' or one of {', '.join(FORMATS)}, got {format!r}; {FORMAT_ADVICE}")
     path = Path(os.path.abspath(src))
@@ -449,7 +461,7 @@ def read_checkpoint(src: str | os.PathLike[str], *, format: str = "auto", progre
         if not (path / ".metadata").is_file():
             raise ckstore.InvalidArgumentError(f"{path}: no .metadata; not a DCP checkpoint")
         read = _read_dcp(path, progress)
-    return kind, read.state, read.step, read.metrics, read.files, read.skipped
+    return SourceCheckpoint(kind, read.state, read.step, read.metrics, read.files, read.skipped)
 
 
 def import_checkpoint(
@@ -473,14 +485,14 @@ def import_checkpoint(
     if not isinstance(store, ckstore.Store):
         with ckstore.Store(store) as opened:
             return import_checkpoint(src, opened, step=step, name=name, format=format, progress=progress)
-    kind, state, found_step, metrics, files, skipped = read_checkpoint(src, format=format, progress=progress)
-    chosen = step if step is not None else found_step
+    source = read_checkpoint(src, format=format, progress=progress)
+    chosen = step if step is not None else source.step
     if chosen is None:
-        raise ckstore.InvalidArgumentError(f"{os.path.abspath(src)}: the {kind} checkpoint carries no step number; {STEP_ADVICE}")
-    info = store.save(state, step=chosen, metrics=metrics, tags=[name] if name is not None else ())
+        raise ckstore.InvalidArgumentError(f"{os.path.abspath(src)}: the {source.format} checkpoint carries no step number; {STEP_ADVICE}")
+    info = store.save(source.state, step=chosen, metrics=source.metrics, tags=[name] if name is not None else ())
     problems = store.verify(info.step)
     if problems:
         first = problems[0]
         raise ckstore.IntegrityError(f"imported step {info.step} failed verification: {first.message}", path=first.path,
                                      expected=first.expected, actual=first.actual)
-    return ImportResult(info=info, format=kind, source=Path(os.path.abspath(src)), files=files, skipped=skipped)
+    return ImportResult(info=info, format=source.format, source=Path(os.path.abspath(src)), files=source.files, skipped=source.skipped)
