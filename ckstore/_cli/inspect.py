@@ -133,7 +133,7 @@ def plot(store: ckstore.Store, metric: str, mode: str, out: str | os.PathLike[st
             ax.scatter([p[0] for p in published], [p[1] for p in published], s=160, marker="s", facecolors="none",
                        edgecolors="tab:purple", linewidths=1.5, label="published", zorder=3)
         for step, value, info in tagged + published:
-            names = ", ".join(t.removeprefix("published.") if t.startswith("published.") else t for t in info.tags)
+            names = ", ".join(f"published {t.removeprefix('published.')}" if t.startswith("published.") else t for t in info.tags)
             ax.annotate(names, (step, value), textcoords="offset points", xytext=(6, 8), fontsize=8)
         ax.scatter([best[0]], [best[1]], s=220, marker="*", color="tab:orange", label=f"best ({mode})", zorder=4)
         ax.set_xlabel("step")
