@@ -498,6 +498,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sys.stdout.write("\n")
             print(f"ckstore: error: {escape(message)}", file=sys.stderr)
             return 2
+        except BrokenPipeError:
+            # `ckstore ls STORE | head`: the reader left. Exit as a shell reports a process killed by SIGPIPE,
+            # and point stdout at /dev/null so the interpreter's final flush does not print a second traceback.
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
+            except (OSError, ValueError):  # stdout without a file descriptor (main() called in-process)
+                pass
+            return 141
 
 
 if __name__ == "__main__":  # pragma: no cover

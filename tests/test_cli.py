@@ -311,3 +311,17 @@ def test_progress_is_quiet_off_a_tty_and_shown_on_one(populated):
     assert piped.returncode == 0 and piped.stderr == "" and "\x1b" not in piped.stdout
     as_json = on_tty("verify", str(populated), "--json")
     assert "\x1b[" not in as_json and json.loads(as_json)["ok"] is True
+
+
+def test_a_closed_stdout_is_no_traceback(populated):
+    """`ckstore show ... | head -3`: the reader went away; exit quietly, as ls | head does, not with a BrokenPipeError traceback."""
+    script = Path(sys.executable).parent / "ckstore"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "ckstore"]
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to stdout now fails with EPIPE
+    try:
+        result = subprocess.run([*command, "show", str(populated), "1"], stdout=write_end, stderr=subprocess.PIPE, text=True,
+                                env=subprocess_env(), timeout=60)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in result.stderr and result.returncode == 141  # 128 + SIGPIPE, what a shell reports for `ls | head`
