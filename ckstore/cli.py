@@ -333,7 +333,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     with bars_for(args) as bars:
         payload = run_import(args, bars)
     skipped = f"; not imported: {', '.join(map(escape, payload['skipped']))}" if payload["skipped"] else ""
-    tags = f" as {', '.join(map(escape, payload['tags']))}" if payload["tags"] else ""
+    tags = f", tagged {', '.join(map(escape, payload['tags']))}" if payload["tags"] else ""
     _emit(args, payload, f"imported {escape(payload['source'])} ({payload['format']}) as step {payload['step']}{tags}, verified{skipped}")
     return 0
 
