@@ -174,6 +174,9 @@ def test_lightning_ckpt_round_trips(lightning_ckpt, store_path):
         store.load({"state_dict": module}, step="pl")
     assert_same(module.state_dict(), trained_module.state_dict())
     assert restored["hyper_parameters"] == {"lr": 0.05, "width": 4}
+    from ckstore.integrations import lightning as ck_lightning  # what the Lightning adapter resumes from
+
+    assert_same(ck_lightning.load_checkpoint(store_path, "pl"), source)
 
 
 # ---------------------------------------------------------------- Hugging Face
