@@ -21,14 +21,34 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def io_bytes() -> int | None:
-    """Bytes this process has read plus written so far (Linux), or None."""
+_own_reads = 0  # bytes read from /proc/self/io itself: counted in rchar, but not the work's
+
+
+def io_bytes(*, writes: bool = True) -> int | None:
+    """Bytes this process has read (plus written) so far (Linux), less its reads of the counter, or None.
+
+    ``writes=False`` for work that only reads (verification): the bar's own drawing is written, not read.
+    """
+    global _own_reads
     try:
         with open("/proc/self/io", "rb") as f:
-            fields = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
-        return int(fields[b"rchar"]) + int(fields[b"wchar"])
+            data = f.read()
+        _own_reads += len(data)
+        fields = dict(line.split(b":", 1) for line in data.splitlines() if b":" in line)
+        return int(fields[b"rchar"]) - _own_reads + (int(fields[b"wchar"]) if writes else 0)
     except (OSError, KeyError, ValueError):
         return None
+
+
+def _amount(done: float, total: float | None) -> str:
+    """``12.0/512.0 MiB``, or nothing when the total is unknown (a bar of activity only)."""
+    if not total:
+        return ""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if total < 1024 or unit == "TiB":
+            return f"{done:.0f}/{total:.0f} {unit}" if unit == "B" else f"{done:.1f}/{total:.1f} {unit}"
+        done, total = done / 1024, total / 1024
+    return ""
 
 
 class Task:
@@ -43,6 +63,9 @@ class Task:
         if self._bars.live is not None:
             self._bars.live.update(self._id, **fields)
 
+    def bytes_done(self, done: float, total: float) -> None:
+        self.update(completed=done, amount=_amount(done, total))
+
 
 class Bars:
     """``with Bars(enabled) as bars: ...``: a rich ``Progress`` on stderr, or nothing at all when disabled."""
@@ -54,7 +77,6 @@ class Bars:
                 from rich.console import Console
                 from rich.progress import (
                     BarColumn,
-                    DownloadColumn,
                     Progress,
                     SpinnerColumn,
                     TextColumn,
@@ -67,7 +89,7 @@ class Bars:
                 SpinnerColumn(),
                 TextColumn("{task.description}"),
                 BarColumn(),
-                DownloadColumn(binary_units=True),
+                TextColumn("{task.fields[amount]}"),
                 TimeElapsedColumn(),
                 TimeRemainingColumn(),
                 console=Console(stderr=True),
@@ -84,10 +106,11 @@ class Bars:
             self.live.stop()
 
     def task(self, description: str, total: float | None = None) -> Task:
-        return Task(self, self.live.add_task(description, total=total) if self.live is not None else None)
+        return Task(self, self.live.add_task(description, total=total, amount="") if self.live is not None else None)
 
-    def run(self, description: str, total_bytes: float | None, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """``fn(*args, **kwargs)``, with a bar that follows this process's I/O against ``total_bytes``."""
+    def run(self, description: str, total_bytes: float | None, fn: Callable[..., T], *args: Any, writes: bool = False, **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)``, with a bar that follows the bytes this process reads (and, with
+        ``writes=True``, writes) against ``total_bytes``."""
         if self.live is None:
             return fn(*args, **kwargs)
         task = self.task(description, total=total_bytes or None)
@@ -100,19 +123,19 @@ class Bars:
             except BaseException as exc:  # re-raised in the calling thread below
                 failure.append(exc)
 
-        start = io_bytes()
+        start = io_bytes(writes=writes)
         # A daemon thread: Ctrl-C ends the command at once (every store write is crash-safe by design).
         worker = threading.Thread(target=work, name=f"ckstore-cli-{description}", daemon=True)
         worker.start()
         while worker.is_alive():
             worker.join(0.1)
-            now = io_bytes()
+            now = io_bytes(writes=writes)
             if total_bytes and start is not None and now is not None:
-                task.update(completed=min(now - start, total_bytes))
+                task.bytes_done(max(0, min(now - start, total_bytes)), total_bytes)
         if failure:
             raise failure[0]
         if total_bytes:
-            task.update(completed=total_bytes)
+            task.bytes_done(total_bytes, total_bytes)
         return result[0]
 
 

@@ -27,7 +27,7 @@ def run_import(args: Any, bars: Bars) -> dict[str, Any]:
         # Read once and written once, then read back by the verification: about three times the source's bytes.
         result = bars.run(
             f"import {Path(args.src).name}", 3 * size or None, import_checkpoint, args.src, store,
-            step=args.step, name=args.name, format=args.format,
+            step=args.step, name=args.name, format=args.format, writes=True,
         )
     info = result.info
     return {
