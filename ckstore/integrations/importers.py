@@ -12,12 +12,14 @@ Formats (``format="auto"`` tells them apart):
 * ``lightning``: a Lightning ``.ckpt`` file (a ``torch.save`` dict with ``pytorch-lightning_version``).
   The state is Lightning's checkpoint dict as is (``state_dict``, ``optimizer_states``, ``loops``, ...),
   the step its ``global_step``, the metric the ``ModelCheckpoint`` monitored.
-* ``hf``: a Hugging Face Trainer ``checkpoint-N`` directory. The state is ``{"model": <the safetensors
-  weights>, "optimizer", "scheduler", "scaler", "rng_state"[_<rank>], "trainer_state", "config",
-  "generation_config"}`` (those present); the step is ``trainer_state.json``'s ``global_step``, the metrics
-  its log entries at that step. Other files are not imported and are listed in ``ImportResult.skipped``:
-  ``training_args.bin`` is a pickled ``TrainingArguments`` object (code to run, not data), tokenizer files
-  are not training state.
+* ``hf``: a Hugging Face Trainer ``checkpoint-N`` directory, as the state ``CkstoreTrainer`` saves
+  (``ckstore.integrations.hf``), so a run resumes from it: ``{"model": <the safetensors weights, HF names>,
+  "hf": {"model": {"config", "generation_config"}}, "optimizer", "scheduler", "scaler", "rng": [one
+  ckstore.RNGState state per rank], "trainer_state": <the JSON text>}`` (those present). The step is
+  ``trainer_state.json``'s ``global_step``, the metrics the loss and ``eval_*`` values logged at that step.
+  Other files are not imported and are listed in ``ImportResult.skipped``: ``training_args.bin`` is a
+  pickled ``TrainingArguments`` object (code to run, not data), tokenizer files are not training state, and
+  RNG state of devices ``RNGState`` does not restore (``rng_state.pth:xpu``).
 * ``dcp``: a ``torch.distributed.checkpoint`` directory, read in one process. The state is the nested dict
   DCP's own reader rebuilds (``dcp_to_torch_save``).
 
@@ -295,7 +297,48 @@ def _read_json(path: Path) -> Any:
         raise ckstore.InvalidArgumentError(f"{path}: not valid JSON ({exc})") from None
 
 
+def _read_text(path: Path) -> str:
+    if path.stat().st_size > _JSON_CAP:
+        raise ckstore.InvalidArgumentError(f"{path}: larger than {_JSON_CAP >> 20} MiB; not a Trainer JSON file")
+    try:
+        text = path.read_text(encoding="utf-8")
+        json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ckstore.InvalidArgumentError(f"{path}: not valid JSON ({exc})") from None
+    return text
+
+
+def _rng_from_hf(saved: Any, path: Path) -> tuple[dict[str, Any], list[str]]:
+    """The Trainer's ``rng_state.pth`` dict as a :class:`ckstore.RNGState` state dict; also the generators left out."""
+    import numpy as np
+
+    if not isinstance(saved, Mapping):
+        raise ckstore.InvalidArgumentError(f"{path}: not a Trainer RNG state (a dict), got {type(saved).__name__}")
+    out: dict[str, Any] = {}
+    try:
+        if "python" in saved:
+            version, words, gauss = saved["python"]
+            out["python"] = {"version": int(version), "state": torch.tensor(list(words), dtype=torch.int64), "gauss_next": gauss}
+        if "numpy" in saved:
+            name, key, pos, has_gauss, gauss = saved["numpy"]
+            out["numpy"] = {"bit_generator": str(name), "key": np.asarray(key, dtype=np.uint32), "pos": int(pos),
+                            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+        if "cpu" in saved:
+            out["torch"] = saved["cpu"]
+        if "cuda" in saved:  # get_rng_state_all(): one state per device
+            cuda = saved["cuda"]
+            out["cuda"] = [cuda] if isinstance(cuda, torch.Tensor) else list(cuda)
+    except (TypeError, ValueError) as exc:
+        raise ckstore.InvalidArgumentError(f"{path}: not a Trainer RNG state ({exc})") from None
+    left_out = sorted(str(k) for k in saved if k not in ("python", "numpy", "cpu", "cuda"))  # xpu, npu, mps, ...
+    return out, left_out
+
+
 def _read_hf(root: Path, progress: Progress | None) -> _Read:
+    """A Trainer ``checkpoint-N`` directory as the state ``CkstoreTrainer`` saves (``ckstore.integrations.hf``), so
+    it resumes from an imported one: ``model`` (the safetensors weights, HF names), ``hf`` (``{"model": {"config",
+    "generation_config"}}``: the JSON texts, for export), ``optimizer``, ``scheduler``, ``scaler``, ``rng`` (one
+    :class:`ckstore.RNGState` state per rank) and ``trainer_state`` (the JSON text)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -313,11 +356,15 @@ def _read_hf(root: Path, progress: Progress | None) -> _Read:
         plan.append(("pytorch_model.bin", "torch-model"))
     else:
         raise ckstore.InvalidArgumentError(f"{root}: no model.safetensors, sharded index or pytorch_model.bin; not a Trainer checkpoint")
-    plan += [(n, "torch") for n in names if n in _HF_TORCH_FILES or _HF_RNG.fullmatch(n)]
+    plan += [(n, "torch") for n in names if n in _HF_TORCH_FILES]
+    plan += [(n, "rng") for n in names if _HF_RNG.fullmatch(n)]
     plan += [(n, "json") for n in names if n in _HF_JSON_FILES]
     total = sum((root / n).stat().st_size for n, _ in plan)
     done = 0
     state: dict[str, Any] = {"model": {}}
+    texts: dict[str, str] = {}
+    rng_by_rank: dict[int, dict[str, Any]] = {}
+    left_out: list[str] = []
     for name, how in plan:
         path = root / name
         if how == "shard":
@@ -329,22 +376,37 @@ def _read_hf(root: Path, progress: Progress | None) -> _Read:
             state["model"] = _torch_load(str(path))
         elif how == "torch":
             state[name.rsplit(".", 1)[0]] = _torch_load(str(path))
+        elif how == "rng":
+            rank = _HF_RNG.fullmatch(name).group(1)  # type: ignore[union-attr]
+            rng_by_rank[int(rank[1:]) if rank else 0], dropped = _rng_from_hf(_torch_load(str(path)), path)
+            left_out += [f"{name}:{d}" for d in dropped]
         elif how == "json":
-            state[_HF_JSON_FILES[name]] = _read_json(path)
+            texts[_HF_JSON_FILES[name]] = _read_text(path)
         done += path.stat().st_size
         if progress:
             progress(done, total)
-    trainer_state = state.get("trainer_state")
+    if rng_by_rank:
+        if sorted(rng_by_rank) != list(range(len(rng_by_rank))):
+            raise ckstore.InvalidArgumentError(f"{root}: RNG states for ranks {sorted(rng_by_rank)}, not 0..N-1")
+        state["rng"] = [rng_by_rank[r] for r in range(len(rng_by_rank))]
+    meta = {k: texts[k] for k in ("config", "generation_config") if k in texts}
+    if meta:
+        state["hf"] = {"model": meta}
+    if "trainer_state" in texts:
+        state["trainer_state"] = texts["trainer_state"]
+    trainer_state = json.loads(texts["trainer_state"]) if "trainer_state" in texts else None
     step = _top_level_step(trainer_state)
     if step is None and (m := _HF_STEP_DIR.fullmatch(root.name)):
         step = int(m.group(1))
     metrics: dict[str, float] = {}
     if isinstance(trainer_state, Mapping) and step is not None:
+        # As CkstoreTrainer records them: the training loss and eval metrics logged at this step.
         for entry in trainer_state.get("log_history") or []:
             if isinstance(entry, Mapping) and entry.get("step") == step:
-                metrics.update(_metrics({k: v for k, v in entry.items() if k != "step"}))
+                metrics.update(_metrics({k: v for k, v in entry.items() if k == "loss" or str(k).startswith("eval_")}))
     read = {n for n, _ in plan}
-    return _Read(state, step, metrics, tuple(n for n in names if n in read), tuple(n for n in names if n not in read))
+    skipped = tuple(n for n in names if n not in read) + tuple(left_out)
+    return _Read(state, step, metrics, tuple(n for n in names if n in read), skipped)
 
 
 def _read_dcp(root: Path, progress: Progress | None) -> _Read:
