@@ -50,20 +50,6 @@ def _saves(*steps: int, metrics: dict[int, float] | None = None) -> list[tuple[s
     return out
 
 
-# ---------------------------------------------------------------- the reference policy
-
-
-def test_policy_keeps_is_the_readme_rule() -> None:
-    metrics = {1: {"loss": 0.1}, 2: {"loss": 0.5}, 3: {"loss": 0.9}, 4: {}}
-    assert inv.policy_keeps({1, 2, 3, 4}, metrics, {}, set(), None) == {1, 2, 3, 4}
-    assert inv.policy_keeps({1, 2, 3, 4}, metrics, {"keep_last": 2}, set(), None) == {3, 4}
-    assert inv.policy_keeps({1, 2, 3, 4}, metrics, {"keep_last": 1, "keep_best": 1, "metric": "loss"}, set(), None) == {1, 4}
-    assert inv.policy_keeps({1, 2, 3, 4}, metrics, {"keep_best": 1, "metric": "loss", "mode": "max"}, set(), None) == {3, 4}
-    assert inv.policy_keeps({1, 2, 3, 4}, metrics, {"keep_last": 1, "keep_every": 2}, {1}, None) == {1, 2, 4}
-    # the checkpoint the latest save committed is kept even when it is not the newest step (a rollback)
-    assert inv.policy_keeps({100, 101, 300}, {}, {"keep_last": 1}, set(), 101) == {101, 300}
-
-
 # ---------------------------------------------------------------- retention lower bound
 
 

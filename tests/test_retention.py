@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import ckstore
 from ckstore import RetentionPolicy, select_kept
 from ckstore._retention import commit_order, left_ahead, plan_deletions, rank_best
+from fault_injection.invariants import policy_keeps
 
 
 @dataclass(frozen=True)
@@ -56,38 +58,77 @@ policies = st.builds(
 )
 
 
-def _reference(checkpoints, policy):
-    """The specification, written independently of the implementation."""
-    if not checkpoints:
-        return set()
-    if policy.keep_last is None and policy.keep_best is None and policy.keep_every is None:
-        return {c.step for c in checkpoints}
-    # Commit order: by time; equal times (hand-made stores only) by step.
-    by_commit = sorted(checkpoints, key=lambda c: (c.created, c.step))
-    keep = {by_commit[-1].step}
-    if policy.keep_last:
-        keep |= {c.step for c in by_commit[max(0, len(by_commit) - policy.keep_last) :]}
-    if policy.keep_best:
-        scored = [c for c in checkpoints if policy.metric in c.metrics]
-        # best first; equal values: the newer step wins
-        if policy.mode == "min":
-            scored.sort(key=lambda c: (c.metrics[policy.metric], -c.step))
-        else:
-            scored.sort(key=lambda c: (-c.metrics[policy.metric], -c.step))
-        keep |= {c.step for c in scored[: policy.keep_best]}
-    if policy.keep_every:
-        keep |= {c.step for c in checkpoints if c.step % policy.keep_every == 0}
-    keep |= {c.step for c in checkpoints if c.tags}
-    return keep
+def _committed_after(c, other) -> bool:
+    """``other`` was committed after ``c``: a later ``created``; at equal times (hand-made stores) the higher step."""
+    return other.created > c.created or (other.created == c.created and other.step > c.step)
 
 
-@pytest.mark.guarantee("G9")
-@given(checkpoints=checkpoint_lists(), policy=policies, order=st.randoms())
-def test_kept_set_is_exactly_the_union(checkpoints, policy, order):
+def _better(policy, c, other) -> bool:
+    """``other`` ranks above ``c`` for keep_best: a better value of the metric; at equal values the newer (higher) step."""
+    mine, theirs = c.metrics[policy.metric], other.metrics[policy.metric]
+    strictly = theirs < mine if policy.mode == "min" else theirs > mine
+    return strictly or (theirs == mine and other.step > c.step)
+
+
+def _reference(checkpoints, policy, protect=()):
+    """The documented rule, decided one checkpoint at a time by counting, with no sorting or slicing (the way
+    ``select_kept`` computes it), so a mistake there is not repeated here.
+
+    A checkpoint is kept when the policy keeps everything (none of keep_last, keep_best, keep_every set), or when
+    any of these holds: no checkpoint was committed after it (the newest); it is protected; fewer than keep_last
+    were committed after it; it has the metric and fewer than keep_best that have it rank above it; its step is a
+    multiple of keep_every; it is tagged.
+    """
+    keep_all = policy.keep_last is None and policy.keep_best is None and policy.keep_every is None
+    kept = set()
+    for c in checkpoints:
+        newer = sum(_committed_after(c, o) for o in checkpoints if o is not c)
+        reasons = [
+            keep_all,
+            newer == 0,
+            c.step in protect,
+            policy.keep_last is not None and newer < policy.keep_last,
+            policy.keep_best is not None
+            and policy.metric in c.metrics
+            and sum(_better(policy, c, o) for o in checkpoints if o is not c and policy.metric in o.metrics) < policy.keep_best,
+            policy.keep_every is not None and c.step % policy.keep_every == 0,
+            bool(c.tags),
+        ]
+        if any(reasons):
+            kept.add(c.step)
+    return kept
+
+
+_TIE = [Ck(1, {"loss": 0.5}), Ck(2, {"loss": 0.5}), Ck(3, {"loss": 0.9}), Ck(4)]
+_ROLLBACK = [Ck(100, tags=("release",), created=1.0), Ck(300, created=2.0), Ck(101, created=3.0), Ck(150, created=3.0)]
+
+
+@pytest.mark.guarantee("G8", "G9")
+@given(checkpoints=checkpoint_lists(), policy=policies, order=st.randoms(), protect_at=st.none() | st.integers(0, 24))
+# Cases random draws reach only now and then: a tie for the last best slot (the newer step wins), equal commit
+# times (the higher step is the newer commit), the step a save just committed after a rollback.
+@example(checkpoints=_TIE, policy=RetentionPolicy(keep_best=1, metric="loss"), order=random.Random(0), protect_at=None)
+@example(checkpoints=_TIE, policy=RetentionPolicy(keep_best=2, metric="loss", mode="max"), order=random.Random(0), protect_at=None)
+@example(checkpoints=_ROLLBACK, policy=RetentionPolicy(keep_last=1), order=random.Random(1), protect_at=2)
+@example(checkpoints=_ROLLBACK, policy=RetentionPolicy(keep_last=2, keep_every=100), order=random.Random(2), protect_at=None)
+def test_kept_set_is_exactly_the_union(checkpoints, policy, order, protect_at):
+    """select_kept, and the fault-injection harness's oracle that judges the store against the same rule, keep
+    exactly what the reference model keeps."""
+    steps = [c.step for c in checkpoints]
+    protect = {steps[protect_at % len(steps)]} if steps and protect_at is not None else set()
     shuffled = list(checkpoints)
     order.shuffle(shuffled)  # input order must not matter
-    kept = select_kept(shuffled, policy)
-    assert set(kept) == _reference(checkpoints, policy)
+    expected = _reference(checkpoints, policy, protect)
+    assert set(select_kept(shuffled, policy, protect=protect)) == expected
+    oracle = policy_keeps(
+        set(steps),
+        {c.step: c.metrics for c in checkpoints},
+        {k: v for k, v in vars(policy).items() if v is not None},
+        {c.step for c in checkpoints if c.tags},
+        next(iter(protect), None),
+        order={c.step: (0, c.created) for c in checkpoints},
+    )
+    assert oracle == expected
 
 
 @given(checkpoints=checkpoint_lists(), policy=policies)
