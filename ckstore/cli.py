@@ -243,6 +243,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     if not policy.prunes:
         policy = None  # only recover leftovers
     with Store(_existing_store(args.store), lock_timeout=args.wait, trust_foreign=args.trust_foreign) as store:
+        if args.metric is not None:  # a typo would leave --keep-best nothing to rank, and prune the best
+            _inspect.require_metric(store.checkpoints(), args.metric)
         deleted = store.gc(policy=policy, dry_run=args.dry_run)
         remaining = [i.step for i in store.checkpoints()]
     if args.dvc:  # also the DVC cache (and remote with --cloud), keeping what any branch or tag names

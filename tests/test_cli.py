@@ -325,3 +325,10 @@ def test_a_closed_stdout_is_no_traceback(populated):
     finally:
         os.close(write_end)
     assert "Traceback" not in result.stderr and result.returncode == 141  # 128 + SIGPIPE, what a shell reports for `ls | head`
+
+
+def test_gc_with_a_metric_no_checkpoint_records_deletes_nothing(capsys, populated):
+    """A typo in --metric gave --keep-best nothing to rank, so the best checkpoints were pruned as if unranked."""
+    code, out, err = run(capsys, "gc", populated, "--keep-last", "1", "--keep-best", "1", "--metric", "los")
+    assert code == 2 and "--metric 'los'" in err
+    assert [c["step"] for c in run_json(capsys, "ls", populated)[1]["checkpoints"]] == [1, 2, 9, 10]
