@@ -332,3 +332,10 @@ def test_gc_with_a_metric_no_checkpoint_records_deletes_nothing(capsys, populate
     code, out, err = run(capsys, "gc", populated, "--keep-last", "1", "--keep-best", "1", "--metric", "los")
     assert code == 2 and "--metric 'los'" in err
     assert [c["step"] for c in run_json(capsys, "ls", populated)[1]["checkpoints"]] == [1, 2, 9, 10]
+
+
+def test_metric_options_on_an_empty_store_are_fine(capsys, store_path):
+    with ckstore.Store(store_path) as store:
+        store.recover()  # creates the layout, no checkpoint
+    assert run_json(capsys, "gc", store_path, "--keep-best", "1", "--metric", "loss")[0] == 0
+    assert run_json(capsys, "ls", store_path, "--metric", "loss")[1]["best"] is None

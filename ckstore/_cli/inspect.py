@@ -25,7 +25,7 @@ def require_metric(infos: Sequence[ckstore.CheckpointInfo], metric: str) -> None
     if not metric:
         raise ckstore.InvalidArgumentError("--metric must name a metric, got an empty string")
     known = sorted({name for info in infos for name in info.metrics})
-    if metric not in known:
+    if infos and metric not in known:  # an empty store ranks nothing yet: not a mistake (a cron'd gc on a new run)
         raise ckstore.InvalidArgumentError(
             f"--metric {metric!r}: no checkpoint records it; metrics in this store: {', '.join(known) if known else '(none)'}"
         )
