@@ -339,3 +339,5 @@ def test_metric_options_on_an_empty_store_are_fine(capsys, store_path):
         store.recover()  # creates the layout, no checkpoint
     assert run_json(capsys, "gc", store_path, "--keep-best", "1", "--metric", "loss")[0] == 0
     assert run_json(capsys, "ls", store_path, "--metric", "loss")[1]["best"] is None
+    code, out, err = run(capsys, "plot", store_path, "--metric", "loss", "-o", store_path / "p.png")
+    assert code == 2 and "nothing to plot" in err

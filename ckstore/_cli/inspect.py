@@ -115,7 +115,9 @@ def plot(store: ckstore.Store, metric: str, mode: str, out: str | os.PathLike[st
         import matplotlib.pyplot as plt
     except ImportError:
         raise MissingExtraError(PLOT_HINT) from None
-    points = sorted((i.step, i.metrics[metric], i) for i in infos if metric in i.metrics)
+    points = sorted(((i.step, i.metrics[metric], i) for i in infos if metric in i.metrics), key=lambda p: p[0])
+    if not points:
+        raise ckstore.InvalidArgumentError(f"{store.path}: no checkpoint yet; nothing to plot")
     steps = [p[0] for p in points]
     values = [p[1] for p in points]
     sign = 1 if mode == "min" else -1
