@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 import ckstore
-from ckstore import _tensorfile
+from ckstore.engine import tensorfile as _tensorfile
 
 MiB = 1 << 20
 GiB = 1 << 30

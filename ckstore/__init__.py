@@ -4,12 +4,12 @@
 ...     store.save({"model": model, "optimizer": opt}, step=100, metrics={"val_loss": 0.3})
 ...     store.load({"model": model, "optimizer": opt})
 
-Every public name is re-exported here; modules starting with ``_`` are private.
+Every public name is re-exported here; the subpackages (format, storage, engine, checkpoint, state, training, integrations) are internal.
 """
 
 from __future__ import annotations
 
-from ._errors import (
+from .errors import (
     AsyncSaveError,
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -26,13 +26,13 @@ from ._errors import (
     StoreLockedError,
     UnsafeStoreError,
 )
-from ._async import AsyncSave
-from ._data import ResumableSampler
-from ._loop import Checkpointer, EarlyStopping, checkpoint_interval, resume
-from ._retention import RetentionPolicy, select_kept
-from ._rng import RNGState
-from ._store import CheckpointInfo, CorruptCheckpointWarning, Problem, Store
-from ._targets import StateMismatchWarning
+from .checkpoint.background import AsyncSave
+from .training.data import ResumableSampler
+from .training.loop import Checkpointer, EarlyStopping, checkpoint_interval, resume
+from .checkpoint.retention import RetentionPolicy, select_kept
+from .training.rng import RNGState
+from .store import CheckpointInfo, CorruptCheckpointWarning, Problem, Store
+from .state.targets import StateMismatchWarning
 
 __version__ = "0.1.0"
 

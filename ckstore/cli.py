@@ -20,13 +20,13 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from ._errors import CkstoreError, InvalidArgumentError, StoreLockedError, UnsafeStoreError
-from ._layout import ADVICE, require_store
-from ._manifest import MANIFEST_NAME
-from ._quarantine import QuarantineEntry
-from ._retention import RetentionPolicy
-from ._store import NO_METRIC_ADVICE, CheckpointInfo, Store
-from ._text import escape
+from .errors import CkstoreError, InvalidArgumentError, StoreLockedError, UnsafeStoreError
+from .storage.layout import ADVICE, require_store
+from .format.manifest import MANIFEST_NAME
+from .checkpoint.quarantine import QuarantineEntry
+from .checkpoint.retention import RetentionPolicy
+from .store import NO_METRIC_ADVICE, CheckpointInfo, Store
+from .format.text import escape
 from ._cli import inspect as _inspect
 from ._cli.progress import bars_for
 
@@ -115,7 +115,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         quarantined = store.quarantine()
         best = None
         if args.metric is not None:
-            from ._retention import rank_best
+            from .checkpoint.retention import rank_best
 
             _inspect.require_metric(infos, args.metric)
             ranked = rank_best(infos, args.metric, args.mode)
@@ -248,7 +248,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
         deleted = store.gc(policy=policy, dry_run=args.dry_run)
         remaining = [i.step for i in store.checkpoints()]
     if args.dvc:  # also the DVC cache (and remote with --cloud), keeping what any branch or tag names
-        from . import _dvc
+        from .integrations.dvc import publish as _dvc
 
         _dvc.gc(_dvc.resolve_repo(args.repo, args.store, "."), cloud=args.cloud, remote=args.remote, dry=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
@@ -261,7 +261,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from . import _dvc
+    from .integrations.dvc import publish as _dvc
 
     if args.recover:
         root = _dvc.resolve_repo(args.repo, args.store, ".")
@@ -292,7 +292,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from . import _dvc
+    from .integrations.dvc import publish as _dvc
 
     with bars_for(args) as bars:
         path = bars.run("pull", None, _dvc.pull, args.store, repo=args.repo, remote=args.remote, force=args.force)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckstore import _durable
+from ckstore.storage import durable as _durable
 
 from .workloads import Workload
 

@@ -41,8 +41,10 @@ from typing import Any
 import torch
 
 import ckstore
-from ckstore import _decode, _manifest, _tensorfile
-from ckstore._hashing import default_algorithm, hash_bytes
+from ckstore.state import decode as _decode
+from ckstore.format import manifest as _manifest
+from ckstore.engine import tensorfile as _tensorfile
+from ckstore.format.hashing import default_algorithm, hash_bytes
 
 from .report import Row
 from .workloads import expected_state, same_state

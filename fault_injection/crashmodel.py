@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ckstore import _durable
+from ckstore.storage import durable as _durable
 
 from .invariants import COMPLETES, check_store
 from .killpoints import prepare_template

@@ -31,7 +31,7 @@ import time
 from typing import Any
 
 import ckstore
-from ckstore import _durable
+from ckstore.storage import durable as _durable
 
 from . import _child
 from .invariants import ERRORS, check_store

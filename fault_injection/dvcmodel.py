@@ -1,6 +1,6 @@
 """DVC write paths for the crash model (tier 2): ckstore's own durable operations of publish and pull.
 
-The model records only ``ckstore._durable`` operations, so these workloads
+The model records only ``ckstore.storage.durable`` operations, so these workloads
 keep git and DVC out of the recorded window: everything they do happens in
 the (unrecorded) preparation, and the recording stops before a publish hands
 over to DVC.
@@ -84,13 +84,13 @@ def _whole(alias: str, steps: tuple[int, ...], scale: int) -> list[str]:
 
 
 def _publish_job(root: str, step: int) -> Any:
-    from ckstore import _dvc
+    from ckstore.integrations.dvc import publish as _dvc
 
     return _dvc.PublishJob(name="best", step=step, store=os.path.abspath(root), repo=os.path.join(os.path.dirname(os.path.abspath(root)), "repo"))
 
 
 def _prepare_publish(root: str, scale: int) -> None:
-    from ckstore import _dvc
+    from ckstore.integrations.dvc import publish as _dvc
 
     _, repo = store_with_two_steps(root, scale)
     os.makedirs(os.path.join(repo, "models"))
@@ -107,7 +107,7 @@ def _prepare_publish(root: str, scale: int) -> None:
 
 
 def _run_publish(root: str, ack: Any, scale: int) -> None:
-    from ckstore import _dvc
+    from ckstore.integrations.dvc import publish as _dvc
 
     def stage_hook(stage: str, phase: str, info: Any) -> None:
         if (stage, phase) == ("add", "before"):  # the journal says "add": the swap is done
@@ -131,7 +131,7 @@ def _run_publish(root: str, ack: Any, scale: int) -> None:
 
 def _relocate_journal(repo: str, recorded_base: str) -> None:
     """The journal names absolute paths of the directory the trace was recorded in; point them at this copy."""
-    from ckstore import _dvc
+    from ckstore.integrations.dvc import publish as _dvc
 
     here = os.path.dirname(repo)
     directory = _dvc._journal_dir(repo)
@@ -145,7 +145,7 @@ def _relocate_journal(repo: str, recorded_base: str) -> None:
 
 
 def _check_publish(store: ckstore.Store, acks: list[tuple[str, Any]]) -> list[str]:
-    from ckstore import _dvc
+    from ckstore.integrations.dvc import publish as _dvc
 
     job = _publish_job(str(store.path), 2)
     recorded = [value for kind, value in acks if kind == "base"]
@@ -171,7 +171,7 @@ def _check_publish(store: ckstore.Store, acks: list[tuple[str, Any]]) -> list[st
 
 
 def _prepare_pull(root: str, scale: int) -> None:
-    from ckstore import _dvc
+    from ckstore.integrations.dvc import publish as _dvc
 
     base = os.path.dirname(root)
     os.environ.update(hermetic_env(os.path.dirname(base)))
@@ -189,7 +189,7 @@ def _prepare_pull(root: str, scale: int) -> None:
 
 def _run_pull(root: str, ack: Any, scale: int) -> None:
     clone = os.path.join(os.path.dirname(root), "clone")
-    from ckstore import _dvc
+    from ckstore.integrations.dvc import publish as _dvc
 
     _dvc.pull(os.path.join(clone, "models", "best.dvc"), repo=clone)
     ack("pulled", 2)

@@ -53,7 +53,7 @@ invariant caught a bug.
     (checked by the disk-error tier).
 
 The retention rule is evaluated by :func:`policy_keeps`, an implementation
-independent of ``ckstore._retention`` (a bug there must not also be in the
+independent of ``ckstore.checkpoint.retention`` (a bug there must not also be in the
 oracle), over steps, metrics and tags taken from the *recorded operations*:
 the checkpoints present before the window (``base.json`` beside the store,
 written when the template was prepared) and the workload's acknowledgements
@@ -78,7 +78,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ckstore
-from ckstore import _durable
+from ckstore.storage import durable as _durable
 
 from .workloads import Workload, expected_state, same_state
 

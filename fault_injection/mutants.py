@@ -50,11 +50,11 @@ class Mutant:
 #: The order tiers run in for a mutant (cheapest first); in the ci profile the first catch ends it.
 TIER_ORDER = ("kill", "model", "fsyncgate", "errors", "badfiles", "power")
 
-_S = "_store.py"
-_D = "_durable.py"
-_R = "_retention.py"
-_T = "_tensorfile.py"
-_A = "_async.py"
+_S = "store.py"
+_D = "storage/durable.py"
+_R = "checkpoint/retention.py"
+_T = "engine/tensorfile.py"
+_A = "checkpoint/background.py"
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant(

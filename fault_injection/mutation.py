@@ -76,9 +76,16 @@ def _balanced(text: str) -> bool:
 
 def find_mutants(package_dir: str) -> list[Mutant]:
     out = []
-    for name in sorted(os.listdir(package_dir)):
-        if not name.endswith(".py"):
-            continue
+    # Walk every subpackage: the fsyncs live in storage/, the commit in checkpoint/ and store.py,
+    # and a flat listdir would silently find no mutants at all after a move.
+    names = sorted(
+        os.path.relpath(os.path.join(folder, f), package_dir).replace(os.sep, "/")
+        for folder, dirs, files in os.walk(package_dir)
+        if "__pycache__" not in folder
+        for f in files
+        if f.endswith(".py")
+    )
+    for name in names:
         with open(os.path.join(package_dir, name), encoding="utf-8") as fh:
             lines = fh.read().splitlines()
         function = ""
@@ -89,7 +96,7 @@ def find_mutants(package_dir: str) -> list[Mutant]:
                 function = match.group(1)
             if not _balanced(text):
                 continue
-            if name == "_durable.py" and _DURABLE_FSYNC.match(text):
+            if name == "storage/durable.py" and _DURABLE_FSYNC.match(text):
                 out.append(Mutant(name, n, text, "fsync in _durable", function))
             elif _SYNC_DIR.match(text):
                 out.append(Mutant(name, n, text, "sync_dir call", function))

@@ -100,7 +100,7 @@ def _head_step(repo: str) -> str:
 
 
 def _check(store: ckstore.Store, acks: list[tuple[str, Any]]) -> list[str]:
-    from ckstore import _dvc
+    from ckstore.integrations.dvc import publish as _dvc
 
     out = []
     repo = os.path.join(os.path.dirname(str(store.path)), "repo")

@@ -1,6 +1,6 @@
 """Read-fault tier: EIO, short reads and early end of file at every read of load, verify and read_tensor; files vanishing between listing and open.
 
-The store's reads all go through ``ckstore._safeio`` (every open and every
+The store's reads all go through ``ckstore.storage.safeio`` (every open and every
 ``pread``/``preadv`` of a store file), whose hook is the injection point, as
 ``_durable``'s is for writes. A dry run of each operation counts its read
 events; then, for every event ``n``, the operation is run again with one
@@ -34,7 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 import ckstore
-from ckstore import _safeio
+from ckstore.storage import safeio as _safeio
 
 from .report import Row
 from .workloads import expected_state, same_state

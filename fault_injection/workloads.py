@@ -280,7 +280,7 @@ def _run_second_writer(root: str, ack: Ack, scale: int, *, holder_in_process: bo
     if pid == 0:  # the holder: a separate process with no kill hook of its own
         code = 1
         try:
-            from ckstore import _durable
+            from ckstore.storage import durable as _durable
 
             _durable.set_hook(None)
             os.close(go_w)

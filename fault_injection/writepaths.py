@@ -86,7 +86,8 @@ def _run_incremental(root: str, ack: Ack, scale: int) -> None:
 def small_limits(*, file_bytes: int = 1024, small_group: int = 512, fsync_batch: int = 4) -> Iterator[None]:
     """Lower the library's layout limits for a run, so a few KB exercise what takes GBs at the defaults:
     shards over the file-size limit, pooled small groups, several fsync batches."""
-    from ckstore import _state, _tensorfile
+    from ckstore.state import encode as _state
+    from ckstore.engine import tensorfile as _tensorfile
 
     saved = (_state.MAX_FILE_BYTES, _state.SMALL_GROUP_BYTES, _tensorfile._FSYNC_BATCH, _state._last_layout)
     _state.MAX_FILE_BYTES, _state.SMALL_GROUP_BYTES, _tensorfile._FSYNC_BATCH = file_bytes, small_group, fsync_batch
@@ -275,7 +276,7 @@ def _run_corrupt(root: str, ack: Ack, scale: int) -> None:
 
 
 def _prepare_pull_local(root: str, scale: int) -> None:
-    from ckstore import _dvc
+    from ckstore.integrations.dvc import publish as _dvc
 
     from .dvcmodel import SCALE, _prepare_pull
 
@@ -288,7 +289,7 @@ def _prepare_pull_local(root: str, scale: int) -> None:
 
 
 def _run_pull_local(root: str, ack: Ack, scale: int) -> None:
-    from ckstore import _dvc
+    from ckstore.integrations.dvc import publish as _dvc
 
     clone = os.path.join(os.path.dirname(root), "clone")
     try:

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from conftest import assert_same, subprocess_env
 
 import ckstore
-from ckstore import _async, _durable
+from ckstore.checkpoint import background as _async
+from ckstore.storage import durable as _durable
 
 
 def _state(seed: int = 0) -> dict:
@@ -267,7 +268,7 @@ def test_a_copy_that_fails_in_a_helper_thread_raises_in_the_caller():
 
 _CHILD = r"""
 import os, sys, time, torch, ckstore
-from ckstore import _durable
+from ckstore.storage import durable as _durable
 path, mode = sys.argv[1], sys.argv[2]
 state = {"w": torch.full((1 << 20,), 1.0), "m": {f"l{i}": torch.full((4096,), float(i)) for i in range(8)}}
 store = ckstore.Store(path, wait_at_exit=(mode != "no-wait"))
@@ -368,7 +369,7 @@ def test_a_failure_found_at_exit_is_printed(run_python, store_path):
     code = textwrap.dedent(
         """
         import errno, sys, torch, ckstore
-        from ckstore import _durable
+        from ckstore.storage import durable as _durable
         def hook(op, phase, path, info):
             if op == "fsync" and phase == "before" and info["site"] == "tensor_file":
                 raise OSError(errno.ENOSPC, "injected ENOSPC", path)

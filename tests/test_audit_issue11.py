@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ckstore
-from ckstore._tags import read_tags
+from ckstore.format.tags import read_tags
 from conftest import REPO_ROOT
 
 
@@ -252,7 +252,7 @@ def test_tagging_a_step_whose_manifest_is_a_directory_is_refused_before_the_tag_
 def test_retention_does_not_hash_again_what_a_verified_load_or_verify_just_checked(tmp_path, how):
     """After resume()/load() (or a clean verify()) the first pruning save must not re-read the checkpoint's
     tensor files: they were hashed moments ago by this Store. Only the slot holders nobody checked are read."""
-    from ckstore import _safeio
+    from ckstore.storage import safeio as _safeio
 
     path = tmp_path / "s"
     with ckstore.Store(path) as s:
@@ -276,7 +276,7 @@ def test_a_checkpoint_that_verifies_after_a_transient_read_error_gets_its_retent
     so it holds its keep_last slot again instead of keeping an older one alive beside it."""
     import errno
 
-    from ckstore import _safeio
+    from ckstore.storage import safeio as _safeio
 
     path = tmp_path / "s"
     with ckstore.Store(path) as s:

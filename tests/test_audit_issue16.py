@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ckstore
-from ckstore import _safeio
+from ckstore.storage import safeio as _safeio
 from conftest import REPO_ROOT
 
 PACKAGE = REPO_ROOT / "ckstore"
@@ -25,8 +25,8 @@ def test_metrics_log_and_quarantine_notes_read_only_through_safeio():
     apart and escape the readfaults tier's hook. The scan checks itself: _safeio matches.
     """
     pattern = re.compile(r"\bos\.(open|read|readv|pread|preadv)\(|(?<![\w.])open\(")
-    assert pattern.search((PACKAGE / "_safeio.py").read_text())
-    for name in ("_metrics_log.py", "_quarantine.py"):
+    assert pattern.search((PACKAGE / "storage/safeio.py").read_text())
+    for name in ("checkpoint/metrics_log.py", "checkpoint/quarantine.py"):
         offenders = [line.strip() for line in (PACKAGE / name).read_text().splitlines() if pattern.search(line) and not line.lstrip().startswith("#")]
         assert not offenders, f"{name} reads files itself: {offenders}"
 
@@ -76,10 +76,10 @@ def test_quarantine_note_is_read_through_safeio(tmp_path):
 
 
 def test_one_implementation_escapes_control_characters():
-    """Output escaping lives in ckstore/_text.py only (the lock owner's host used a second copy in _safeio)."""
+    """Output escaping lives in ckstore/format/text.py only (the lock owner's host used a second copy in _safeio)."""
     assert not hasattr(_safeio, "escape_control")
-    for path in PACKAGE.glob("*.py"):
-        if path.name == "_text.py":
+    for path in PACKAGE.rglob("*.py"):
+        if path.relative_to(PACKAGE).as_posix() == "format/text.py":
             continue
         assert "unicode_escape" not in path.read_text(), f"{path.name} escapes control characters itself"
 
@@ -117,7 +117,7 @@ def test_verify_hashes_a_large_tensor_file_in_bounded_memory(tmp_path):
 @pytest.mark.parametrize("name", ["step-\u0661", "step-0000000\u0661", "step-\uff11"])
 def test_pull_refuses_a_directory_object_whose_step_has_non_ascii_digits(name):
     """The store never lists "step-١" (ASCII digits only), so pull must not install one as if it were step 1."""
-    from ckstore._dvc_pull import _one_checkpoint
+    from ckstore.integrations.dvc.pull import _one_checkpoint
 
     assert _one_checkpoint({"checkpoints/step-00000001/manifest.json": "0" * 32}, "models/x.dvc") == "step-00000001"
     with pytest.raises(ckstore.DvcError, match="one-checkpoint"):

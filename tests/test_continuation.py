@@ -24,7 +24,7 @@ import torch
 from conftest import flip_byte, subprocess_env
 
 import ckstore
-from ckstore import _durable
+from ckstore.storage import durable as _durable
 from ckstore.cli import main
 
 
@@ -233,7 +233,7 @@ def test_the_cli_lists_and_empties_the_quarantine(store_path, capsys):
 
 _WRITER = r"""
 import sys, time, torch, ckstore
-from ckstore import _durable
+from ckstore.storage import durable as _durable
 path, last = sys.argv[1], int(sys.argv[2])
 
 def widen(op, phase, p, info):
@@ -301,7 +301,7 @@ def test_a_shell_tags_while_a_training_process_saves_and_retention_honours_every
 
 _FORK = r"""
 import os, sys, time, torch, ckstore
-from ckstore import _durable
+from ckstore.storage import durable as _durable
 
 path, mode = sys.argv[1], sys.argv[2]
 store = ckstore.Store(path)

@@ -163,7 +163,7 @@ def test_tracked_iteration_leaves_the_global_torch_rng_alone():
 
 
 def test_shuffle_true_stateful_loader_shifts_later_epochs():
-    """Documents the torchdata behaviour ResumableSampler exists for (see ckstore/_data.py).
+    """Documents the torchdata behaviour ResumableSampler exists for (see ckstore/training/data.py).
 
     If this starts failing, torchdata fixed it: update the module docstring and README.
     """

@@ -1,4 +1,4 @@
-"""Publishing to DVC and pulling back (``ckstore._dvc``), against real git + DVC repositories.
+"""Publishing to DVC and pulling back (``ckstore.integrations.dvc.publish``), against real git + DVC repositories.
 
 Every test is hermetic: a temporary git repository with ``dvc init``, a local
 directory remote, HOME/XDG/DVC site-cache dirs under ``tmp_path``, DVC
@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import ckstore
-from ckstore import _dvc
+from ckstore.integrations.dvc import publish as _dvc
 
 pytest.importorskip("dvc.repo", reason="DVC is an optional extra: pip install 'ckstore[dvc]'")
 # DVC 3.67 trips a pygtrie deprecation on every index build; it is DVC's, not ours.
@@ -318,14 +318,14 @@ def test_publish_copies_and_fsyncs_when_hard_links_are_impossible(tmp_path, env,
     monkeypatch.setattr(_dvc.os, "link", no_link)
     repo, _ = make_repo(tmp_path, env)
     synced = []
-    previous = ckstore._durable.set_hook(lambda op, phase, path, info: synced.append(path) if (op, phase) == ("fsync", "after") else None)
+    previous = ckstore.storage.durable.set_hook(lambda op, phase, path, info: synced.append(path) if (op, phase) == ("fsync", "after") else None)
     try:
         with ckstore.Store(tmp_path / "run", metric="val_loss") as store:
             train(store, steps=(1,), losses=(0.1,))
             store.publish(1, name="copied", repo=repo, wait=True)
             source = store.resolve(1)
     finally:
-        ckstore._durable.set_hook(previous)
+        ckstore.storage.durable.set_hook(previous)
     published = repo / "models" / "copied" / "checkpoints" / "step-00000001"
     for name in [*source.files, "manifest.json"]:
         assert os.stat(published / name).st_ino != os.stat(source.path / name).st_ino
@@ -483,7 +483,7 @@ def test_publish_waits_for_dvc_lock_held_by_another_process(tmp_path, env):
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys, threading, time
     import ckstore
-    from ckstore import _dvc
+    from ckstore.integrations.dvc import publish as _dvc
     store_dir, repo, stage, phase = sys.argv[1:5]
 
     def hook(s, p, info):
@@ -748,7 +748,7 @@ def test_a_version_tag_with_non_ascii_digits_is_not_a_version(tmp_path, env):
 
 FORK_SCRIPT = textwrap.dedent("""
     import os, sys, threading, time, torch, ckstore
-    from ckstore import _dvc
+    from ckstore.integrations.dvc import publish as _dvc
     store_dir, repo = sys.argv[1:3]
     started, gate = threading.Event(), threading.Event()
     def hook(stage, phase, info):

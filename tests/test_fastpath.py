@@ -12,9 +12,10 @@ import torch
 from conftest import assert_same, flip_byte
 
 import ckstore
-from ckstore import _durable, _tensorfile
-from ckstore._hashing import hash_bytes
-from ckstore._tensorfile import DTYPE_NAMES, WritePipeline, read_one_tensor, read_tensor_file
+from ckstore.storage import durable as _durable
+from ckstore.engine import tensorfile as _tensorfile
+from ckstore.format.hashing import hash_bytes
+from ckstore.engine.tensorfile import DTYPE_NAMES, WritePipeline, read_one_tensor, read_tensor_file
 
 
 def _record(events):

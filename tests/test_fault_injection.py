@@ -142,7 +142,7 @@ def test_workloads_run_to_completion(tmp_path: Path, name: str) -> None:
 
 def test_recorder_follows_a_renamed_file_by_descriptor(tmp_path: Path) -> None:
     """A writer that fsyncs after its directory was renamed fsyncs the same inode (this raised KeyError)."""
-    from ckstore import _durable
+    from ckstore.storage import durable as _durable
 
     base = tmp_path / "base"
     (base / "a").mkdir(parents=True)
@@ -180,7 +180,7 @@ def test_a_mutant_whose_anchor_is_gone_fails_loudly(tmp_path: Path) -> None:
     package = os.path.dirname(ckstore.__file__)
     for mutant in mutants.MUTANTS:  # every patch applies to the package as it is
         mutants.apply(package, mutant, str(tmp_path / mutant.name))
-    stale = mutants.Mutant("stale", "test", "", (mutants.Edit("_store.py", "no such line in the store", "replace", ("pass",)),), ("next_save",))
+    stale = mutants.Mutant("stale", "test", "", (mutants.Edit("store.py", "no such line in the store", "replace", ("pass",)),), ("next_save",))
     with pytest.raises(mutants.PatchError, match="found 0 times"):
         mutants.apply(package, stale, str(tmp_path / "stale"))
     assert len(mutants.MUTANTS) >= 15 and len({m.kind for m in mutants.MUTANTS}) >= 6
@@ -227,7 +227,7 @@ def test_power_cut_right_after_an_acknowledgement_catches_a_missing_directory_fs
     reason = powercut.skip_reason("ext4")
     if reason is not None:
         pytest.skip(reason)
-    from ckstore import _durable
+    from ckstore.storage import durable as _durable
 
     def sync_dir_without_fsync(path, *, site):
         info = {"site": site}

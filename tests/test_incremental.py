@@ -12,7 +12,7 @@ from conftest import assert_same, flip_byte
 from hypothesis import given, settings
 
 import ckstore
-from ckstore import _durable
+from ckstore.storage import durable as _durable
 
 
 def _model(seed: int = 0) -> torch.nn.Module:

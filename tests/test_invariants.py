@@ -184,7 +184,7 @@ def test_writable_save_keeps_committed(tmp_path: Path, monkeypatch: pytest.Monke
     assert inv.writable_save(root, {"keep_last": 2}, inv.Oracle.build({"keep_last": 2}, [{"step": s} for s in (1, 2, 3)], [])) == []
     root2 = _store(tmp_path / "b", [1, 2, 3])
     # a retention that keeps one too few: 3 goes although keep_last=2 keeps it next to the new step
-    from ckstore import _store as store_module
+    from ckstore import store as store_module
 
     monkeypatch.setattr(store_module, "plan_deletions", lambda infos, policy, **kw: sorted(i.step for i in infos)[:-1])
     bad = inv.writable_save(root2, {"keep_last": 2}, inv.Oracle.build({"keep_last": 2}, [{"step": s} for s in (1, 2, 3)], []))

@@ -124,7 +124,7 @@ def test_metric_the_store_ranks_by_forces_a_save(tmp_path):
 
 def test_every_seconds_saves_when_the_time_has_passed(store, monkeypatch):
     clock = [1000.0]
-    monkeypatch.setattr(ckstore._loop.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(ckstore.training.loop.time, "monotonic", lambda: clock[0])
     with ckstore.Checkpointer(store, {"w": torch.zeros(1)}, every="1min", signals=()) as ckpt:
         for step in range(1, 8):
             clock[0] += 25.0
@@ -134,7 +134,7 @@ def test_every_seconds_saves_when_the_time_has_passed(store, monkeypatch):
 
 def test_auto_saves_first_then_logs_the_interval(store, monkeypatch, caplog):
     clock = [0.0]
-    monkeypatch.setattr(ckstore._loop.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(ckstore.training.loop.time, "monotonic", lambda: clock[0])
     real_save = store.save
 
     def timed_save(*args, **kwargs):
@@ -154,7 +154,7 @@ def test_auto_saves_first_then_logs_the_interval(store, monkeypatch, caplog):
 
 def test_auto_with_mtbf_uses_young_daly(store, monkeypatch):
     clock = [0.0]
-    monkeypatch.setattr(ckstore._loop.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(ckstore.training.loop.time, "monotonic", lambda: clock[0])
     real_save = store.save
 
     def timed_save(*args, **kwargs):

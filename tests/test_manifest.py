@@ -12,8 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import ckstore
-from ckstore._hashing import HashInfo, hash_bytes
-from ckstore._manifest import FileEntry, Manifest, check_metrics, parse_manifest
+from ckstore.format.hashing import HashInfo, hash_bytes
+from ckstore.format.manifest import FileEntry, Manifest, check_metrics, parse_manifest
 
 file_names = st.from_regex(r"\A[A-Za-z0-9_][A-Za-z0-9_~#-]{0,20}(\.[A-Za-z0-9_~#-]{1,12}){0,2}\Z").filter(lambda n: n != "manifest.json")
 hashes = st.builds(HashInfo, st.sampled_from(["blake3", "sha256"]), st.text("0123456789abcdef", min_size=64, max_size=64))

@@ -1,6 +1,6 @@
 """Read-side faults and malformed entries: typed errors, fallback, and a store that stays usable.
 
-Faults are injected through ``ckstore._safeio``'s read hook, the read-side
+Faults are injected through ``ckstore.storage.safeio``'s read hook, the read-side
 twin of ``_durable``'s hooks: the hook raises a real ``OSError`` (EIO) before
 the system call, or shortens what one read returns (a short read, or an
 early end of file). A file vanishing between listing and open is a real
@@ -68,7 +68,7 @@ class _Inject:
 
 
 def _hooked(inject):
-    from ckstore import _safeio
+    from ckstore.storage import safeio as _safeio
 
     return _safeio.hooked(inject)
 
@@ -310,7 +310,7 @@ def test_readfaults_tier_finds_no_violation(tmp_path, operation):
 def test_checkpoint_files_are_read_only_through_safeio():
     """The modules that read manifests, tags, tensor files and the lock owner never open or read a file themselves.
 
-    Every such read goes through ``ckstore._safeio`` (no symlink, no FIFO,
+    Every such read goes through ``ckstore.storage.safeio`` (no symlink, no FIFO,
     capped, hookable), or a FIFO or a read fault could slip past the checks
     and the readfaults tier. The scan checks itself: _safeio does match.
     """
@@ -318,7 +318,7 @@ def test_checkpoint_files_are_read_only_through_safeio():
 
     pattern = re.compile(r"\bos\.(open|read|readv|pread|preadv)\(|(?<![\w.])open\(")
     package = REPO_ROOT / "ckstore"
-    assert pattern.search((package / "_safeio.py").read_text())
-    for name in ("_store.py", "_tensorfile.py", "_tags.py", "_lock.py", "_manifest.py", "_manifest_cache.py"):
+    assert pattern.search((package / "storage/safeio.py").read_text())
+    for name in ("store.py", "engine/tensorfile.py", "format/tags.py", "storage/lock.py", "format/manifest.py", "checkpoint/manifest_cache.py"):
         offenders = [line.strip() for line in (package / name).read_text().splitlines() if pattern.search(line) and not line.lstrip().startswith("#")]
         assert not offenders, f"{name} reads files itself: {offenders}"

@@ -53,7 +53,7 @@ def child_main(argv: list[str]) -> None:
     from torch.utils.data import DataLoader, TensorDataset
 
     import ckstore
-    from ckstore import _durable
+    from ckstore.storage import durable as _durable
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--store", required=True)

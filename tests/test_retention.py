@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import ckstore
 from ckstore import RetentionPolicy, select_kept
-from ckstore._retention import commit_order, left_ahead, plan_deletions, rank_best
+from ckstore.checkpoint.retention import commit_order, left_ahead, plan_deletions, rank_best
 from fault_injection.invariants import policy_keeps
 
 
@@ -306,7 +306,7 @@ def test_checkpoints_without_metric_are_not_kept_as_best(store_path):
 
 @pytest.mark.guarantee("G8", "G11")
 def test_deletion_happens_only_after_the_new_checkpoint_is_durable(store_path):
-    from ckstore import _durable
+    from ckstore.storage import durable as _durable
 
     events = []
 

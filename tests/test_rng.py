@@ -13,8 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import ckstore
-from ckstore._decode import decode_state
-from ckstore._state import encode_state
+from ckstore.state.decode import decode_state
+from ckstore.state.encode import encode_state
 
 
 def draw(generators: dict[str, torch.Generator]) -> list:

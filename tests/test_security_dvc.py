@@ -17,7 +17,7 @@ import pytest
 from test_dvc import ck_here, env, git, make_repo, train  # noqa: F401  (env is a fixture)
 
 import ckstore
-from ckstore import _dvc
+from ckstore.integrations.dvc import publish as _dvc
 
 pytest.importorskip("dvc.repo", reason="DVC is an optional extra: pip install 'ckstore[dvc]'")
 pytestmark = pytest.mark.filterwarnings("ignore:_NoneStep.value:DeprecationWarning")

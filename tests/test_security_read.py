@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import ckstore
-from ckstore._hashing import default_algorithm, hash_bytes
+from ckstore.format.hashing import default_algorithm, hash_bytes
 from conftest import PYTHON, REPO_ROOT
 
 #: Address space allowed to a child beyond what torch needs to start (about 1.5 GiB on CPU).
@@ -107,7 +107,7 @@ def test_lock_owner_file_cannot_hang_or_inject_into_the_lock_error(two, kind):
     owner = two / ".ckstore.lock.owner"
     code = f"""
         import os, ckstore
-        from ckstore._lock import WriterLock
+        from ckstore.storage.lock import WriterLock
         holder = WriterLock({str(two)!r})
         holder.acquire()
         owner = {str(owner)!r}
@@ -217,7 +217,7 @@ def test_manifest_bomb_is_refused_before_parsing(two):
 
 def test_many_large_manifests_do_not_accumulate_in_the_cache(tmp_path):
     """A store of many big (valid) manifests: listing keeps a bounded cache, not every parse."""
-    from ckstore import _manifest_cache
+    from ckstore.checkpoint import manifest_cache as _manifest_cache
 
     root = tmp_path / "store"
     state = {f"t{i}": torch.zeros(1) for i in range(2000)}

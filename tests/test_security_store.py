@@ -24,9 +24,9 @@ import torch
 from conftest import PYTHON, subprocess_env
 
 import ckstore
-from ckstore import _durable
-from ckstore._manifest import MANIFEST_NAME
-from ckstore._tags import check_tag_name
+from ckstore.storage import durable as _durable
+from ckstore.format.manifest import MANIFEST_NAME
+from ckstore.format.tags import check_tag_name
 from ckstore.cli import main
 
 NOBODY = 65534

@@ -15,10 +15,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import ckstore
-from ckstore._decode import decode_state
-from ckstore._state import encode_state
-from ckstore._targets import drop_overlapping as _drop_overlapping
-from ckstore._tensorfile import DTYPE_NAMES
+from ckstore.state.decode import decode_state
+from ckstore.state.encode import encode_state
+from ckstore.state.targets import drop_overlapping as _drop_overlapping
+from ckstore.engine.tensorfile import DTYPE_NAMES
 
 DTYPES = sorted(DTYPE_NAMES, key=str)
 
@@ -568,7 +568,7 @@ def _resign(manifest_path):
     """Rewrite a manifest after editing it, with a correct checksum (as a writer on another machine would have)."""
     import json
 
-    from ckstore._hashing import hash_bytes
+    from ckstore.format.hashing import hash_bytes
 
     raw = json.loads(manifest_path.read_bytes())
     return raw, lambda: manifest_path.write_bytes(_signed(raw, hash_bytes))
@@ -738,7 +738,7 @@ _WRAPS = {
 def test_every_state_the_encoder_accepts_the_decoder_accepts(store, wrap, leaf):
     """The nesting limit is one number, in JSON levels of the stored skeleton: the deepest state save() accepts
     loads back, even from a caller already deep in its own stack; one level more is refused by save() naming the key."""
-    from ckstore._skeleton import MAX_DEPTH
+    from ckstore.format.skeleton import MAX_DEPTH
 
     def nest(n):
         node = leaf
@@ -828,7 +828,7 @@ def test_dtype_names_are_looked_up_in_a_table_never_as_torch_attributes(store, r
 def test_the_number_of_skeleton_values_is_capped_on_save_and_on_load(store, monkeypatch):
     """A skeleton of more values than the cap is refused on load (a typed error, then fallback), and save() refuses
     to write one: a checkpoint that could not be loaded again is never committed."""
-    import ckstore._skeleton as decode
+    import ckstore.format.skeleton as decode
 
     monkeypatch.setattr(decode, "MAX_VALUES", 1000)
     store.save({"a": list(range(900))}, step=1)

@@ -16,7 +16,7 @@ import torch
 from conftest import assert_same, flip_byte
 
 import ckstore
-from ckstore import _durable
+from ckstore.storage import durable as _durable
 
 
 def _state(value: float, n: int = 16) -> dict:
@@ -53,7 +53,7 @@ def test_steps_order_numerically(store):
     for step in (9, 10, 2, 100, 99_999_999, 100_000_000, 0):
         store.save({"s": step}, step=step)
     assert [i.step for i in store.checkpoints()] == [0, 2, 9, 10, 100, 99_999_999, 100_000_000]
-    # "latest" is the last committed checkpoint (commit order, see ckstore._retention), not the highest step.
+    # "latest" is the last committed checkpoint (commit order, see ckstore.checkpoint.retention), not the highest step.
     assert store.latest().step == 0
     assert store.load()["s"] == 0
     # Stray entries that are not step directories are never taken for checkpoints.
@@ -571,7 +571,7 @@ def test_no_pickle_on_disk(store, make_training_state):
 def test_verify_reports_a_tensor_the_manifest_names_but_the_file_lacks(store):
     import dataclasses
 
-    from ckstore._manifest import parse_manifest
+    from ckstore.format.manifest import parse_manifest
 
     store.save({"v": torch.ones(2), "w": torch.arange(4.0)}, step=1)
     path = store.latest().path / "manifest.json"

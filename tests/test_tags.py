@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import ckstore
-from ckstore._hashing import hash_bytes
-from ckstore._tags import TagEntry, check_tag_name, dump_tags, parse_tags
+from ckstore.format.hashing import hash_bytes
+from ckstore.format.tags import TagEntry, check_tag_name, dump_tags, parse_tags
 
 tag_names = st.from_regex(r"\A[A-Za-z][A-Za-z0-9_.@+:=-]{0,30}\Z").filter(lambda n: n not in ("latest", "best"))
 tag_maps = st.dictionaries(tag_names, st.builds(TagEntry, st.integers(0, 2**63 - 1), st.floats(0, 4e9)), max_size=6)
@@ -128,7 +128,7 @@ def test_tags_file_is_replaced_atomically(store):
     store.save({}, step=2)
     store.tag(1, "release")
     seen = []
-    from ckstore import _durable
+    from ckstore.storage import durable as _durable
 
     def hook(op, phase, path, info):
         if os.path.basename(path) == "tags.json" or (op == "rename" and info.get("dst", "").endswith("tags.json")):

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 import ckstore
-from ckstore._hashing import hash_bytes
-from ckstore._tensorfile import DTYPE_NAMES, MAX_HEADER_SIZE, _bulk_specs, _entry_specs, parse_header, read_verified, tensors_from_buffer
+from ckstore.format.hashing import hash_bytes
+from ckstore.engine.tensorfile import DTYPE_NAMES, MAX_HEADER_SIZE, _bulk_specs, _entry_specs, parse_header, read_verified, tensors_from_buffer
 
 DTYPES = sorted(DTYPE_NAMES, key=str)
 

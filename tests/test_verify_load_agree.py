@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import ckstore
-from ckstore._hashing import default_algorithm, hash_bytes
+from ckstore.format.hashing import default_algorithm, hash_bytes
 from conftest import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT))

@@ -53,7 +53,7 @@ def _refused(what: str, fn: Callable[[], object], expected: type[ckstore.Ckstore
 
 
 def _plant_dir_object(clone: str, remote: str, edit: Callable[[list[dict[str, str]]], list[dict[str, str]]]) -> None:
-    from ckstore._dvc_files import read_dvc_file
+    from ckstore.integrations.dvc.files import read_dvc_file
 
     dvc_file = os.path.join(clone, "models", "best.dvc")
     md5, _ = read_dvc_file(dvc_file)
@@ -78,7 +78,7 @@ def _clone(repo: str, at: str) -> str:
 @attack("dvc", timeout=TIMEOUT)
 def pull_dir_object_traversal(ctx: Ctx) -> list[str]:
     """An entry md5 ``../../victim/secret.txt`` in the remote's directory object: no deletion, no creation."""
-    from ckstore import _dvc
+    from ckstore.integrations.dvc import publish as _dvc
 
     repo = _setup(ctx)
     remote = os.path.join(ctx.root, "remote")
@@ -127,7 +127,7 @@ def pull_dir_object_traversal(ctx: Ctx) -> list[str]:
 @attack("dvc", timeout=TIMEOUT)
 def publish_crafted_journal(ctx: Ctx) -> list[str]:
     """A shipped journal whose ``tmp``/``old`` name the victim: recovery and the next publish refuse it."""
-    from ckstore import _dvc
+    from ckstore.integrations.dvc import publish as _dvc
 
     repo = _setup(ctx)
     findings = []
@@ -173,7 +173,7 @@ def publish_git_hooks_and_fsmonitor(ctx: Ctx) -> list[str]:
 @attack("dvc", timeout=TIMEOUT)
 def dvc_file_yaml_bomb(ctx: Ctx) -> list[str]:
     """A 500-byte .dvc file whose md5 is a YAML alias bomb (43 million scalars): refused before it expands."""
-    from ckstore import _dvc
+    from ckstore.integrations.dvc import publish as _dvc
 
     os.environ.update(hermetic_env(ctx.root))
     lines = ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]

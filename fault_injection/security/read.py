@@ -35,7 +35,7 @@ import warnings
 import torch
 
 import ckstore
-from ckstore._hashing import default_algorithm, hash_bytes
+from ckstore.format.hashing import default_algorithm, hash_bytes
 
 from . import Ctx, attack
 
@@ -142,7 +142,7 @@ def lock_owner_odd_files(ctx: Ctx) -> list[str]:
     root = _store(ctx)
     owner = os.path.join(root, ".ckstore.lock.owner")
     for kind in ("fifo", "devzero", "directory"):
-        from ckstore._lock import WriterLock
+        from ckstore.storage.lock import WriterLock
 
         holder = WriterLock(root)
         holder.acquire()
@@ -165,7 +165,7 @@ def lock_owner_odd_files(ctx: Ctx) -> list[str]:
 @attack("read", timeout=60)
 def lock_owner_host_escapes(ctx: Ctx) -> list[str]:
     """A host name with terminal escapes in the lock owner file must not reach the lock error's message raw."""
-    from ckstore._lock import WriterLock
+    from ckstore.storage.lock import WriterLock
 
     root = _store(ctx)
     holder = WriterLock(root)

@@ -26,7 +26,7 @@ import traceback
 import torch
 
 import ckstore
-from ckstore import _durable
+from ckstore.storage import durable as _durable
 
 from . import NOBODY, Ctx, as_user, attack
 

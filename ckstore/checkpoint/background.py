@@ -1,0 +1,357 @@
+"""Background saves: copy the state into reused staging memory, persist it in a thread.
+
+``Store.save(..., blocking=False)`` does three things before it returns:
+
+1. waits for the previous background save, if one is still running (at most
+   one save is in flight; the wait is recorded as ``AsyncSave.wait_s``), and
+   raises :class:`AsyncSaveError` if that save failed and nobody saw it yet;
+2. encodes the state and copies every tensor into a :class:`StagingArea`, one
+   block of host memory allocated on first use and reused by every later save
+   (pinned when tensors live on a GPU, so the device-to-host copy is a DMA);
+3. starts a daemon thread that runs the ordinary commit protocol (write,
+   fsync, rename, directory fsync, tags, retention) on the staged copy.
+
+Because the copy is complete when ``save`` returns, the caller may modify its
+tensors at once: the checkpoint holds the values at the moment of the call.
+
+Failures are never silent. An exception in the background is kept and raised,
+wrapped in :class:`AsyncSaveError` with the cause chained, by the next
+``save``, by ``Store.wait()``, by ``Store.close()``, or by the handle's
+``result()`` (whichever comes first; once raised it is not raised again).
+
+Exit: an exit handler waits for the save in flight, so a process that returns
+from ``main`` (or raises) never drops a checkpoint that ``save`` acknowledged;
+a failure found then is printed to stderr. ``Store(..., wait_at_exit=False)``
+opts out: the save is then abandoned at exit. It stops at its next chunk (the
+exit waits only for the write or fsync already in progress) and never
+commits; the next writer's recovery removes whatever it left in staging.
+Stopping it rather than leaving it to run is not optional: a daemon thread
+still inside a torch call when the interpreter finalizes is torn down by a
+forced unwind through C++ frames, and the process aborts (SIGABRT) instead
+of exiting. A ``SIGKILL`` or power loss mid-save leaves the
+same state as for a synchronous save: every checkpoint is absent or whole.
+
+Fork: a child made with ``os.fork()`` while a save is in flight gets a copy of
+the saver but not its thread, so the save would never finish there, and the
+exit handler would wait for it forever. An ``os.register_at_fork`` handler
+gives every saver in the child a clean slate (no save in flight, no failure
+to report, fresh locks): the save belongs to the parent, which finishes and
+reports it. The child may open stores and save on its own.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+
+from ..errors import AsyncSaveError, CkstoreError, CommittedWithErrorsError
+
+_ALIGN = 64  # every staged tensor starts on a cache line
+#: A state smaller than this is copied by the calling thread alone: starting a thread costs more than it saves.
+_PARALLEL_BYTES = 16 << 20
+#: At most this many threads copy one state (memory bandwidth, not cores, is the limit beyond it).
+_MAX_COPY_THREADS = 4
+
+
+def copy_threads() -> int:
+    """How many threads a large staging copy uses: the CPUs this process may run on, at most four."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(_MAX_COPY_THREADS, cpus))
+
+
+class StagingArea:
+    """Host memory the state is copied into, sized on first use and reused by every later save.
+
+    It grows (one new allocation) only when a save's state is larger than any
+    before; a training run whose state keeps its shape allocates it once.
+    ``allocations`` counts the allocations made, for tests and metrics.
+
+    The staged tensors (views of the block) are kept with the list of
+    ``(dtype, shape)`` they were made for: a training run saves the same
+    structure every time, and making thousands of views costs more than the
+    copy of small tensors. Reusing them is safe because at most one save is
+    in flight: the previous save's writer is done with them before the next
+    ``stage`` starts.
+
+    The copy is one ``torch._foreach_copy_`` per thread over a slice of the
+    tensors, balanced by bytes: a single call per slice walks the list in C++
+    with the GIL released, so the threads run in parallel (a Python loop of
+    per-tensor copies would hand the GIL back and forth thousands of times)
+    and the per-tensor cost is torch's dispatch, not the interpreter's.
+    """
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None
+        self.capacity = 0
+        self.pinned = False
+        self.allocations = 0
+        self._layout: list[tuple[torch.dtype, torch.Size]] | None = None
+        self._staged: list[torch.Tensor] = []
+        self._slices: list[tuple[int, int]] = []  # [start, end) of the tensors each copying thread takes
+
+    def stage(
+        self, tensors: list[torch.Tensor], specs: list[tuple[torch.dtype, torch.Size]] | None = None, *, on_device: bool = True
+    ) -> list[torch.Tensor]:
+        """Copy ``tensors`` into the area; returns contiguous CPU copies that alias it.
+
+        ``specs`` is each tensor's ``(dtype, shape)`` when the caller has it
+        (``Encoded.specs``); the same list object as the previous save's tells
+        the area, without a comparison, that its views still fit. A caller that
+        knows every tensor is on the host says ``on_device=False``.
+        """
+        pin = on_device and torch.cuda.is_available() and any(t.is_cuda for t in tensors)
+        if specs is None:
+            specs = [(t.dtype, t.shape) for t in tensors]
+        if not (specs is self._layout or specs == self._layout) or (pin and not self.pinned):
+            self._plan(specs, pin)
+        staged = self._staged
+        with torch.no_grad():
+            if pin:
+                # Device tensors: asynchronous DMA into the pinned block, on the
+                # caller's stream; host tensors: one batch copy.
+                host_src, host_dst = [], []
+                for tensor, view in zip(tensors, staged):
+                    if tensor.is_cuda:
+                        view.copy_(tensor, non_blocking=True)
+                    else:
+                        host_src.append(tensor)
+                        host_dst.append(view)
+                if host_src:
+                    torch._foreach_copy_(host_dst, host_src)
+                torch.cuda.synchronize()  # the copies must be complete before the caller may touch its tensors
+            else:
+                _parallel_copy(staged, tensors, self._slices)
+        return list(staged)
+
+    def _plan(self, specs: list[tuple[torch.dtype, torch.Size]], pin: bool) -> None:
+        """Lay the tensors out in the block (growing it if needed), make their staged views and split the copy."""
+        sizes = [shape.numel() * dtype.itemsize for dtype, shape in specs]
+        total = sum(-(-n // _ALIGN) * _ALIGN for n in sizes)
+        self._layout = None  # invalid until the views below are made
+        if self._buffer is None or total > self.capacity or (pin and not self.pinned):
+            self._staged = []
+            self._buffer = None  # drop the old block (and its views) before taking the new one
+            self._buffer = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=pin)
+            self.capacity = max(total, 1)
+            self.pinned = pin
+            self.allocations += 1
+        staged = []
+        offset = 0
+        for (dtype, shape), nbytes in zip(specs, sizes):
+            if nbytes:
+                staged.append(self._buffer[offset : offset + nbytes].view(dtype).view(shape))
+            else:
+                staged.append(torch.empty(shape, dtype=dtype))
+            offset += -(-nbytes // _ALIGN) * _ALIGN
+        self._staged, self._slices, self._layout = staged, _split(sizes, copy_threads() if total >= _PARALLEL_BYTES else 1), specs
+
+
+def _split(sizes: list[int], parts: int) -> list[tuple[int, int]]:
+    """``[start, end)`` ranges of ``sizes`` in order, at most ``parts`` of them, of about equal bytes."""
+    total = sum(sizes)
+    bounds, start, done = [], 0, 0
+    for index, nbytes in enumerate(sizes):
+        done += nbytes
+        if len(bounds) < parts - 1 and done * parts >= total * (len(bounds) + 1):
+            bounds.append((start, index + 1))
+            start = index + 1
+    bounds.append((start, len(sizes)))
+    return [b for b in bounds if b[0] < b[1]] or [(0, 0)]
+
+
+def _parallel_copy(dst: list[torch.Tensor], src: list[torch.Tensor], slices: list[tuple[int, int]]) -> None:
+    """``dst[i].copy_(src[i])`` for all i: each slice in its own thread, the first in the caller's."""
+    errors: list[BaseException] = []
+
+    def copy(start: int, end: int) -> None:
+        if start == end:
+            return  # torch refuses an empty list
+        try:
+            with torch.no_grad():
+                torch._foreach_copy_(dst[start:end], src[start:end])
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=copy, args=bounds, name="ckstore-stage", daemon=True) for bounds in slices[1:]]
+    for thread in threads:
+        thread.start()
+    copy(*slices[0])
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+class AsyncSave:
+    """Handle of a background save, returned by ``Store.save(..., blocking=False)``.
+
+    ``stall_s`` is how long the ``save`` call blocked its caller: ``wait_s``
+    waiting for the previous save, plus ``copy_s`` encoding and copying the
+    state. ``write_s`` is the background time (None until done).
+    """
+
+    def __init__(self, step: int, saver: BackgroundSaver) -> None:
+        self.step = step
+        self.wait_s = 0.0
+        self.copy_s = 0.0
+        self.stall_s = 0.0
+        self.write_s: float | None = None
+        self._future: Future = Future()
+        self._saver = saver
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the save; return its CheckpointInfo, or raise AsyncSaveError with the cause chained."""
+        try:
+            return self._future.result(timeout)
+        except TimeoutError:
+            raise
+        except BaseException as exc:
+            self._saver.mark_seen(self)
+            raise _reported(self.step, exc) from exc
+
+    def __repr__(self) -> str:
+        state = "running" if not self.done() else ("failed" if self._future.exception() else "done")
+        return f"AsyncSave(step={self.step}, {state}, stall_s={self.stall_s:.4f})"
+
+
+def _reported(step: int, exc: BaseException | None) -> CkstoreError:
+    """What a background save's failure is raised as: AsyncSaveError, unless the checkpoint did commit."""
+    if isinstance(exc, CommittedWithErrorsError):
+        # Not "failed": a retry would only get CheckpointExistsError.
+        return CommittedWithErrorsError(str(exc), step=exc.step, errno=exc.errno, path=exc.path)
+    return AsyncSaveError(f"background save of step {step} failed: {exc}")
+
+
+class SaveAbandoned(AsyncSaveError):
+    """Raised inside a background save that the exit handler stopped (``wait_at_exit=False``)."""
+
+
+class BackgroundSaver:
+    """At most one save running in a daemon thread; keeps its failure until someone sees it."""
+
+    def __init__(self, *, wait_at_exit: bool = True) -> None:
+        self.wait_at_exit = wait_at_exit
+        #: Set by the exit handler when the save in flight is to be abandoned; the
+        #: write path polls it (see :meth:`check_abandoned`).
+        self.abandoning = threading.Event()
+        self._current: AsyncSave | None = None
+        self._unseen: AsyncSave | None = None
+        self._lock = threading.Lock()
+        _savers.add(self)
+
+    def _after_fork_in_child(self) -> None:
+        # The parent's save runs in a thread the child does not have: it is the parent's to
+        # finish and report. Waiting on it here would hang the child (at exit, forever).
+        self.abandoning = threading.Event()
+        self._current = None
+        self._unseen = None
+        self._lock = threading.Lock()
+
+    @property
+    def in_flight(self) -> AsyncSave | None:
+        current = self._current
+        return current if current is not None and not current.done() else None
+
+    def wait(self) -> float:
+        """Wait for the save in flight (if any); returns the seconds waited. Never raises the save's error."""
+        current = self._current
+        if current is None or current.done():
+            return 0.0
+        start = time.perf_counter()
+        with _suppress_all():
+            current._future.exception()
+        return time.perf_counter() - start
+
+    def check_abandoned(self) -> None:
+        """Raise SaveAbandoned once the exit handler has asked the save in flight to stop."""
+        if self.abandoning.is_set():
+            raise SaveAbandoned("background save abandoned at interpreter exit (wait_at_exit=False)")
+
+    def raise_unseen(self) -> None:
+        """Raise AsyncSaveError for a failed save nobody has seen yet (once)."""
+        with self._lock:
+            failed, self._unseen = self._unseen, None
+        if failed is not None:
+            exc = failed._future.exception()
+            raise _reported(failed.step, exc) from exc
+
+    def mark_seen(self, handle: AsyncSave) -> None:
+        with self._lock:
+            if self._unseen is handle:
+                self._unseen = None
+
+    def start(self, handle: AsyncSave, work: Callable[[], Any]) -> None:
+        """Run ``work`` in a daemon thread; its result or exception lands on ``handle``."""
+        started = time.perf_counter()
+
+        def run() -> None:
+            try:
+                result = work()
+            except BaseException as exc:
+                handle.write_s = time.perf_counter() - started
+                with self._lock:
+                    self._unseen = handle
+                handle._future.set_exception(exc)
+            else:
+                handle.write_s = time.perf_counter() - started
+                handle._future.set_result(result)
+
+        handle._future.set_running_or_notify_cancel()
+        self._current = handle
+        threading.Thread(target=run, name=f"ckstore-save-{handle.step}", daemon=True).start()
+
+
+class _suppress_all:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return True
+
+
+_savers: weakref.WeakSet[BackgroundSaver] = weakref.WeakSet()
+
+
+def _reset_savers_in_child() -> None:
+    for saver in list(_savers):
+        saver._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_reset_savers_in_child)
+
+
+@atexit.register
+def _wait_at_exit() -> None:
+    # Daemon threads keep running until the interpreter finalizes, which
+    # happens after this handler: waiting here lets an acknowledged save finish.
+    for saver in list(_savers):
+        if saver._current is None:
+            continue
+        if not saver.wait_at_exit:
+            # Abandon the save, but see it stop: the thread must be out of
+            # torch before the interpreter finalizes (module docstring).
+            saver.abandoning.set()
+            saver.wait()
+            continue
+        saver.wait()
+        try:
+            saver.raise_unseen()
+        except CommittedWithErrorsError as exc:
+            print(f"ckstore: {exc} (found at interpreter exit)", file=sys.stderr)
+        except AsyncSaveError as exc:
+            print(f"ckstore: {exc} (found at interpreter exit; the checkpoint was not committed)", file=sys.stderr)

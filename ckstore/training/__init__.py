@@ -1,0 +1,1 @@
+"""Training-loop helpers built on Store: resume, Checkpointer, EarlyStopping, ResumableSampler, RNGState."""
