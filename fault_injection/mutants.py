@@ -94,7 +94,7 @@ MUTANTS: tuple[Mutant, ...] = (
                 "committed = True",
                 "after",
                 (
-                    "from ._tensorfile import DEFERRED as _DEFERRED",
+                    "from .engine.tensorfile import DEFERRED as _DEFERRED",
                     "for _p, _fd in _DEFERRED:",
                     '    _durable._emit("fsync", "before", _p, {"site": "tensor_file"})',
                     "    os.fsync(_fd)",
