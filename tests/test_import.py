@@ -332,3 +332,17 @@ def test_the_importer_unpickles_only_through_weights_only_or_an_allowlist():
         assert any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True for k in call.keywords), call.lineno
     unpicklers = [c for c in ast.walk(tree) if isinstance(c, ast.ClassDef) and any(ast.unparse(b) == "pickle.Unpickler" for b in c.bases)]
     assert unpicklers and all(any(isinstance(f, ast.FunctionDef) and f.name == "find_class" for f in c.body) for c in unpicklers)
+
+
+def test_numpy_arrays_import_but_object_arrays_are_refused(tmp_path, store_path):
+    import numpy as np
+
+    plain = tmp_path / "np.pt"
+    torch.save({"w": torch.ones(2), "a": np.arange(5, dtype=np.uint32)}, plain)
+    with ckstore.Store(store_path) as store:
+        import_checkpoint(plain, store, step=1)
+        assert_same(store.load(step=1)["a"], np.arange(5, dtype=np.uint32))
+    objects = tmp_path / "obj.pt"
+    torch.save({"a": np.array([Payload()], dtype=object)}, objects)
+    with pytest.raises(UnsafePickleError):
+        import_checkpoint(objects, store_path, step=2)
