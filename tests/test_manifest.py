@@ -79,33 +79,6 @@ def test_manifest_json_is_canonical(manifest):
     assert raw["checksum"].split(":")[0] in ("blake3", "sha256")
 
 
-def test_every_single_byte_change_is_detected():
-    data = _signed(_valid_raw())
-    parse_manifest(data)  # the untouched manifest is fine
-    accepted = []
-    for position in range(len(data)):
-        for mask in (0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80):
-            mutated = bytearray(data)
-            mutated[position] ^= mask
-            try:
-                parse_manifest(bytes(mutated))
-            except (ckstore.ManifestError, ckstore.IntegrityError):
-                continue
-            accepted.append((position, mask, bytes(mutated[max(0, position - 10) : position + 10])))
-    assert accepted == []
-
-
-@given(manifest=manifests(), data=st.data())
-def test_any_single_byte_replacement_is_detected(manifest, data):
-    original = manifest.to_json()
-    position = data.draw(st.integers(0, len(original) - 1))
-    value = data.draw(st.integers(0, 255).filter(lambda v: v != original[position]))
-    mutated = bytearray(original)
-    mutated[position] = value
-    with pytest.raises((ckstore.ManifestError, ckstore.IntegrityError)):
-        parse_manifest(bytes(mutated))
-
-
 def test_truncation_and_garbage_are_refused():
     data = _signed(_valid_raw())
     for cut in range(0, len(data), 7):

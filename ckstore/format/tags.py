@@ -104,7 +104,11 @@ def parse_tags(data: bytes, *, path: str = TAGS_NAME) -> dict[str, TagEntry]:
         expected = HashInfo.parse(raw.pop("checksum"))
     except ManifestError as exc:
         raise bad(str(exc)) from None
-    actual = hash_bytes(_canonical(raw), expected.algo)
+    try:
+        canonical = _canonical(raw)
+    except ValueError:  # a number past the largest float (1e999) parses as inf, which canonical JSON cannot hold
+        raise bad("holds a number out of range") from None
+    actual = hash_bytes(canonical, expected.algo)
     if actual != expected:
         raise IntegrityError(f"{path}: checksum mismatch (altered or corrupt tags file)", path=path, expected=str(expected), actual=str(actual))
     if _canonical({**raw, "checksum": str(expected)}) != bytes(data):
