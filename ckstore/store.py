@@ -238,7 +238,10 @@ class Store:
         self.trust_foreign = bool(trust_foreign)
         self.lock_timeout = lock_timeout
         self.hash_algorithm = hash_algorithm or default_algorithm()
-        new_hasher(self.hash_algorithm)  # refuse an unknown algorithm now, not mid-save
+        try:
+            new_hasher(self.hash_algorithm)  # refuse an unknown algorithm now, not mid-save
+        except ManifestError as exc:  # the caller's option, not a malformed manifest (load() would skip good checkpoints)
+            raise InvalidArgumentError(f"hash_algorithm={hash_algorithm!r}: {exc}") from None
         self._root = str(self.path)
         self._ckpt_dir = os.path.join(self._root, CHECKPOINTS_DIR)
         self._staging_dir = os.path.join(self._root, STAGING_DIR)

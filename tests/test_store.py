@@ -123,8 +123,17 @@ def test_sha256_store_verifies(store_path):
         assert all(e.hash.algo == "sha256" for e in info.files.values())
         assert store.verify() == []
         assert store.load(step=1)["epoch"] == 2
-    with pytest.raises(ckstore.ManifestError):
+
+
+def test_an_unknown_hash_algorithm_is_a_bad_argument_naming_the_option(store_path):
+    """A bad option is the caller's mistake, not a malformed manifest: a ValueError that names ``hash_algorithm``
+    (it was a ManifestError saying only "unsupported hash algorithm 'md5'"), raised at open, before anything is written."""
+    with pytest.raises(ckstore.InvalidArgumentError) as excinfo:
         ckstore.Store(store_path, hash_algorithm="md5")
+    assert isinstance(excinfo.value, ckstore.CkstoreError) and isinstance(excinfo.value, ValueError)
+    assert not isinstance(excinfo.value, ckstore.ManifestError)
+    assert "hash_algorithm" in str(excinfo.value) and "md5" in str(excinfo.value)
+    assert not store_path.exists()
 
 
 def test_store_path_that_is_a_file(tmp_path):
