@@ -9,13 +9,18 @@ uninterrupted run.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import enum
 import os
 import signal
 import subprocess
 import sys
 import time
 import warnings
-from pathlib import Path
+from argparse import Namespace
+from collections import OrderedDict
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path, PurePosixPath
 
 import pytest
 import torch
@@ -382,3 +387,67 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, blocking):
     assert trainer.global_step == ref_trainer.global_step
     assert_same(trainer.lightning_module.state_dict(), ref_trainer.lightning_module.state_dict())
     assert_same(trainer.optimizers[0].state_dict()["state"], ref_trainer.optimizers[0].state_dict()["state"])
+
+
+# ---------------------------------------------------------------- hyperparameters
+
+
+class Color(enum.Enum):
+    RED = "red"
+    BLUE = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    depth: int
+    name: str = "x"
+    scale: float = 0.5
+
+
+def _hparams() -> dict:
+    return {
+        "out": Path("/data/run 1"),
+        "pure": PurePosixPath("a/b"),
+        "args": Namespace(a=1, b="z", c=[1, 2]),
+        "day": date(2026, 12, 2),
+        "when": datetime(2026, 12, 2, 9, 30, 1, 5, tzinfo=timezone(timedelta(hours=-3, minutes=-30))),
+        "utc": datetime(2026, 1, 1, tzinfo=timezone.utc),
+        "naive": datetime(2026, 1, 1, 23, 59, 59, 999999),
+        "span": timedelta(days=1, seconds=3, microseconds=7),
+        "color": Color.RED,
+        "order": OrderedDict([("b", 1), ("a", OrderedDict([("y", 2), ("x", 3)]))]),
+        "cfg": Config(3),
+        "nested": [Config(1, "y", 2.5), {"c": Color.BLUE}],
+    }
+
+
+def _assert_exact(actual, expected, path="hparams"):
+    assert type(actual) is type(expected), f"{path}: {type(actual).__name__} != {type(expected).__name__}"
+    if isinstance(expected, dict):
+        assert list(actual) == list(expected), f"{path}: key order"
+        for key in expected:
+            _assert_exact(actual[key], expected[key], f"{path}[{key!r}]")
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected)
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            _assert_exact(a, e, f"{path}[{i}]")
+    else:
+        assert actual == expected, f"{path}: {actual!r} != {expected!r}"
+        if isinstance(expected, datetime):
+            assert actual.tzinfo == expected.tzinfo and actual.fold == expected.fold
+
+
+def test_hyperparameters_round_trip_exactly(tmp_path):
+    hparams = _hparams()
+    trainer, ckpt, _ = _fit(tmp_path / "s", epochs=1, model=Tiny(**hparams))
+    model = ckl.load_from_checkpoint(Tiny, tmp_path / "s", classes=[Color, Config])
+    for key, value in hparams.items():
+        _assert_exact(model.hparams[key], value, key)
+    # The lightning module's state_dict is an OrderedDict, and loads as one.
+    assert type(ckl.load_checkpoint(tmp_path / "s", classes=[Color, Config])["state_dict"]) is OrderedDict
+    # A class that is not allowed is refused with the key named, and nothing is imported to find it.
+    with pytest.raises(ckstore.StateError, match=r"\['hyper_parameters'\]\['cfg'\].*classes="):
+        ckl.load_from_checkpoint(Tiny, tmp_path / "s", classes=[Color])
+    # fit(ckpt_path="last") allows the classes the model's own hparams hold.
+    trainer, _, log = _fit(tmp_path / "s", epochs=2, model=Tiny(**hparams), ckpt_path="last")
+    assert log.resumed["global_step"] == BATCHES and trainer.global_step == 2 * BATCHES
