@@ -186,6 +186,7 @@ def test_lightning_file_names_are_tags(store_path):
         ("filename", "sub/{epoch}"),
         ("train_time_interval", 5),
         ("verbose", 1),
+        ("classes", [int]),
     ],
 )
 def test_bad_option_is_a_typed_error_naming_it(tmp_path, option, value):

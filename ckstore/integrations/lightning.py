@@ -38,10 +38,13 @@ Single process (rank 0 writes); multi-rank sharded strategies bypass
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import logging
 import math
 import os
-from collections.abc import Mapping
+from argparse import Namespace
+from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -101,11 +104,18 @@ class CkstoreCheckpointIO(CheckpointIO):
     thread, and a failure is raised by the next save or :meth:`teardown`.
     Lightning's own ``AsyncCheckpointIO`` must not wrap this plugin (it would
     run removals before the save they follow is durable).
+
+    ``classes``: Enum and dataclass types that hyperparameters saved as such
+    are re-created as when loading (see docs/lightning.md); a checkpoint's
+    class names are never imported.
     """
 
-    def __init__(self, store: ckstore.Store | str | os.PathLike[str], *, blocking: bool = True, **store_options: Any) -> None:
+    def __init__(
+        self, store: ckstore.Store | str | os.PathLike[str], *, blocking: bool = True, classes: Iterable[type] = (), **store_options: Any
+    ) -> None:
         if not isinstance(blocking, bool):
             raise _invalid("blocking", blocking, "expected True or False")
+        self.classes: list[type] = _check_classes(classes)
         if isinstance(store, ckstore.Store):
             if store_options:
                 raise _invalid(", ".join(sorted(store_options)), "...", "store options go to ckstore.Store when a path is given, not with a Store")
@@ -209,7 +219,7 @@ class CkstoreCheckpointIO(CheckpointIO):
         """Load the checkpoint ``path`` names (see the module docstring). ``weights_only`` is moot: nothing is unpickled."""
         name = self._name(path, for_save=False)
         self._settle()
-        checkpoint = load_checkpoint(self.store, name, map_location=map_location)
+        checkpoint = load_checkpoint(self.store, name, map_location=map_location, classes=self.classes)
         self._current_step = self._loaded_step = checkpoint.get("global_step")
         return checkpoint
 
@@ -240,21 +250,24 @@ class CkstoreCheckpointIO(CheckpointIO):
                 store.close()
 
 
-def load_checkpoint(store: ckstore.Store | str | os.PathLike[str], name: str | None = None, *, map_location: Any = None) -> dict[str, Any]:
+def load_checkpoint(
+    store: ckstore.Store | str | os.PathLike[str], name: str | None = None, *, map_location: Any = None, classes: Iterable[type] = ()
+) -> dict[str, Any]:
     """Lightning's checkpoint dict from a store: by name, ``"best"``, or ``None`` for the newest that verifies.
 
     ``store`` may also be a Lightning-style path (``runs/exp1/last.ckpt``) with ``name`` left ``None``.
+    ``classes``: Enum and dataclass types hyperparameters may be re-created as.
     """
     if not isinstance(store, ckstore.Store):
         root, from_path = split_path(store)
         if name is None:
             name = from_path
         with ckstore.Store(root, readonly=True) as opened:
-            return load_checkpoint(opened, name, map_location=map_location)
+            return load_checkpoint(opened, name, map_location=map_location, classes=classes)
     if name is not None and not isinstance(name, str):
         raise _invalid("name", name, "expected a checkpoint name, 'best', 'latest' or None")
     step = None if name in (None, _NEWEST) else name
-    checkpoint = store.load(None, step=step, map_location=map_location)
+    checkpoint = store.load(None, step=step, map_location=map_location, classes=_check_classes(classes))
     if not isinstance(checkpoint, dict) or "global_step" not in checkpoint:
         raise ckstore.InvalidArgumentError(f"{store.path}: checkpoint {name or 'latest'!r} was not saved by Lightning (no 'global_step')")
     log.info("loaded step %s (%s) from %s", checkpoint["global_step"], name or "newest that verifies", store.path)
@@ -267,6 +280,7 @@ def load_from_checkpoint(
     *,
     map_location: Any = None,
     strict: bool | None = None,
+    classes: Iterable[type] = (),
     **kwargs: Any,
 ) -> Any:
     """``cls.load_from_checkpoint(path)`` for a checkpoint in a store (``LightningModule`` or ``LightningDataModule``).
@@ -275,11 +289,12 @@ def load_from_checkpoint(
     and never asks a ``CheckpointIO``; this reads the store (read-only, every
     file verified) and then builds the object exactly as Lightning does:
     hyperparameters from the checkpoint updated with ``kwargs``, then
-    ``on_load_checkpoint`` and ``load_state_dict(strict=strict)``.
+    ``on_load_checkpoint`` and ``load_state_dict(strict=strict)``. ``classes``:
+    Enum and dataclass types the hyperparameters may be re-created as.
     """
     if not isinstance(cls, type) or not issubclass(cls, (pl.LightningModule, pl.LightningDataModule)):
         raise _invalid("cls", cls, "expected a LightningModule or LightningDataModule subclass")
-    checkpoint = load_checkpoint(path, map_location=map_location)
+    checkpoint = load_checkpoint(path, map_location=map_location, classes=classes)
     checkpoint.setdefault(cls.CHECKPOINT_HYPER_PARAMS_KEY, {})
     checkpoint[cls.CHECKPOINT_HYPER_PARAMS_KEY].update(kwargs)
     # Lightning's own builder (pinned by ckstore[lightning]); tests/test_lightning.py checks it still behaves.
@@ -305,7 +320,9 @@ class ModelCheckpoint(_LightningModelCheckpoint):
     by a rotation that a kill interrupted. ``trainer.fit(ckpt_path="last")``
     resumes from the newest checkpoint that verifies, ``"best"`` from the best
     that verifies. ``blocking=False`` saves in ckstore's background thread.
-    See docs/lightning.md for the mapping and what differs from Lightning.
+    ``classes``: Enum and dataclass types hyperparameters may be re-created as
+    on resume, besides those of the model's own ``hparams`` values, which are
+    allowed in ``setup``. See docs/lightning.md for the mapping and what differs from Lightning.
     """
 
     def __init__(
@@ -327,6 +344,7 @@ class ModelCheckpoint(_LightningModelCheckpoint):
         enable_version_counter: bool = True,
         *,
         blocking: bool = True,
+        classes: Iterable[type] = (),
     ) -> None:
         root = os.path.realpath(os.path.expanduser(_fspath(dirpath, "dirpath")))
         _check_options(
@@ -366,7 +384,9 @@ class ModelCheckpoint(_LightningModelCheckpoint):
             enable_version_counter=enable_version_counter,
         )
         #: The plugin this callback saves through; installed on the trainer's strategy in ``setup``.
-        self.checkpoint_io = CkstoreCheckpointIO(root, blocking=blocking, **retention_options(monitor=monitor, mode=mode, save_top_k=save_top_k))
+        self.checkpoint_io = CkstoreCheckpointIO(
+            root, blocking=blocking, classes=classes, **retention_options(monitor=monitor, mode=mode, save_top_k=save_top_k)
+        )
         # ``trainer.fit(ckpt_path="best")`` reads ``best_model_path`` before any callback runs: in a new
         # process it would be empty and Lightning would refuse; point it at the store's best instead.
         if monitor is not None:
@@ -386,6 +406,11 @@ class ModelCheckpoint(_LightningModelCheckpoint):
                     f"Trainer(plugins=...) has checkpoint_io {type(current).__name__} (store {getattr(current, 'root', None)!r}); "
                     f"ckstore's ModelCheckpoint saves through its own CkstoreCheckpointIO for {self.checkpoint_io.root}: drop that plugin"
                 )
+        # The Enum and dataclass classes of the model's own hyperparameters: objects this process already
+        # made, so allowing them imports nothing, and resuming needs no classes= for them.
+        found: set[type] = set()
+        _classes_in(getattr(pl_module, "hparams", {}), found, 0)
+        self.checkpoint_io.classes = list(dict.fromkeys([*self.checkpoint_io.classes, *sorted(found, key=lambda c: (c.__module__, c.__qualname__))]))
         super().setup(trainer, pl_module, stage)
 
     def _ModelCheckpoint__warn_if_dir_not_empty(self, dirpath: Any) -> None:
@@ -434,6 +459,36 @@ class ModelCheckpoint(_LightningModelCheckpoint):
             step = io.store.resolve(source).step
             io.store.tag(step, io._name(linkpath, for_save=True))
         trainer.strategy.barrier()
+
+
+def _check_classes(classes: Any) -> list[type]:
+    if isinstance(classes, (str, bytes, type)) or not isinstance(classes, Iterable):
+        raise _invalid("classes", classes, "expected a list of Enum or dataclass types")
+    out = list(classes)
+    for cls in out:
+        if not isinstance(cls, type) or not (issubclass(cls, enum.Enum) or dataclasses.is_dataclass(cls)):
+            raise _invalid("classes", cls, "expected Enum or dataclass types (only those are re-created from a checkpoint)")
+    return out
+
+
+def _classes_in(value: Any, found: set[type], depth: int) -> None:
+    """Add the Enum and dataclass types among ``value``'s values (hyperparameters) to ``found``."""
+    if depth > 64:
+        return
+    if isinstance(value, enum.Enum):
+        found.add(type(value))
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        found.add(type(value))
+        for field in dataclasses.fields(value):
+            _classes_in(getattr(value, field.name, None), found, depth + 1)
+    elif isinstance(value, Namespace):
+        _classes_in(vars(value), found, depth + 1)
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            _classes_in(item, found, depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _classes_in(item, found, depth + 1)
 
 
 def retention_options(*, monitor: str | None, mode: str, save_top_k: int) -> dict[str, Any]:
