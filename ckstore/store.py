@@ -117,6 +117,7 @@ from .storage.metadata_lock import metadata_lock
 from .checkpoint.metrics_log import METRICS_NAME, Recorded, dump_metrics, read_metrics
 from .checkpoint.quarantine import FAILED_VERIFICATION, LEFT_AHEAD, QuarantineEntry
 from .checkpoint.retention import RetentionPolicy, commit_order, left_ahead, plan_deletions, rank_best
+from .format.extra_types import class_table
 from .state.decode import decode_state
 from .state.encode import Encoded, encode_state, tensor_refs
 from .state.targets import plan_load
@@ -1158,7 +1159,16 @@ class Store:
 
     # ------------------------------------------------------------ load and verify
 
-    def load(self, state: Any = None, *, step: int | str | None = None, map_location: Any = None, verify: bool = True, strict: bool = True) -> Any:
+    def load(
+        self,
+        state: Any = None,
+        *,
+        step: int | str | None = None,
+        map_location: Any = None,
+        verify: bool = True,
+        strict: bool = True,
+        classes: Iterable[type] = (),
+    ) -> Any:
         """Load a checkpoint; restore what ``state`` holds in place; return the restored nested state.
 
         ``step`` is a step number, ``"latest"``, ``"best"`` or a tag; ``None``
@@ -1179,21 +1189,29 @@ class Store:
         ``step="best"`` falls back like ``step=None``, down the ranking: a best
         checkpoint that fails to load is skipped with a warning and the next
         best is loaded; if none loads, CheckpointNotFoundError names each.
+
+        ``classes``: Enum and dataclass types that saved Enum members and
+        dataclass instances may be re-created as (matched by the stored
+        ``module:qualname``; a checkpoint's class names are never imported).
+        A saved one whose class is not given raises StateError naming the key.
         """
         self._check_open()
+        table = class_table(classes)
         if step == "best":
-            loaded = self._load_first(self._ranked_best(), state, map_location=map_location, verify=verify, strict=strict, stacklevel=3)
+            loaded = self._load_first(self._ranked_best(), state, map_location=map_location, verify=verify, strict=strict, stacklevel=3, classes=table)
             if loaded is None:
                 raise CheckpointNotFoundError(f"{self._root}: no best checkpoint (store is empty or no checkpoint has the metric)", step=step)
             return loaded[1]
         if step is not None:
-            return self._load_one(self.resolve(step), state, map_location, verify, strict)
-        loaded = self._load_newest(state, map_location=map_location, verify=verify, strict=strict, stacklevel=3)
+            return self._load_one(self.resolve(step), state, map_location, verify, strict, classes=table)
+        loaded = self._load_newest(state, map_location=map_location, verify=verify, strict=strict, stacklevel=3, classes=table)
         if loaded is None:
             raise CheckpointNotFoundError(f"{self._root}: store has no checkpoints")
         return loaded[1]
 
-    def _load_newest(self, state: Any, *, map_location: Any, verify: bool, strict: bool = True, stacklevel: int) -> tuple[CheckpointInfo, Any] | None:
+    def _load_newest(
+        self, state: Any, *, map_location: Any, verify: bool, strict: bool = True, stacklevel: int, classes: Mapping[str, type] | None = None
+    ) -> tuple[CheckpointInfo, Any] | None:
         """Load the newest checkpoint that loads; return it and the restored state, or None if the store is empty.
 
         The one fallback loop, shared by :meth:`load` and :func:`ckstore.resume`.
@@ -1208,17 +1226,27 @@ class Store:
         """
         infos = self.checkpoints()
         # The last committed first (see ckstore.checkpoint.retention).
-        return self._load_first(reversed(commit_order(infos)), state, map_location=map_location, verify=verify, strict=strict, stacklevel=stacklevel + 1)
+        return self._load_first(
+            reversed(commit_order(infos)), state, map_location=map_location, verify=verify, strict=strict, stacklevel=stacklevel + 1, classes=classes
+        )
 
     def _load_first(
-        self, candidates: Iterable[CheckpointInfo], state: Any, *, map_location: Any, verify: bool, strict: bool, stacklevel: int
+        self,
+        candidates: Iterable[CheckpointInfo],
+        state: Any,
+        *,
+        map_location: Any,
+        verify: bool,
+        strict: bool,
+        stacklevel: int,
+        classes: Mapping[str, type] | None = None,
     ) -> tuple[CheckpointInfo, Any] | None:
         """Load the first of ``candidates`` that loads (the fallback loop described in :meth:`_load_newest`); None if there are none."""
         failed: list[str] = []
         first: CkstoreError | None = None
         for info in candidates:
             try:
-                return info, self._load_one(info, state, map_location, verify, strict)
+                return info, self._load_one(info, state, map_location, verify, strict, classes=classes)
             except CheckpointNotFoundError:
                 continue  # deleted by retention while we looked
             except StateError:
@@ -1231,10 +1259,10 @@ class Store:
             return None
         raise CheckpointNotFoundError(f"{self._root}: no checkpoint verifies ({'; '.join(failed)})") from first
 
-    def _load_one(self, info: CheckpointInfo, state: Any, map_location: Any, verify: bool, strict: bool = True) -> Any:
+    def _load_one(self, info: CheckpointInfo, state: Any, map_location: Any, verify: bool, strict: bool = True, classes: Mapping[str, type] | None = None) -> Any:
         with _gc_paused():
             try:
-                loaded = self._load_one_file_by_file(info, state, map_location, verify, strict)
+                loaded = self._load_one_file_by_file(info, state, map_location, verify, strict, classes)
                 if verify:  # every file was hashed: retention need not read it again (``_slots_verified``)
                     self._mark_sound(info.step, info.created)
                 return loaded
@@ -1244,7 +1272,7 @@ class Store:
                 self._corrupt[info.step] = info.created  # failed to load: retention gives it no slot and never deletes it
                 raise
 
-    def _load_one_file_by_file(self, info: CheckpointInfo, state: Any, map_location: Any, verify: bool, strict: bool) -> Any:
+    def _load_one_file_by_file(self, info: CheckpointInfo, state: Any, map_location: Any, verify: bool, strict: bool, classes: Mapping[str, type] | None = None) -> Any:
         directory = str(info.path)
         manifest = self._manifest(info.path.name)
         if verify:
@@ -1301,7 +1329,7 @@ class Store:
 
         result = decode_state(
             manifest.state, source, target=state, map_location=map_location,
-            strict=strict, mismatch=plan.mismatch, module_states=plan.module_states, validated=True,
+            strict=strict, mismatch=plan.mismatch, module_states=plan.module_states, validated=True, classes=classes,
         )  # fmt: skip
         if plan.mismatch:
             plan.mismatch.warn(f"step {info.step}", stacklevel=4)

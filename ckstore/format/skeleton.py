@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..errors import ManifestError
+from . import extra_types as _extra
 
 MARK = "$ck"
 #: Deepest nesting of JSON containers in a skeleton (the state's root object is level 1).
@@ -136,11 +137,11 @@ def _check_tagged(node: dict[str, Any], kind: Any, inner: int, is_key: bool, sta
         if "device" in node and not device_name_ok(node["device"]):
             raise _bad(path, f"invalid device name {str(node['device'])[:40]!r}")
         return len(node)
-    if kind in ("tuple", "size", "dict"):
+    if kind in ("tuple", "size", "dict", "odict"):
         items = node.get("items")
         if fields != _ITEMS_FIELDS or type(items) is not list:
             raise _bad(path, f"a {kind} node must have exactly an 'items' list")
-        if inner + (2 if kind == "dict" else 1) > MAX_DEPTH:
+        if inner + (2 if kind in ("dict", "odict") else 1) > MAX_DEPTH:
             raise _bad(path, f"the state nests deeper than {MAX_DEPTH} levels")
         if kind == "size":
             if is_key or not all(type(n) is int and 0 <= n <= _INT64_MAX for n in items):
@@ -150,7 +151,7 @@ def _check_tagged(node: dict[str, Any], kind: Any, inner: int, is_key: bool, sta
             stack.extend((item, inner + 1, is_key) for item in items)
             return 2
         if is_key:
-            raise _bad(path, "a dict key is a dict")
+            raise _bad(path, "a dict key is a dict")  # an odict too
         for pair in items:
             if type(pair) is not list or len(pair) != 2:
                 raise _bad(path, "a dict item must be a [key, value] pair")
@@ -180,6 +181,12 @@ def _check_tagged(node: dict[str, Any], kind: Any, inner: int, is_key: bool, sta
         if fields != {MARK, "name"} or not device_name_ok(node["name"]):
             raise _bad(path, f"invalid device name {str(node.get('name'))[:40]!r}")
         return 2
+    if kind in _extra.KINDS:  # paths, dates, enums, dataclasses, ...: the table in extra_types
+        child = _extra.check_node(node, kind, is_key, lambda reason: _bad(path, reason))
+        if child is None:
+            return len(node)
+        stack.append((child, inner, False))
+        return len(node) - 1
     where = "a dict key" if is_key else "the state"
     raise _bad(path, f"{where} holds an unknown tagged value {str(kind)[:40]!r}")
 

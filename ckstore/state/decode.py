@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import CkstoreError, ManifestError, StateError
+from ..format import extra_types as _extra
 from ..format.skeleton import MARK, MAX_DEPTH, TORCH_DTYPES, check_skeleton, decode_float
 from .encode import Path, format_path, is_stateful
 from .targets import Mismatch, incompatible, is_plain, load_into, restore_plain
@@ -34,12 +36,19 @@ _MAYBE_PLAIN = frozenset({type(None), bool, int, float, str, bytes, list, tuple,
 
 def _may_be_plain(target: Any) -> bool:
     """A cheap first test (one set lookup for the tensors of a model) before :func:`is_plain`."""
-    return type(target) in _MAYBE_PLAIN or isinstance(target, np.generic)
+    if type(target) in _MAYBE_PLAIN:
+        return True
+    if type(target) in _TENSORS:
+        return False
+    return isinstance(target, np.generic) or _extra.kind_of(target) is not None or type(target) is OrderedDict
 
 
 class _Decoder:
-    def __init__(self, source: TensorSource, map_location: Any, *, strict: bool, mismatch: Mismatch, module_states: Mapping[int, Any]) -> None:
+    def __init__(
+        self, source: TensorSource, map_location: Any, *, strict: bool, mismatch: Mismatch, module_states: Mapping[int, Any], classes: Mapping[str, type]
+    ) -> None:
         self.source = source
+        self.classes = classes
         self.map_location = map_location
         self.strict = strict
         self.mismatch = mismatch
@@ -54,7 +63,7 @@ class _Decoder:
         if not isinstance(node, dict):
             return node
         kind = node.get(MARK)
-        if kind is None or kind == "dict":
+        if kind is None or kind == "dict" or kind == "odict":
             if target is not None and is_stateful(target):
                 return self.into_object(node, target, path)
             return self.mapping(node, target if isinstance(target, Mapping) else None, path)
@@ -79,6 +88,8 @@ class _Decoder:
             return TORCH_DTYPES[node["name"]]
         if kind == "device":
             return torch.device(node["name"])
+        if kind in _extra.KINDS:
+            return _extra.decode(node, format_path(path), lambda child: self.decode(child, None, path), self.classes)
         raise ManifestError(f"{format_path(path)}: unknown encoded value {str(kind)[:40]!r}")  # pragma: no cover - validated
 
     def sequence(self, items: list[Any], target: Any, path: Path) -> list[Any]:
@@ -97,11 +108,11 @@ class _Decoder:
         return values
 
     def mapping(self, node: dict[str, Any], target: Mapping[Any, Any] | None, path: Path) -> dict[Any, Any]:
-        if node.get(MARK) == "dict":
+        if node.get(MARK) in ("dict", "odict"):
             pairs = [(self.decode(key, None, path + ("<key>",)), value) for key, value in node["items"]]
         else:
             pairs = node.items()
-        out = {}
+        out = OrderedDict() if node.get(MARK) == "odict" else {}
         if target is None:
             for key, value in pairs:
                 out[key] = self.decode(value, None, path + (key,))
@@ -249,16 +260,19 @@ def decode_state(
     mismatch: Mismatch | None = None,
     module_states: Mapping[int, Any] | None = None,
     validated: bool = False,
+    classes: Mapping[str, type] | None = None,
 ) -> Any:
     """Rebuild the saved state; what ``target`` holds is restored in place (see ``_targets``).
 
+    ``classes``: the Enum and dataclass types values may be re-created as, by
+    stored name (``extra_types.class_table``); nothing is ever imported.
     ``validated``: the skeleton already passed ``check_skeleton`` (a parsed
     manifest's has). Mismatches found while decoding (a tensor of another
     shape) raise when ``strict``, else are added to ``mismatch``.
     """
     if not validated:
         check_skeleton(skeleton, path="state")
-    decoder = _Decoder(source, map_location, strict=strict, mismatch=mismatch if mismatch is not None else Mismatch(), module_states=module_states or {})
+    decoder = _Decoder(source, map_location, strict=strict, mismatch=mismatch if mismatch is not None else Mismatch(), module_states=module_states or {}, classes=classes or {})
     try:
         state = decoder.decode(skeleton, target, ())
         decoder.copy_pending()

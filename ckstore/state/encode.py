@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import enum
 import functools
 import math
 import re
 import struct
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +38,7 @@ import numpy as np
 import torch
 
 from ..training import data as _data
+from ..format import extra_types as _extra
 from ..format import skeleton as _skeleton
 from ..errors import ManifestError, StateError
 from ..format.skeleton import MARK, numpy_scalar_dtype
@@ -143,6 +146,8 @@ class _Encoder:
             return self.tensor(torch.from_numpy(_storable_array(value, path)), path, numpy=True)
         if value is None or isinstance(value, bool):
             return value
+        if isinstance(value, enum.Enum):  # before str and int: a StrEnum or IntEnum member keeps its class
+            return self.extra(value, "enum", path)
         if isinstance(value, str):
             return _check_text(value, path)
         if isinstance(value, np.generic):
@@ -170,6 +175,10 @@ class _Encoder:
         if is_stateful(value):
             with self._entered(value, path, 1):
                 state = _data.state_to_save(value, format_path(path))
+                if type(state) is OrderedDict:
+                    # A module's state_dict() is an OrderedDict; loading puts it back into the object,
+                    # so it is stored as a dict, as before "odict" existed (older readers load it).
+                    state = dict(state)
                 return {MARK: "stateful", "class": type(value).__qualname__, "state": self.encode(state, path)}
         if isinstance(value, Mapping):
             key_types = set(map(type, value))
@@ -180,29 +189,39 @@ class _Encoder:
             # kept by the item list below (a round trip preserves key order).
             keys = list(value)
             strings = key_types <= _STR or all(isinstance(k, str) for k in keys)
-            if strings and MARK not in value and keys == sorted(keys):
+            ordered = type(value) is OrderedDict  # loads as an OrderedDict again ("odict")
+            if strings and not ordered and MARK not in value and keys == sorted(keys):
                 with self._entered(value, path, 1):
                     return self.plain_dict(value, path)
             with self._entered(value, path, 3):
                 items = []
                 for k, v in value.items():
                     items.append([self.key(k, path), self.encode(v, path + (k,))])
-                return {MARK: "dict", "items": items}
+                return {MARK: "odict" if ordered else "dict", "items": items}
         if isinstance(value, (list, tuple)):
             with self._entered(value, path, 1 if type(value) is list else 2):
                 items = [self.encode(v, path + (i,)) for i, v in enumerate(value)]
             if isinstance(value, torch.Size):
                 return {MARK: "size", "items": items}
             return items if isinstance(value, list) else {MARK: "tuple", "items": items}
+        kind = _extra.kind_of(value)
+        if kind is not None:
+            return self.extra(value, kind, path)
         refusal = _data.loader_refusal(value)
         if refusal is not None:
             raise StateError(f"{format_path(path)}: {refusal}", key=format_path(path))
         raise StateError(
             f"{format_path(path)}: cannot store a value of type {type(value).__module__}.{type(value).__qualname__}; "
             "supported: tensors, NumPy arrays, dict/list/tuple, int/float/bool/str/bytes/None, "
+            "pathlib paths, argparse.Namespace, date/datetime/timedelta, Enum members, dataclasses, "
             "and objects with state_dict()/load_state_dict()",
             key=format_path(path),
         )
+
+    def extra(self, value: Any, kind: str, path: Path) -> dict[str, Any]:
+        """A value of ``ckstore.format.extra_types``' table (paths, dates, enums, dataclasses, ...)."""
+        with self._entered(value, path, 1):
+            return _extra.encode(value, kind, format_path(path), lambda child: self.encode(child, path))
 
     def plain_dict(self, value: Mapping[str, Any], path: Path) -> dict[str, Any]:
         """A dict with sorted string keys, as a JSON object; its tensors (the bulk of a model) encoded inline."""

@@ -38,6 +38,7 @@ overwrite, so the file is read straight into its memory (see
 
 from __future__ import annotations
 
+import enum
 import warnings
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ import torch
 
 from ..training import data as _data
 from ..errors import StateError
+from ..format import extra_types as _extra
 from ..format.skeleton import MARK, decode_float, numpy_scalar_dtype
 from .encode import Path, format_path, is_stateful
 
@@ -118,7 +120,8 @@ def _listing(paths: list[str]) -> str:
 
 # ---------------------------------------------------------------- kinds
 
-_LEAF_KINDS = frozenset({"none", "bool", "number", "str", "bytes", "dtype", "device"})
+#: Values restored by assignment; the table of ``extra_types`` (paths, dates, enums, dataclasses, ...) among them.
+_LEAF_KINDS = frozenset({"none", "bool", "number", "str", "bytes", "dtype", "device"} | _extra.KINDS)
 #: What each target kind accepts from the checkpoint.
 _ACCEPTS = {
     "bool": {"bool", "none"},
@@ -133,6 +136,7 @@ _ACCEPTS = {
     "tensor": {"tensor"},
     "array": {"array"},
     "unknown": set(),
+    **{kind: {kind, "none"} for kind in _extra.KINDS},
 }
 _NODE_WORDS = {
     "none": "None",
@@ -147,6 +151,7 @@ _NODE_WORDS = {
     "state": "the state of an object",
     "tensor": "a tensor",
     "array": "a NumPy array",
+    **{kind: f"a {kind}" for kind in _extra.KINDS},
 }
 _NUMPY_KINDS = {"bool": "bool", "int": "number", "float": "number", "text": "str"}
 
@@ -164,7 +169,7 @@ def node_kind(node: Any) -> str:
     if isinstance(node, list):
         return "list"
     kind = node.get(MARK)
-    if kind is None or kind == "dict":
+    if kind is None or kind == "dict" or kind == "odict":
         return "dict"
     if kind == "tensor":
         return "array" if node.get("numpy") else "tensor"
@@ -177,12 +182,14 @@ def node_kind(node: Any) -> str:
     if kind == "numpy_scalar":
         code = node["dtype"]
         return "bytes" if code.startswith("|S") else _NUMPY_KINDS[numpy_scalar_dtype(code) or "int"]
-    return kind  # bytes, dtype, device
+    return kind  # bytes, dtype, device, and the kinds of extra_types
 
 
 def target_kind(target: Any) -> str:
     if target is None:
         return "none"
+    if isinstance(target, enum.Enum):  # before number and str: an IntEnum or StrEnum member restores as its class
+        return "enum"
     if isinstance(target, (bool, np.bool_)):
         return "bool"
     if isinstance(target, (int, float, np.integer, np.floating)):
@@ -199,6 +206,9 @@ def target_kind(target: Any) -> str:
         return "dtype"
     if isinstance(target, torch.device):
         return "device"
+    extra = _extra.kind_of(target)
+    if extra is not None:
+        return extra
     if is_stateful(target):
         return "object"
     if isinstance(target, Mapping):
@@ -249,7 +259,7 @@ def node_entries(node: Any) -> dict[Any, Any] | None:
             return node
         if kind == "stateful":
             return node_entries(node["state"])
-        if kind == "dict":
+        if kind == "dict" or kind == "odict":
             return {decode_key(key): value for key, value in node["items"]}
     return None
 
