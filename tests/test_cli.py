@@ -273,6 +273,16 @@ def test_plot_png(capsys, populated, tmp_path):
     assert code == 2 and "--metric" in err and not (tmp_path / "x.png").exists()
 
 
+def test_plot_writes_through_storage(capsys, populated, tmp_path):
+    """The PNG is written by the storage layer (hooked, fsynced, replaced atomically), not by matplotlib's savefig."""
+    from ckstore.storage import durable
+
+    seen = []
+    with durable.hooked(lambda op, phase, path, info: seen.append((op, info["site"])) if phase == "after" else None):
+        code, _, _ = run_json(capsys, "plot", populated, "--metric", "loss", "-o", tmp_path / "p.png")
+    assert code == 0 and ("fsync", "plot") in seen and ("rename", "plot") in seen
+
+
 def test_plot_without_matplotlib_names_the_extra(capsys, populated, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an install without ckstore[plot] sees: ImportError
     code, out, err = run(capsys, "plot", populated, "--metric", "loss", "-o", tmp_path / "x.png")

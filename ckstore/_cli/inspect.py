@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import torch
 
 import ckstore
+from ckstore.storage import durable
 
 from .progress import Bars
 
@@ -144,9 +146,11 @@ def plot(store: ckstore.Store, metric: str, mode: str, out: str | os.PathLike[st
         ax.grid(True, alpha=0.3)
         ax.legend(loc="best", fontsize=8)
         fig.tight_layout()
-        fig.savefig(out, format="png")
+        png = io.BytesIO()
+        fig.savefig(png, format="png")  # into memory: the storage layer writes the file (hooked, fsynced, atomic)
     finally:
         plt.close(fig)
+    durable.write_file_atomic(out, png.getvalue(), site="plot")
     return {
         "path": os.fspath(out),
         "metric": metric,
