@@ -209,6 +209,12 @@ def test_dates_round_trip_property(tmp_path_factory, when, span, day):
     [
         {"$ck": "path", "class": "os.system", "value": "x"},
         {"$ck": "path", "class": "PosixPath", "value": 3},
+        {"$ck": "path", "class": {}, "value": "x"},
+        {"$ck": {}, "value": "x"},
+        {"$ck": ["date"], "value": "2020-01-01"},
+        {"$ck": "enum", "class": {}, "value": 1},
+        {"$ck": "datetime", "value": {}},
+        {"$ck": "date", "value": []},
         {"$ck": "date", "value": "2020-13-01"},
         {"$ck": "date", "value": "2020-1-1"},
         {"$ck": "datetime", "value": "2020-01-01T00:00:00+01:00"},
@@ -235,3 +241,32 @@ def test_namespace_with_non_string_keys_is_a_manifest_error(store):
 
     with pytest.raises(ckstore.ManifestError, match="keyed by strings"):
         decode_state({"$ck": "namespace", "attrs": {"$ck": "dict", "items": [[1, 2]]}}, lambda f, k: None)
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["$ck", "items", "value", "class", "x"]), inner, max_size=3),
+    max_leaves=8,
+)
+_FIELDS = ["class", "value", "attrs", "fields", "offset", "tzname", "fold", "days", "seconds", "microseconds", "items"]
+_GOOD = {"class": "PosixPath", "value": "2020-01-01", "days": 1, "seconds": 2, "microseconds": 3, "offset": 3_600_000_000, "attrs": {}, "fields": {}}
+
+
+@given(
+    kind=st.sampled_from(["path", "namespace", "date", "datetime", "timedelta", "enum", "dataclass", "odict"]) | _json,
+    fields=st.dictionaries(st.sampled_from(_FIELDS), _json | st.sampled_from(list(_GOOD.values())), max_size=4),
+)
+def test_crafted_nodes_give_only_typed_errors(kind, fields):
+    """Whatever a crafted manifest puts in these nodes: check_skeleton accepts it or raises ManifestError, and decoding
+    what it accepts raises nothing untyped (the manifest fuzz of fault_injection found a TypeError here once)."""
+    from ckstore.state.decode import decode_state
+
+    skeleton = {"v": {"$ck": kind, **fields}}
+    try:
+        check_skeleton(skeleton)
+    except ckstore.ManifestError:
+        return
+    try:
+        decode_state(skeleton, lambda file, key: torch.zeros(1), classes={"mod:Cls": Color})
+    except ckstore.CkstoreError:
+        pass

@@ -162,7 +162,8 @@ def check_node(node: dict[str, Any], kind: str, is_key: bool, bad: Callable[[str
     if is_key:
         raise bad(f"a dict key is a {kind}")
     if kind == "path":
-        if fields != {MARK, "class", "value"} or node["class"] not in PATH_CLASSES or type(node["value"]) is not str or "\0" in node["value"]:
+        name, value = node.get("class"), node.get("value")
+        if fields != {MARK, "class", "value"} or type(name) is not str or name not in PATH_CLASSES or type(value) is not str or "\0" in value:
             raise bad("a path node must have exactly a known 'class' and a string 'value'")
         return None
     if kind == "date":

@@ -181,7 +181,7 @@ def _check_tagged(node: dict[str, Any], kind: Any, inner: int, is_key: bool, sta
         if fields != {MARK, "name"} or not device_name_ok(node["name"]):
             raise _bad(path, f"invalid device name {str(node.get('name'))[:40]!r}")
         return 2
-    if kind in _extra.KINDS:  # paths, dates, enums, dataclasses, ...: the table in extra_types
+    if type(kind) is str and kind in _extra.KINDS:  # paths, dates, enums, ...: extra_types' table (a dict "kind" is unhashable)
         child = _extra.check_node(node, kind, is_key, lambda reason: _bad(path, reason))
         if child is None:
             return len(node)
