@@ -264,6 +264,7 @@ def test_plot_png(capsys, populated, tmp_path):
     out_png = tmp_path / "plot.png"
     code, payload, _ = run_json(capsys, "plot", populated, "--metric", "loss", "-o", out_png)
     assert code == 0 and payload["path"] == str(out_png) and payload["best"] == 2 and payload["points"] == 4
+    assert payload["tagged"] == [1] and payload["published"] == [9]
     with Image.open(out_png) as image:
         assert image.format == "PNG" and image.size == (1000, 500)
         colors = image.convert("RGB").getcolors(maxcolors=1 << 20)
