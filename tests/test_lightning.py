@@ -322,6 +322,25 @@ def test_corrupt_newest_makes_last_fall_back(tmp_path, damage):
         assert [q.step for q in store.quarantine()] == [steps[-1]]
 
 
+def test_the_plugin_alone_names_checkpoints_and_refuses_lightnings_own_directory(tmp_path):
+    io = ckl.CkstoreCheckpointIO(tmp_path / "s", keep_last=1)
+    trainer = _trainer([], epochs=1, plugins=[io], enable_checkpointing=False)
+    train, val = _data()
+    trainer.fit(Tiny(), train, val)
+    trainer.save_checkpoint(tmp_path / "s" / "manual.ckpt")
+    trainer.save_checkpoint(tmp_path / "s" / "again.ckpt")  # the same global step: a second name, not a copy
+    assert _listing(tmp_path / "s") == {BATCHES: ("again.ckpt", "manual.ckpt")}
+    log = LossLog()
+    _trainer([log], epochs=2, plugins=[ckl.CkstoreCheckpointIO(tmp_path / "s")], enable_checkpointing=False).fit(
+        Tiny(), train, val, ckpt_path=tmp_path / "s" / "manual.ckpt"
+    )
+    assert log.resumed["global_step"] == BATCHES
+    # With Lightning's own ModelCheckpoint (saving under lightning_logs/), the plugin says what to do.
+    trainer = _trainer([], epochs=1, plugins=[ckl.CkstoreCheckpointIO(tmp_path / "s2")], default_root_dir=tmp_path)
+    with pytest.raises(ckstore.InvalidArgumentError, match="not in the store.*ckstore's ModelCheckpoint"):
+        trainer.fit(Tiny(), train, val)
+
+
 def test_ckpt_path_last_on_an_empty_store_starts_fresh(tmp_path):
     with pytest.warns(UserWarning, match="no last checkpoint"):
         trainer, _, log = _fit(tmp_path / "s", epochs=1, ckpt_path="last")

@@ -151,7 +151,11 @@ class CkstoreCheckpointIO(CheckpointIO):
     def _name(self, path: Any, *, for_save: bool) -> str | None:
         root, name = split_path(path)
         if root != self.root:
-            raise ckstore.InvalidArgumentError(f"checkpoint path {os.fspath(path)!r} is not in the store {self.root}: name a checkpoint as <store>/<name>")
+            raise ckstore.InvalidArgumentError(
+                f"checkpoint path {os.fspath(path)!r} is not in the store {self.root}: name a checkpoint as <store>/<name> "
+                "(Lightning's own ModelCheckpoint saves under the logger's directory: use ckstore's ModelCheckpoint, "
+                "or Trainer(enable_checkpointing=False) with this plugin alone)"
+            )
         if for_save and name in (None, _BEST):
             raise ckstore.InvalidArgumentError(f"checkpoint path {os.fspath(path)!r}: a save needs a name other than 'latest' or 'best'")
         return name
