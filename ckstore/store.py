@@ -121,7 +121,8 @@ from .format.extra_types import class_table
 from .state.decode import decode_state
 from .state.encode import Encoded, encode_state, tensor_refs
 from .state.targets import plan_load
-from .format.tags import TAGS_NAME, TagEntry, check_tag_name, dump_tags, read_tags
+from .format.tags import TAGS_NAME, TagEntry, check_tag_name, dump_tags
+from .checkpoint.tagfile import read_tags
 from .engine.tensorfile import WritePipeline, WrittenFile, check_tensor, prepare_tensor, read_one_tensor, read_tensor_file, verify_tensor_file
 
 # ASCII digits only: "\d" also matches "١" (Arabic-Indic one), and int() reads "step-١" as step 1.

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ckstore
-from ckstore.format.tags import read_tags
+from ckstore.checkpoint.tagfile import read_tags
 from conftest import REPO_ROOT
 
 

@@ -44,8 +44,8 @@ from pathlib import Path
 from ..storage import durable as _durable
 from ..storage import safeio as _safeio
 from ..errors import CkstoreError, ManifestError, UnsafeStoreError
+from ..storage.layout import QUARANTINE_DIR
 
-QUARANTINE_DIR = ".quarantine"
 FAILED_VERIFICATION = "failed verification"
 LEFT_AHEAD = "left ahead by a rollback"
 NOTE_FORMAT = "ckstore.quarantine"

@@ -31,8 +31,7 @@ from typing import Any
 
 from ..errors import IntegrityError, InvalidArgumentError, ManifestError
 from .hashing import HashInfo, default_algorithm, hash_bytes
-from .skeleton import check_skeleton
-from ..state.encode import tensor_refs
+from .skeleton import check_skeleton, tensor_refs
 from .text import has_unsafe_chars
 
 FORMAT = "ckstore.checkpoint"

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import re
 import struct
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -236,3 +237,17 @@ def _check_numpy_scalar(node: dict[str, Any], inner: int, is_key: bool, stack: l
 
 def _bad(path: str, reason: str) -> ManifestError:
     return ManifestError(f"{path}: malformed state: {reason}", path=path)
+
+
+def tensor_refs(skeleton: Any) -> Iterator[tuple[str, str]]:
+    """Every (file, key) the skeleton refers to."""
+    stack = [skeleton]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            if node.get(MARK) == "tensor":
+                yield node.get("file"), node.get("key")
+            else:
+                stack.extend(node.values())

@@ -21,7 +21,6 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..storage import safeio as _safeio
 from ..errors import IntegrityError, InvalidArgumentError, ManifestError
 from .hashing import HashInfo, default_algorithm, hash_bytes
 
@@ -67,21 +66,6 @@ def dump_tags(tags: Mapping[str, TagEntry]) -> bytes:
     }
     body["checksum"] = str(hash_bytes(_canonical(body), default_algorithm()))
     return _canonical(body)
-
-
-def read_tags(path: str) -> dict[str, TagEntry]:
-    """Read and parse ``tags.json``; ``{}`` if there is none.
-
-    Read like every store file (``_safeio``): a symlink is refused, never
-    followed out of the store; a FIFO cannot hang the reader; a directory or
-    device is refused; at most :data:`MAX_TAGS_BYTES` are read. ManifestError
-    for a file that is not a tags file, CheckpointReadError for an OS error.
-    """
-    try:
-        data = _safeio.read_small(path, cap=MAX_TAGS_BYTES, what="tags file", error=lambda reason: ManifestError(f"{path}: {reason}", path=path))
-    except FileNotFoundError:
-        return {}
-    return parse_tags(data, path=path)
 
 
 def parse_tags(data: bytes, *, path: str = TAGS_NAME) -> dict[str, TagEntry]:

@@ -41,7 +41,7 @@ from ..training import data as _data
 from ..format import extra_types as _extra
 from ..format import skeleton as _skeleton
 from ..errors import ManifestError, StateError
-from ..format.skeleton import MARK, numpy_scalar_dtype
+from ..format.skeleton import MARK, numpy_scalar_dtype, tensor_refs  # noqa: F401 (callers import it from here too)
 from ..engine.tensorfile import DTYPE_NAMES, check_tensor, prepare_tensor
 
 MAX_FILE_BYTES = 1 << 30
@@ -570,17 +570,3 @@ def encode_state(state: Any, *, prepare: Callable[[torch.Tensor, str], torch.Ten
                 key="state",
             ) from None
     return encoder.finish(skeleton)
-
-
-def tensor_refs(skeleton: Any) -> Iterator[tuple[str, str]]:
-    """Every (file, key) the skeleton refers to."""
-    stack = [skeleton]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, list):
-            stack.extend(node)
-        elif isinstance(node, dict):
-            if node.get(MARK) == "tensor":
-                yield node.get("file"), node.get("key")
-            else:
-                stack.extend(node.values())

@@ -26,11 +26,11 @@ import os
 import stat
 
 from ..errors import CheckpointNotFoundError, InvalidArgumentError, UnsafeStoreError
-from ..checkpoint.quarantine import QUARANTINE_DIR
-
 CHECKPOINTS_DIR = "checkpoints"
 STAGING_DIR = ".staging"
 TRASH_DIR = ".trash"
+#: Checkpoints that failed verification, moved aside (``checkpoint/quarantine.py`` owns what goes in it).
+QUARANTINE_DIR = ".quarantine"
 LAYOUT_DIRS = (CHECKPOINTS_DIR, STAGING_DIR, TRASH_DIR, QUARANTINE_DIR)
 
 #: The way out of an ownership refusal, in Python terms (the CLI says it in its own options).

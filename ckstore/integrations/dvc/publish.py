@@ -92,7 +92,7 @@ from ...storage.lock import LOCK_NAME, OWNER_NAME
 from ...format.manifest import MANIFEST_NAME, Manifest, parse_manifest
 from ...storage.metadata_lock import META_LOCK_NAME
 from ...checkpoint.metrics_log import METRICS_NAME
-from ...checkpoint.quarantine import QUARANTINE_DIR
+from ...storage.layout import QUARANTINE_DIR
 from ...format.tags import TAGS_NAME
 
 if TYPE_CHECKING:

@@ -53,7 +53,7 @@ from ...errors import DvcError, IntegrityError, InvalidArgumentError, StoreLocke
 from ...format.hashing import HashInfo
 from ...storage.lock import WriterLock
 from ...format.manifest import MANIFEST_NAME, parse_manifest
-from ...checkpoint.quarantine import QUARANTINE_DIR
+from ...storage.layout import QUARANTINE_DIR
 
 _HEX2 = re.compile(r"[0-9a-f]{2}")
 
