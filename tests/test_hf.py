@@ -1,0 +1,285 @@
+"""CkstoreTrainer: a tiny GPT-2 Trainer run SIGKILLed mid-run and resumed equals the uninterrupted run.
+
+Every run is a real subprocess (the same script), killed with a real SIGKILL while it waits at a known
+step, after its last checkpoint committed and before the next one. The script prints JSON lines: the loss
+of every step, and at each save step of the uninterrupted run (and at the start of a resumed one) a digest
+of the model parameters and optimizer state, the scheduler's LR, the global step and the epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import ckstore
+
+pytest.importorskip("transformers")
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments  # noqa: E402
+
+from ckstore.integrations.hf import BEST_TAG, CkstoreTrainer, retention_from_args  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = textwrap.dedent(
+    """
+    import hashlib, json, os, sys, time
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments, TrainerCallback, set_seed
+    from ckstore.integrations.hf import CkstoreTrainer
+
+    out, resume, pause_at = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3])
+
+    class Tokens(torch.utils.data.Dataset):
+        def __init__(self):
+            self.x = torch.randint(0, 128, (40, 16), generator=torch.Generator().manual_seed(0))
+        def __len__(self):
+            return len(self.x)
+        def __getitem__(self, i):
+            return {"input_ids": self.x[i], "labels": self.x[i]}
+
+    def digest(tensors):
+        h = hashlib.sha256()
+        for t in tensors:
+            h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes() if t.dim() else t.detach().reshape(1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    def report(event, state, model, optimizer, scheduler):
+        opt_tensors = [v for s in optimizer.state.values() for _, v in sorted(s.items())]
+        print("@@" + json.dumps({"event": event, "step": state.global_step, "epoch": state.epoch,
+                          "lr": scheduler.get_last_lr(), "params": digest(model.parameters()),
+                          "optimizer": digest(opt_tensors), "opt_entries": len(optimizer.state)}), flush=True)
+
+    class Probe(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if "loss" in logs:
+                print("@@" + json.dumps({"event": "loss", "step": state.global_step, "loss": logs["loss"]}), flush=True)
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kw):
+            if resume:
+                report("resumed", state, model, optimizer, lr_scheduler)
+        def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kw):
+            if state.global_step % args.save_steps == 0:
+                report("saving", state, model, optimizer, lr_scheduler)
+            if state.global_step == pause_at:
+                print("@@" + json.dumps({"event": "paused", "step": state.global_step}), flush=True)
+                time.sleep(600)  # the test SIGKILLs us here
+
+    set_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=128, n_positions=16, tie_word_embeddings=True,
+                        bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(config)  # dropout on: the RNG state matters
+    args = TrainingArguments(out, per_device_train_batch_size=4, num_train_epochs=2, logging_steps=1, save_steps=4,
+                             save_total_limit=2, seed=0, report_to=[], use_cpu=True, lr_scheduler_type="linear",
+                             warmup_steps=2, disable_tqdm=True)
+    trainer = CkstoreTrainer(model=model, args=args, train_dataset=Tokens(), callbacks=[Probe()])
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    report("final", trainer.state, trainer.model, trainer.optimizer, trainer.lr_scheduler)
+    """
+)
+
+
+def _run(script: Path, out: Path, *, resume: bool, pause_at: int = 0) -> list[dict]:
+    """Run the script; with ``pause_at`` SIGKILL it once it waits at that step. Returns its JSON events."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "default"}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(out), "1" if resume else "0", str(pause_at)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    events = []
+    try:
+        for line in proc.stdout:
+            if line.startswith("@@"):
+                events.append(json.loads(line[2:]))
+                if events[-1]["event"] == "paused":
+                    os.kill(proc.pid, signal.SIGKILL)
+                    break
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stderr = proc.stderr.read()
+    proc.stderr.close()
+    proc.stdout.close()
+    if pause_at:
+        assert proc.returncode == -signal.SIGKILL, stderr
+    else:
+        assert proc.returncode == 0, stderr
+    events.append({"event": "stderr", "text": stderr})
+    return events
+
+
+def _losses(events: list[dict]) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in events if e["event"] == "loss"}
+
+
+def _one(events: list[dict], kind: str, step: int | None = None) -> dict:
+    found = [e for e in events if e["event"] == kind and (step is None or e["step"] == step)]
+    assert len(found) == 1, (kind, step, events)
+    return found[0]
+
+
+def _same_state(resumed: dict, reference: dict) -> None:
+    for field in ("step", "epoch", "lr", "params", "optimizer", "opt_entries"):
+        assert resumed[field] == reference[field], field
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The uninterrupted run, and a run SIGKILLed at step 10 (checkpoints 4 and 8 committed)."""
+    base = tmp_path_factory.mktemp("hf")
+    script = base / "train.py"
+    script.write_text(SCRIPT)
+    reference = _run(script, base / "reference", resume=False)
+    killed = _run(script, base / "killed", resume=False, pause_at=10)
+    return {"script": script, "base": base, "reference": reference, "killed": killed}
+
+
+def test_sigkill_and_resume_equals_uninterrupted_run(runs, tmp_path) -> None:
+    reference = runs["reference"]
+    out = tmp_path / "run"
+    shutil.copytree(runs["base"] / "killed", out)
+    with ckstore.Store(out / "ckstore", readonly=True) as store:
+        assert [c.step for c in store.checkpoints()] == [4, 8]
+    resumed = _run(runs["script"], out, resume=True)
+    # Global step, epoch, scheduler LR, parameters and optimizer state at the resume are those of step 8.
+    _same_state(_one(resumed, "resumed"), _one(reference, "saving", 8))
+    assert _one(resumed, "resumed")["epoch"] == pytest.approx(0.8)
+    # The loss of every step after the resume equals the uninterrupted run's, bit for bit.
+    ref_losses, killed_losses, resumed_losses = _losses(reference), _losses(runs["killed"]), _losses(resumed)
+    assert sorted(resumed_losses) == list(range(9, 21))
+    assert resumed_losses == {s: ref_losses[s] for s in range(9, 21)}
+    assert killed_losses == {s: ref_losses[s] for s in range(1, 10)}  # the killed run was the same run until the kill
+    _same_state(_one(resumed, "final"), _one(reference, "final"))
+    with ckstore.Store(out / "ckstore", readonly=True) as store:
+        assert [c.step for c in store.checkpoints()] == [16, 20]  # save_total_limit=2 is keep_last=2
+        assert not store.verify()
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(runs, tmp_path) -> None:
+    reference = runs["reference"]
+    out = tmp_path / "run"
+    shutil.copytree(runs["base"] / "killed", out)
+    newest = out / "ckstore" / "checkpoints" / "step-00000008"
+    victim = newest / "model.transformer.safetensors"
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # one flipped bit inside a weight
+    victim.write_bytes(bytes(raw))
+    resumed = _run(runs["script"], out, resume=True)
+    assert "CorruptCheckpointWarning" in _one(resumed, "stderr")["text"]
+    _same_state(_one(resumed, "resumed"), _one(reference, "saving", 4))
+    ref_losses = _losses(reference)
+    assert _losses(resumed) == {s: ref_losses[s] for s in range(5, 21)}
+    _same_state(_one(resumed, "final"), _one(reference, "final"))
+    with ckstore.Store(out / "ckstore", readonly=True) as store:
+        assert [c.step for c in store.checkpoints()] == [16, 20]
+        assert any(e.step == 8 for e in store.quarantine())  # the corrupt step 8, moved aside when step 8 was saved again
+
+
+# ---------------------------------------------------------------- in-process: best, retention, arguments
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, n: int = 24, seed: int = 0) -> None:
+        self.x = torch.randint(0, 128, (n, 16), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.x[i], "labels": self.x[i]}
+
+
+def _model(tie: bool = True) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=128, n_positions=16, tie_word_embeddings=tie, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config)
+
+
+def _args(out: Path, **kwargs) -> TrainingArguments:
+    base = dict(per_device_train_batch_size=4, max_steps=12, logging_steps=1, save_steps=2, seed=0, report_to=[], use_cpu=True, disable_tqdm=True)
+    return TrainingArguments(str(out), **{**base, **kwargs})
+
+
+def test_best_survives_save_total_limit_and_is_loaded_at_end(tmp_path) -> None:
+    # greater_is_better on the eval loss makes an early checkpoint the best, so keep_last=1 alone would delete it.
+    args = _args(
+        tmp_path, eval_strategy="steps", eval_steps=2, save_total_limit=1, load_best_model_at_end=True,
+        metric_for_best_model="loss", greater_is_better=True, learning_rate=5e-3,
+    )  # fmt: skip
+    trainer = CkstoreTrainer(model=_model(), args=args, train_dataset=_Tokens(), eval_dataset=_Tokens(8, seed=1))
+    trainer.train()
+    best = trainer.state.best_global_step
+    with ckstore.Store(tmp_path / "ckstore", readonly=True) as store:
+        steps = [c.step for c in store.checkpoints()]
+        assert best != 12 and steps == [best, 12]  # the best and the last: what the Trainer keeps with save_total_limit=1
+        assert store.resolve(BEST_TAG).step == best and store.best().step == best
+        assert store.resolve(best).metrics["eval_loss"] == pytest.approx(trainer.state.best_metric)
+        weights = store.load(None, step=best)["model"]
+    assert trainer.state.best_model_checkpoint == str(tmp_path / "ckstore" / "checkpoints" / f"step-{best:08d}")
+    for name, tensor in trainer.model.state_dict().items():  # load_best_model_at_end loaded the best from the store
+        assert torch.equal(tensor, weights[name]), name
+    assert not list(tmp_path.glob("checkpoint-*"))  # nothing written the Trainer's way
+
+
+def test_retention_comes_from_training_arguments(tmp_path) -> None:
+    args = _args(tmp_path, save_total_limit=3, eval_strategy="steps", load_best_model_at_end=True, metric_for_best_model="accuracy")
+    assert retention_from_args(args) == {"keep_last": 3, "keep_best": 1, "metric": "eval_accuracy", "mode": "max"}
+    assert retention_from_args(_args(tmp_path)) == {"keep_last": None}
+    with pytest.raises(ckstore.InvalidArgumentError, match="keep_last"):
+        CkstoreTrainer(model=_model(), args=_args(tmp_path), train_dataset=_Tokens(), store_options={"keep_last": 1})
+    with ckstore.Store(tmp_path / "s", keep_last=3) as wrong:  # no keep_best: the best could be deleted
+        with pytest.raises(ckstore.InvalidArgumentError, match="keep_best"):
+            CkstoreTrainer(model=_model(), args=args, train_dataset=_Tokens(), eval_dataset=_Tokens(4), store=wrong)
+
+
+def test_resume_arguments_and_empty_store(tmp_path) -> None:
+    trainer = CkstoreTrainer(model=_model(), args=_args(tmp_path, max_steps=2), train_dataset=_Tokens())
+    with pytest.raises(ckstore.CheckpointNotFoundError):
+        trainer.train(resume_from_checkpoint=True)
+    (tmp_path / "checkpoint-2").mkdir()
+    with pytest.raises(ckstore.InvalidArgumentError, match="directory"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    with pytest.raises(ckstore.InvalidArgumentError):
+        trainer.train(resume_from_checkpoint=2.5)
+
+
+def test_model_only_checkpoint_cannot_be_resumed(tmp_path) -> None:
+    trainer = CkstoreTrainer(model=_model(), args=_args(tmp_path, max_steps=2, save_only_model=True), train_dataset=_Tokens())
+    trainer.train()
+    with ckstore.Store(tmp_path / "ckstore", readonly=True) as store:
+        assert set(store.load(None, step=2)) == {"model", "hf", "trainer_state"}
+    again = CkstoreTrainer(model=_model(), args=_args(tmp_path, max_steps=4, save_only_model=True), train_dataset=_Tokens())
+    with pytest.raises(ckstore.StateError, match="optimizer"):
+        again.train(resume_from_checkpoint=True)
+
+
+def test_background_saves_commit_before_train_returns(tmp_path) -> None:
+    trainer = CkstoreTrainer(model=_model(), args=_args(tmp_path, max_steps=4), train_dataset=_Tokens(), background=True)
+    trainer.train()
+    with ckstore.Store(tmp_path / "ckstore", readonly=True) as store:
+        assert [c.step for c in store.checkpoints()] == [2, 4]
+        assert not store.verify()
+        state = json.loads(store.load(None, step=4)["trainer_state"])
+    assert state["global_step"] == 4
+
+
+def test_import_ckstore_imports_no_framework() -> None:
+    code = "import sys, ckstore, ckstore.integrations, ckstore.integrations.export; print(sorted(m for m in ('transformers', 'accelerate') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+warnings.filterwarnings("ignore", message=".*set_vital.*")
