@@ -276,6 +276,19 @@ def test_background_saves_commit_before_train_returns(tmp_path) -> None:
     assert state["global_step"] == 4
 
 
+def test_second_save_at_one_step_adds_metrics_not_a_checkpoint(tmp_path) -> None:
+    trainer = CkstoreTrainer(model=_model(), args=_args(tmp_path, max_steps=2), train_dataset=_Tokens())
+    trainer.train()
+    # The Trainer may ask for a save twice at one global step (a step and an epoch boundary); the first save
+    # stands (a committed checkpoint is never rewritten) and metrics logged since are recorded for it.
+    trainer.state.log_history.append({"eval_loss": 1.5, "step": 2})
+    trainer._save_checkpoint(trainer.model, None)
+    trainer._close_owned_store()
+    with ckstore.Store(tmp_path / "ckstore", readonly=True) as store:
+        assert [c.step for c in store.checkpoints()] == [2]
+        assert store.resolve(2).metrics["eval_loss"] == 1.5
+
+
 def test_import_ckstore_imports_no_framework() -> None:
     code = "import sys, ckstore, ckstore.integrations, ckstore.integrations.export; print(sorted(m for m in ('transformers', 'accelerate') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)

@@ -60,7 +60,9 @@ def _objects(accelerator: Accelerator) -> dict[str, Any]:
         raise InvalidArgumentError(f"needs an accelerate.Accelerator, got {type(accelerator).__name__}")
     kind = accelerator.distributed_type
     if any(kind == getattr(DistributedType, name, None) for name in _SHARDED):
-        raise InvalidArgumentError(f"ckstore's accelerate integration does not support {kind}: its state is sharded across processes")
+        raise InvalidArgumentError(
+            f"ckstore's accelerate integration does not support {kind}: its state is sharded across processes"
+        )
     # accelerate keeps what prepare() returned in these lists; its own save_state reads the same ones.
     objects: dict[str, Any] = {}
     for i, model in enumerate(accelerator._models):
@@ -87,7 +89,9 @@ def save_state(
     tags: Iterable[str] = (),
     blocking: bool = True,
 ) -> ckstore.CheckpointInfo | ckstore.AsyncSave | None:
-    """Save the accelerator's state as checkpoint ``step`` of ``store``; returns what :meth:`Store.save` returns on the main process, None elsewhere.
+    """Save the accelerator's state as checkpoint ``step`` of ``store``.
+
+    Returns what :meth:`Store.save` returns on the main process, None elsewhere.
 
     Call it on every process (the RNG states are gathered); only the main
     process writes. With ``blocking=True`` every process returns once the
@@ -127,7 +131,8 @@ def load_state(accelerator: Accelerator, store: Store, step: int | str | None = 
     rng = loaded.get("rng")
     rank = accelerator.process_index
     if not isinstance(rng, list) or rank >= len(rng):
-        raise StateError(f"checkpoint holds no RNG state for process {rank} (saved with {len(rng) if isinstance(rng, list) else 0} processes)", key="rng")
+        saved = len(rng) if isinstance(rng, list) else 0
+        raise StateError(f"checkpoint holds no RNG state for process {rank} (saved with {saved} processes)", key="rng")
     RNGState().load_state_dict(rng[rank])
     if isinstance(loaded.get("accelerator_step"), int):
         accelerator.step = loaded["accelerator_step"]

@@ -129,7 +129,8 @@ def _read_weights(store: ckstore.Store, step: int | str, key: str) -> tuple[dict
         present = sorted(state) if isinstance(state, Mapping) else type(state).__name__
         raise StateError(f"checkpoint {step!r} has no {key!r} to export (top-level keys: {present})", key=key)
     weights = state[key]
-    if not isinstance(weights, Mapping) or not weights or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()):
+    is_state_dict = isinstance(weights, Mapping) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items())
+    if not is_state_dict or not weights:
         raise StateError(f"checkpoint {step!r}: state[{key!r}] is not a module's state dict (str -> tensor)", key=key)
     meta = None
     record = state.get(HF_META_KEY)
@@ -304,7 +305,10 @@ def export_hf(
     else:
         names = {f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors": keys for i, keys in enumerate(shards)}
         index = {
-            "metadata": {"total_parameters": sum(t.numel() for t in weights.values()), "total_size": sum(t.nbytes for t in weights.values())},
+            "metadata": {
+                "total_parameters": sum(t.numel() for t in weights.values()),
+                "total_size": sum(t.nbytes for t in weights.values()),
+            },
             "weight_map": {k: name for name, keys in names.items() for k in keys},
         }
         files[SAFE_WEIGHTS_INDEX_NAME] = json.dumps(index, indent=2, sort_keys=True) + "\n"

@@ -108,7 +108,14 @@ class CkstoreTrainerMixin:
     :class:`ckstore.CorruptCheckpointWarning`), a step number, ``"best"`` or a tag.
     """
 
-    def __init__(self, *args: Any, store: Store | str | os.PathLike[str] | None = None, store_options: Mapping[str, Any] | None = None, background: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        store: Store | str | os.PathLike[str] | None = None,
+        store_options: Mapping[str, Any] | None = None,
+        background: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         targs = self.args
         for name, refused in (
@@ -118,11 +125,15 @@ class CkstoreTrainerMixin:
             ("save_on_each_node", targs.save_on_each_node),
         ):
             if refused:
-                raise InvalidArgumentError(f"CkstoreTrainer does not support {name}: its checkpoints are written by one rank into one store")
+                raise InvalidArgumentError(
+                    f"CkstoreTrainer does not support {name}: its checkpoints are written by one rank into one store"
+                )
         options = dict(store_options or {})
         clash = sorted(set(options) & set(_FROM_ARGS))
         if clash:
-            raise InvalidArgumentError(f"store_options {clash} come from TrainingArguments (save_total_limit, metric_for_best_model, greater_is_better)")
+            raise InvalidArgumentError(
+                f"store_options {clash} come from TrainingArguments (save_total_limit, metric_for_best_model, greater_is_better)"
+            )
         if not isinstance(background, bool):
             raise InvalidArgumentError(f"background must be True or False, got {background!r}")
         self._ck_background = background
@@ -160,7 +171,13 @@ class CkstoreTrainerMixin:
 
     # ------------------------------------------------------------ train / resume
 
-    def train(self, resume_from_checkpoint: bool | int | str | None = None, trial: Any = None, ignore_keys_for_eval: list[str] | None = None, **kwargs: Any) -> Any:
+    def train(
+        self,
+        resume_from_checkpoint: bool | int | str | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
         if trial is not None or self.hp_search_backend is not None:
             raise InvalidArgumentError("CkstoreTrainer does not support hyperparameter search (each trial would need its own store)")
         try:
@@ -196,7 +213,9 @@ class CkstoreTrainerMixin:
         payload = self.store.load(None, step=step, map_location="cpu")
         text = payload.get("trainer_state") if isinstance(payload, Mapping) else None
         if not isinstance(text, str):
-            raise StateError(f"{self.store.path}: checkpoint {which!r} holds no trainer_state; it was not written by CkstoreTrainer", key="trainer_state")
+            raise StateError(
+                f"{self.store.path}: checkpoint {which!r} holds no trainer_state; it was not written by CkstoreTrainer", key="trainer_state"
+            )
         trainer_state = json.loads(text)
         # The best path recorded at save time may have moved with the store: point it at the checkpoint now.
         trainer_state["best_model_checkpoint"] = self._best_path(trainer_state.get("best_global_step"))
@@ -256,7 +275,11 @@ class CkstoreTrainerMixin:
         try:
             payload = self.store.load(None, step=step, map_location="cpu")
         except (ckstore.IntegrityError, ckstore.CheckpointNotFoundError, ckstore.ManifestError) as exc:
-            warnings.warn(f"best checkpoint step {step} failed to load ({exc}); loading the next best by {BEST_TAG!r} ranking", ckstore.CorruptCheckpointWarning, stacklevel=2)
+            warnings.warn(
+                f"best checkpoint step {step} failed to load ({exc}); loading the best that verifies by the store's metric",
+                ckstore.CorruptCheckpointWarning,
+                stacklevel=2,
+            )
             payload = self.store.load(None, step="best", map_location="cpu")
         _load_module(model, payload.get("model"), step)
 
@@ -277,7 +300,8 @@ class CkstoreTrainerMixin:
                 self._ck_saved.add(step)
                 best = self.state.best_global_step
                 tags = (BEST_TAG,) if best == step else ()
-                self.store.save(self._checkpoint_state(rng), step=step, metrics=self._metrics_at(step), tags=tags, blocking=not self._ck_background)
+                state, metrics = self._checkpoint_state(rng), self._metrics_at(step)
+                self.store.save(state, step=step, metrics=metrics, tags=tags, blocking=not self._ck_background)
                 if best and best != step:
                     self._pin_best(best)
         self._barrier()
@@ -312,7 +336,8 @@ class CkstoreTrainerMixin:
             if entry.get("step") != step:
                 break
             for name, value in entry.items():
-                if (name.startswith("eval_") or name == "loss") and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                wanted = name.startswith("eval_") or name == "loss"
+                if wanted and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                     metrics.setdefault(name, float(value))
         return metrics
 
@@ -374,7 +399,8 @@ def _load_module(module: torch.nn.Module, weights: Any, step: int) -> None:
     result = module.load_state_dict(weights, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise StateError(
-            f"checkpoint step {step} does not fit the model: missing {sorted(result.missing_keys)}, unexpected {sorted(result.unexpected_keys)}",
+            f"checkpoint step {step} does not fit the model: "
+            f"missing {sorted(result.missing_keys)}, unexpected {sorted(result.unexpected_keys)}",
             key="model",
         )
 
