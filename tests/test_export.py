@@ -91,11 +91,14 @@ def test_export_writes_what_save_pretrained_writes(trained, tmp_path) -> None:
 def test_sharded_export_matches_save_pretrained_and_loads(trained, tmp_path) -> None:
     store_path, model = trained
     with ckstore.Store(store_path, readonly=True) as store:
-        files = export_hf(store, 3, tmp_path / "ours", max_shard_size="20KB")
+        calls: list[tuple[int, int]] = []
+        files = export_hf(store, 3, tmp_path / "ours", max_shard_size="20KB", progress=lambda done, total: calls.append((done, total)))
     model.save_pretrained(tmp_path / "theirs", max_shard_size="20KB")
     index = json.loads((tmp_path / "ours" / "model.safetensors.index.json").read_text())
     assert index == json.loads((tmp_path / "theirs" / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
+    assert len(calls) == len(shards) and calls[-1][0] == calls[-1][1] == index["metadata"]["total_size"]
+    assert [done for done, _ in calls] == sorted(done for done, _ in calls)
     assert len(shards) > 2 and files == sorted(["config.json", "generation_config.json", "model.safetensors.index.json", *shards])
     assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == sorted(p.name for p in (tmp_path / "theirs").iterdir())
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ours")

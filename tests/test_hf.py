@@ -28,6 +28,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments  # noqa: E402
 
+from ckstore.integrations.export import export_hf  # noqa: E402
 from ckstore.integrations.hf import BEST_TAG, CkstoreTrainer, retention_from_args  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,9 +39,10 @@ SCRIPT = textwrap.dedent(
     os.environ["HF_HUB_OFFLINE"] = "1"
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments, TrainerCallback, set_seed
+    from transformers import Trainer
     from ckstore.integrations.hf import CkstoreTrainer
 
-    out, resume, pause_at = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3])
+    out, resume, pause_at, native = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), sys.argv[4] == "native"
 
     class Tokens(torch.utils.data.Dataset):
         def __init__(self):
@@ -83,18 +85,18 @@ SCRIPT = textwrap.dedent(
     args = TrainingArguments(out, per_device_train_batch_size=4, num_train_epochs=2, logging_steps=1, save_steps=4,
                              save_total_limit=2, seed=0, report_to=[], use_cpu=True, lr_scheduler_type="linear",
                              warmup_steps=2, disable_tqdm=True)
-    trainer = CkstoreTrainer(model=model, args=args, train_dataset=Tokens(), callbacks=[Probe()])
+    trainer = (Trainer if native else CkstoreTrainer)(model=model, args=args, train_dataset=Tokens(), callbacks=[Probe()])
     trainer.train(resume_from_checkpoint=True if resume else None)
     report("final", trainer.state, trainer.model, trainer.optimizer, trainer.lr_scheduler)
     """
 )
 
 
-def _run(script: Path, out: Path, *, resume: bool, pause_at: int = 0) -> list[dict]:
+def _run(script: Path, out: Path, *, resume: bool, pause_at: int = 0, native: bool = False) -> list[dict]:
     """Run the script; with ``pause_at`` SIGKILL it once it waits at that step. Returns its JSON events."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "default"}
     proc = subprocess.Popen(
-        [sys.executable, str(script), str(out), "1" if resume else "0", str(pause_at)],
+        [sys.executable, str(script), str(out), "1" if resume else "0", str(pause_at), "native" if native else "ckstore"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     events = []
@@ -186,6 +188,27 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(runs, tmp_path) ->
     with ckstore.Store(out / "ckstore", readonly=True) as store:
         assert [c.step for c in store.checkpoints()] == [16, 20]
         assert any(e.step == 8 for e in store.quarantine())  # the corrupt step 8, moved aside when step 8 was saved again
+
+
+def test_imported_trainer_checkpoint_resumes_through_ckstore(runs, tmp_path) -> None:
+    """A plain Trainer's checkpoint-8 (its own files), imported with ckstore import, resumes in CkstoreTrainer."""
+    from ckstore.integrations.importers import import_checkpoint
+
+    reference = runs["reference"]
+    out = tmp_path / "run"
+    native = _run(runs["script"], out, resume=False, pause_at=10, native=True)
+    ref_losses = _losses(reference)
+    assert _losses(native) == {s: ref_losses[s] for s in range(1, 10)}  # saving through ckstore changes no step
+    with ckstore.Store(out / "ckstore") as store:
+        assert import_checkpoint(out / "checkpoint-8", store).info.step == 8
+        export_hf(store, 8, tmp_path / "exported")  # the imported checkpoint exports as the Trainer wrote it
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((tmp_path / "exported" / name).read_text()) == json.loads((out / "checkpoint-8" / name).read_text())
+    assert (tmp_path / "exported" / "model.safetensors").read_bytes() == (out / "checkpoint-8" / "model.safetensors").read_bytes()
+    resumed = _run(runs["script"], out, resume=True)
+    _same_state(_one(resumed, "resumed"), _one(reference, "saving", 8))
+    assert _losses(resumed) == {s: ref_losses[s] for s in range(9, 21)}
+    _same_state(_one(resumed, "final"), _one(reference, "final"))
 
 
 # ---------------------------------------------------------------- in-process: best, retention, arguments

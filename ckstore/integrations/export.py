@@ -49,7 +49,7 @@ import math
 import os
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -59,8 +59,10 @@ import ckstore
 from ckstore import CkstoreError, InvalidArgumentError, StateError
 from ckstore import _durable  # the one module that may fsync and rename
 
-__all__ = ["DEFAULT_MAX_SHARD_SIZE", "ExportExistsError", "export_hf", "export_safetensors", "hf_metadata"]
+__all__ = ["DEFAULT_MAX_SHARD_SIZE", "ExportExistsError", "declared_tied_keys", "export_hf", "export_safetensors", "hf_metadata"]
 
+#: ``progress(done_bytes, total_bytes)``, called after each file written (as the importers' callback).
+Progress = Callable[[int, int], None]
 #: Shards above this many bytes split (each shard is built in memory before it is written).
 DEFAULT_MAX_SHARD_SIZE = 5 * 1000**3
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -106,13 +108,18 @@ def hf_metadata(model: Any) -> dict[str, Any]:
     can_generate = getattr(model, "can_generate", None)
     if generation is not None and callable(can_generate) and can_generate():
         meta["generation_config"] = generation.to_json_string(use_diff=True)
+    meta["tied_weights"] = declared_tied_keys(model)
+    meta["ignore_on_save"] = sorted(getattr(model, "_keys_to_ignore_on_save", None) or [])
+    return meta
+
+
+def declared_tied_keys(model: torch.nn.Module) -> list[str]:
+    """The key patterns a transformers model class declares tied (``_tied_weights_keys`` of every submodule), sorted."""
     tied: list[str] = []
     for name, module in model.named_modules():
         declared = getattr(module, "_tied_weights_keys", None) or {}
         tied.extend(f"{name}.{k}" if name else k for k in declared)  # a dict (target -> source) or, before v5, a list
-    meta["tied_weights"] = sorted(set(tied))
-    meta["ignore_on_save"] = sorted(getattr(model, "_keys_to_ignore_on_save", None) or [])
-    return meta
+    return sorted(set(tied))
 
 
 # ---------------------------------------------------------------- reading a checkpoint
@@ -136,7 +143,15 @@ def _read_weights(store: ckstore.Store, step: int | str, key: str) -> tuple[dict
     record = state.get(HF_META_KEY)
     if isinstance(record, Mapping) and isinstance(record.get(key), Mapping):
         meta = dict(record[key])
+    elif key == "model" and isinstance(state.get("config"), Mapping):
+        # A Trainer checkpoint-N directory brought in by ckstore.integrations.importers: its config.json and
+        # generation_config.json as parsed JSON; its weights were written by save_pretrained (no tied duplicates).
+        meta = {name: _json_text(state[name]) for name in ("config", "generation_config") if isinstance(state.get(name), Mapping)}
     return dict(weights), meta
+
+
+def _json_text(value: Mapping[str, Any]) -> str:
+    return json.dumps(value, indent=2, sort_keys=True) + "\n"  # as transformers' to_json_string writes it
 
 
 def _storage_id(tensor: torch.Tensor) -> tuple[Any, int]:
@@ -282,15 +297,17 @@ def export_hf(
     config: Mapping[str, Any] | str | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
+    progress: Progress | None = None,
 ) -> list[str]:
     """Write checkpoint ``step`` (a number, ``"latest"``, ``"best"`` or a tag) of ``store`` as a ``from_pretrained`` directory.
 
     ``key``: the top-level state key holding the module. ``config``: a config
     dict or JSON string for a checkpoint that carries none (one that does uses
     its own unless this is given). ``max_shard_size``: bytes or ``"5GB"``-style
-    (decimal units, ``"GiB"`` binary), as ``save_pretrained``'s. Returns the
-    names of the files written, sorted. See the module docstring for what is
-    written and the atomicity.
+    (decimal units, ``"GiB"`` binary), as ``save_pretrained``'s. ``progress``:
+    called with ``(bytes written, total bytes)`` after each weight file. Returns
+    the names of the files written, sorted. See the module docstring for what
+    is written and the atomicity.
     """
     out = _check_path(out_dir, "out_dir")
     limit = _parse_size(max_shard_size)
@@ -320,9 +337,13 @@ def export_hf(
     tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{secrets.token_hex(6)}")
     _durable.make_dir(tmp, site="export")
     try:
+        total, done = sum(t.nbytes for t in weights.values()), 0
         for name, keys in names.items():
             # One shard in memory at a time: safetensors builds the file's bytes (header + data) in one buffer.
             _write_file(os.path.join(tmp, name), _safetensors_bytes({k: weights[k] for k in keys}, metadata={"format": "pt"}))
+            done += sum(weights[k].nbytes for k in keys)
+            if progress is not None:
+                progress(done, total)
         for name, text in files.items():
             _write_file(os.path.join(tmp, name), text)
         _durable.sync_dir(tmp, site="export_dir")
@@ -341,18 +362,22 @@ def export_safetensors(
     *,
     key: str = "model",
     overwrite: bool = False,
+    progress: Progress | None = None,
 ) -> str:
     """Write the weights of checkpoint ``step`` as one safetensors file (HF key names, tied duplicates dropped, ``format: pt``).
 
     Atomic (temporary file, fsync, rename, directory fsync). An existing
     ``file`` is refused (:class:`ExportExistsError`) unless ``overwrite=True``.
-    Returns the absolute path written.
+    ``progress`` as for :func:`export_hf`. Returns the absolute path written.
     """
     path = _check_path(file, "file")
     _check_destination(path, overwrite=overwrite, directory=False)
     weights, meta = _read_weights(store, step, key)
     weights = _untie(weights, meta)
     _durable.write_file_atomic(path, _safetensors_bytes(weights, metadata={"format": "pt"}), site="export")
+    if progress is not None:
+        total = sum(t.nbytes for t in weights.values())
+        progress(total, total)
     return path
 
 

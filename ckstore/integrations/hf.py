@@ -46,17 +46,20 @@ import dataclasses
 import json
 import math
 import os
+import random
+import re
 import tempfile
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 import ckstore
 from ckstore import InvalidArgumentError, RNGState, StateError, Store
 
-from .export import HF_META_KEY, hf_metadata
+from .export import HF_META_KEY, declared_tied_keys, hf_metadata
 
 try:
     from transformers import Trainer
@@ -211,12 +214,15 @@ class CkstoreTrainerMixin:
         # map_location="cpu": every rank reads the same files; tensors go to their device as the Trainer's own
         # loaders put them (load_state_dict copies into the parameters, the optimizer casts to theirs).
         payload = self.store.load(None, step=step, map_location="cpu")
-        text = payload.get("trainer_state") if isinstance(payload, Mapping) else None
-        if not isinstance(text, str):
+        saved = payload.get("trainer_state") if isinstance(payload, Mapping) else None
+        if isinstance(saved, str):
+            trainer_state = json.loads(saved)
+        elif isinstance(saved, Mapping):  # a checkpoint-N directory brought in by ckstore.integrations.importers
+            trainer_state = dict(saved)
+        else:
             raise StateError(
-                f"{self.store.path}: checkpoint {which!r} holds no trainer_state; it was not written by CkstoreTrainer", key="trainer_state"
+                f"{self.store.path}: checkpoint {which!r} holds no trainer_state; it is not a Trainer checkpoint", key="trainer_state"
             )
-        trainer_state = json.loads(text)
         # The best path recorded at save time may have moved with the store: point it at the checkpoint now.
         trainer_state["best_model_checkpoint"] = self._best_path(trainer_state.get("best_global_step"))
         with open(os.path.join(directory, TRAINER_STATE_NAME), "w", encoding="utf-8") as f:  # scratch, removed after train()
@@ -259,6 +265,10 @@ class CkstoreTrainerMixin:
             return
         states = resume.payload.get("rng")
         rank = self.args.process_index if self.args.world_size > 1 else 0
+        imported = resume.payload.get(f"rng_state_{rank}" if self.args.world_size > 1 else "rng_state")
+        if states is None and isinstance(imported, Mapping):
+            _restore_trainer_rng(imported)  # the Trainer's own rng_state.pth, imported
+            return
         if not isinstance(states, list) or rank >= len(states):
             saved = len(states) if isinstance(states, list) else 0
             warnings.warn(
@@ -397,12 +407,28 @@ def _load_module(module: torch.nn.Module, weights: Any, step: int) -> None:
     if not isinstance(weights, Mapping):
         raise StateError(f"checkpoint step {step} holds no model state dict", key="model")
     result = module.load_state_dict(weights, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    # A tied weight save_pretrained left out (an imported checkpoint-N) is the same parameter as its source.
+    tied = declared_tied_keys(module)
+    missing = [k for k in result.missing_keys if not any(re.search(p, k) for p in tied)]
+    if missing or result.unexpected_keys:
         raise StateError(
             f"checkpoint step {step} does not fit the model: "
-            f"missing {sorted(result.missing_keys)}, unexpected {sorted(result.unexpected_keys)}",
+            f"missing {sorted(missing)}, unexpected {sorted(result.unexpected_keys)}",
             key="model",
         )
+
+
+def _restore_trainer_rng(state: Mapping[str, Any]) -> None:
+    """Restore a ``rng_state.pth`` dict as ``Trainer._load_rng_state`` does (Python, NumPy, torch CPU, CUDA)."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.random.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):
+            torch.cuda.random.set_rng_state_all(list(cuda))
+        else:
+            torch.cuda.random.set_rng_state(cuda)
 
 
 def _gathered_rng(world_size: int) -> list[dict[str, Any]]:
