@@ -59,6 +59,8 @@ SCRIPT = textwrap.dedent(
         return h.hexdigest()
 
     def report(event, state, model, optimizer, scheduler):
+        if int(os.environ.get("RANK", "0")) != 0:
+            return
         opt_tensors = [v for s in optimizer.state.values() for _, v in sorted(s.items())]
         print("@@" + json.dumps({"event": event, "step": state.global_step, "epoch": state.epoch,
                           "lr": scheduler.get_last_lr(), "params": digest(model.parameters()),
@@ -66,16 +68,18 @@ SCRIPT = textwrap.dedent(
 
     class Probe(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kw):
-            if "loss" in logs:
+            if "loss" in logs and args.process_index == 0:  # the loss is averaged over ranks: one line
                 print("@@" + json.dumps({"event": "loss", "step": state.global_step, "loss": logs["loss"]}), flush=True)
         def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kw):
             if resume:
                 report("resumed", state, model, optimizer, lr_scheduler)
+            else:
+                torch.manual_seed(100 + args.process_index)  # each rank its own dropout masks: a swapped RNG shows
         def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kw):
             if state.global_step % args.save_steps == 0:
                 report("saving", state, model, optimizer, lr_scheduler)
             if state.global_step == pause_at:
-                print("@@" + json.dumps({"event": "paused", "step": state.global_step}), flush=True)
+                print("@@" + json.dumps({"event": "paused", "step": state.global_step, "pid": os.getpid()}), flush=True)
                 time.sleep(600)  # the test SIGKILLs us here
 
     set_seed(0)
@@ -92,21 +96,28 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _run(script: Path, out: Path, *, resume: bool, pause_at: int = 0, native: bool = False) -> list[dict]:
-    """Run the script; with ``pause_at`` SIGKILL it once it waits at that step. Returns its JSON events."""
+def _run(script: Path, out: Path, *, resume: bool, pause_at: int = 0, native: bool = False, ranks: int = 1) -> list[dict]:
+    """Run the script (under torchrun with ``ranks`` > 1); with ``pause_at`` SIGKILL every rank once all wait at that step.
+
+    Returns the script's JSON events.
+    """
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "default"}
+    launcher = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
     proc = subprocess.Popen(
-        [sys.executable, str(script), str(out), "1" if resume else "0", str(pause_at), "native" if native else "ckstore"],
+        [*launcher, str(script), str(out), "1" if resume else "0", str(pause_at), "native" if native else "ckstore"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
-    events = []
+    events, paused = [], []
     try:
         for line in proc.stdout:
             if line.startswith("@@"):
                 events.append(json.loads(line[2:]))
                 if events[-1]["event"] == "paused":
-                    os.kill(proc.pid, signal.SIGKILL)
-                    break
+                    paused.append(events[-1]["pid"])
+                    if len(paused) == ranks:
+                        for pid in paused:  # the training processes themselves (torchrun puts each in its own session)
+                            os.kill(pid, signal.SIGKILL)
+                        break
         proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
@@ -115,8 +126,10 @@ def _run(script: Path, out: Path, *, resume: bool, pause_at: int = 0, native: bo
     stderr = proc.stderr.read()
     proc.stderr.close()
     proc.stdout.close()
-    if pause_at:
+    if pause_at and ranks == 1:
         assert proc.returncode == -signal.SIGKILL, stderr
+    elif pause_at:
+        assert proc.returncode != 0 and len(paused) == ranks, stderr  # torchrun reports its killed workers
     else:
         assert proc.returncode == 0, stderr
     events.append({"event": "stderr", "text": stderr})
@@ -208,6 +221,23 @@ def test_imported_trainer_checkpoint_resumes_through_ckstore(runs, tmp_path) -> 
     resumed = _run(runs["script"], out, resume=True)
     _same_state(_one(resumed, "resumed"), _one(reference, "saving", 8))
     assert _losses(resumed) == {s: ref_losses[s] for s in range(9, 21)}
+    _same_state(_one(resumed, "final"), _one(reference, "final"))
+
+
+def test_two_ranks_sigkilled_resume_with_each_rank_rng(runs, tmp_path) -> None:
+    """DDP on CPU (gloo): rank 0 writes, each rank's RNG is gathered and restored to that rank."""
+    script = runs["script"]
+    reference = _run(script, tmp_path / "reference", resume=False, ranks=2)
+    out = tmp_path / "run"
+    killed = _run(script, out, resume=False, pause_at=6, ranks=2)  # 2 x 4 samples a step: 5 steps an epoch
+    with ckstore.Store(out / "ckstore", readonly=True) as store:
+        assert [c.step for c in store.checkpoints()] == [4]
+        assert len(store.load(None, step=4)["rng"]) == 2
+    resumed = _run(script, out, resume=True, ranks=2)
+    _same_state(_one(resumed, "resumed"), _one(reference, "saving", 4))
+    ref_losses = _losses(reference)
+    assert _losses(killed) == {s: ref_losses[s] for s in range(1, 6)}  # step 6 is logged after the pause
+    assert _losses(resumed) == {s: ref_losses[s] for s in range(5, 11)}
     _same_state(_one(resumed, "final"), _one(reference, "final"))
 
 
