@@ -143,15 +143,7 @@ def _read_weights(store: ckstore.Store, step: int | str, key: str) -> tuple[dict
     record = state.get(HF_META_KEY)
     if isinstance(record, Mapping) and isinstance(record.get(key), Mapping):
         meta = dict(record[key])
-    elif key == "model" and isinstance(state.get("config"), Mapping):
-        # A Trainer checkpoint-N directory brought in by ckstore.integrations.importers: its config.json and
-        # generation_config.json as parsed JSON; its weights were written by save_pretrained (no tied duplicates).
-        meta = {name: _json_text(state[name]) for name in ("config", "generation_config") if isinstance(state.get(name), Mapping)}
     return dict(weights), meta
-
-
-def _json_text(value: Mapping[str, Any]) -> str:
-    return json.dumps(value, indent=2, sort_keys=True) + "\n"  # as transformers' to_json_string writes it
 
 
 def _storage_id(tensor: torch.Tensor) -> tuple[Any, int]:

@@ -46,14 +46,12 @@ import dataclasses
 import json
 import math
 import os
-import random
 import re
 import tempfile
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
 
 import ckstore
@@ -207,7 +205,7 @@ class CkstoreTrainerMixin:
         elif isinstance(which, (str, os.PathLike)):
             raise InvalidArgumentError(
                 f"resume_from_checkpoint={os.fspath(which)!r} is a directory; CkstoreTrainer resumes from its store "
-                "(True, a step, 'best' or a tag). Import a Trainer checkpoint directory into the store first."
+                "(True, a step, 'best' or a tag); bring a Trainer checkpoint-N in with `ckstore import DIR STORE` first"
             )
         else:
             raise InvalidArgumentError(f"resume_from_checkpoint must be True, a step, 'best' or a tag, got {which!r}")
@@ -215,14 +213,11 @@ class CkstoreTrainerMixin:
         # loaders put them (load_state_dict copies into the parameters, the optimizer casts to theirs).
         payload = self.store.load(None, step=step, map_location="cpu")
         saved = payload.get("trainer_state") if isinstance(payload, Mapping) else None
-        if isinstance(saved, str):
-            trainer_state = json.loads(saved)
-        elif isinstance(saved, Mapping):  # a checkpoint-N directory brought in by ckstore.integrations.importers
-            trainer_state = dict(saved)
-        else:
+        if not isinstance(saved, str):
             raise StateError(
                 f"{self.store.path}: checkpoint {which!r} holds no trainer_state; it is not a Trainer checkpoint", key="trainer_state"
             )
+        trainer_state = json.loads(saved)
         # The best path recorded at save time may have moved with the store: point it at the checkpoint now.
         trainer_state["best_model_checkpoint"] = self._best_path(trainer_state.get("best_global_step"))
         with open(os.path.join(directory, TRAINER_STATE_NAME), "w", encoding="utf-8") as f:  # scratch, removed after train()
@@ -265,10 +260,6 @@ class CkstoreTrainerMixin:
             return
         states = resume.payload.get("rng")
         rank = self.args.process_index if self.args.world_size > 1 else 0
-        imported = resume.payload.get(f"rng_state_{rank}" if self.args.world_size > 1 else "rng_state")
-        if states is None and isinstance(imported, Mapping):
-            _restore_trainer_rng(imported)  # the Trainer's own rng_state.pth, imported
-            return
         if not isinstance(states, list) or rank >= len(states):
             saved = len(states) if isinstance(states, list) else 0
             warnings.warn(
@@ -407,7 +398,7 @@ def _load_module(module: torch.nn.Module, weights: Any, step: int) -> None:
     if not isinstance(weights, Mapping):
         raise StateError(f"checkpoint step {step} holds no model state dict", key="model")
     result = module.load_state_dict(weights, strict=False)
-    # A tied weight save_pretrained left out (an imported checkpoint-N) is the same parameter as its source.
+    # A tied weight save_pretrained left out (a checkpoint-N brought in by ckstore import) is the same parameter as its source.
     tied = declared_tied_keys(module)
     missing = [k for k in result.missing_keys if not any(re.search(p, k) for p in tied)]
     if missing or result.unexpected_keys:
@@ -416,19 +407,6 @@ def _load_module(module: torch.nn.Module, weights: Any, step: int) -> None:
             f"missing {sorted(missing)}, unexpected {sorted(result.unexpected_keys)}",
             key="model",
         )
-
-
-def _restore_trainer_rng(state: Mapping[str, Any]) -> None:
-    """Restore a ``rng_state.pth`` dict as ``Trainer._load_rng_state`` does (Python, NumPy, torch CPU, CUDA)."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.random.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        cuda = state["cuda"]
-        if isinstance(cuda, (list, tuple)):
-            torch.cuda.random.set_rng_state_all(list(cuda))
-        else:
-            torch.cuda.random.set_rng_state(cuda)
 
 
 def _gathered_rng(world_size: int) -> list[dict[str, Any]]:
