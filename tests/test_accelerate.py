@@ -106,6 +106,7 @@ def test_checkpoint_carries_each_registered_object_and_no_pickle(tmp_path) -> No
     assert not any(p.suffix in {".pkl", ".bin", ".pt"} for p in (tmp_path / "store").rglob("*"))
 
 
+@pytest.mark.guarantee("G4")
 def test_fallback_past_corrupt_newest(tmp_path) -> None:
     accelerator, model, opt, sched, loader, ema = _setup()
     batches = iter(loader)
@@ -124,6 +125,7 @@ def test_fallback_past_corrupt_newest(tmp_path) -> None:
     assert _equal(_snapshot(model, opt, sched, ema), first)
 
 
+@pytest.mark.guarantee("G17")
 def test_registered_object_missing_at_load_is_a_state_error(tmp_path) -> None:
     accelerator, model, opt, sched, loader, ema = _setup()
     with ckstore.Store(tmp_path / "store") as store:

@@ -171,6 +171,7 @@ def test_existing_destination_needs_overwrite(trained, tmp_path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "w.safetensors"]
 
 
+@pytest.mark.guarantee("G3")
 def test_corrupt_checkpoint_is_not_exported(tmp_path) -> None:
     model = _model()
     with ckstore.Store(tmp_path / "store") as store:

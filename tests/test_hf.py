@@ -162,6 +162,7 @@ def runs(tmp_path_factory):
     return {"script": script, "base": base, "reference": reference, "killed": killed}
 
 
+@pytest.mark.guarantee("G18")
 def test_sigkill_and_resume_equals_uninterrupted_run(runs, tmp_path) -> None:
     reference = runs["reference"]
     out = tmp_path / "run"
@@ -183,6 +184,7 @@ def test_sigkill_and_resume_equals_uninterrupted_run(runs, tmp_path) -> None:
         assert not store.verify()
 
 
+@pytest.mark.guarantee("G4", "G18")
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(runs, tmp_path) -> None:
     reference = runs["reference"]
     out = tmp_path / "run"
@@ -224,6 +226,7 @@ def test_imported_trainer_checkpoint_resumes_through_ckstore(runs, tmp_path) -> 
     _same_state(_one(resumed, "final"), _one(reference, "final"))
 
 
+@pytest.mark.guarantee("G18")
 def test_two_ranks_sigkilled_resume_with_each_rank_rng(runs, tmp_path) -> None:
     """DDP on CPU (gloo): rank 0 writes, each rank's RNG is gathered and restored to that rank."""
     script = runs["script"]
@@ -266,6 +269,7 @@ def _args(out: Path, **kwargs) -> TrainingArguments:
     return TrainingArguments(str(out), **{**base, **kwargs})
 
 
+@pytest.mark.guarantee("G10")
 def test_best_survives_save_total_limit_and_is_loaded_at_end(tmp_path) -> None:
     # greater_is_better on the eval loss makes an early checkpoint the best, so keep_last=1 alone would delete it.
     args = _args(
