@@ -57,7 +57,7 @@ from safetensors.torch import save as _safetensors_bytes
 
 import ckstore
 from ckstore import CkstoreError, InvalidArgumentError, StateError
-from ckstore import _durable  # the one module that may fsync and rename
+from ckstore.storage import durable as _durable  # the one module that may fsync and rename
 
 __all__ = ["DEFAULT_MAX_SHARD_SIZE", "ExportExistsError", "declared_tied_keys", "export_hf", "export_safetensors", "hf_metadata"]
 
