@@ -148,7 +148,7 @@ def _one(events: list[dict], kind: str, step: int | None = None) -> dict:
 
 def _same_state(resumed: dict, reference: dict) -> None:
     for field in ("step", "epoch", "lr", "params", "optimizer", "opt_entries"):
-        assert resumed[field] == reference[field], field
+        assert resumed[field] == reference[field], (field, resumed, reference)
 
 
 @pytest.fixture(scope="module")
@@ -237,10 +237,11 @@ def test_two_ranks_sigkilled_resume_with_each_rank_rng(runs, tmp_path) -> None:
         assert [c.step for c in store.checkpoints()] == [4]
         assert len(store.load(None, step=4)["rng"]) == 2
     resumed = _run(script, out, resume=True, ranks=2)
+    logs = "\n".join(_one(run, "stderr")["text"][-4000:] for run in (reference, killed, resumed))  # for a failure's report
     _same_state(_one(resumed, "resumed"), _one(reference, "saving", 4))
     ref_losses = _losses(reference)
-    assert _losses(killed) == {s: ref_losses[s] for s in range(1, 6)}  # step 6 is logged after the pause
-    assert _losses(resumed) == {s: ref_losses[s] for s in range(5, 11)}
+    assert _losses(killed) == {s: ref_losses[s] for s in range(1, 6)}, logs  # step 6 is logged after the pause
+    assert _losses(resumed) == {s: ref_losses[s] for s in range(5, 11)}, logs
     _same_state(_one(resumed, "final"), _one(reference, "final"))
 
 
