@@ -891,6 +891,10 @@ class Store:
         started = time.perf_counter()
         self._stage_device_tensors(encoded)
         self._commit(encoded, step, metrics, file_prints)
+        return self._after_commit(step, tag_names, started)
+
+    def _after_commit(self, step: int, tag_names: list[str], started: float) -> CheckpointInfo:
+        """Steps 8 and 9 (tags, retention) after ``step`` committed; CommittedWithErrorsError if either fails."""
         what = "tagging it"
         try:
             if tag_names:
@@ -1002,25 +1006,14 @@ class Store:
                 bytes_written=sum(w.size for w in written.values()),
                 bytes_linked=sum(e.size for e in linked.values()),
             )
-            retention = {"metric": self.policy.metric, "mode": self.policy.mode} if self.policy.metric else None
-            created = self._commit_time()
-            manifest = Manifest(step=step, created=created, files=files, state=encoded.skeleton, metrics=metrics, retention=retention)
             self._saver.check_abandoned()  # an abandoned save never commits, however far its writes got
-            with _durable.FileWriter(os.path.join(staging, MANIFEST_NAME), site="manifest") as writer:
-                writer.write(manifest.to_json())
-                writer.sync()
-            _durable.sync_dir(staging, site="staging_dir")
-            _durable.rename(staging, os.path.join(self._ckpt_dir, final_name), site="commit")
-            committed = True
+            renamed: list[bool] = []
+            try:
+                self._finalize(staging, step, files, encoded.skeleton, metrics, renamed=renamed)
+            finally:
+                committed = bool(renamed)
             if self.incremental:
                 self._previous = {name: (file_prints.get(name, ()), entry, final_name) for name, entry in files.items()}
-            # The manifest we just wrote need not be read back and parsed again
-            # (a 10,000-tensor skeleton costs tens of milliseconds to check).
-            with contextlib.suppress(OSError):
-                st = os.stat(os.path.join(self._ckpt_dir, final_name, MANIFEST_NAME))
-                self._manifest_cache[final_name] = ((st.st_ino, st.st_mtime_ns, st.st_size), manifest)
-            _durable.sync_dir(self._ckpt_dir, site="checkpoints_dir")
-            _durable.sync_dir(self._staging_dir, site="staging_parent_dir")
         except BaseException as exc:
             if not committed:
                 with contextlib.suppress(OSError):
@@ -1034,6 +1027,36 @@ class Store:
                     path=getattr(exc, "filename", None),
                 ) from exc
             raise
+
+    def _finalize(
+        self, staging: str, step: int, files: dict[str, FileEntry], skeleton: Any, metrics: dict[str, float], *, renamed: list[bool]
+    ) -> Manifest:
+        """Steps 4 to 7 for a staging directory whose listed files are all written and fsynced; returns the manifest.
+
+        The one commit of every save: a single-process save and a multi-rank
+        save (``ckstore.distributed``, whose ranks wrote the files) both end
+        here. ``renamed`` gets True appended the moment the commit rename took
+        effect: if this raises with ``renamed`` empty, nothing was committed and
+        the caller removes ``staging``; otherwise the checkpoint is committed and
+        only the durability of the rename is in doubt.
+        """
+        final_name = step_dir_name(step)
+        retention = {"metric": self.policy.metric, "mode": self.policy.mode} if self.policy.metric else None
+        manifest = Manifest(step=step, created=self._commit_time(), files=files, state=skeleton, metrics=metrics, retention=retention)
+        with _durable.FileWriter(os.path.join(staging, MANIFEST_NAME), site="manifest") as writer:
+            writer.write(manifest.to_json())
+            writer.sync()
+        _durable.sync_dir(staging, site="staging_dir")
+        _durable.rename(staging, os.path.join(self._ckpt_dir, final_name), site="commit")
+        renamed.append(True)
+        # The manifest we just wrote need not be read back and parsed again
+        # (a 10,000-tensor skeleton costs tens of milliseconds to check).
+        with contextlib.suppress(OSError):
+            st = os.stat(os.path.join(self._ckpt_dir, final_name, MANIFEST_NAME))
+            self._manifest_cache[final_name] = ((st.st_ino, st.st_mtime_ns, st.st_size), manifest)
+        _durable.sync_dir(self._ckpt_dir, site="checkpoints_dir")
+        _durable.sync_dir(self._staging_dir, site="staging_parent_dir")
+        return manifest
 
     # ------------------------------------------------------------ retention and deletion
 

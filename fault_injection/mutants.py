@@ -91,7 +91,7 @@ MUTANTS: tuple[Mutant, ...] = (
             Edit(_T, "writer.sync()", "replace", ("DEFERRED.append((writer.path, os.dup(writer._fd)))  # mutant: fsync later",)),
             Edit(
                 _S,
-                "committed = True",
+                "renamed.append(True)",
                 "after",
                 (
                     "from .engine.tensorfile import DEFERRED as _DEFERRED",
@@ -240,7 +240,7 @@ MUTANTS: tuple[Mutant, ...] = (
                 _S,
                 '_durable.sync_dir(staging, site="staging_dir")',
                 "replace",
-                ("if len(linked) < len(encoded.files):  # mutant: 'nothing was written, nothing to sync'", '    _durable.sync_dir(staging, site="staging_dir")'),
+                ("if self.stats.get('files_written', 1):  # mutant: 'nothing was written, nothing to sync'", '    _durable.sync_dir(staging, site="staging_dir")'),
             ),
         ),
         ("incremental",),

@@ -1,0 +1,154 @@
+"""ckstore's DCP storage pair in one process (``no_dist``): the commit, the JSON metadata, verification on load.
+
+The multi-rank runs (real gloo process groups, resharding, a killed rank) are in
+``test_distributed_ranks.py``; these pin the pieces a single process can show.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException
+
+import ckstore
+from ckstore.distributed import StoreReader, StoreWriter
+from ckstore.distributed.metadata_json import metadata_from_json, metadata_to_json
+from conftest import assert_same, flip_byte
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+
+
+def _state(seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    model(torch.randn(4, 6)).sum().backward()
+    opt.step()
+    return {"model": model.state_dict(), "optim": opt.state_dict(), "extra": {"epoch": 3, "name": "run-a"}, "half": torch.arange(7, dtype=torch.bfloat16)}
+
+
+def _empty_like(state: dict) -> dict:
+    fresh = _state(seed=1)
+    fresh["extra"] = {"epoch": 0, "name": ""}
+    fresh["half"] = torch.zeros(7, dtype=torch.bfloat16)
+    return fresh
+
+
+def _save(path, state, step, **kwargs):
+    with ckstore.Store(path) as store:
+        dcp.save(state, storage_writer=StoreWriter(store, step=step, **kwargs))
+
+
+def test_save_commits_one_checkpoint_the_store_lists_and_verifies(store_path):
+    state = _state()
+    _save(store_path, state, 5, metrics={"loss": 0.5}, tags=["good"])
+    with ckstore.Store(store_path, readonly=True) as store:
+        infos = store.checkpoints()
+        assert [i.step for i in infos] == [5]
+        assert infos[0].metrics == {"loss": 0.5} and tuple(infos[0].tags) == ("good",)
+        assert store.verify(5) == []
+        # The ordinary load returns the raw, verified shards and the JSON metadata: nothing is unpickled.
+        raw = store.load(step=5)
+    assert isinstance(raw["dcp_metadata"], str)
+    assert {item["fqn"] for item in raw["items"]} >= {"model.0.weight", "optim.state.0.exp_avg"}
+    assert not os.listdir(store_path / ".staging")
+
+
+def test_load_through_dcp_is_bitwise_equal(store_path):
+    state = _state()
+    _save(store_path, state, 1)
+    target = _empty_like(state)
+    with ckstore.Store(store_path, readonly=True) as store:
+        dcp.load(target, storage_reader=StoreReader(store, step=1))
+    assert_same(target, state)
+
+
+def test_metadata_is_json_not_pickle(store_path):
+    _save(store_path, _state(), 2)
+    manifest = (store_path / "checkpoints" / "step-00000002" / "manifest.json").read_bytes()
+    body = json.loads(manifest)
+    text = body["state"]["dcp_metadata"]
+    meta = json.loads(text)
+    assert meta["format"] == "ckstore.dcp-metadata"
+    # a pickle stream starts with protocol byte 0x80; none is anywhere in the manifest
+    assert b"\x80" not in manifest
+    again = metadata_to_json(metadata_from_json(text))
+    assert again == text
+
+
+def test_metadata_round_trip_keeps_every_field(store_path):
+    _save(store_path, _state(), 3)
+    with ckstore.Store(store_path, readonly=True) as store:
+        reader = StoreReader(store, step=3)
+        meta = reader.read_metadata()
+    assert set(meta.state_dict_metadata) >= {"model.0.weight", "extra.epoch", "half"}
+    weight = meta.state_dict_metadata["model.0.weight"]
+    assert weight.size == torch.Size([5, 6]) and weight.properties.dtype == torch.float32
+    assert meta.state_dict_metadata["half"].properties.dtype == torch.bfloat16
+    # planner_data keeps tuples (the flattening's paths) as tuples
+    assert meta.planner_data["model.0.weight"] == ("model", "0.weight")
+    for index, chunk in meta.storage_data.items():
+        assert chunk.hash.startswith(("blake3:", "sha256:"))
+
+
+def test_same_step_twice_is_refused_and_the_first_survives(store_path):
+    state = _state()
+    _save(store_path, state, 4)
+    with pytest.raises(CheckpointException) as info:
+        _save(store_path, _state(seed=9), 4)
+    assert "CheckpointExistsError" in repr(info.value.failures)
+    target = _empty_like(state)
+    with ckstore.Store(store_path, readonly=True) as store:
+        dcp.load(target, storage_reader=StoreReader(store, step=4))
+    assert_same(target, state)
+
+
+def test_a_flipped_byte_in_a_shard_fails_the_load(store_path):
+    _save(store_path, _state(), 6)
+    shards = sorted((store_path / "checkpoints" / "step-00000006").glob("*.safetensors"))
+    assert shards
+    flip_byte(shards[0], -3)  # inside the last tensor's data
+    target = _empty_like(_state())
+    with ckstore.Store(store_path, readonly=True) as store, pytest.raises(CheckpointException) as info:
+        dcp.load(target, storage_reader=StoreReader(store, step=6))
+    assert "IntegrityError" in repr(info.value.failures)
+
+
+def test_retention_is_applied_by_the_coordinator(store_path):
+    state = _state()
+    with ckstore.Store(store_path, keep_last=2) as store:
+        for step in (1, 2, 3):
+            dcp.save(state, storage_writer=StoreWriter(store, step=step))
+        assert [i.step for i in store.checkpoints()] == [2, 3]
+
+
+def test_reader_defaults_to_the_latest_committed(store_path):
+    _save(store_path, _state(seed=0), 1)
+    newer = _state(seed=5)
+    _save(store_path, newer, 2)
+    target = _empty_like(newer)
+    with ckstore.Store(store_path, readonly=True) as store:
+        dcp.load(target, storage_reader=StoreReader(store))
+    assert_same(target, newer)
+
+
+def test_bad_arguments_are_typed_errors(store_path):
+    with ckstore.Store(store_path) as store:
+        with pytest.raises(ckstore.InvalidArgumentError, match="step"):
+            StoreWriter(store, step=-1)
+        with pytest.raises(ckstore.InvalidArgumentError, match="checkpoint_id"):
+            StoreWriter(store, step=1).reset(str(store_path) + "-other")
+        with pytest.raises(ckstore.InvalidArgumentError, match="store"):
+            StoreWriter(42, step=1)
+    assert StoreWriter.validate_checkpoint_id(store_path) is False  # nothing there yet
+    _save(store_path, _state(), 1)
+    assert StoreWriter.validate_checkpoint_id(store_path) is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with ckstore.Store(store_path, readonly=True) as store, pytest.raises(ckstore.CheckpointNotFoundError):
+            StoreReader(store, step=99).read_metadata()
