@@ -1,0 +1,156 @@
+"""One rank of a multi-rank test run (``test_distributed_ranks.py`` starts one process per rank).
+
+    python tests/distributed_worker.py SCENARIO RANK WORLD PORT STORE OUT
+
+A real gloo process group on 127.0.0.1, a real FSDP2 model (``fully_shard``
+on a CPU device mesh), real ``dcp.save``/``dcp.async_save``/``dcp.load``
+through ckstore's storage pair. Results go to files under OUT for the test
+to compare; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+import ckstore
+from ckstore.distributed import StoreReader, StoreWriter, checkpoint_group
+
+
+def make_model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.ReLU(), torch.nn.Linear(12, 6))
+
+
+def sharded(seed: int, world: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    mesh = init_device_mesh("cpu", (world,))
+    model = make_model(seed)
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, torch.optim.Adam(model.parameters(), lr=0.01)
+
+
+def train_step(model, opt, step: int, rank: int) -> None:
+    gen = torch.Generator().manual_seed(1000 * step + rank)  # each rank its own batch, as in data parallelism
+    model(torch.randn(5, 8, generator=gen)).pow(2).sum().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def state_of(model, opt) -> dict:
+    msd, osd = get_state_dict(model, opt)
+    return {"model": msd, "optim": osd}
+
+
+def full_state(model, opt) -> dict | None:
+    """The unsharded state on rank 0 (None elsewhere): what every load must reproduce bitwise."""
+    msd, osd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # Cloned now: the optimizer's 'step' comes back by reference, and the next step would change it in place.
+    return torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, {"model": msd, "optim": osd}) if dist.get_rank() == 0 else None
+
+
+def scenario_save(rank: int, world: int, store_path: str, out: str) -> None:
+    group = checkpoint_group(timeout=60)
+    model, opt = sharded(seed=0, world=world)
+    train_step(model, opt, 1, rank)
+    with ckstore.Store(store_path, keep_last=10) as store:
+        dcp.save(state_of(model, opt), storage_writer=StoreWriter(store, step=1, metrics={"loss": 1.0}, tags=["first"]), process_group=group)
+        ref = full_state(model, opt)
+        if ref is not None:
+            torch.save(ref, os.path.join(out, "ref-1.pt"))
+        # async_save: staged on this thread, written and committed in the background; training goes on.
+        train_step(model, opt, 2, rank)
+        future = dcp.async_save(state_of(model, opt), storage_writer=StoreWriter(store, step=2), process_group=group)
+        ref = full_state(model, opt)  # taken while the background save runs: it must not see later changes
+        train_step(model, opt, 3, rank)  # modifies parameters in place after async_save returned
+        future.result()
+        if ref is not None:
+            torch.save(ref, os.path.join(out, "ref-2.pt"))
+        # DDP-style replicated state: the same tensors on every rank; DCP's dedup writes each once.
+        replicated = make_model(seed=7).state_dict()
+        dcp.save({"ddp": replicated}, storage_writer=StoreWriter(store, step=3), process_group=group)
+        if rank == 0:
+            torch.save(replicated, os.path.join(out, "ref-3.pt"))
+
+
+def scenario_load(rank: int, world: int, store_path: str, out: str) -> None:
+    """Load steps 1 and 2 at this world size into a differently initialised sharded model; save it again as step 10."""
+    group = checkpoint_group(timeout=60)
+    model, opt = sharded(seed=123, world=world)
+    train_step(model, opt, 99, rank)  # optimizer state exists, and differs from the checkpoint's
+    with ckstore.Store(store_path, keep_last=10) as store:
+        for step in (1, 2):
+            state = state_of(model, opt)
+            dcp.load(state, storage_reader=StoreReader(store, step=step), process_group=group)
+            set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            got = full_state(model, opt)
+            if got is not None:
+                torch.save(got, os.path.join(out, f"loaded-{step}-at-{world}.pt"))
+        dcp.save(state_of(model, opt), storage_writer=StoreWriter(store, step=10), process_group=group)
+
+
+def scenario_kill(rank: int, world: int, store_path: str, out: str) -> None:
+    """The last rank stops inside write_data, after its file is written and fsynced, until the test SIGKILLs it."""
+    timeout = float(os.environ["CKSTORE_TEST_GROUP_TIMEOUT"])
+    group = checkpoint_group(timeout=timeout)
+    model, opt = sharded(seed=0, world=world)
+    train_step(model, opt, 1, rank)
+    writer = StoreWriter(ckstore.Store(store_path), step=5)
+    if rank == world - 1:
+        original = writer.write_data
+
+        def write_then_wait(plan, planner):
+            result = original(plan, planner)
+            with open(os.path.join(out, "victim-ready"), "w") as f:
+                f.write(str(os.getpid()))
+            time.sleep(600)  # the test kills this process here
+            return result
+
+        writer.write_data = write_then_wait
+    dist.barrier(group=group)
+    started = time.monotonic()
+    outcome = {"rank": rank}
+    try:
+        dcp.save(state_of(model, opt), storage_writer=writer, process_group=group)
+        outcome["error"] = None
+    except BaseException as exc:  # CheckpointException is a BaseException
+        outcome["error"] = type(exc).__name__
+        outcome["message"] = str(exc)[-2000:]
+    outcome["seconds"] = time.monotonic() - started
+    with open(os.path.join(out, f"outcome-{rank}.json"), "w") as f:
+        json.dump(outcome, f)
+    # The group is broken: exit without the collective teardown (it would wait for the dead rank).
+    os._exit(0)
+
+
+def main() -> None:
+    scenario, rank, world, port, store_path, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
+    try:
+        {"save": scenario_save, "load": scenario_load, "kill": scenario_kill}[scenario](rank, world, store_path, out)
+        dist.barrier()
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    main()

@@ -1,0 +1,167 @@
+"""Multi-rank saves and loads on real gloo process groups (one OS process per rank, 127.0.0.1).
+
+One 2-rank run saves an FSDP2-sharded model and Adam state (``dcp.save``),
+then again with ``dcp.async_save``, then a DDP-style replicated state; a
+4-rank run loads both sharded checkpoints (2 -> 4 resharding) and saves its
+own; this process loads the 2-rank and the 4-rank checkpoints into a plain
+model (N -> 1). Every load is compared bitwise with the full state the saving
+ranks had. A 3-rank run has one rank SIGKILLed mid-save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+import ckstore
+from ckstore.distributed import StoreReader
+from conftest import PYTHON, REPO_ROOT, assert_same, subprocess_env
+
+WORKER = str(REPO_ROOT / "tests" / "distributed_worker.py")
+
+
+def _port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def _launch(scenario: str, world: int, store: Path, out: Path, env: dict | None = None) -> list[subprocess.Popen]:
+    port = _port()
+    environ = {**subprocess_env(), "OMP_NUM_THREADS": "1", **(env or {})}
+    return [
+        subprocess.Popen([PYTHON, WORKER, scenario, str(rank), str(world), port, str(store), str(out)], env=environ, stderr=subprocess.PIPE, text=True)
+        for rank in range(world)
+    ]
+
+
+def _run(scenario: str, world: int, store: Path, out: Path, timeout: float = 240) -> None:
+    procs = _launch(scenario, world, store, out)
+    try:
+        errs = [p.communicate(timeout=timeout)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for rank, (p, err) in enumerate(zip(procs, errs)):
+        assert p.returncode == 0, f"rank {rank} of {scenario} exited {p.returncode}:\n{err[-4000:]}"
+
+
+def _plain_load(store_path: Path, step: int) -> dict:
+    """N -> 1: a plain (unsharded) model and optimizer in this process, loaded through DCP's planner."""
+    torch.manual_seed(321)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.ReLU(), torch.nn.Linear(12, 6))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed is disabled ... single process"
+        with ckstore.Store(store_path, readonly=True) as store:
+            dcp.load(state, storage_reader=StoreReader(store, step=step))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    msd, osd = get_state_dict(model, opt)
+    return {"model": msd, "optim": osd}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ranks")
+    store, out = root / "store", root / "out"
+    out.mkdir()
+    _run("save", 2, store, out)
+    return store, out
+
+
+def test_two_ranks_commit_sharded_async_and_replicated_checkpoints(saved):
+    store_path, out = saved
+    with ckstore.Store(store_path, readonly=True) as store:
+        infos = {i.step: i for i in store.checkpoints()}
+        assert sorted(infos) == [1, 2, 3]
+        assert infos[1].metrics == {"loss": 1.0} and tuple(infos[1].tags) == ("first",)
+        for step in infos:
+            assert store.verify(step) == []
+    assert not os.listdir(store_path / ".staging")
+    sharded = sorted(p.name for p in (store_path / "checkpoints" / "step-00000001").iterdir())
+    assert sharded == ["manifest.json", "rank-00000.safetensors", "rank-00001.safetensors"]  # each rank wrote its shards
+    # Replicated (DDP) state is written once, not once per rank.
+    replicated = torch.load(out / "ref-3.pt", weights_only=True)
+    payload = sum(t.numel() * t.element_size() for t in replicated.values())
+    manifest = json.loads((store_path / "checkpoints" / "step-00000003" / "manifest.json").read_bytes())
+    chunk_bytes = sum(c["storage"]["length"] for t in json.loads(manifest["state"]["dcp_metadata"])["tensors"].values() for c in t["chunks"])
+    assert chunk_bytes == payload
+    with ckstore.Store(store_path, readonly=True) as store:
+        target = {"ddp": {k: torch.zeros_like(v) for k, v in replicated.items()}}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.load(target, storage_reader=StoreReader(store, step=3))
+    assert_same(target["ddp"], replicated)
+
+
+def test_two_rank_checkpoints_load_into_one_process_bitwise(saved):
+    store_path, out = saved
+    for step in (1, 2):  # step 2 was written by async_save while training went on
+        assert_same(_plain_load(store_path, step), torch.load(out / f"ref-{step}.pt", weights_only=True))
+
+
+def test_four_ranks_reshard_the_two_rank_checkpoints_and_save_their_own(saved):
+    store_path, out = saved
+    _run("load", 4, store_path, out)
+    for step in (1, 2):
+        assert_same(torch.load(out / f"loaded-{step}-at-4.pt", weights_only=True), torch.load(out / f"ref-{step}.pt", weights_only=True))
+    # The 4-rank save of what was loaded (step 2's state): 4 shard files, and 4 -> 1 gives step 2's state back.
+    names = sorted(p.name for p in (store_path / "checkpoints" / "step-00000010").iterdir())
+    assert names == ["manifest.json"] + [f"rank-0000{r}.safetensors" for r in range(4)]
+    assert_same(_plain_load(store_path, 10), torch.load(out / "ref-2.pt", weights_only=True))
+
+
+GROUP_TIMEOUT_S = 8
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
+def test_a_rank_lost_mid_save_commits_nothing_and_survivors_fail_within_the_group_timeout(tmp_path, sig):
+    """SIGKILL: gloo sees the closed connection (well under a second). SIGSTOP: a rank that hangs
+    (or a node whose connections never close) is bounded by checkpoint_group's timeout."""
+    store_path, out = tmp_path / "store", tmp_path / "out"
+    out.mkdir()
+    procs = _launch("kill", 3, store_path, out, env={"CKSTORE_TEST_GROUP_TIMEOUT": str(GROUP_TIMEOUT_S)})
+    try:
+        ready = out / "victim-ready"
+        deadline = time.monotonic() + 180
+        while not ready.exists():
+            assert time.monotonic() < deadline, "the victim rank never reached write_data"
+            assert all(p.poll() is None for p in procs), [p.communicate()[1][-3000:] for p in procs if p.poll() is not None]
+            time.sleep(0.05)
+        time.sleep(0.2)
+        victim = procs[2]
+        os.kill(victim.pid, sig)
+        killed = time.monotonic()
+        for p in procs[:2]:
+            p.communicate(timeout=GROUP_TIMEOUT_S + 60)
+        waited = time.monotonic() - killed
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    outcomes = [json.loads((out / f"outcome-{r}.json").read_text()) for r in (0, 1)]
+    for outcome in outcomes:
+        assert outcome["error"] is not None, outcome  # the survivors' save failed, it did not claim success
+    assert waited < GROUP_TIMEOUT_S + 15, f"survivors took {waited:.1f}s after the kill"
+    print(f"survivors failed {waited:.1f}s after the kill:", [(o["error"], round(o["seconds"], 1)) for o in outcomes])
+    with ckstore.Store(store_path, readonly=True) as store:
+        assert store.checkpoints() == []  # no committed partial checkpoint
+    assert os.listdir(store_path / ".staging")  # the uncommitted shards sit in staging, invisible...
+    with ckstore.Store(store_path) as store:
+        store.recover()  # ...until the next writer recovers the store
+    assert os.listdir(store_path / ".staging") == []
