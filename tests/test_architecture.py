@@ -384,6 +384,7 @@ LAYERS = (
     ("state",),  # encode/decode a training state to a skeleton and tensor files
     ("checkpoint",),  # commit protocol, catalog, retention, background work
     ("store",),  # Store: validates arguments and wires the parts above
+    ("distributed",),  # many ranks, one commit: the DCP storage pair and the coordinator, on the store's protocol
     ("training",),  # resume, Checkpointer, samplers, RNG
     ("__init__",),  # the public API: `import ckstore`
     ("integrations",),  # DVC, Lightning, importers: on top of the public API
