@@ -340,11 +340,27 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from ._cli.transfer import run_export
+
+    args.step = _step_arg(args.step)
+    with bars_for(args) as bars:
+        payload = run_export(args, bars)
+    if payload["format"] == "hf":
+        text = f"exported step {payload['step']} as a from_pretrained directory: {escape(payload['path'])} ({', '.join(map(escape, payload['files']))})"
+    else:
+        text = f"exported step {payload['step']} as one safetensors file: {escape(payload['path'])}"
+    _emit(args, payload, text)
+    return 0
+
+
 # Python arguments named in library messages, and the options that say the same on the command line.
 _OPTION_ADVICE = (
     ("; untag it or pass force=True", "; untag it or pass --force"),
     ("; pass step=N", "; pass --step N"),
     ("; pass format= one of", "; pass --format, one of"),
+    ("; pass overwrite=True (--force) to", "; pass --force to"),
+    ("max_shard_size must", "--max-shard-size must"),
 )
 
 
@@ -361,7 +377,7 @@ def _cli_message(exc: CkstoreError) -> str:
             NO_METRIC_ADVICE,
             "the writer recorded none; pass --metric NAME (and --mode max if higher is better), or name a step or a tag instead of 'best'",
         )
-    if isinstance(exc, InvalidArgumentError):
+    if isinstance(exc, (InvalidArgumentError, FileExistsError)):  # FileExistsError: the export's ExportExistsError
         for python, cli in _OPTION_ADVICE:
             if python in str(exc):
                 return str(exc).replace(python, cli)
@@ -468,6 +484,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=_seconds, default=0, help="seconds to wait for the writer lock (default: fail at once)")
     _trust_foreign_option(p)
     p.set_defaults(fn=cmd_import)
+
+    p = command("export", "write a checkpoint's weights as a from_pretrained directory (--hf) or one safetensors file", cmd_export)
+    p.add_argument("step", help="step number, 'latest', 'best' or a tag")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--hf", metavar="DIR", help="write a Hugging Face directory: config, HF key names, tied weights as HF expects, shards")
+    where.add_argument("--safetensors", metavar="FILE", help="write the weights as one flat safetensors file")
+    p.add_argument("--key", default="model", help="the state key holding the module (default: model)")
+    p.add_argument("--max-shard-size", default="5GB", help="with --hf: split weights into shards of at most this size (default: 5GB)")
+    p.add_argument("--force", action="store_true", help="replace an existing export")
 
     p = command("pull", "fetch a published checkpoint (STORE is <dest>/NAME or its .dvc file) and install it verified", cmd_pull)
     p.add_argument("--repo", help="the git + DVC repository (default: the one holding STORE)")

@@ -16,7 +16,7 @@ from conftest import flip_byte, subprocess_env
 import ckstore
 from ckstore.cli import main
 
-COMMANDS = ["ls", "show", "verify", "tag", "gc", "delete", "diff", "plot", "import"]
+COMMANDS = ["ls", "show", "verify", "tag", "gc", "delete", "diff", "plot", "import", "export"]
 
 
 @pytest.fixture
@@ -352,3 +352,52 @@ def test_metric_options_on_an_empty_store_are_fine(capsys, store_path):
     assert run_json(capsys, "ls", store_path, "--metric", "loss")[1]["best"] is None
     code, out, err = run(capsys, "plot", store_path, "--metric", "loss", "-o", store_path / "p.png")
     assert code == 2 and "nothing to plot" in err
+
+
+# ---------------------------------------------------------------- export
+
+
+@pytest.fixture(scope="module")
+def hf_store(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    from ckstore.integrations.export import hf_metadata
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=32, n_positions=16)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    path = tmp_path_factory.mktemp("hf-store") / "store"
+    with ckstore.Store(path) as store:
+        store.save({"model": model, "hf": {"model": hf_metadata(model)}, "optimizer": torch.optim.AdamW(model.parameters())}, step=5)
+    return path, model, transformers
+
+
+def test_export_hf_and_safetensors(capsys, hf_store, tmp_path):
+    from safetensors.torch import load_file
+
+    path, model, transformers = hf_store
+    out = tmp_path / "exported"
+    code, payload, err = run_json(capsys, "export", path, "latest", "--hf", out)
+    assert code == 0 and err == "" and payload["step"] == 5 and "model.safetensors" in payload["files"] and "config.json" in payload["files"]
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    ids = torch.arange(8).unsqueeze(0)
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    code, out_text, err = run(capsys, "export", path, "5", "--hf", out)
+    assert code == 2 and "--force" in err and "overwrite=" not in err  # an existing export is not replaced silently
+    assert run(capsys, "export", path, "5", "--hf", out, "--force")[0] == 0
+    flat = tmp_path / "weights.safetensors"
+    code, payload, _ = run_json(capsys, "export", path, "5", "--safetensors", flat)
+    assert code == 0 and payload["files"] == [str(flat)]
+    assert load_file(flat).keys() == load_file(out / "model.safetensors").keys()
+    code, _, err = run(capsys, "export", path, "5", "--hf", tmp_path / "no" / "such" / "dir")
+    assert code == 2 and "--hf" in err
+    code, _, err = run(capsys, "export", path, "5", "--hf", tmp_path / "x", "--max-shard-size", "lots")
+    assert code == 2 and "--max-shard-size" in err and "max_shard_size" not in err
+
+
+def test_export_needs_exactly_one_destination(capsys, hf_store, tmp_path):
+    path, _, _ = hf_store
+    for extra in ([], ["--hf", str(tmp_path / "a"), "--safetensors", str(tmp_path / "b")]):
+        with pytest.raises(SystemExit) as excinfo:
+            main(["export", str(path), "5", *extra])
+        assert excinfo.value.code == 2
+    capsys.readouterr()

@@ -41,3 +41,27 @@ def run_import(args: Any, bars: Bars) -> dict[str, Any]:
         "files": list(result.files),
         "skipped": list(result.skipped),
     }
+
+
+def run_export(args: Any, bars: Bars) -> dict[str, Any]:
+    from ckstore.integrations.export import export_hf, export_safetensors
+
+    target, option = (args.hf, "--hf") if args.hf is not None else (args.safetensors, "--safetensors")
+    parent = os.path.dirname(os.path.abspath(target))
+    if not os.path.isdir(parent):  # said here in the command's terms (the API names its out_dir/file argument)
+        raise ckstore.InvalidArgumentError(f"{option} {target}: parent directory {parent} does not exist")
+    with ckstore.Store(args.store, readonly=True) as store:
+        info = store.resolve(args.step)
+        # The export loads (verifies) the whole checkpoint, then writes the weights: the files under the
+        # module's key ("model.*.safetensors") are about what is written.
+        weights = sum(e.size for name, e in info.files.items() if name.startswith(f"{args.key}."))
+        total = info.nbytes + weights
+        if args.hf is not None:
+            files = bars.run(f"export step {info.step}", total, export_hf, store, info.step, args.hf, key=args.key,
+                             max_shard_size=args.max_shard_size, overwrite=args.force, writes=True)
+            out = os.path.abspath(args.hf)
+        else:
+            files = [bars.run(f"export step {info.step}", total, export_safetensors, store, info.step, args.safetensors,
+                              key=args.key, overwrite=args.force, writes=True)]
+            out = files[0]
+    return {"step": info.step, "format": "hf" if args.hf is not None else "safetensors", "path": out, "files": files}
