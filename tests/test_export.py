@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -183,3 +185,15 @@ def test_corrupt_checkpoint_is_not_exported(tmp_path) -> None:
         with pytest.raises(ckstore.IntegrityError):
             export_hf(store, 1, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+@settings(deadline=None)
+@given(sizes=st.lists(st.integers(1, 64), min_size=1, max_size=30), limit=st.integers(4, 1024))
+def test_shards_split_as_huggingface_hub_splits(sizes, limit) -> None:
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    from ckstore.integrations.export import _shards
+
+    weights = {f"w{i}": torch.zeros(n) for i, n in enumerate(sizes)}
+    theirs = split_torch_state_dict_into_shards(weights, max_shard_size=limit)
+    assert _shards(weights, limit) == list(theirs.filename_to_tensors.values())
