@@ -305,8 +305,11 @@ def test_retention_comes_from_training_arguments(tmp_path) -> None:
 
 def test_resume_arguments_and_empty_store(tmp_path) -> None:
     trainer = CkstoreTrainer(model=_model(), args=_args(tmp_path, max_steps=2), train_dataset=_Tokens())
+    assert trainer.checkpoint_steps() == [] and not tmp_path.joinpath("ckstore").exists()  # looking creates nothing
     with pytest.raises(ckstore.CheckpointNotFoundError):
-        trainer.train(resume_from_checkpoint=True)
+        trainer.train(resume_from_checkpoint=True)  # as the Trainer: True with nothing to resume from is an error
+    trainer.train(resume_from_checkpoint=bool(trainer.checkpoint_steps()))
+    assert trainer.checkpoint_steps() == [2]
     (tmp_path / "checkpoint-2").mkdir()
     with pytest.raises(ckstore.InvalidArgumentError, match="directory"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))

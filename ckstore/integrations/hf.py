@@ -165,6 +165,18 @@ class CkstoreTrainerMixin:
                 self._ck_store = Store(self._ck_path, readonly=True)
         return self._ck_store
 
+    def checkpoint_steps(self) -> list[int]:
+        """Steps of the store's committed checkpoints, ascending; ``[]`` before the first save (on every rank).
+
+        ``transformers.trainer_utils.get_last_checkpoint`` looks for ``checkpoint-N`` directories and finds none
+        in a store; scripts that resume only when there is something to resume from use
+        ``trainer.train(resume_from_checkpoint=bool(trainer.checkpoint_steps()))``.
+        """
+        unborn = not os.path.isdir(os.path.join(self._ck_path, "checkpoints"))
+        if self._ck_store is None and not self.args.should_save and unborn:
+            return []  # a reading rank before rank 0's first save: there is no store to open yet
+        return [info.step for info in self.store.checkpoints()]
+
     def _close_owned_store(self) -> None:
         if self._ck_owned and self._ck_store is not None:
             store, self._ck_store = self._ck_store, None
