@@ -111,7 +111,7 @@ from .errors import (
 from .format.hashing import default_algorithm, new_hasher
 from .storage.layout import CHECKPOINTS_DIR, STAGING_DIR, TRASH_DIR, check_layout, require_store
 from .storage.lock import WriterLock
-from .format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, FileEntry, Manifest, check_metrics, count_nodes, parse_manifest
+from .format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, MAX_MANIFEST_NODES, FileEntry, Manifest, check_metrics, count_nodes, parse_manifest
 from .checkpoint.manifest_cache import ManifestCache
 from .storage.metadata_lock import metadata_lock
 from .checkpoint.metrics_log import METRICS_NAME, Recorded, dump_metrics, read_metrics
@@ -1043,8 +1043,17 @@ class Store:
         final_name = step_dir_name(step)
         retention = {"metric": self.policy.metric, "mode": self.policy.mode} if self.policy.metric else None
         manifest = Manifest(step=step, created=self._commit_time(), files=files, state=skeleton, metrics=metrics, retention=retention)
+        data = manifest.to_json()
+        # Readers refuse a manifest past these limits: committing one would make a checkpoint no load accepts.
+        # (A multi-rank save's metadata grows with ranks x tensors; see docs/distributed.md.)
+        if len(data) > MAX_MANIFEST_BYTES or count_nodes(data) > MAX_MANIFEST_NODES:
+            raise StateError(
+                f"step {step}: its manifest would be {len(data)} bytes with about {count_nodes(data)} JSON values, past the "
+                f"{MAX_MANIFEST_BYTES} bytes / {MAX_MANIFEST_NODES} values a reader accepts; nothing was committed",
+                key="manifest",
+            )
         with _durable.FileWriter(os.path.join(staging, MANIFEST_NAME), site="manifest") as writer:
-            writer.write(manifest.to_json())
+            writer.write(data)
             writer.sync()
         _durable.sync_dir(staging, site="staging_dir")
         _durable.rename(staging, os.path.join(self._ckpt_dir, final_name), site="commit")
