@@ -136,13 +136,51 @@ def scenario_kill(rank: int, world: int, store_path: str, out: str) -> None:
     os._exit(0)
 
 
+def scenario_preempt(rank: int, world: int, store_path: str, out: str) -> None:
+    """Train, saving every 2 steps; a SIGTERM to any one rank makes every rank save the same step and stop."""
+    from ckstore.distributed.training import Preemption
+
+    group = checkpoint_group(timeout=60)
+    model, opt = sharded(seed=0, world=world)
+    costs = []
+    with ckstore.Store(store_path) as store, Preemption(group=group) as preemption:
+        for step in range(1, 400):
+            train_step(model, opt, step, rank)
+            if rank == world - 1 and step == 5:
+                with open(os.path.join(out, "at-step-5"), "w") as f:
+                    f.write(str(os.getpid()))
+            started = time.perf_counter()
+            stop = preemption.should_stop()
+            costs.append(time.perf_counter() - started)
+            if stop or step % 2 == 0:
+                dcp.save(state_of(model, opt), storage_writer=StoreWriter(store, step=step), process_group=group)
+            if stop:
+                break
+            time.sleep(0.05)
+    with open(os.path.join(out, f"preempt-{rank}.json"), "w") as f:
+        json.dump({"step": step, "signalled": preemption.requested, "flag_cost_s": sorted(costs)[len(costs) // 2]}, f)
+
+
+def scenario_resume(rank: int, world: int, store_path: str, out: str) -> None:
+    from ckstore.distributed.training import agree_on_step
+
+    group = checkpoint_group(timeout=60)
+    with ckstore.Store(store_path, readonly=True) as store:
+        step = agree_on_step(store, group=group)
+        model, opt = sharded(seed=5, world=world)
+        state = state_of(model, opt)
+        dcp.load(state, storage_reader=StoreReader(store, step=step), process_group=group)
+    with open(os.path.join(out, f"resume-{rank}.json"), "w") as f:
+        json.dump({"step": step}, f)
+
+
 def main() -> None:
     scenario, rank, world, port, store_path, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
     try:
-        {"save": scenario_save, "load": scenario_load, "kill": scenario_kill}[scenario](rank, world, store_path, out)
+        {"save": scenario_save, "load": scenario_load, "kill": scenario_kill, "preempt": scenario_preempt, "resume": scenario_resume}[scenario](rank, world, store_path, out)
         dist.barrier()
     except BaseException:
         traceback.print_exc()

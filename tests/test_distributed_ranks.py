@@ -165,3 +165,36 @@ def test_a_rank_lost_mid_save_commits_nothing_and_survivors_fail_within_the_grou
     with ckstore.Store(store_path) as store:
         store.recover()  # ...until the next writer recovers the store
     assert os.listdir(store_path / ".staging") == []
+
+
+def test_sigterm_to_one_rank_saves_the_same_step_on_all_and_resume_agrees_on_one_that_verifies(tmp_path):
+    store_path, out = tmp_path / "store", tmp_path / "out"
+    out.mkdir()
+    procs = _launch("preempt", 2, store_path, out)
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "at-step-5").exists():
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [p.stderr.read()[-3000:] for p in procs if p.poll() is not None]
+            time.sleep(0.05)
+        os.kill(procs[1].pid, signal.SIGTERM)  # one rank only, as a scheduler preempting one node would
+        errs = [p.communicate(timeout=180)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], [e[-3000:] for e in errs]
+    done = [json.loads((out / f"preempt-{r}.json").read_text()) for r in (0, 1)]
+    assert done[0]["step"] == done[1]["step"] >= 5, done
+    assert (done[0]["signalled"], done[1]["signalled"]) == (False, True)
+    print("median should_stop() all-reduce at 2 ranks (s):", [d["flag_cost_s"] for d in done])
+    stopped = done[0]["step"]
+    with ckstore.Store(store_path, readonly=True) as store:
+        steps = [i.step for i in store.checkpoints()]
+    assert steps[-1] == stopped and (stopped - 1 in steps or stopped - 2 in steps)
+    # The newest checkpoint's second shard is damaged: rank 1 (which verifies it) refuses it, rank 0 would not.
+    from conftest import flip_byte
+
+    flip_byte(store_path / "checkpoints" / f"step-{stopped:08d}" / "rank-00001.safetensors", -2)
+    _run("resume", 2, store_path, out)
+    agreed = [json.loads((out / f"resume-{r}.json").read_text())["step"] for r in (0, 1)]
+    assert agreed == [steps[-2], steps[-2]]
