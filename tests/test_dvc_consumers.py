@@ -1,0 +1,186 @@
+"""DVC for consumers of published models (issue 15): reading never modifies, ``pull --rev``,
+``dvc.yaml`` artifacts, GTO-parseable version tags, weights-only publishing at a stable path.
+
+Real git + DVC repositories with a local directory remote, as in ``test_dvc``; the consumer side
+runs the plain commands a DVC user types (``dvc import``, ``dvc artifacts get``, ``dvc status``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from test_dvc import ck_here, dvc, env, git, make_repo, run, train  # noqa: F401  (env is a fixture)
+
+import ckstore
+from ckstore.integrations.dvc import publish as _dvc
+
+pytest.importorskip("dvc.repo", reason="DVC is an optional extra: pip install 'ckstore[dvc]'")
+pytestmark = pytest.mark.filterwarnings("ignore:_NoneStep.value:DeprecationWarning")
+
+
+def tree(root: Path, *, skip: tuple[str, ...] = (".git", os.path.join(".dvc", "tmp"))) -> dict[str, str]:
+    """Every file and directory under ``root`` (but ``skip``) with a digest of its bytes: what "never modified" compares."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if any(rel == s or rel.startswith(s + os.sep) for s in skip):
+            continue
+        found[rel] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+def read_everything(model_dir: Path, cwd: Path) -> None:
+    """What a consumer does with a model directory: open it (writable, the default), load, list, show, verify."""
+    with ckstore.Store(model_dir) as store:
+        assert store.checkpoints() and store.verify() == []
+        state = store.load()
+        assert state["model"]["weight"].shape == (3, 6)
+        store.tensor_keys()
+    for args in (["ls", str(model_dir)], ["show", str(model_dir), "latest"], ["verify", str(model_dir)]):
+        proc = ck_here(*args, "--json", cwd=cwd)
+        assert proc.returncode == 0, (args, proc.stdout, proc.stderr)
+
+
+def assert_dvc_clean(cwd: Path, env: dict[str, str]) -> None:
+    out = dvc("status", cwd=cwd, env=env).stdout
+    assert "up to date" in out.lower(), out
+
+
+# ---------------------------------------------------------------- reading a store never modifies it
+
+
+@pytest.mark.guarantee("G19")
+def test_a_pulled_or_dvc_imported_model_opens_loads_and_verifies_without_creating_a_file(tmp_path, env):
+    repo, _ = make_repo(tmp_path, env)
+    with ckstore.Store(tmp_path / "run", metric="val_loss") as store:
+        train(store)
+        store.publish("best", name="best", repo=repo, wait=True)
+
+    # A clone that pulled the model with ckstore.
+    clone = tmp_path / "clone"
+    git("clone", "-q", str(repo), str(clone), cwd=tmp_path, env=env)
+    assert ck_here("pull", "models/best", cwd=clone).returncode == 0
+    before = tree(clone)
+    read_everything(clone / "models" / "best", clone)
+    assert tree(clone) == before
+    assert_dvc_clean(clone, env)
+
+    # A consumer repository that imported it with plain DVC: no ckstore patterns in its .dvcignore,
+    # so a lock or staging file written into the directory would show as a change.
+    consumer = tmp_path / "consumer"
+    consumer.mkdir()
+    git("init", "-q", "-b", "main", cwd=consumer, env=env)
+    dvc("init", "-q", cwd=consumer, env=env)
+    dvc("import", str(repo), "models/best", "-o", "best", cwd=consumer, env=env)
+    assert "ckstore" not in (consumer / ".dvcignore").read_text()
+    before = tree(consumer)
+    read_everything(consumer / "best", consumer)
+    assert tree(consumer) == before
+    assert_dvc_clean(consumer, env)
+
+
+# ---------------------------------------------------------------- version tags GTO parses
+
+
+def test_version_tags_are_gto_semver_and_old_tags_keep_their_number(tmp_path, env):
+    from gto.constants import tag_re
+
+    repo, _ = make_repo(tmp_path, env)
+    # A repository published before semver tags: best@v1 and best@v2 (annotated), as earlier releases made them.
+    for k in (1, 2):
+        git("commit", "--allow-empty", "-q", "-m", f"old publish {k}", cwd=repo, env=env)
+        git("tag", "-a", f"best@v{k}", "-m", "ckstore publish best", cwd=repo, env=env)
+    with ckstore.Store(tmp_path / "run", metric="val_loss") as store:
+        train(store)
+        first = store.publish(10, name="best", repo=repo, wait=True).result()
+        again = store.publish(10, name="best", repo=repo, wait=True).result()
+        second = store.publish(30, name="best", repo=repo, dest="exports", wait=True).result()
+    assert first.tag == "best@v3.0.0" and again.tag == first.tag
+    assert second.tag == "exports/best@v1.0.0"
+    for tag, artifact, version in ((first.tag, "best", "v3.0.0"), (second.tag, "exports/best", "v1.0.0")):
+        match = tag_re.fullmatch(tag)
+        assert match and (match["artifact"], match["version"]) == (artifact, version), tag
+    # Annotated, on the commit that holds the .dvc file: what GTO (and dvc artifacts) resolve.
+    assert git("cat-file", "-t", first.tag, cwd=repo, env=env).strip() == "tag"
+    assert git("rev-parse", f"{first.tag}^{{commit}}", cwd=repo, env=env).strip() == first.commit
+
+
+# ---------------------------------------------------------------- dvc.yaml artifacts
+
+
+@pytest.mark.guarantee("G19")
+def test_each_published_name_is_a_dvc_artifact_that_dvc_artifacts_get_fetches_by_version(tmp_path, env):
+    repo, _ = make_repo(tmp_path, env)
+    with ckstore.Store(tmp_path / "run", metric="val_loss") as store:
+        train(store)
+        v1 = store.publish(10, name="best", repo=repo, wait=True).result()
+        v2 = store.publish(30, name="best", repo=repo, wait=True).result()
+        expected = {step: store.load(step=step)["model"]["weight"] for step in (10, 30)}
+    from ruamel.yaml import YAML
+
+    artifacts = YAML(typ="safe").load((repo / "dvc.yaml").read_text())["artifacts"]
+    assert artifacts["best"]["path"] == "models/best" and artifacts["best"]["type"] == "model"
+    assert "ckstore" in artifacts["best"]["labels"]
+    assert git("status", "--porcelain", cwd=repo, env=env).strip() == ""
+    assert "dvc.yaml" in git("show", "--name-only", "--format=", v1.commit, cwd=repo, env=env).split()
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc_repo:
+        assert dvc_repo.artifacts.get_rev("best") == v2.commit  # the greatest semver tag
+        assert dvc_repo.artifacts.get_rev("best", version="v1.0.0") == v1.commit
+
+    # The real `dvc artifacts get` from another directory, by version and (no version) the newest.
+    out = tmp_path / "fetched"
+    out.mkdir()
+    dvc("artifacts", "get", str(repo), "best", "--rev", "v1.0.0", "-o", "v1", cwd=out, env=env)
+    dvc("artifacts", "get", str(repo), "best", "-o", "newest", cwd=out, env=env)
+    for sub, step in (("v1", 10), ("newest", 30)):
+        before = tree(out / sub)
+        with ckstore.Store(out / sub) as got:
+            assert [i.step for i in got.checkpoints()] == [step] and got.verify() == []
+            assert torch.equal(got.load()["model"]["weight"], expected[step])
+        assert tree(out / sub) == before
+
+
+# ---------------------------------------------------------------- pull --rev
+
+
+@pytest.mark.guarantee("G19")
+def test_pull_rev_installs_the_version_a_tag_names_verified_and_dvc_agrees(tmp_path, env):
+    repo, _ = make_repo(tmp_path, env)
+    with ckstore.Store(tmp_path / "run", metric="val_loss") as store:
+        train(store)
+        store.publish(10, name="best", repo=repo, wait=True)
+        store.publish(30, name="best", repo=repo, wait=True)
+    clone = tmp_path / "clone"
+    git("clone", "-q", str(repo), str(clone), cwd=tmp_path, env=env)
+
+    proc = ck_here("pull", "models/best", "--rev", "best@v1.0.0", "--json", cwd=clone)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["checked"] == [10]
+    assert os.listdir(clone / "models" / "best" / "checkpoints") == ["step-00000010"]
+    # The workspace .dvc file is that version's (as `git checkout best@v1.0.0 -- models/best.dvc`): DVC agrees.
+    assert (clone / "models" / "best.dvc").read_text() == git("show", "best@v1.0.0:models/best.dvc", cwd=clone, env=env)
+    assert_dvc_clean(clone, env)
+
+    # The API, back to the newest by a commit id.
+    head = git("rev-parse", "HEAD", cwd=clone, env=env).strip()
+    assert _dvc.pull(clone / "models" / "best", rev=head) == clone / "models" / "best"
+    with ckstore.Store(clone / "models" / "best", readonly=True) as pulled:
+        assert [i.step for i in pulled.checkpoints()] == [30] and pulled.verify() == []
+    assert git("status", "--porcelain", cwd=clone, env=env).strip() == ""
+
+    # A revision that does not exist, one without the name, and one that is an option: typed errors naming it.
+    with pytest.raises(ckstore.CheckpointNotFoundError, match="nope"):
+        _dvc.pull(clone / "models" / "best", rev="nope")
+    with pytest.raises(ckstore.CheckpointNotFoundError, match="models/best.dvc"):
+        _dvc.pull(clone / "models" / "best", rev=git("rev-list", "--max-parents=0", "HEAD", cwd=clone, env=env).strip())
+    proc = ck_here("pull", "models/best", "--rev=--output=/tmp/x", cwd=clone)
+    assert proc.returncode == 2 and "--rev" in proc.stderr, proc.stderr
+    assert [i.step for i in ckstore.Store(clone / "models" / "best", readonly=True).checkpoints()] == [30]
