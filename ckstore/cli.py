@@ -36,6 +36,16 @@ def _step_arg(text: str) -> int | str:
     return int(text) if text.isascii() and text.isdigit() else text
 
 
+def _git_rev(text: str) -> str:
+    """``--rev``: checked here, so a value that git would take for an option is refused naming the option."""
+    from .integrations.dvc.revision import check_rev
+
+    try:
+        return check_rev(text)
+    except InvalidArgumentError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("rev must", "must")) from None
+
+
 def _step_number(text: str) -> int:
     """``--step``: ASCII digits only, checked here so a bad value names the option."""
     if not (text.isascii() and text.isdigit()):
@@ -295,7 +305,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from .integrations.dvc import publish as _dvc
 
     with bars_for(args) as bars:
-        path = bars.run("pull", None, _dvc.pull, args.store, repo=args.repo, remote=args.remote, force=args.force)
+        path = bars.run("pull", None, _dvc.pull, args.store, repo=args.repo, remote=args.remote, force=args.force, rev=args.rev)
     with Store(path, readonly=True) as store, warnings.catch_warnings(), bars_for(args) as bars:
         warnings.simplefilter("ignore")
         problems = bars.run("verify", sum(i.nbytes for i in store.checkpoints()), store.verify)
@@ -497,6 +507,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("pull", "fetch a published checkpoint (STORE is <dest>/NAME or its .dvc file) and install it verified", cmd_pull)
     p.add_argument("--repo", help="the git + DVC repository (default: the one holding STORE)")
     p.add_argument("--remote", help="DVC remote to fetch from (default: the repository's default remote)")
+    p.add_argument(
+        "--rev", type=_git_rev,
+        help="the version at this git revision (a tag such as best@v1.0.0, a branch or a commit); also sets NAME.dvc to it",
+    )
     p.add_argument(
         "--force", action="store_true",
         help="replace the target even if it holds checkpoints no published version has, or its writer lock is held",

@@ -153,7 +153,7 @@ def test_publish_best_then_plain_dvc_pull_in_a_fresh_clone_verifies(tmp_path, en
         # Pinned: retention (keep_last=1) keeps the published step 20 as more steps arrive.
         train(store, steps=(30, 40), losses=(0.4, 0.3))
         result = publication.result()
-        assert result.step == 20 and result.tag == "best@v1"
+        assert result.step == 20 and result.tag == "best@v1.0.0"
         assert [i.step for i in store.checkpoints()] == [20, 40]
         assert store.resolve("published.best").step == 20
 
@@ -199,14 +199,14 @@ def test_republish_moves_name_and_keeps_history(tmp_path, env):
         train(store)
         first = store.publish(10, name="best", repo=repo).result()
         second = store.publish(30, name="best", repo=repo).result()
-        assert (first.tag, second.tag) == ("best@v1", "best@v2")
+        assert (first.tag, second.tag) == ("best@v1.0.0", "best@v2.0.0")
         assert store.resolve("published.best").step == 30  # the pin moved with the name
         again = store.publish(30, name="best", repo=repo, wait=True).result()
-        assert again.tag == "best@v2" and again.commit == second.commit  # nothing changed: no new commit
+        assert again.tag == "best@v2.0.0" and again.commit == second.commit  # nothing changed: no new commit
     assert sorted(os.listdir(repo / "models" / "best" / "checkpoints")) == ["step-00000030"]
     assert len(git("log", "--format=%H", "--", "models/best.dvc", cwd=repo, env=env).split()) == 2
 
-    # `ckstore gc --dvc --cloud` collects what nothing names, and keeps what the tags name (best@v1).
+    # `ckstore gc --dvc --cloud` collects what nothing names, and keeps what the tags name (best@v1.0.0).
     from dvc.repo import Repo
 
     (repo / "scratch.bin").write_bytes(os.urandom(1000))
@@ -224,7 +224,7 @@ def test_republish_moves_name_and_keeps_history(tmp_path, env):
     # An older version comes back with the commands a DVC user types.
     clone = tmp_path / "clone"
     git("clone", "-q", str(repo), str(clone), cwd=tmp_path, env=env)
-    git("checkout", "-q", "best@v1", "--", "models/best.dvc", cwd=clone, env=env)
+    git("checkout", "-q", "best@v1.0.0", "--", "models/best.dvc", cwd=clone, env=env)
     dvc("pull", "models/best.dvc", cwd=clone, env=env)
     assert sorted(os.listdir(clone / "models" / "best" / "checkpoints")) == ["step-00000010"]
     assert ck_here("verify", "models/best", cwd=clone).returncode == 0
@@ -472,7 +472,7 @@ def test_publish_waits_for_dvc_lock_held_by_another_process(tmp_path, env):
         with ckstore.Store(tmp_path / "run", metric="val_loss") as store:
             train(store, steps=(1,), losses=(0.1,))
             result = store.publish(1, name="one", repo=repo, wait=True).result()
-        assert result.tag == "one@v1"
+        assert result.tag == "one@v1.0.0"
     finally:
         holder.wait(timeout=60)
     assert holder.returncode == 0
@@ -563,7 +563,7 @@ def test_sigkill_at_each_publish_stage_then_rerun_or_recover_completes(tmp_path,
             assert not [p for p in (repo / "models").iterdir() if ".ckstore-" in p.name], stage
             assert git("status", "--porcelain", cwd=repo, env=env).strip() == "", stage
     tags = git("tag", "--list", "best@v*", cwd=repo, env=env).split()
-    assert sorted(tags, key=lambda t: int(t.split("@v")[1])) == [f"best@v{k}" for k in range(1, len(steps) + 1)]
+    assert sorted(tags, key=lambda t: int(t.split("@v")[1].split(".")[0])) == [f"best@v{k}.0.0" for k in range(1, len(steps) + 1)]
     clone = tmp_path / "clone"
     git("clone", "-q", str(repo), str(clone), cwd=tmp_path, env=env)
     dvc("pull", "models/best.dvc", cwd=clone, env=env)
@@ -720,19 +720,19 @@ def test_publishing_the_moving_best_from_the_loop_supersedes_queued_publishes_an
     # The first was running when the best moved: pinned until done, published. 2-4 were superseded
     # by 5 while queued: their result is 5's.
     assert [r.step for r in results] == [1, 5, 5, 5, 5]
-    assert results[0].tag == "best@v1" and results[-1].tag == "best@v2"
-    assert git("tag", "--list", cwd=repo, env=env).split() == ["best@v1", "best@v2"]
+    assert results[0].tag == "best@v1.0.0" and results[-1].tag == "best@v2.0.0"
+    assert git("tag", "--list", cwd=repo, env=env).split() == ["best@v1.0.0", "best@v2.0.0"]
 
 
 def test_version_tags_stay_distinct_across_dest(tmp_path, env):
     repo, _ = make_repo(tmp_path, env)
     with ckstore.Store(tmp_path / "run", metric="val_loss") as store:
         train(store)
-        assert store.publish(10, name="best", repo=repo, wait=True).result().tag == "best@v1"
-        assert store.publish(20, name="best", repo=repo, dest="exports", wait=True).result().tag == "exports/best@v1"
-        assert store.publish(30, name="best", repo=repo, wait=True).result().tag == "best@v2"
-    assert sorted(git("tag", "--list", cwd=repo, env=env).split()) == ["best@v1", "best@v2", "exports/best@v1"]
-    show = git("show", "-s", "--format=%B", "exports/best@v1^{commit}", cwd=repo, env=env)
+        assert store.publish(10, name="best", repo=repo, wait=True).result().tag == "best@v1.0.0"
+        assert store.publish(20, name="best", repo=repo, dest="exports", wait=True).result().tag == "exports/best@v1.0.0"
+        assert store.publish(30, name="best", repo=repo, wait=True).result().tag == "best@v2.0.0"
+    assert sorted(git("tag", "--list", cwd=repo, env=env).split()) == ["best@v1.0.0", "best@v2.0.0", "exports/best@v1.0.0"]
+    show = git("show", "-s", "--format=%B", "exports/best@v1.0.0^{commit}", cwd=repo, env=env)
     assert "Ckstore-Dvc-File: exports/best.dvc" in show
 
 
@@ -744,7 +744,7 @@ def test_a_version_tag_with_non_ascii_digits_is_not_a_version(tmp_path, env):
     git("tag", "-a", "best@v\u0661\u0660\u0660", "-m", "by hand", cwd=repo, env=env)
     with ckstore.Store(tmp_path / "run", metric="val_loss") as store:
         train(store)
-        assert store.publish(10, name="best", repo=repo, wait=True).result().tag == "best@v1"
+        assert store.publish(10, name="best", repo=repo, wait=True).result().tag == "best@v1.0.0"
 
 FORK_SCRIPT = textwrap.dedent("""
     import os, sys, threading, time, torch, ckstore
@@ -785,4 +785,4 @@ def test_a_child_forked_while_a_publish_is_in_flight_exits_normally(tmp_path, en
     repo, _ = make_repo(tmp_path, env)
     proc = run([PYTHON, "-c", FORK_SCRIPT, str(tmp_path / "run"), str(repo)], tmp_path, env)
     assert "child exit 0" in proc.stdout, proc.stdout + proc.stderr
-    assert "parent published best@v1" in proc.stdout
+    assert "parent published best@v1.0.0" in proc.stdout

@@ -7,7 +7,9 @@ runs the plain commands a DVC user types (``dvc import``, ``dvc artifacts get``,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -181,6 +183,11 @@ def test_pull_rev_installs_the_version_a_tag_names_verified_and_dvc_agrees(tmp_p
         _dvc.pull(clone / "models" / "best", rev="nope")
     with pytest.raises(ckstore.CheckpointNotFoundError, match="models/best.dvc"):
         _dvc.pull(clone / "models" / "best", rev=git("rev-list", "--max-parents=0", "HEAD", cwd=clone, env=env).strip())
-    proc = ck_here("pull", "models/best", "--rev=--output=/tmp/x", cwd=clone)
-    assert proc.returncode == 2 and "--rev" in proc.stderr, proc.stderr
+    from ckstore import cli
+
+    err = io.StringIO()
+    with pytest.raises(SystemExit) as exited, contextlib.redirect_stderr(err):
+        cli.main(["pull", str(clone / "models" / "best"), "--rev=--output=/tmp/x"])
+    assert exited.value.code == 2 and "argument --rev" in err.getvalue(), err.getvalue()
     assert [i.step for i in ckstore.Store(clone / "models" / "best", readonly=True).checkpoints()] == [30]
+

@@ -214,7 +214,7 @@ def test_publish_runs_no_git_hook_and_no_fsmonitor_of_the_repository(tmp_path, e
     with ckstore.Store(tmp_path / "run", metric="val_loss") as store:
         train(store, steps=(1,), losses=(0.1,))
         result = store.publish(1, name="best", repo=repo, wait=True).result()
-    assert result.commit and result.tag == "best@v1"
+    assert result.commit and result.tag == "best@v1.0.0"
     assert sorted(os.listdir(markers)) == [], "publish ran code the repository configured"
 
 

@@ -91,6 +91,13 @@ def read_dvc_file(path: str) -> tuple[str, str]:
         raw = read_capped(path, DVC_FILE_CAP, what=".dvc file")
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"{path}: no such .dvc file (not published, or not checked out at this revision)") from None
+    return parse_dvc_file(raw, path)
+
+
+def parse_dvc_file(raw: bytes, path: str) -> tuple[str, str]:
+    """``(md5, path)`` of the ``.dvc`` file bytes ``raw`` (from the workspace or a git revision); ``path`` names it in messages."""
+    if len(raw) > DVC_FILE_CAP:
+        raise DvcError(f"{path}: .dvc file is {len(raw)} bytes, more than the {DVC_FILE_CAP}-byte cap")
     try:
         from ruamel.yaml import YAML
         from ruamel.yaml.events import AliasEvent

@@ -3,7 +3,8 @@
 A repository may be someone else's (a clone, a downloaded tarball): its hooks,
 ``core.fsmonitor`` and signing programs are commands it names, so every git
 call disables them (:data:`GIT_SAFE_CONFIG`). Version tags are annotated
-``<name>@v<k>`` (``<dest>/<name>@v<k>`` outside the default dest).
+``<name>@v<k>.0.0`` (``<dest>/<name>@v<k>.0.0`` outside the default dest): GTO's
+``<artifact>@v<semver>``, so ``dvc artifacts get`` and GTO find each version.
 """
 
 from __future__ import annotations
@@ -75,18 +76,34 @@ def version_tag_prefix(name: str, dest: str) -> str:
     return name if dest == DEFAULT_DEST else f"{dest.replace(os.sep, '/')}/{name}"
 
 
+#: A version tag of ``<prefix>``: ``@v<k>.0.0`` (GTO's ``<name>@v<semver>``, what ``dvc artifacts`` and model
+#: registries parse), or ``@v<k>`` as releases before semver tags wrote them; both count for the next number.
+#: [0-9], not \d: "\d" also matches "١", so a hand-made "best@v١٠٠" is not version 100.
+_VERSION = r"@v(0|[1-9][0-9]*)(?:\.0\.0)?"
+
+
+def version_number(prefix: str, tag: str) -> int | None:
+    """``k`` of a version tag ``<prefix>@v<k>.0.0`` (or the older ``<prefix>@v<k>``), None for any other tag."""
+    match = re.fullmatch(re.escape(prefix) + _VERSION, tag, re.ASCII)
+    return int(match.group(1)) if match else None
+
+
 def _tag(job: PublishJob, commit: str) -> str:
-    """Annotated tag ``<prefix>@v<k>`` on ``commit``, unless one of this name's tags already points there."""
+    """Annotated tag ``<prefix>@v<k>.0.0`` on ``commit``, unless one of this name's version tags already points there.
+
+    Annotated, because GTO and ``dvc artifacts get`` ignore lightweight tags. Each publish is a
+    new major version: nothing tells ckstore whether a new checkpoint is compatible.
+    """
     prefix = version_tag_prefix(job.name, job.dest)
     listing = _git(job.repo, "tag", "--list", f"{prefix}@v*", "--format=%(refname:strip=2) %(*objectname)").stdout
     versions = []
     for line in listing.splitlines():
         tag, _, target = line.partition(" ")
-        match = re.fullmatch(re.escape(prefix) + r"@v([0-9]+)", tag, re.ASCII)
-        if match:
+        number = version_number(prefix, tag)
+        if number is not None:
             if target == commit:
                 return tag
-            versions.append(int(match.group(1)))
-    tag = f"{prefix}@v{max(versions, default=0) + 1}"
+            versions.append(number)
+    tag = f"{prefix}@v{max(versions, default=0) + 1}.0.0"
     _git(job.repo, "tag", "-a", tag, "-m", f"ckstore publish {job.name}: step {job.step}", commit)
     return tag

@@ -33,7 +33,11 @@ stage hook, see :func:`set_stage_hook`):
     ``git commit`` the ``.dvc`` file (and ``.gitignore``/``.dvcignore``),
     with ``Ckstore-*`` trailers naming the name, step and source store;
 ``tag``
-    an annotated git tag ``<name>@v<k>`` on that commit.
+    an annotated git tag ``<name>@v<k>.0.0`` on that commit (GTO's format, see
+    :mod:`ckstore.integrations.dvc.git`).
+
+The commit also sets the name's ``artifacts:`` entry in the root ``dvc.yaml``
+(:mod:`ckstore.integrations.dvc.artifacts`), so ``dvc artifacts get`` finds it.
 
 Push comes before commit on purpose: git history never names an object that
 the remote lacks, so a kill at any point leaves ``HEAD`` and the remote
@@ -84,7 +88,8 @@ import filelock
 
 from ...storage import durable as _durable
 from .files import check_real_dirs, has_control, read_capped, read_dvc_file
-from .git import DEFAULT_DEST, _git, _one_line, _tag
+from . import artifacts as _artifacts
+from .git import DEFAULT_DEST, _git, _one_line, _tag, version_tag_prefix
 from ...errors import CheckpointNotFoundError, CkstoreError, DvcError, IntegrityError, InvalidArgumentError, ManifestError, StorageError
 from ...format.hashing import HashInfo, new_hasher
 from ...storage.layout import STAGING_DIR, TRASH_DIR
@@ -193,6 +198,8 @@ class PublishResult:
     commit: str | None
     tag: str | None
     remote: str | None
+    #: The ``dvc.yaml`` artifact name (``dvc artifacts get REPO <artifact>``), None when GTO cannot parse the name.
+    artifact: str | None = None
 
 
 # ------------------------------------------------------------------ small helpers
@@ -620,7 +627,8 @@ def _finish(job: PublishJob) -> PublishResult:
     _write_journal(job, "commit")
     _emit("commit", "before", job)
     rel_dvc = os.path.relpath(job.dvc_file, repo)
-    paths = [rel_dvc, os.path.join(job.dest, ".gitignore"), ".dvcignore"]
+    artifact = _update_artifact(job)
+    paths = [rel_dvc, os.path.join(job.dest, ".gitignore"), ".dvcignore", _artifacts.PROJECT_FILE]
     paths = [p for p in paths if os.path.exists(os.path.join(repo, p))]
     _git(repo, "add", "--", *paths)
     changed = _git(repo, "diff", "--cached", "--quiet", "--no-ext-diff", "--no-textconv", "--", *paths, check=False).returncode != 0
@@ -643,7 +651,17 @@ def _finish(job: PublishJob) -> PublishResult:
     _emit("tag", "after", job)
     with contextlib.suppress(FileNotFoundError):
         _durable.unlink(_journal_path(repo, job.dest, job.name), site="publish_journal")
-    return PublishResult(job.name, job.step, Path(job.dvc_file), md5, commit, tag, job.remote)
+    return PublishResult(job.name, job.step, Path(job.dvc_file), md5, commit, tag, job.remote, artifact)
+
+
+def _update_artifact(job: PublishJob) -> str | None:
+    """The name's entry in ``dvc.yaml`` (idempotent: a resumed publish rewrites nothing); its artifact name."""
+    name = _artifacts.artifact_name(version_tag_prefix(job.name, job.dest))
+    if name is not None:
+        _check_plain_file(os.path.join(job.repo, _artifacts.PROJECT_FILE))
+        path = os.path.relpath(job.alias_dir, job.repo).replace(os.sep, "/")
+        _artifacts.update(job.repo, name, _artifacts.entry(path, weights_only=False))
+    return name
 
 
 def run_publish(job: PublishJob) -> PublishResult:
@@ -700,7 +718,7 @@ def gc(repo: str | os.PathLike[str], *, cloud: bool = False, remote: str | None 
     """``dvc gc`` that keeps everything any branch, tag or the workspace names.
 
     Plain ``dvc gc -w`` (and ``-w -c``) deletes the objects behind git tags, i.e.
-    every earlier published version (``<name>@v<k>``); ckstore only ever passes
+    every earlier published version (``<name>@v<k>.0.0``); ckstore only ever passes
     ``--workspace --all-branches --all-tags``. ``cloud=True`` also collects the
     remote, with the same protection.
     """
@@ -721,8 +739,9 @@ def pull(
     repo: str | os.PathLike[str] | None = None,
     remote: str | None = None,
     force: bool = False,
+    rev: str | None = None,
 ) -> Path:
-    """Fetch a published checkpoint and install it verified at ``target``; see :mod:`ckstore.integrations.dvc.pull`."""
+    """Fetch a published checkpoint (as it was at git revision ``rev``) and install it verified at ``target``; see :mod:`ckstore.integrations.dvc.pull`."""
     from .pull import pull as pull_verified
 
-    return pull_verified(target, repo=repo, remote=remote, force=force)
+    return pull_verified(target, repo=repo, remote=remote, force=force, rev=rev)

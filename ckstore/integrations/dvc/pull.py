@@ -48,7 +48,8 @@ from .publish import (
     resolve_repo,
     swap_dir,
 )
-from .files import DIR_OBJECT_CAP, check_real_dirs, parse_dir_object, read_capped, read_dvc_file, show
+from .files import DIR_OBJECT_CAP, check_real_dirs, parse_dir_object, parse_dvc_file, read_capped, read_dvc_file, show
+from .revision import dvc_file_at, set_dvc_file
 from ...errors import DvcError, IntegrityError, InvalidArgumentError, StoreLockedError
 from ...format.hashing import HashInfo
 from ...storage.lock import WriterLock
@@ -104,8 +105,13 @@ def pull(
     repo: str | os.PathLike[str] | None = None,
     remote: str | None = None,
     force: bool = False,
+    rev: str | None = None,
 ) -> Path:
     """Fetch a published checkpoint and install it verified at ``target`` (``<dest>/<name>`` or its ``.dvc`` file).
+
+    ``rev`` (a git tag such as ``best@v1.0.0``, a branch or a commit) pulls the
+    version the ``.dvc`` file names at that revision and then writes that
+    ``.dvc`` file into the workspace (see :mod:`ckstore.integrations.dvc.revision`).
 
     See the module docstring for the order of checks. Without ``force``, a
     target holding checkpoints that no published version has (saved locally,
@@ -120,7 +126,12 @@ def pull(
     root = resolve_repo(repo, os.path.dirname(alias))
     parent, base = os.path.split(alias)
     check_real_dirs(root, parent, what="pull target")
-    md5, rel = read_dvc_file(dvc_file)
+    if rev is None:
+        md5, rel = read_dvc_file(dvc_file)
+        at_rev = None
+    else:
+        commit, at_rev = dvc_file_at(root, rev, dvc_file)
+        md5, rel = parse_dvc_file(at_rev, f"{dvc_file} at {show(rev)} ({commit[:12]})")
     if rel != base:
         raise DvcError(f"{dvc_file}: tracks {show(rel)}, not {show(base)}; not a ckstore publish")
     with _storage_errors(f"pulling {alias}"), _repo_lock(root):
@@ -142,6 +153,8 @@ def pull(
             try:
                 _install(cache, entries, step_name, tmp, alias)
                 swap_dir(tmp, alias, old)
+                if at_rev is not None:
+                    set_dvc_file(dvc_file, at_rev)
             except BaseException:
                 with contextlib.suppress(OSError):
                     _remove(tmp, site="pull_rollback")
