@@ -284,7 +284,9 @@ def cmd_publish(args: argparse.Namespace) -> int:
             raise InvalidArgumentError("publish needs --name NAME for a step number (or --recover)")
         args.name = args.step  # `ckstore publish STORE best` publishes the best checkpoint as "best"
     with Store(args.store, lock_timeout=args.wait, trust_foreign=args.trust_foreign) as store:
-        publication = store.publish(_step_arg(args.step), name=args.name, repo=args.repo, dest=args.dest, remote=args.remote)
+        publication = store.publish(
+            _step_arg(args.step), name=args.name, repo=args.repo, dest=args.dest, remote=args.remote, weights_only=args.weights_only
+        )
         with bars_for(args) as bars:  # DVC hashes and pushes in its own processes: a bar of activity and time
             result = bars.run(f"publish {args.name}", None, publication.result)
     payload = {
@@ -295,6 +297,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         "commit": result.commit,
         "tag": result.tag,
         "remote": result.remote,
+        "artifact": result.artifact,
     }
     rel = os.path.relpath(result.dvc_file)
     _emit(args, payload, f"published step {result.step} as {result.name} ({result.tag}); fetch it with: dvc pull {rel}")
@@ -461,6 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo", help="the git + DVC repository (default: the one holding the store, else the current directory)")
     p.add_argument("--dest", default="models", help="directory inside the repository for NAME.dvc (default: models)")
     p.add_argument("--remote", help="DVC remote to push to (default: the repository's default remote)")
+    p.add_argument(
+        "--weights-only", action="store_true",
+        help="publish only the model's weights (the state's 'model' entry, at <dest>/NAME/model.safetensors), no optimizer state",
+    )
     p.add_argument("--recover", action="store_true", help="only finish or roll back interrupted publishes into the repository")
     p.add_argument("--wait", type=_seconds, default=0, help="seconds to wait for the writer lock (default: fail at once)")
     _trust_foreign_option(p)

@@ -709,6 +709,7 @@ class Store:
         dest: str = "models",
         remote: str | None = None,
         wait: bool = False,
+        weights_only: bool = False,
     ) -> Any:
         """Publish a committed checkpoint to DVC as ``<repo>/<dest>/<name>.dvc``, in the background.
 
@@ -716,11 +717,14 @@ class Store:
         verifies it, ``dvc add``s and ``dvc push``es it and commits and tags the
         ``.dvc`` file in git. Returns a ``Publication``; its ``result()`` waits and
         raises a failure (also raised by the next ``publish``). ``wait=True``
-        waits for this and every earlier publish. See ``ckstore.integrations.dvc.publish``.
+        waits for this and every earlier publish. ``weights_only=True`` publishes
+        ``state["model"]`` without optimizer state; every publish of a state with
+        a ``"model"`` entry puts its weights at ``<dest>/<name>/model.safetensors``.
+        See ``ckstore.integrations.dvc.publish`` and ``ckstore.integrations.dvc.weights``.
         """
         from .integrations.dvc import publish as _dvc
 
-        return _dvc.publish(self, step, name=name, repo=repo, dest=dest, remote=remote, wait=wait)
+        return _dvc.publish(self, step, name=name, repo=repo, dest=dest, remote=remote, wait=wait, weights_only=weights_only)
 
     def _guarded(self, action, *, what: str) -> Any:
         try:

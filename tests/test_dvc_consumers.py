@@ -49,8 +49,8 @@ def read_everything(model_dir: Path, cwd: Path) -> None:
         assert proc.returncode == 0, (args, proc.stdout, proc.stderr)
 
 
-def assert_dvc_clean(cwd: Path, env: dict[str, str]) -> None:
-    out = dvc("status", cwd=cwd, env=env).stdout
+def assert_dvc_clean(cwd: Path, env: dict[str, str], *targets: str) -> None:
+    out = dvc("status", *targets, cwd=cwd, env=env).stdout
     assert "up to date" in out.lower(), out
 
 
@@ -191,3 +191,90 @@ def test_pull_rev_installs_the_version_a_tag_names_verified_and_dvc_agrees(tmp_p
     assert exited.value.code == 2 and "argument --rev" in err.getvalue(), err.getvalue()
     assert [i.step for i in ckstore.Store(clone / "models" / "best", readonly=True).checkpoints()] == [30]
 
+
+# ---------------------------------------------------------------- weights-only, at a stable path
+
+
+def train_with_optimizer(store: ckstore.Store, steps=(10, 20)) -> torch.nn.Module:
+    """A small MLP with Adam (optimizer state twice the weights), a tied pair of weights, and a config entry."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(8, 4), torch.nn.Linear(4, 8, bias=False))
+    model[1].weight = model[0].weight  # tied, as a language model's lm_head and embeddings
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    for step in steps:
+        opt.zero_grad()
+        model(torch.arange(8)).square().mean().backward()
+        opt.step()
+        store.save({"model": model, "optimizer": opt, "config": {"vocab": 8}}, step=step, metrics={"val_loss": 1.0 / step})
+    return model
+
+
+@pytest.mark.guarantee("G19")
+def test_weights_only_publish_has_a_stable_weights_path_across_versions(tmp_path, env):
+    from safetensors.torch import load as load_safetensors
+
+    import dvc.api
+
+    repo, _ = make_repo(tmp_path, env)
+    with ckstore.Store(tmp_path / "run", metric="val_loss") as store:
+        model = train_with_optimizer(store)
+        full = store.load(step=10)
+        v1 = store.publish(10, name="best", repo=repo, wait=True).result()  # a full publish: optimizer included
+        v2 = store.publish(20, name="best", repo=repo, weights_only=True, wait=True).result()
+        store.save({"net": model}, step=30, metrics={"val_loss": 1.0})
+        with pytest.raises(ckstore.InvalidArgumentError, match="'model'"):
+            store.publish(30, name="other", repo=repo, weights_only=True, wait=True).result()
+        # Without a "model" entry a publish keeps the checkpoint's own files (the layout of earlier releases).
+        plain = store.publish(30, name="plain", repo=repo, wait=True).result()
+    out = ck_here("publish", str(tmp_path / "run"), "20", "--name", "cli", "--weights-only", "--repo", str(repo), "--json", cwd=tmp_path)
+    assert json.loads(out.stdout)["artifact"] == "cli", out.stderr
+    assert sorted(os.listdir(repo / "models" / "cli" / "checkpoints" / "step-00000020")) == ["manifest.json", "model.safetensors"]
+    published = repo / "models" / "best"
+    weights = published / "model.safetensors"
+    step_dir = published / "checkpoints" / "step-00000020"
+    assert sorted(os.listdir(step_dir)) == ["manifest.json", "model.safetensors"]  # no optimizer file
+    assert os.path.samefile(weights, step_dir / "model.safetensors")
+    expected = {k: v for k, v in model.state_dict().items()}
+    with ckstore.Store(published) as pub:
+        state = pub.load()
+        assert set(state) == {"model", "config"} and state["config"] == {"vocab": 8}
+        fresh = torch.nn.Sequential(torch.nn.Embedding(8, 4), torch.nn.Linear(4, 8, bias=False))
+        fresh[1].weight = fresh[0].weight
+        pub.load({"model": fresh, "config": None})
+        assert fresh[0].weight is fresh[1].weight and torch.equal(fresh[0].weight, expected["0.weight"])
+        assert pub.verify() == []
+
+    # The stable path, by any consumer, at either version: the weights under their state-dict names.
+    at = {}
+    for rev in (v1.tag, v2.tag):
+        with dvc.api.open("models/best/model.safetensors", repo=str(repo), rev=rev, mode="rb") as fh:
+            at[rev] = load_safetensors(fh.read())
+    assert set(at[v2.tag]) == {"0.weight"}  # the tied weight is stored once, as save_pretrained does
+    assert torch.equal(at[v2.tag]["0.weight"], expected["0.weight"])
+    assert torch.equal(at[v1.tag]["0.weight"], full["model"]["0.weight"])
+    assert not (repo / "models" / "plain" / "model.safetensors").exists()
+    clone = tmp_path / "clone"
+    git("clone", "-q", str(repo), str(clone), cwd=tmp_path, env=env)
+    assert ck_here("pull", "models/best", "--rev", v1.tag, cwd=clone).returncode == 0
+    with ckstore.Store(clone / "models" / "best", readonly=True) as old:
+        assert set(old.load()) == {"model", "optimizer", "config"}
+    assert ck_here("pull", "models/best", "--rev", v2.tag, cwd=clone).returncode == 0
+    pulled = clone / "models" / "best"
+    assert os.path.samefile(pulled / "model.safetensors", pulled / "checkpoints" / "step-00000020" / "model.safetensors")
+    assert ck_here("pull", "models/plain", cwd=clone).returncode == 0
+    with ckstore.Store(clone / "models" / "plain", readonly=True) as other:
+        assert other.verify() == [] and set(other.load()) == {"net"}
+    assert_dvc_clean(clone, env, "models/best.dvc", "models/plain.dvc")
+
+
+def test_pull_refuses_a_stable_weights_path_that_is_not_the_checkpoints_file():
+    """A crafted directory object whose model.safetensors differs from the checkpoint's is refused before any fetch."""
+    from ckstore.integrations.dvc import pull as _pull
+
+    step = "checkpoints/step-00000001/"
+    good = {step + "manifest.json": "a" * 32, step + "model.safetensors": "b" * 32}
+    assert _pull._one_checkpoint({**good, "model.safetensors": "b" * 32}, "best.dvc") == "step-00000001"
+    with pytest.raises(ckstore.DvcError, match="model.safetensors"):
+        _pull._one_checkpoint({**good, "model.safetensors": "c" * 32}, "best.dvc")
+    with pytest.raises(ckstore.DvcError, match="model.safetensors"):
+        _pull._one_checkpoint({step + "manifest.json": "a" * 32, "model.safetensors": "c" * 32}, "best.dvc")

@@ -9,6 +9,7 @@ credentials are dummies, instance-metadata lookups are disabled.
 from __future__ import annotations
 
 import json
+import os
 import socket
 
 import pytest
@@ -58,8 +59,8 @@ def test_publish_and_pull_over_s3(tmp_path, env, s3):
     with ckstore.Store(tmp_path / "run", metric="val_loss") as store:
         train(store)
         result = store.publish("best", name="best", repo=repo, wait=True).result()
-        nfiles = len(store.resolve(20).files)
     assert result.step == 20
+    nfiles = len(os.listdir(repo / "models" / "best" / "checkpoints" / "step-00000020")) - 1  # less the manifest
     listed = boto3.client("s3", endpoint_url=s3).list_objects_v2(Bucket="ckpts", Prefix="dvcstore/")
     keys = [o["Key"] for o in listed.get("Contents", [])]
     assert len(keys) == nfiles + 2, keys  # the tensor files, the manifest, the .dir object

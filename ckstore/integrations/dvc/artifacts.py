@@ -47,9 +47,9 @@ def artifact_name(prefix: str) -> str | None:
     return prefix if _GTO_NAME.fullmatch(prefix) and "//" not in prefix else None
 
 
-def entry(path: str, *, weights_only: bool) -> dict[str, Any]:
-    what = "model weights" if weights_only else "checkpoint"
-    return {"path": path, "type": "model", "desc": f"ckstore {what}, published by ckstore publish", "labels": ["ckstore"]}
+def entry(path: str) -> dict[str, Any]:
+    """The entry of a published directory (``<dest>/<name>``, POSIX, relative to the repository)."""
+    return {"path": path, "type": "model", "desc": "ckstore checkpoint, published by ckstore publish", "labels": ["ckstore"]}
 
 
 def _yaml() -> Any:

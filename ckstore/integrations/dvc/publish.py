@@ -6,6 +6,7 @@ inside the DVC repository, tracked by one ``.dvc`` file::
 
     <repo>/<dest>/<name>.dvc            in git: DVC's pointer to the directory object
     <repo>/<dest>/<name>/               git-ignored, tracked by DVC: a one-checkpoint store
+        model.safetensors               the weights at a stable path (ckstore.integrations.dvc.weights)
         checkpoints/step-<N>/manifest.json, *.safetensors
     <repo>/<dest>/.gitignore            written by DVC
 
@@ -21,7 +22,9 @@ stage hook, see :func:`set_stage_hook`):
 ``materialize``
     hard-link (or copy and fsync) the committed checkpoint into
     ``<dest>/.<name>.ckstore-tmp-<hex>/``, hashing every file against the
-    manifest: only a verified checkpoint is ever published;
+    manifest: only a verified checkpoint is ever published; then merge the
+    model's tensors into ``model.safetensors`` (dropping the rest with
+    ``weights_only``) and link it at the stable path;
 ``swap``
     rename the verified directory to ``<dest>/<name>`` (the old one, if any,
     goes to ``.<name>.ckstore-old-<hex>`` first, then is removed);
@@ -89,6 +92,7 @@ import filelock
 from ...storage import durable as _durable
 from .files import check_real_dirs, has_control, read_capped, read_dvc_file
 from . import artifacts as _artifacts
+from . import weights as _weights
 from .git import DEFAULT_DEST, _git, _one_line, _tag, version_tag_prefix
 from ...errors import CheckpointNotFoundError, CkstoreError, DvcError, IntegrityError, InvalidArgumentError, ManifestError, StorageError
 from ...format.hashing import HashInfo, new_hasher
@@ -166,6 +170,8 @@ class PublishJob:
     dest: str = DEFAULT_DEST
     remote: str | None = None
     metrics: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    #: Publish only ``state["model"]`` (and the entries without tensors); see :mod:`ckstore.integrations.dvc.weights`.
+    weights_only: bool = False
 
     @property
     def dest_dir(self) -> str:
@@ -510,6 +516,8 @@ def _materialize(job: PublishJob, tmp: str) -> Manifest:
         size, _ = _hash_file(src, copy_to=None if linked else dst, expected=entry.hash if entry else None, site="publish_copy")
         if entry is not None and size != entry.size:
             raise IntegrityError(f"{src}: size {size} bytes, manifest says {entry.size}", path=src, expected=entry.size, actual=size)
+    # The weights at a stable path (<dest>/<name>/model.safetensors), and weights-only publishing.
+    manifest = _weights.rewrite(tmp, target, manifest, weights_only=job.weights_only) or manifest
     for path in (target, os.path.dirname(target), tmp, os.path.dirname(tmp)):
         _durable.sync_dir(path, site="publish_materialize_dir")
     return manifest
@@ -553,7 +561,8 @@ def _sweep_old_versions(job: PublishJob) -> None:
 
 #: What may sit in a published directory: the checkpoint, and what opening it as a store adds.
 _ALIAS_ENTRIES = frozenset(
-    {CHECKPOINTS_DIR, STAGING_DIR, TRASH_DIR, LOCK_NAME, OWNER_NAME, META_LOCK_NAME, TAGS_NAME, METRICS_NAME, QUARANTINE_DIR}
+    {CHECKPOINTS_DIR, STAGING_DIR, TRASH_DIR, LOCK_NAME, OWNER_NAME, META_LOCK_NAME, TAGS_NAME, METRICS_NAME, QUARANTINE_DIR,
+     _weights.WEIGHTS_FILE}
 )
 
 
@@ -660,7 +669,7 @@ def _update_artifact(job: PublishJob) -> str | None:
     if name is not None:
         _check_plain_file(os.path.join(job.repo, _artifacts.PROJECT_FILE))
         path = os.path.relpath(job.alias_dir, job.repo).replace(os.sep, "/")
-        _artifacts.update(job.repo, name, _artifacts.entry(path, weights_only=False))
+        _artifacts.update(job.repo, name, _artifacts.entry(path))
     return name
 
 
@@ -697,11 +706,11 @@ def run_publish(job: PublishJob) -> PublishResult:
 
 
 def publish(store: Store, step_or_name: int | str, *, name: str, repo: str | os.PathLike[str] | None = None,
-            dest: str = DEFAULT_DEST, remote: str | None = None, wait: bool = False) -> Any:
+            dest: str = DEFAULT_DEST, remote: str | None = None, wait: bool = False, weights_only: bool = False) -> Any:
     """Queue the publish of a committed checkpoint under ``name``; see :func:`ckstore.integrations.dvc.worker.publish`."""
     from . import worker as _dvc_worker
 
-    return _dvc_worker.publish(store, step_or_name, name=name, repo=repo, dest=dest, remote=remote, wait=wait)
+    return _dvc_worker.publish(store, step_or_name, name=name, repo=repo, dest=dest, remote=remote, wait=wait, weights_only=weights_only)
 
 
 def wait(store: Store, timeout: float | None = None) -> None:

@@ -8,7 +8,9 @@ Order, and why:
    would follow the listing before anyone checked it;
 3. check the listing (:func:`ckstore.integrations.dvc.files.parse_dir_object`: 32-hex md5s,
    plain relative paths, no duplicates) and that it is a one-checkpoint ckstore
-   directory. Only then does any path get built from it;
+   directory (plus, optionally, ``model.safetensors`` with the same md5 as the
+   checkpoint's: the stable weights path, installed as a hard link). Only then
+   does any path get built from it;
 4. check the target: no local work in it that this pull would destroy (a
    checkpoint whose manifest the DVC cache does not know, unknown files) and
    its writer lock is free, unless ``force``; the lock stays held until the swap;
@@ -55,6 +57,7 @@ from ...format.hashing import HashInfo
 from ...storage.lock import WriterLock
 from ...format.manifest import MANIFEST_NAME, parse_manifest
 from ...storage.layout import QUARANTINE_DIR
+from .weights import WEIGHTS_FILE, link_or_copy
 
 _HEX2 = re.compile(r"[0-9a-f]{2}")
 
@@ -213,6 +216,8 @@ def _one_checkpoint(entries: dict[str, str], dvc_file: str) -> str:
     """The ``step-N`` directory name of a one-checkpoint ckstore directory listing."""
     steps = set()
     for rel in entries:
+        if rel == WEIGHTS_FILE:
+            continue  # the stable path: checked below to be the checkpoint's own weights file
         parts = rel.split("/")
         if len(parts) != 3 or parts[0] != CHECKPOINTS_DIR or not _STEP_DIR.fullmatch(parts[1]):
             raise DvcError(f"{dvc_file}: does not track a one-checkpoint ckstore directory (entry {show(rel)})")
@@ -222,6 +227,9 @@ def _one_checkpoint(entries: dict[str, str], dvc_file: str) -> str:
     (step_name,) = steps
     if f"{CHECKPOINTS_DIR}/{step_name}/{MANIFEST_NAME}" not in entries:
         raise DvcError(f"{dvc_file}: the tracked checkpoint has no {MANIFEST_NAME}")
+    if WEIGHTS_FILE in entries and entries[WEIGHTS_FILE] != entries.get(f"{CHECKPOINTS_DIR}/{step_name}/{WEIGHTS_FILE}"):
+        # Same md5 or refused: the stable path is a link to a verified file, never a file of its own.
+        raise DvcError(f"{dvc_file}: {WEIGHTS_FILE} is not the checkpoint's {CHECKPOINTS_DIR}/{step_name}/{WEIGHTS_FILE}")
     return step_name
 
 
@@ -328,7 +336,7 @@ def _install(cache: _Cache, entries: dict[str, str], step_name: str, tmp: str, a
     copy(MANIFEST_NAME, None)
     manifest = parse_manifest(_read_small(os.path.join(target, MANIFEST_NAME)), path=os.path.join(final_dir, MANIFEST_NAME))
     listed = {prefix + n for n in manifest.files} | {prefix + MANIFEST_NAME}
-    if listed != set(entries):
+    if set(entries) - {WEIGHTS_FILE} != listed:
         raise IntegrityError(
             f"{final_dir}: DVC tracks {sorted(set(entries) - listed) or 'fewer'} files than the manifest lists",
             path=final_dir, expected=sorted(listed), actual=sorted(entries),
@@ -338,5 +346,8 @@ def _install(cache: _Cache, entries: dict[str, str], step_name: str, tmp: str, a
         if size != entry.size:
             path = os.path.join(final_dir, name)
             raise IntegrityError(f"{path}: size {size}, manifest says {entry.size}", path=path, expected=entry.size, actual=size)
+    if WEIGHTS_FILE in entries:
+        # The stable path: a hard link to the verified file, as publish made it (one copy on disk).
+        link_or_copy(os.path.join(target, WEIGHTS_FILE), os.path.join(tmp, WEIGHTS_FILE), site="pull_install")
     for path in (target, os.path.dirname(target), tmp, os.path.dirname(tmp)):
         _durable.sync_dir(path, site="pull_install_dir")

@@ -50,7 +50,7 @@ from .publish import (
     resolve_repo,
     run_publish,
 )
-from ...errors import CheckpointNotFoundError, CkstoreError, DvcError
+from ...errors import CheckpointNotFoundError, CkstoreError, DvcError, InvalidArgumentError
 
 if TYPE_CHECKING:
     from ...store import Store
@@ -309,6 +309,7 @@ def publish(
     dest: str = DEFAULT_DEST,
     remote: str | None = None,
     wait: bool = False,
+    weights_only: bool = False,
 ) -> Publication:
     """Queue the publish of a committed checkpoint under ``name`` (see the module docstrings).
 
@@ -318,8 +319,12 @@ def publish(
     short metadata lock, so a shell may publish while a training process holds
     the store. The rest runs on the store's publish thread. ``wait=True`` waits
     for this and every earlier publish and raises the first failure.
+    ``weights_only=True`` publishes ``state["model"]`` without the optimizer and
+    other tensor state (see :mod:`ckstore.integrations.dvc.weights`).
     """
     check_name(name)
+    if not isinstance(weights_only, bool):
+        raise InvalidArgumentError(f"weights_only must be True or False, got {weights_only!r}")
     dest = check_dest(dest)
     remote = check_remote(remote)
     _check_installed()  # cheaply here; the import itself (about 0.5 s) happens on the publish thread
@@ -328,7 +333,8 @@ def publish(
     publisher.raise_unreported()
     for attempt in range(_RESOLVE_TRIES):
         info = store.resolve(step_or_name)
-        job = PublishJob(name=name, step=info.step, store=str(store.path), repo=root, dest=dest, remote=remote, metrics=dict(info.metrics))
+        job = PublishJob(name=name, step=info.step, store=str(store.path), repo=root, dest=dest, remote=remote, metrics=dict(info.metrics),
+                         weights_only=weights_only)
         try:
             future = publisher.submit(job)
             break
