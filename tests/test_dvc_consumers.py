@@ -278,3 +278,23 @@ def test_pull_refuses_a_stable_weights_path_that_is_not_the_checkpoints_file():
         _pull._one_checkpoint({**good, "model.safetensors": "c" * 32}, "best.dvc")
     with pytest.raises(ckstore.DvcError, match="model.safetensors"):
         _pull._one_checkpoint({step + "manifest.json": "a" * 32, "model.safetensors": "c" * 32}, "best.dvc")
+
+
+def test_the_artifacts_entry_keeps_what_else_dvc_yaml_holds_and_refuses_aliases(tmp_path):
+    from ckstore.integrations.dvc import artifacts
+
+    text = "# my pipeline\nstages:\n  train:\n    cmd: python train.py  # keep me\nartifacts:\n  other:\n    path: data/x\n    type: dataset\n"
+    (tmp_path / "dvc.yaml").write_text(text)
+    assert artifacts.update(str(tmp_path), "best", artifacts.entry("models/best"))
+    new = (tmp_path / "dvc.yaml").read_text()
+    assert new.startswith(text.rstrip("\n")) and "  best:\n    path: models/best\n    type: model\n" in new
+    assert not artifacts.update(str(tmp_path), "best", artifacts.entry("models/best"))  # unchanged: not rewritten
+    from gto.constants import name_re
+
+    names = ("best", "exports/best", "release.1", "a_b-c", "best-", "_x", "a+b/c", "deep/er/best")
+    assert [artifacts.artifact_name(n) for n in names] == [n if name_re.fullmatch(n) else None for n in names]
+    assert artifacts.artifact_name("release.1") is None and artifacts.artifact_name("exports/best") == "exports/best"
+    (tmp_path / "dvc.yaml").write_text("a: &x [1, 2]\nb: *x\n")
+    with pytest.raises(ckstore.DvcError, match="aliases"):
+        artifacts.update(str(tmp_path), "best", artifacts.entry("models/best"))
+    assert (tmp_path / "dvc.yaml").read_text() == "a: &x [1, 2]\nb: *x\n"

@@ -44,7 +44,7 @@ _GTO_NAME = re.compile(r"[a-zA-Z0-9]([a-zA-Z0-9-/_]*[a-zA-Z0-9])?", re.ASCII)
 
 def artifact_name(prefix: str) -> str | None:
     """The artifact name for a version-tag prefix (``best``, ``exports/best``), or None when GTO cannot parse it."""
-    return prefix if _GTO_NAME.fullmatch(prefix) and "//" not in prefix else None
+    return prefix if _GTO_NAME.fullmatch(prefix) else None
 
 
 def entry(path: str) -> dict[str, Any]:
