@@ -360,7 +360,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     with bars_for(args) as bars:
         payload = run_export(args, bars)
     if payload["format"] == "hf":
-        text = f"exported step {payload['step']} as a from_pretrained directory: {escape(payload['path'])} ({', '.join(map(escape, payload['files']))})"
+        files = ", ".join(map(escape, payload["files"]))
+        text = f"exported step {payload['step']} as a from_pretrained directory: {escape(payload['path'])} ({files})"
     else:
         text = f"exported step {payload['step']} as one safetensors file: {escape(payload['path'])}"
     _emit(args, payload, text)
@@ -408,7 +409,9 @@ def _trust_foreign_option(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ckstore", description="Inspect, verify, tag, compare, plot, import and clean a ckstore checkpoint store.")
+    parser = argparse.ArgumentParser(
+        prog="ckstore", description="Inspect, verify, tag, compare, plot, import, export and clean a ckstore checkpoint store."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str, fn) -> argparse.ArgumentParser:
@@ -497,7 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
     p.add_argument("--step", type=_step_number, help="the step number (default: the one the source records; required if it has none)")
     p.add_argument("--name", help="tag the imported checkpoint NAME")
-    p.add_argument("--format", choices=("auto", "torch", "lightning", "hf", "dcp"), default="auto", help="the source's format (default: detect)")
+    p.add_argument(
+        "--format", choices=("auto", "torch", "lightning", "hf", "dcp"), default="auto", help="the source's format (default: detect)"
+    )
     p.add_argument("--wait", type=_seconds, default=0, help="seconds to wait for the writer lock (default: fail at once)")
     _trust_foreign_option(p)
     p.set_defaults(fn=cmd_import)
@@ -505,7 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("export", "write a checkpoint's weights as a from_pretrained directory (--hf) or one safetensors file", cmd_export)
     p.add_argument("step", help="step number, 'latest', 'best' or a tag")
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--hf", metavar="DIR", help="write a Hugging Face directory: config, HF key names, tied weights as HF expects, shards")
+    where.add_argument(
+        "--hf", metavar="DIR", help="write a Hugging Face directory: config, HF key names, tied weights as HF expects, shards"
+    )
     where.add_argument("--safetensors", metavar="FILE", help="write the weights as one flat safetensors file")
     p.add_argument("--key", default="model", help="the state key holding the module (default: model)")
     p.add_argument("--max-shard-size", default="5GB", help="with --hf: split weights into shards of at most this size (default: 5GB)")

@@ -377,7 +377,8 @@ def test_export_hf_and_safetensors(capsys, hf_store, tmp_path):
     path, model, transformers = hf_store
     out = tmp_path / "exported"
     code, payload, err = run_json(capsys, "export", path, "latest", "--hf", out)
-    assert code == 0 and err == "" and payload["step"] == 5 and "model.safetensors" in payload["files"] and "config.json" in payload["files"]
+    assert code == 0 and err == "" and payload["step"] == 5
+    assert "model.safetensors" in payload["files"] and "config.json" in payload["files"]
     loaded = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
     ids = torch.arange(8).unsqueeze(0)
     assert torch.equal(loaded(ids).logits, model(ids).logits)

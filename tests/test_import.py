@@ -325,11 +325,13 @@ def test_the_importer_unpickles_only_through_weights_only_or_an_allowlist():
     import ast
 
     tree = ast.parse(Path(importers.__file__).read_text())
-    loads = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and isinstance(n.func.value, ast.Name)
-             and (n.func.value.id, n.func.attr) in {("torch", "load"), ("pickle", "load"), ("pickle", "loads"), ("pickle", "Unpickler")}]
+    watched = {("torch", "load"), ("pickle", "load"), ("pickle", "loads"), ("pickle", "Unpickler")}
+    loads = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+             and isinstance(n.func.value, ast.Name) and (n.func.value.id, n.func.attr) in watched]
     assert loads and all(n.func.value.id == "torch" for n in loads), "only torch.load, never pickle.load/loads/Unpickler(...)"
     for call in loads:
-        assert any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True for k in call.keywords), call.lineno
+        assert any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                   for k in call.keywords), call.lineno
     unpicklers = [c for c in ast.walk(tree) if isinstance(c, ast.ClassDef) and any(ast.unparse(b) == "pickle.Unpickler" for b in c.bases)]
     assert unpicklers and all(any(isinstance(f, ast.FunctionDef) and f.name == "find_class" for f in c.body) for c in unpicklers)
 

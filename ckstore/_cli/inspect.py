@@ -96,7 +96,8 @@ def diff_text(payload: dict[str, Any], size: Any, escape: Any) -> str:
                     f"{entry['hash'][0][:19]} -> {entry['hash'][1][:19]}")
     for verb in ("added", "removed"):
         for entry in payload[verb]:
-            rows.append(f"{verb:8} {escape(entry['key'])}  {entry['dtype']}{tuple(entry['shape'])}  {size(entry['nbytes'])}  {entry['hash'][:19]}")
+            shape = f"{entry['dtype']}{tuple(entry['shape'])}"
+            rows.append(f"{verb:8} {escape(entry['key'])}  {shape}  {size(entry['nbytes'])}  {entry['hash'][:19]}")
     changed_bytes = sum(e["nbytes"][1] for e in payload["changed"])
     rows.append(f"{len(payload['changed'])} changed ({size(changed_bytes)}), {len(payload['added'])} added, "
                 f"{len(payload['removed'])} removed, {len(payload['unchanged'])} unchanged")

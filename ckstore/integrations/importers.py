@@ -55,7 +55,16 @@ import torch
 
 import ckstore
 
-__all__ = ["FORMATS", "ImportResult", "SourceCheckpoint", "UnsafePickleError", "detect_format", "import_checkpoint", "numpy_allowed", "read_checkpoint"]
+__all__ = [
+    "FORMATS",
+    "ImportResult",
+    "SourceCheckpoint",
+    "UnsafePickleError",
+    "detect_format",
+    "import_checkpoint",
+    "numpy_allowed",
+    "read_checkpoint",
+]
 
 FORMATS = ("torch", "lightning", "hf", "dcp")
 
@@ -498,7 +507,8 @@ def detect_format(src: str | os.PathLike[str]) -> str:
     if path.is_dir():
         if (path / ".metadata").is_file():
             return "dcp"
-        if any((path / n).is_file() for n in ("trainer_state.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")):
+        markers = ("trainer_state.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+        if any((path / n).is_file() for n in markers):
             return "hf"
         raise ckstore.InvalidArgumentError(f"{path}: a directory that is neither a DCP checkpoint (.metadata) nor a Trainer checkpoint-N")
     if path.is_file():
