@@ -395,7 +395,7 @@ _LAYER_OF = {name: n for n, names in enumerate(LAYERS) for name in names}
 #: Internal modules the integrations may import besides the public API (``ckstore``, ``ckstore.errors``),
 #: and why. Anything else an integration needs belongs in the public API.
 INTEGRATION_INTERNALS = {
-    "ckstore.storage.durable": "the DVC integration writes .dvc files, its journal and pulled checkpoints; only storage writes",
+    "ckstore.storage.durable": "integrations write files (.dvc files, the DVC journal, pulled checkpoints, exports, a resume scratch for Trainer); only storage writes",
     "ckstore.storage.layout": "the store's file names: publish ignores them (.dvcignore), pull refuses a store with quarantined checkpoints",
     "ckstore.storage.lock": "the store's lock file names (.dvcignore) and the writer lock a pull takes",
     "ckstore.storage.metadata_lock": "the metadata lock file's name (.dvcignore)",

@@ -47,7 +47,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -56,6 +55,7 @@ import torch
 
 import ckstore
 from ckstore import InvalidArgumentError, RNGState, StateError, Store
+from ckstore.storage import durable as _durable
 
 from .export import HF_META_KEY, declared_tied_keys, hf_metadata
 
@@ -196,7 +196,7 @@ class CkstoreTrainerMixin:
         try:
             if resume_from_checkpoint is None or resume_from_checkpoint is False:
                 return super().train(None, trial, ignore_keys_for_eval, **kwargs)
-            with tempfile.TemporaryDirectory(prefix="ckstore-resume-") as scratch:
+            with _durable.scratch_dir(prefix="ckstore-resume-") as scratch:
                 self._ck_resume = self._load_for_resume(resume_from_checkpoint, scratch)
                 try:
                     return super().train(scratch, trial, ignore_keys_for_eval, **kwargs)
@@ -232,8 +232,8 @@ class CkstoreTrainerMixin:
         trainer_state = json.loads(saved)
         # The best path recorded at save time may have moved with the store: point it at the checkpoint now.
         trainer_state["best_model_checkpoint"] = self._best_path(trainer_state.get("best_global_step"))
-        with open(os.path.join(directory, TRAINER_STATE_NAME), "w", encoding="utf-8") as f:  # scratch, removed after train()
-            f.write(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
+        text = json.dumps(trainer_state, indent=2, sort_keys=True) + "\n"  # scratch for Trainer to read, removed after train()
+        _durable.write_file_atomic(os.path.join(directory, TRAINER_STATE_NAME), text.encode(), site="hf_resume_state", durable=False)
         return _Resume(directory, dict(payload), int(trainer_state["global_step"]))
 
     def _resumed(self, checkpoint: str | None) -> _Resume | None:

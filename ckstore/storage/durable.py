@@ -36,6 +36,7 @@ import fcntl
 import os
 import secrets
 import stat
+import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -418,6 +419,17 @@ def write_file_atomic(path: str | os.PathLike[str], data: bytes, *, site: str, d
     rename(tmp, path, site=site, replace=True)
     if durable:
         sync_dir(parent or ".", site=site + "_dir")
+
+
+@contextlib.contextmanager
+def scratch_dir(*, prefix: str) -> Iterator[str]:
+    """A private temporary directory (mode 0700) for files another library must read from a path, removed
+    with everything in it when the block ends. Never store state: nothing in it is fsynced."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    try:
+        yield path
+    finally:
+        remove_tree(path, site="scratch")
 
 
 def is_temp_name(name: str) -> bool:
