@@ -1,0 +1,224 @@
+"""Kill ranks of a multi-rank DCP save at every durable-operation boundary; check the store after each.
+
+    python -m fault_injection.distributed [--world 2] [--json]
+
+A parent process imports torch and ckstore once, then for each kill point
+forks ``world`` ranks (fork keeps each run under a second; a fresh
+interpreter per rank costs seconds). The ranks form a gloo group on
+127.0.0.1 and run one ``dcp.save`` through ``StoreWriter`` of a state in
+which each rank owns its own tensors and all share a replicated one. The
+victim installs a ``ckstore.storage.durable`` hook that SIGKILLs it just
+before its k-th durable operation (create, write, fsync, close, mkdir,
+rename, directory fsync). Victims, for k = 1, 2, … until a run completes
+without firing:
+
+* ``rank1``: a non-coordinator rank (its shard file: create, write, fsync, close);
+* ``coordinator``: rank 0, through its own shard and the whole commit
+  (staging mkdir, manifest, directory fsyncs, the rename, retention);
+* ``all``: rank 0's hook kills every rank at once.
+
+Invariants after each run (the parent opens the store read-only):
+
+1. the store lists no checkpoint or exactly step 1, never anything partial;
+2. a listed step 1 verifies, and loads (N -> 1, in the parent) bitwise equal to what the ranks saved;
+3. if any rank's ``dcp.save`` returned, step 1 is listed (an acknowledged save is never lost);
+4. after recovery by a new writer, ``.staging/`` is empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+import warnings
+from datetime import timedelta
+
+import torch
+
+torch.set_num_threads(1)  # before any fork: a forked child must not inherit a started OpenMP pool
+
+import torch.distributed as dist  # noqa: E402
+import torch.distributed.checkpoint as dcp  # noqa: E402
+
+import ckstore  # noqa: E402
+from ckstore.distributed import StoreReader, StoreWriter  # noqa: E402
+from ckstore.storage import durable  # noqa: E402
+
+VICTIMS = ("rank1", "coordinator", "all")
+
+
+def rank_state(rank: int) -> dict:
+    gen = torch.Generator().manual_seed(rank)
+    return {f"rank{rank}": {"w": torch.randn(64, 8, generator=gen), "b": torch.arange(8, dtype=torch.int64) + rank}, "shared": torch.linspace(0, 1, 33)}
+
+
+def expected_state(world: int) -> dict:
+    out: dict = {}
+    for rank in range(world):
+        out.update(rank_state(rank))
+    return out
+
+
+def _rank_main(rank: int, world: int, port: int, store: str, out: str, victim: str, k: int, pids_file: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=15))
+    mine = (victim == "rank1" and rank == 1) or (victim in ("coordinator", "all") and rank == 0)
+    if mine:
+        seen = [0]
+
+        def hook(op: str, phase: str, path: str, info: dict) -> None:
+            if phase != "before":
+                return
+            seen[0] += 1
+            if seen[0] == k:
+                if victim == "all":
+                    with open(pids_file) as f:
+                        pids = [int(p) for p in f.read().split()]
+                    for pid in pids:
+                        if pid != os.getpid():
+                            os.kill(pid, signal.SIGKILL)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        durable.set_hook(hook)
+    with ckstore.Store(store, keep_last=1) as s:
+        dcp.save(rank_state(rank), storage_writer=StoreWriter(s, step=1))
+    durable.set_hook(None)
+    with open(os.path.join(out, f"ack-{rank}"), "w") as f:
+        f.write("saved")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_one(root: str, world: int, victim: str, k: int) -> dict:
+    store, out = os.path.join(root, f"{victim}-{k}", "store"), os.path.join(root, f"{victim}-{k}", "out")
+    os.makedirs(out)
+    pids_file = os.path.join(out, "pids")
+    port = _port()
+    pids = []
+    for rank in range(world):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                _rank_main(rank, world, port, store, out, victim, k, pids_file)
+                code = 0
+            except BaseException:
+                code = 3
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    with open(pids_file + ".tmp", "w") as f:
+        f.write(" ".join(map(str, pids)))
+    os.rename(pids_file + ".tmp", pids_file)
+    deadline = time.monotonic() + 60
+    codes = {}
+    while len(codes) < world:
+        for pid in pids:
+            if pid in codes:
+                continue
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                codes[pid] = status
+        if time.monotonic() > deadline:
+            for pid in pids:
+                if pid not in codes:
+                    os.kill(pid, signal.SIGKILL)
+                    codes[pid] = os.waitpid(pid, 0)[1]
+            break
+        time.sleep(0.02)
+    killed = any(os.WIFSIGNALED(codes[p]) for p in pids)
+    acked = sorted(int(name[4:]) for name in os.listdir(out) if name.startswith("ack-"))
+    violations = check(store, world, acked)
+    committed = os.path.isdir(os.path.join(store, "checkpoints", "step-00000001"))
+    return {"victim": victim, "k": k, "fired": killed, "acked": acked, "committed": committed, "violations": violations}
+
+
+def check(store: str, world: int, acked: list[int]) -> list[str]:
+    problems = []
+    if not os.path.isdir(os.path.join(store, "checkpoints")):
+        # Killed while the first write created the layout: no store yet, so nothing committed.
+        return ["acknowledged save lost: no store"] if acked else []
+    entries = sorted(os.listdir(os.path.join(store, "checkpoints")))
+    if entries not in ([], ["step-00000001"]):
+        problems.append(f"checkpoints/ holds {entries}")
+    with ckstore.Store(store, readonly=True) as s, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        steps = [i.step for i in s.checkpoints()]
+        if entries and steps != [1]:
+            # Readers skip it, but a directory in checkpoints/ that is not a whole checkpoint is a partial commit.
+            problems.append(f"checkpoints/ holds {entries}, which is not a whole checkpoint: {[str(w.message)[:160] for w in caught][:1]}")
+        if steps not in ([], [1]):
+            problems.append(f"unexpected checkpoints {steps}")
+        if acked and steps != [1]:
+            problems.append(f"ranks {acked} were told the save succeeded, but the store lists {steps}")
+        if steps == [1]:
+            bad = s.verify(1)
+            if bad:
+                problems.append(f"step 1 committed but fails verification: {[p.message for p in bad][:2]}")
+            else:
+                target = {key: torch.zeros_like(v) if isinstance(v, torch.Tensor) else {n: torch.zeros_like(t) for n, t in v.items()} for key, v in expected_state(world).items()}
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    dcp.load(target, storage_reader=StoreReader(s, step=1))
+                expected = expected_state(world)
+                for key, value in expected.items():
+                    got = target[key]
+                    pairs = [(got, value)] if isinstance(value, torch.Tensor) else [(got[n], value[n]) for n in value]
+                    if not all(torch.equal(a, b) for a, b in pairs):
+                        problems.append(f"step 1 loads different values for {key}")
+    with ckstore.Store(store) as s:
+        s.recover()
+    leftovers = os.listdir(os.path.join(store, ".staging"))
+    if leftovers:
+        problems.append(f"staging not empty after recovery: {leftovers}")
+    return problems
+
+
+def run(world: int = 2, victims: tuple[str, ...] = VICTIMS, max_k: int = 60) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ckstore-dist-kill-") as root:
+        for victim in victims:
+            for k in range(1, max_k + 1):
+                row = run_one(root, world, victim, k)
+                rows.append(row)
+                if not row["fired"]:
+                    break  # the victim finished before its k-th operation: every boundary was covered
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--victims", nargs="+", default=list(VICTIMS), choices=VICTIMS)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    rows = run(args.world, tuple(args.victims))
+    violations = [r for r in rows if r["violations"]]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        for victim in args.victims:
+            mine = [r for r in rows if r["victim"] == victim]
+            fired = [r for r in mine if r["fired"]]
+            print(
+                f"{victim:12s} kill points {len(fired):3d}  committed {sum(1 for r in fired if r['committed']):3d}  "
+                f"acknowledged {sum(1 for r in fired if r['acked']):3d}  violations {sum(1 for r in mine if r['violations'])}"
+            )
+        print(f"{len(rows)} runs, {len(violations)} with violations, {time.perf_counter() - started:.1f} s")
+        for r in violations:
+            print(" ", r)
+    sys.exit(1 if violations else 0)
+
+
+if __name__ == "__main__":
+    main()
