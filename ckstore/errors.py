@@ -15,6 +15,7 @@ builtin exception says the same thing, the class also subclasses it, so
     ├── StateError (TypeError)    a state value cannot be saved, or does not fit on load
     ├── InvalidArgumentError (ValueError)  a bad step, metric, tag or option
     ├── StorageError (OSError)    the filesystem failed mid-write (ENOSPC, EIO); nothing committed is lost
+    │   └── LockUnsupportedError  the filesystem has no working file locks (Lustre without -o flock, NFS without lockd)
     ├── AsyncSaveError            a background save failed; raised on the next call
     ├── CommittedWithErrorsError  a save committed (durable), then tagging or retention failed
     ├── DvcError                  publishing to or pulling from DVC failed (DVC, git or the remote; DVC missing)
@@ -147,6 +148,27 @@ class StorageError(CkstoreError, OSError):
 
     def __str__(self) -> str:
         return self.strerror
+
+
+class LockUnsupportedError(StorageError):
+    """The store's filesystem refuses file locks (``flock`` fails with ENOSYS, ENOLCK or EOPNOTSUPP).
+
+    Raised before anything is written. ckstore never falls back to a lock file: a lock file is not
+    released when its holder dies, and on a shared mount two hosts could both believe they hold it.
+    ``path`` is the lock file, ``errno`` what ``flock`` answered; the message says which mount option
+    gives working locks (Lustre ``-o flock``, NFS with a running lock manager).
+    """
+
+    def __init__(self, message: str, *, errno: int | None = None, path: str) -> None:
+        super().__init__(message, errno=errno, path=path)
+        self.path = path
+
+    def __reduce__(self):  # keep the attributes across process boundaries
+        return (_rebuild_lock_unsupported, (self.strerror, self.errno, self.path))
+
+
+def _rebuild_lock_unsupported(message: str, errno: int | None, path: str) -> LockUnsupportedError:
+    return LockUnsupportedError(message, errno=errno, path=path)
 
 
 class AsyncSaveError(CkstoreError):

@@ -6,10 +6,19 @@ it is released by the kernel when the holder dies: a SIGKILLed trainer never
 leaves a stale lock behind. Next to it the holder writes who it is (pid, host,
 time) so a second writer's :class:`StoreLockedError` can name the holder.
 Readers take no lock.
+
+On a filesystem whose ``flock`` fails (Lustre mounted without ``-o flock``:
+ENOSYS; NFSv3 with no reachable lock manager: ENOLCK) the lock is refused
+with :class:`LockUnsupportedError`. filelock would otherwise fall back to a
+"soft" lock file with a warning: a file that a SIGKILLed writer leaves behind
+(the next run then waits forever) and that two hosts racing on a shared mount
+can both believe they created. docs/distributed.md ("Shared filesystems")
+says which mount options give working locks.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -19,11 +28,29 @@ import filelock
 
 from . import durable as _durable
 from . import safeio as _safeio
-from ..errors import CkstoreError, InvalidArgumentError, StorageError, StoreLockedError
+from ..errors import CkstoreError, InvalidArgumentError, LockUnsupportedError, StorageError, StoreLockedError
 from ..format.text import escape
 
 LOCK_NAME = ".ckstore.lock"
 OWNER_NAME = ".ckstore.lock.owner"
+#: What flock answers on a filesystem without working locks (anything else is a busy lock or a disk error).
+UNSUPPORTED_LOCK_ERRNOS = frozenset(
+    code for code in (errno.ENOSYS, errno.ENOLCK, getattr(errno, "EOPNOTSUPP", None), getattr(errno, "ENOTSUP", None)) if code is not None
+)
+
+
+def unsupported_lock_error(path: str, exc: OSError, what: str) -> LockUnsupportedError:
+    """The error for a ``flock`` on ``path`` that failed with one of :data:`UNSUPPORTED_LOCK_ERRNOS`."""
+    return LockUnsupportedError(
+        f"{path}: cannot take the {what}: the filesystem does not support flock ({exc.strerror or exc}). "
+        "ckstore needs working file locks to keep one writer per store: on Lustre mount with -o flock "
+        "(or -o localflock if every writer runs on one node); on NFS run the lock manager (NFSv3 lockd/rpc.statd) "
+        "or use NFSv4; or put the store on a local filesystem",
+        errno=exc.errno,
+        path=path,
+    )
+
+
 #: What the holder writes is ~80 bytes; anything much larger was not written by ckstore.
 _MAX_OWNER_BYTES = 4096
 
@@ -32,7 +59,8 @@ class WriterLock:
     def __init__(self, root: str) -> None:
         self.root = root
         self.path = os.path.join(root, LOCK_NAME)
-        self._lock = filelock.FileLock(self.path, thread_local=False)
+        # fallback_to_soft=False: see the module docstring (a soft lock outlives a dead holder).
+        self._lock = filelock.FileLock(self.path, thread_local=False, fallback_to_soft=False)
 
     @property
     def held(self) -> bool:
@@ -50,6 +78,8 @@ class WriterLock:
         except OSError as exc:  # not a busy lock: the lock file cannot be created or opened (EACCES, EROFS, ENOSPC)
             if isinstance(exc, filelock.Timeout):
                 raise self._locked_error() from None
+            if exc.errno in UNSUPPORTED_LOCK_ERRNOS:
+                raise unsupported_lock_error(self.path, exc, "writer lock") from exc
             raise StorageError(f"{self.path}: cannot take the writer lock: {exc.strerror or exc}", errno=exc.errno, path=self.path) from exc
         owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
         try:

@@ -33,6 +33,7 @@ import time
 from collections.abc import Iterator
 
 from ..errors import StorageError, StoreLockedError
+from .lock import UNSUPPORTED_LOCK_ERRNOS, unsupported_lock_error
 
 META_LOCK_NAME = ".ckstore.meta.lock"
 #: How long a metadata change waits for the lock before giving up (holders keep it for milliseconds).
@@ -100,6 +101,8 @@ class MetadataLock:
             except OSError as exc:
                 if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EINTR):
                     os.close(fd)
+                    if exc.errno in UNSUPPORTED_LOCK_ERRNOS:
+                        raise unsupported_lock_error(self.path, exc, "metadata lock") from exc
                     message = f"{self.path}: cannot take the metadata lock: {exc.strerror or exc}"
                     raise StorageError(message, errno=exc.errno, path=self.path) from exc
             if time.monotonic() >= deadline:
