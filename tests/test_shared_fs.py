@@ -76,6 +76,7 @@ def _state() -> dict:
     return {"w": torch.arange(12, dtype=torch.float32)}
 
 
+@pytest.mark.guarantee("G12")
 @pytest.mark.parametrize(("flock", "code"), [("enosys", errno.ENOSYS), ("enolck", errno.ENOLCK)])
 def test_writer_lock_on_a_mount_without_flock_is_a_typed_error(mount, flock, code):
     backing, point = mount(flock=flock)
@@ -111,6 +112,7 @@ class _no_warning:
         return False
 
 
+@pytest.mark.guarantee("G12")
 def test_metadata_lock_on_a_mount_without_flock_is_a_typed_error(mount):
     backing, point = mount(flock="enosys")
     with ckstore.Store(backing) as local:  # written on the backing filesystem, where flock works
@@ -133,6 +135,7 @@ time.sleep(120)
 """
 
 
+@pytest.mark.guarantee("G12")
 def test_kernel_local_flock_excludes_a_second_writer_and_dies_with_it(mount):
     _, point = mount(flock="kernel")
     holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(point)], stdout=subprocess.PIPE, text=True)
@@ -154,6 +157,7 @@ def test_kernel_local_flock_excludes_a_second_writer_and_dies_with_it(mount):
             holder.wait()
 
 
+@pytest.mark.guarantee("G14")
 def test_fsync_error_through_the_mount_abandons_the_save(mount):
     backing, point = mount(fsync="eio")
     with ckstore.Store(point) as store:
