@@ -165,3 +165,52 @@ def test_fsync_error_through_the_mount_abandons_the_save(mount):
             store.save(_state(), step=1)
         assert excinfo.value.errno == errno.EIO
     assert ckstore.Store(backing, readonly=True).checkpoints() == []
+
+
+# --- Mounts whose locks are local to the host: flock succeeds, so only the mount options can tell. ---
+
+_MOUNTINFO = """\
+22 27 0:21 / /proc rw,relatime - proc proc rw
+27 1 254:0 / / rw,relatime - ext4 /dev/vda rw
+101 27 0:55 / /shared rw,relatime - {fstype} server:/export rw,{options}
+102 101 0:56 / /shared/local\\040disk rw,relatime - ext4 /dev/vdb rw
+"""
+
+
+@pytest.mark.parametrize(
+    ("fstype", "options", "reason"),
+    [
+        ("nfs", "vers=3,nolock,local_lock=all,addr=10.0.0.1", "nolock"),
+        ("nfs4", "vers=4.2,local_lock=flock,addr=10.0.0.1", "local_lock=flock"),
+        ("lustre", "localflock", "localflock"),
+        ("nfs4", "vers=4.2,local_lock=none,addr=10.0.0.1", None),
+        ("nfs", "vers=3,local_lock=posix", None),  # posix: only fcntl locks are local; flock still reaches the server
+        ("lustre", "flock", None),
+    ],
+)
+def test_host_local_lock_mounts_are_recognised(fstype, options, reason):
+    from ckstore.storage.mounts import host_local_locks
+
+    info = _MOUNTINFO.format(fstype=fstype, options=options)
+    found = host_local_locks("/shared/runs/exp1", info)
+    assert (found is None) if reason is None else (reason in found and "/shared" in found)
+    # A path on another mount below it (with an escaped space in its name) or elsewhere is judged by that mount.
+    assert host_local_locks("/shared/local disk/runs", info) is None
+    assert host_local_locks("/home/runs", info) is None
+
+
+@pytest.mark.guarantee("G12")
+def test_writer_lock_on_a_host_local_lock_mount_warns(tmp_path, monkeypatch):
+    from ckstore.storage import mounts
+
+    real = os.path.realpath(tmp_path)
+    local = f"27 1 254:0 / / rw - ext4 /dev/vda rw\n101 27 0:55 / {real} rw - nfs4 server:/x rw,vers=4.2,local_lock=flock\n"
+    monkeypatch.setattr(mounts, "MOUNTINFO", str(tmp_path.parent / "mountinfo"))
+    (tmp_path.parent / "mountinfo").write_text(local)
+    with pytest.warns(mounts.HostLocalLockWarning, match="local_lock=flock") as caught:
+        with ckstore.Store(tmp_path / "store") as store:
+            store.save(_state(), step=1)
+    assert "other hosts" in str(caught[0].message)
+    (tmp_path.parent / "mountinfo").write_text(local.replace("local_lock=flock", "local_lock=none"))
+    with _no_warning(), ckstore.Store(tmp_path / "store") as store:
+        store.save(_state(), step=2)

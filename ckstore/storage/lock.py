@@ -23,10 +23,12 @@ import json
 import os
 import socket
 import time
+import warnings
 
 import filelock
 
 from . import durable as _durable
+from . import mounts as _mounts
 from . import safeio as _safeio
 from ..errors import CkstoreError, InvalidArgumentError, LockUnsupportedError, StorageError, StoreLockedError
 from ..format.text import escape
@@ -81,6 +83,16 @@ class WriterLock:
             if exc.errno in UNSUPPORTED_LOCK_ERRNOS:
                 raise unsupported_lock_error(self.path, exc, "writer lock") from exc
             raise StorageError(f"{self.path}: cannot take the writer lock: {exc.strerror or exc}", errno=exc.errno, path=self.path) from exc
+        reason = _mounts.host_local_locks(self.path)
+        if reason is not None:
+            # flock succeeded, but on this mount it binds this host only (docs/distributed.md).
+            warnings.warn(
+                f"{self.root}: {reason}: its file locks exclude processes of this host only, so writers on other hosts "
+                "are not kept out of this store; write it from one host, or mount with cluster-wide locks "
+                "(NFS: lock manager and no local_lock; Lustre: -o flock)",
+                _mounts.HostLocalLockWarning,
+                stacklevel=4,
+            )
         owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
         try:
             # Informational only (who holds the lock): the OS lock itself is what excludes other
