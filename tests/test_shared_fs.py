@@ -31,12 +31,19 @@ import ckstore
 
 HERE = Path(__file__).parent
 
-pytestmark = [
+#: The tests that mount FUSE need /dev/fuse, fuse3 and (here) root; the mountinfo tests need none of them.
+needs_fuse = [
     pytest.mark.root,
     pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse"),
     pytest.mark.skipif(shutil.which("fusermount3") is None, reason="needs fuse3 (apt install fuse3)"),
     pytest.mark.skipif(os.geteuid() != 0, reason="mounting FUSE here needs root"),
 ]
+
+
+def fuse_test(fn):
+    for mark in needs_fuse:
+        fn = mark(fn)
+    return fn
 
 
 @pytest.fixture
@@ -76,6 +83,7 @@ def _state() -> dict:
     return {"w": torch.arange(12, dtype=torch.float32)}
 
 
+@fuse_test
 @pytest.mark.guarantee("G12")
 @pytest.mark.parametrize(("flock", "code"), [("enosys", errno.ENOSYS), ("enolck", errno.ENOLCK)])
 def test_writer_lock_on_a_mount_without_flock_is_a_typed_error(mount, flock, code):
@@ -112,6 +120,7 @@ class _no_warning:
         return False
 
 
+@fuse_test
 @pytest.mark.guarantee("G12")
 def test_metadata_lock_on_a_mount_without_flock_is_a_typed_error(mount):
     backing, point = mount(flock="enosys")
@@ -135,6 +144,7 @@ time.sleep(120)
 """
 
 
+@fuse_test
 @pytest.mark.guarantee("G12")
 def test_kernel_local_flock_excludes_a_second_writer_and_dies_with_it(mount):
     _, point = mount(flock="kernel")
@@ -157,6 +167,7 @@ def test_kernel_local_flock_excludes_a_second_writer_and_dies_with_it(mount):
             holder.wait()
 
 
+@fuse_test
 @pytest.mark.guarantee("G14")
 def test_fsync_error_through_the_mount_abandons_the_save(mount):
     backing, point = mount(fsync="eio")
