@@ -84,6 +84,18 @@ def scenario_save(rank: int, world: int, store_path: str, out: str) -> None:
         dcp.save({"ddp": replicated}, storage_writer=StoreWriter(store, step=3), process_group=group)
         if rank == 0:
             torch.save(replicated, os.path.join(out, "ref-3.pt"))
+        # Per-rank values under one name (RNG state, data position): DCP would take them for replicated and keep one.
+        from ckstore.distributed.training import per_rank
+
+        torch.manual_seed(50 + rank)
+        mine = {"rng": torch.get_rng_state(), "position": torch.tensor([1000 + rank])}
+        dcp.save(per_rank(mine, group=group), storage_writer=StoreWriter(store, step=4), process_group=group)
+        torch.manual_seed(0)
+        back = per_rank({"rng": torch.empty_like(mine["rng"]), "position": torch.tensor([0])}, group=group)
+        dcp.load(back, storage_reader=StoreReader(store, step=4), process_group=group)
+        got = next(iter(back.values()))
+        with open(os.path.join(out, f"per-rank-{rank}.json"), "w") as f:
+            json.dump({"rng_equal": bool(torch.equal(got["rng"], mine["rng"])), "position": int(got["position"])}, f)
 
 
 def scenario_load(rank: int, world: int, store_path: str, out: str) -> None:

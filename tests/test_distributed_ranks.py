@@ -87,7 +87,7 @@ def test_two_ranks_commit_sharded_async_and_replicated_checkpoints(saved):
     store_path, out = saved
     with ckstore.Store(store_path, readonly=True) as store:
         infos = {i.step: i for i in store.checkpoints()}
-        assert sorted(infos) == [1, 2, 3]
+        assert sorted(infos) == [1, 2, 3, 4]
         assert infos[1].metrics == {"loss": 1.0} and tuple(infos[1].tags) == ("first",)
         for step in infos:
             assert store.verify(step) == []
@@ -106,6 +106,12 @@ def test_two_ranks_commit_sharded_async_and_replicated_checkpoints(saved):
             warnings.simplefilter("ignore")
             dcp.load(target, storage_reader=StoreReader(store, step=3))
     assert_same(target["ddp"], replicated)
+
+
+def test_per_rank_values_come_back_to_their_own_rank(saved):
+    _, out = saved
+    got = [json.loads((out / f"per-rank-{r}.json").read_text()) for r in (0, 1)]
+    assert got == [{"rng_equal": True, "position": 1000}, {"rng_equal": True, "position": 1001}]
 
 
 def test_two_rank_checkpoints_load_into_one_process_bitwise(saved):

@@ -94,3 +94,18 @@ def agree_on_step(store: Store, *, group: Any = None) -> int | None:
     common = set(everyone[0]).intersection(*map(set, everyone[1:]))
     # Newest in commit order as rank 0 listed it (every rank lists the same committed checkpoints).
     return next((step for step in everyone[0] if step in common), None)
+
+
+def per_rank(state: Any, *, group: Any = None) -> dict[str, Any]:
+    """``{"rank-<r>": state}`` for this rank: values that differ per rank (RNG state, data position) under their own name.
+
+    DCP takes a plain (non-DTensor) tensor saved under the same name on every
+    rank for a replicated one and writes it once, from one rank: without
+    this, every rank but one would resume with another rank's RNG stream.
+    Load with the same wrapper on each rank (same world size): each rank
+    reads back its own entry.
+    """
+    import torch.distributed as dist
+
+    rank = dist.get_rank(group) if dist.is_initialized() else 0
+    return {f"rank-{rank:05d}": state}
