@@ -52,24 +52,27 @@ SCRIPT = textwrap.dedent(
         def __getitem__(self, i):
             return {"input_ids": self.x[i], "labels": self.x[i]}
 
+    def emit(event):
+        # One write(2) per line: two ranks share torchrun's stdout, and a pipe keeps a write this small whole.
+        os.write(1, ("@@" + json.dumps(event) + "\\n").encode())
+
     def digest(tensors):
         h = hashlib.sha256()
         for t in tensors:
-            h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes() if t.dim() else t.detach().reshape(1).view(torch.uint8).numpy().tobytes())
+            h.update(t.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
     def report(event, state, model, optimizer, scheduler):
         if int(os.environ.get("RANK", "0")) != 0:
             return
         opt_tensors = [v for s in optimizer.state.values() for _, v in sorted(s.items())]
-        print("@@" + json.dumps({"event": event, "step": state.global_step, "epoch": state.epoch,
-                          "lr": scheduler.get_last_lr(), "params": digest(model.parameters()),
-                          "optimizer": digest(opt_tensors), "opt_entries": len(optimizer.state)}), flush=True)
+        emit({"event": event, "step": state.global_step, "epoch": state.epoch, "lr": scheduler.get_last_lr(),
+              "params": digest(model.parameters()), "optimizer": digest(opt_tensors), "opt_entries": len(optimizer.state)})
 
     class Probe(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kw):
             if "loss" in logs and args.process_index == 0:  # the loss is averaged over ranks: one line
-                print("@@" + json.dumps({"event": "loss", "step": state.global_step, "loss": logs["loss"]}), flush=True)
+                emit({"event": "loss", "step": state.global_step, "loss": logs["loss"]})
         def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kw):
             if resume:
                 report("resumed", state, model, optimizer, lr_scheduler)
@@ -79,7 +82,7 @@ SCRIPT = textwrap.dedent(
             if state.global_step % args.save_steps == 0:
                 report("saving", state, model, optimizer, lr_scheduler)
             if state.global_step == pause_at:
-                print("@@" + json.dumps({"event": "paused", "step": state.global_step, "pid": os.getpid()}), flush=True)
+                emit({"event": "paused", "step": state.global_step, "pid": os.getpid()})
                 time.sleep(600)  # the test SIGKILLs us here
 
     set_seed(0)
@@ -110,8 +113,9 @@ def _run(script: Path, out: Path, *, resume: bool, pause_at: int = 0, native: bo
     events, paused = [], []
     try:
         for line in proc.stdout:
-            if line.startswith("@@"):
-                events.append(json.loads(line[2:]))
+            at = line.find("@@")  # the Trainer's own prints are buffered: a flush may end mid-line, before ours
+            if at >= 0:
+                events.append(json.loads(line[at + 2 :]))
                 if events[-1]["event"] == "paused":
                     paused.append(events[-1]["pid"])
                     if len(paused) == ranks:
