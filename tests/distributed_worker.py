@@ -186,13 +186,53 @@ def scenario_resume(rank: int, world: int, store_path: str, out: str) -> None:
         json.dump({"step": step}, f)
 
 
+def scenario_train(rank: int, world: int, store_path: str, out: str) -> None:
+    """Train to CKSTORE_TEST_STEPS; save at CKSTORE_TEST_SAVE_AT and die (SIGKILL) one step later, or resume first.
+
+    Each rank draws its batches from its own global RNG stream, saved per rank with the model and optimizer.
+    """
+    from ckstore.distributed.training import agree_on_step, per_rank
+
+    steps, save_at = int(os.environ["CKSTORE_TEST_STEPS"]), int(os.environ.get("CKSTORE_TEST_SAVE_AT", "0"))
+    resume = os.environ.get("CKSTORE_TEST_RESUME") == "1"
+    group = checkpoint_group(timeout=60)
+    model, opt = sharded(seed=0, world=world)
+    torch.manual_seed(10 + rank)
+    start = 1
+    with ckstore.Store(store_path) as store:
+        if resume:
+            step = agree_on_step(store, group=group)
+            msd, osd = get_state_dict(model, opt)
+            state = {"model": msd, "optim": osd, "local": per_rank({"rng": torch.get_rng_state(), "step": torch.tensor(0)}, group=group)}
+            dcp.load(state, storage_reader=StoreReader(store, step=step), process_group=group)
+            set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            local = next(iter(state["local"].values()))
+            torch.set_rng_state(local["rng"])
+            start = int(local["step"]) + 1
+            assert start == step + 1
+        for step in range(start, steps + 1):
+            batch = torch.randn(5, 8)  # this rank's RNG stream
+            model(batch).pow(2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            if step == save_at:
+                msd, osd = get_state_dict(model, opt)
+                local = per_rank({"rng": torch.get_rng_state(), "step": torch.tensor(step)}, group=group)
+                dcp.save({"model": msd, "optim": osd, "local": local}, storage_writer=StoreWriter(store, step=step), process_group=group)
+            if save_at and step == save_at + 1 and not resume:
+                os.kill(os.getpid(), signal.SIGKILL)  # a crash after the save: the next step's work is lost
+    got = full_state(model, opt)
+    if got is not None:
+        torch.save(got, os.path.join(out, os.environ["CKSTORE_TEST_FINAL"]))
+
+
 def main() -> None:
     scenario, rank, world, port, store_path, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
     try:
-        {"save": scenario_save, "load": scenario_load, "kill": scenario_kill, "preempt": scenario_preempt, "resume": scenario_resume}[scenario](rank, world, store_path, out)
+        {"save": scenario_save, "load": scenario_load, "kill": scenario_kill, "preempt": scenario_preempt, "resume": scenario_resume, "train": scenario_train}[scenario](rank, world, store_path, out)
         dist.barrier()
     except BaseException:
         traceback.print_exc()

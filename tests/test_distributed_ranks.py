@@ -47,7 +47,11 @@ def _launch(scenario: str, world: int, store: Path, out: Path, env: dict | None 
 
 
 def _run(scenario: str, world: int, store: Path, out: Path, timeout: float = 240) -> None:
-    procs = _launch(scenario, world, store, out)
+    _run_env(scenario, world, store, out, None, timeout)
+
+
+def _run_env(scenario: str, world: int, store: Path, out: Path, env: dict | None, timeout: float = 240) -> None:
+    procs = _launch(scenario, world, store, out, env)
     try:
         errs = [p.communicate(timeout=timeout)[1] for p in procs]
     finally:
@@ -204,3 +208,15 @@ def test_sigterm_to_one_rank_saves_the_same_step_on_all_and_resume_agrees_on_one
     _run("resume", 2, store_path, out)
     agreed = [json.loads((out / f"resume-{r}.json").read_text())["step"] for r in (0, 1)]
     assert agreed == [steps[-2], steps[-2]]
+
+
+def test_a_two_rank_run_killed_after_a_save_resumes_bitwise_equal_to_an_uninterrupted_one(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    _run_env("train", 2, tmp_path / "straight", out, {"CKSTORE_TEST_STEPS": "6", "CKSTORE_TEST_FINAL": "straight.pt"})
+    procs = _launch("train", 2, tmp_path / "store", out, env={"CKSTORE_TEST_STEPS": "6", "CKSTORE_TEST_SAVE_AT": "3", "CKSTORE_TEST_FINAL": "never.pt"})
+    for p in procs:
+        p.communicate(timeout=240)
+    assert [p.returncode for p in procs] == [-signal.SIGKILL, -signal.SIGKILL]  # both died one step after the save
+    _run_env("train", 2, tmp_path / "store", out, {"CKSTORE_TEST_STEPS": "6", "CKSTORE_TEST_SAVE_AT": "3", "CKSTORE_TEST_RESUME": "1", "CKSTORE_TEST_FINAL": "resumed.pt"})
+    assert_same(torch.load(out / "resumed.pt", weights_only=True), torch.load(out / "straight.pt", weights_only=True))
