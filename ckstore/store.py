@@ -1056,7 +1056,7 @@ class Store:
                 f"{MAX_MANIFEST_BYTES} bytes / {MAX_MANIFEST_NODES} values a reader accepts; nothing was committed",
                 key="manifest",
             )
-        with _durable.FileWriter(os.path.join(staging, MANIFEST_NAME), site="manifest") as writer:
+        with _durable.create(os.path.join(staging, MANIFEST_NAME), site="manifest") as writer:
             writer.write(data)
             writer.sync()
         _durable.sync_dir(staging, site="staging_dir")

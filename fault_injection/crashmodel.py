@@ -1,6 +1,7 @@
 """Tier 2: an ALICE-style crash-state model.
 
-A workload runs once with a recording hook; every durable operation (with the
+A workload runs once with the recording storage backend installed
+(``ckstore/storage/recording.py``); every operation it reports (with the
 bytes of each write) becomes a trace entry, and each acknowledgement is a mark
 in the trace. The trace is replayed onto an in-memory file system of inodes
 (directories map names to inodes, files hold bytes) starting from the
@@ -36,7 +37,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ckstore.storage import durable as _durable
+from ckstore.storage.base import using
+from ckstore.storage.recording import RecordingStorage
 
 from .invariants import COMPLETES, check_store
 from .killpoints import prepare_template
@@ -155,7 +157,7 @@ class Tree:
 
 
 class Recorder:
-    """A durability hook that turns a workload's operations into model ops on inodes."""
+    """Turns the operations the recording backend reports (:meth:`hook`) into model ops on inodes."""
 
     def __init__(self, base: str, tree: Tree, base_ino: int) -> None:
         self.base = base
@@ -215,8 +217,8 @@ class Recorder:
         return self.paths[rel] if rel in self.paths else self.created[rel]
 
     def fsync_syscall(self, real: Any) -> Any:
-        """A replacement for ``os.fsync`` that fails the armed call with EIO, inside the library's own
-        error handling (the failure comes from the system call, not from the hook before it)."""
+        """The fsync system call for the recording backend: fails the armed call with EIO, inside the
+        library's own error handling (the failure comes from the system call, not from the report before it)."""
 
         def fsync(fd: int) -> None:
             if self._armed is not None:
@@ -311,16 +313,12 @@ def record(
     recorder = Recorder(base, tree.copy(), base_ino)
     recorder.fail_fsync = fail_fsync
     run = run_in_process_variant(workload)
-    real_fsync = os.fsync
-    if fail_fsync:
-        os.fsync = recorder.fsync_syscall(real_fsync)
+    backend = RecordingStorage(recorder.hook, fsync=recorder.fsync_syscall(os.fsync))
     try:
-        with _durable.hooked(recorder.hook):
+        with using(backend):
             run(os.path.join(base, "store"), recorder.mark, workload.scale)
     except Exception as exc:
         recorder.mark("failed" if fail_fsync and recorder.fsyncs >= fail_fsync else "raised", f"{type(exc).__name__}: {str(exc)[:300]}")
-    finally:
-        os.fsync = real_fsync
     return tree, base_ino, recorder.ops, base_steps
 
 

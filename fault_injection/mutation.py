@@ -3,7 +3,7 @@
 The mutants are real code: the installed ``ckstore`` package is copied to a
 temp directory and one statement is replaced there, textually:
 
-* each ``os.fsync(...)`` inside ``_durable.py`` (the file fsync and the
+* each fsync system call inside ``durable.py`` (the file fsync and the
   directory fsync themselves: every caller loses it, and the hook still
   reports the fsync, so only the power-cut tier can see these);
 * each call of ``sync_dir(...)`` and each ``<writer>.sync()`` anywhere in the
@@ -42,7 +42,9 @@ REACHED_ENV = "FI_MUTANT_REACHED"
 TEMPLATES_ENV = "FI_MUTANT_TEMPLATES"
 MARKER = f'__import__("os").environ.__setitem__("{REACHED_ENV}", "1")'
 
-_DURABLE_FSYNC = re.compile(r"^os\.fsync\([^()]*\)$")
+#: The fsync system calls in durable.py: the file's (``self._fsync``) and the directory's (``fsync``),
+#: the backend's system call (``os.fsync`` unless a backend passes its own).
+_DURABLE_FSYNC = re.compile(r"^(os\.fsync|self\._fsync|fsync)\([^()]*\)$")
 _SYNC_DIR = re.compile(r"^(_durable\.)?sync_dir\(.*\)$")
 _WRITER_SYNC = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*\.sync\(\)$")
 _SITE = re.compile(r'site=(?:"([^"]+)"|([A-Za-z_][A-Za-z0-9_ +"]*))')

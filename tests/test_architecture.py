@@ -232,6 +232,9 @@ def find_writes(source: str) -> list[tuple[int, str, str]]:
                 hit(node, qual)
                 continue
         if isinstance(func, ast.Attribute) and qual is None:
+            receiver = func.value
+            if isinstance(receiver, ast.Call) and isinstance(receiver.func, ast.Name) and receiver.func.id == "super":
+                continue  # a backend calling its base class's operation (storage/recording.py), not a Path
             if func.attr in WRITER_METHODS:
                 hit(node, f".{func.attr}")
             elif func.attr in ONE_ARG_WRITER_METHODS and len(node.args) == 1 and not node.keywords:

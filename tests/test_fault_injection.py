@@ -143,13 +143,15 @@ def test_workloads_run_to_completion(tmp_path: Path, name: str) -> None:
 def test_recorder_follows_a_renamed_file_by_descriptor(tmp_path: Path) -> None:
     """A writer that fsyncs after its directory was renamed fsyncs the same inode (this raised KeyError)."""
     from ckstore.storage import durable as _durable
+    from ckstore.storage.base import using
+    from ckstore.storage.recording import RecordingStorage
 
     base = tmp_path / "base"
     (base / "a").mkdir(parents=True)
     tree, root_ino = crashmodel.Tree.snapshot(str(base))
     recorder = crashmodel.Recorder(str(base), tree.copy(), root_ino)
-    with _durable.hooked(recorder.hook):
-        writer = _durable.FileWriter(base / "a" / "f", site="t")
+    with using(RecordingStorage(recorder.hook)):
+        writer = _durable.create(base / "a" / "f", site="t")
         writer.write(b"data")
         _durable.rename(base / "a", base / "b", site="t")
         writer.sync()  # by the creation path, now gone
@@ -239,3 +241,35 @@ def test_power_cut_right_after_an_acknowledgement_catches_a_missing_directory_fs
     monkeypatch.setattr(_durable, "sync_dir", sync_dir_without_fsync)
     bad = powercut.run_fs("ext4", str(tmp_path), cycles=0, scale=1 << 14, seed=0)
     assert bad.violations >= 1, bad.note
+
+
+@pytest.mark.parametrize("fail_fsync", [0, 3])
+def test_the_crash_model_records_through_the_recording_backend(tmp_path: Path, fail_fsync: int) -> None:
+    """The trace comes from the recording storage backend, not from the durability hook or a patched
+    ``os.fsync``: a hook installed around the run still sees every operation, ``os.fsync`` stays the
+    system call, and the trace holds exactly the operations the hook saw (fsyncgate runs too)."""
+    from ckstore.storage import durable as _durable
+
+    real_fsync = os.fsync
+    workload = WORKLOADS["next_save"]
+    seen: list[tuple[str, str]] = []
+    patched: list[str] = []
+
+    def hook(op, phase, path, info):
+        if os.fsync is not real_fsync:
+            patched.append(op)
+        if phase == "after" and f"recorded-{workload.name}" in path:  # not the template's preparation
+            seen.append((op, info["site"]))
+
+    with _durable.hooked(hook):
+        _, _, ops, _ = crashmodel.record(workload, str(tmp_path), fail_fsync=fail_fsync)
+    assert patched == []
+    kinds = {"link": ("create", "mkdir", "link"), "unlink": ("unlink", "rmdir"), "rename": ("rename",), "write": ("write",),
+             "fsync": ("fsync",), "fsync_dir": ("fsync_dir",)}
+    # The same operations, compared as multisets: the sync thread's fsyncs may interleave differently.
+    traced = sorted((op.what.split(" ")[0], op.what.rsplit("[", 1)[1].rstrip("]")) for op in ops if op.kind in kinds)
+    hooked = sorted((op, site) for op, site in seen if op != "close")
+    assert len(traced) > (10 if fail_fsync else 30) and traced == hooked
+    if fail_fsync:
+        assert any(op.kind == "fsync_fail" or "FAILED" in op.what for op in ops)
+        assert any(op.kind == "ack" and op.name == "failed" for op in ops)

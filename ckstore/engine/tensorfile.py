@@ -292,7 +292,7 @@ class WritePipeline:
 
         try:
             for path, entries in jobs:
-                writer = _durable.FileWriter(path, site="tensor_file", direct=self.direct)
+                writer = _durable.create(path, site="tensor_file", direct=self.direct)
                 writers.append(writer)
                 hasher = new_hasher(algo)
                 slot, fill, last = take(), 0, None

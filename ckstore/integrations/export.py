@@ -227,7 +227,7 @@ def _shards(weights: Mapping[str, torch.Tensor], max_size: int) -> list[list[str
 
 def _write_file(path: str, data: bytes | str) -> None:
     """A new file, written and fsynced; its directory is fsynced once, by the caller, before the rename."""
-    with _durable.FileWriter(path, site="export") as writer:
+    with _durable.create(path, site="export") as writer:
         writer.write(data.encode("utf-8") if isinstance(data, str) else data)
         writer.sync()
 

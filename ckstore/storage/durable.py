@@ -26,6 +26,14 @@ refuses ``O_DIRECT`` (tmpfs on older kernels, some FUSE mounts) silently gets
 buffered writes. Either way ``sync`` is what makes the data durable. Unchanged
 files of an incremental save are hard-linked with :func:`link` (op ``"link"``);
 the new name is durable once its directory is fsynced.
+
+Backends: these functions are the local POSIX implementation of the storage
+protocol (``storage/base.py``). Each operation is dispatched to the backend
+installed with ``storage.base.using`` when there is one (the crash model
+installs ``storage/recording.py``'s, which records every operation), else it
+runs as written here. ``storage/local.py`` is the backend that runs these
+bodies; a composite operation (:func:`write_file_atomic`, :func:`make_dirs`,
+:func:`remove_tree`) calls its steps by name, so each step is dispatched too.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import secrets
 import stat
@@ -41,6 +50,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+
+from . import base as _base
 
 #: Operation names passed to hooks. Stable: the fault-injection harness keys on them.
 OPS = ("create", "write", "fsync", "close", "rename", "fsync_dir", "mkdir", "unlink", "rmdir", "link")
@@ -70,6 +81,25 @@ def hooked(hook: Hook) -> Iterator[None]:
         set_hook(previous)
 
 
+def _dispatched(posix: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``posix`` or, when a backend is installed, the backend's method of the same name.
+
+    ``.posix`` keeps the body for ``LocalStorage``, so the local backend runs it without
+    dispatching back to itself.
+    """
+    name = posix.__name__.lstrip("_")
+
+    @functools.wraps(posix)
+    def operation(*args: Any, **kwargs: Any) -> Any:
+        backend = _base.installed()
+        if backend is None:
+            return posix(*args, **kwargs)
+        return getattr(backend, name)(*args, **kwargs)
+
+    operation.posix = posix  # type: ignore[attr-defined]
+    return operation
+
+
 def _emit(op: str, phase: str, path: str, info: dict[str, Any]) -> None:
     hook = _hook
     if hook is not None:
@@ -88,9 +118,13 @@ class FileWriter:
     and a second fsync could report success over lost data (fsyncgate).
     """
 
-    __slots__ = ("path", "site", "offset", "direct", "_fd", "_failed")
+    __slots__ = ("path", "site", "offset", "direct", "_fd", "_failed", "_fsync")
 
-    def __init__(self, path: str | os.PathLike[str], *, site: str = "file", mode: int = 0o644, direct: bool = False) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, site: str = "file", mode: int = 0o644, direct: bool = False, fsync: Callable[[int], None] = os.fsync
+    ) -> None:
+        # fsync: the system call (a backend may fail it, as a disk does: the crash model's fsyncgate runs).
+        self._fsync = fsync
         self.path = os.fspath(path)
         self.site = site
         self.offset = 0
@@ -162,7 +196,7 @@ class FileWriter:
         info = {"site": self.site}
         _emit("fsync", "before", self.path, info)
         try:
-            os.fsync(self._fd)
+            self._fsync(self._fd)
         except BaseException:
             self._failed = True
             raise
@@ -190,19 +224,27 @@ class FileWriter:
         self.close()
 
 
-def sync_dir(path: str | os.PathLike[str], *, site: str) -> None:
+@_dispatched
+def create(path: str | os.PathLike[str], *, site: str = "file", mode: int = 0o644, direct: bool = False) -> FileWriter:
+    """A new file at ``path`` (create-exclusive, no link followed), written through a :class:`FileWriter`."""
+    return FileWriter(path, site=site, mode=mode, direct=direct)
+
+
+@_dispatched
+def sync_dir(path: str | os.PathLike[str], *, site: str, fsync: Callable[[int], None] = os.fsync) -> None:
     """fsync a directory, making the creations, renames and unlinks inside it durable."""
     path = os.fspath(path)
     info = {"site": site}
     _emit("fsync_dir", "before", path, info)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
     try:
-        os.fsync(fd)
+        fsync(fd)
     finally:
         os.close(fd)
     _emit("fsync_dir", "after", path, info)
 
 
+@_dispatched
 def make_dir(path: str | os.PathLike[str], *, site: str, exist_ok: bool = False) -> bool:
     """Create one directory; returns False if it existed and ``exist_ok``.
 
@@ -221,6 +263,7 @@ def make_dir(path: str | os.PathLike[str], *, site: str, exist_ok: bool = False)
     return True
 
 
+@_dispatched
 def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, site: str, replace: bool = False) -> None:
     """Rename ``src`` to ``dst`` in one atomic step.
 
@@ -238,6 +281,7 @@ def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, site: st
     _emit("rename", "after", src, info)
 
 
+@_dispatched
 def link(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, site: str) -> None:
     """Give the existing file ``src`` a second name ``dst`` (a hard link; ``dst`` must not exist).
 
@@ -252,6 +296,7 @@ def link(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, site: str)
     _emit("link", "after", src, info)
 
 
+@_dispatched
 def unlink(path: str | os.PathLike[str], *, site: str) -> None:
     path = os.fspath(path)
     info = {"site": site}
@@ -260,6 +305,7 @@ def unlink(path: str | os.PathLike[str], *, site: str) -> None:
     _emit("unlink", "after", path, info)
 
 
+@_dispatched
 def remove_dir(path: str | os.PathLike[str], *, site: str) -> None:
     path = os.fspath(path)
     info = {"site": site}
@@ -281,6 +327,7 @@ def open_dir(path: str | os.PathLike[str], *, dir_fd: int | None = None) -> int:
     return os.open(path, _DIR_FLAGS, dir_fd=dir_fd)
 
 
+@_dispatched
 def make_dirs(path: str | os.PathLike[str], *, site: str) -> None:
     """Create ``path``'s missing ancestors and ``path`` itself, one by one, each made durable in its parent.
 
@@ -301,6 +348,7 @@ def make_dirs(path: str | os.PathLike[str], *, site: str) -> None:
             sync_dir(os.path.dirname(new), site=site + "_dir")
 
 
+@_dispatched
 def remove_tree(path: str | os.PathLike[str], *, site: str) -> None:
     """Remove ``path`` and everything under it, never following a symlink; gone already is fine.
 
@@ -372,26 +420,33 @@ def _enter_or_unlink(stack: list, parent_fd: int, name: str, path: str, site: st
     stack.append((fd, path, entries, parent_fd, name))
 
 
-def _unlink_at(dir_fd: int, name: str, path: str, site: str) -> None:
+@_dispatched
+def _unlink_at(dir_fd: int, name: str, path: str, site: str) -> bool:
+    """Remove ``name`` of ``dir_fd`` (``path`` names it for hooks); False if it was gone already."""
     info = {"site": site}
     _emit("unlink", "before", path, info)
     try:
         os.unlink(name, dir_fd=dir_fd)
     except FileNotFoundError:
-        return
+        return False
     _emit("unlink", "after", path, info)
+    return True
 
 
-def _rmdir_at(dir_fd: int, name: str, path: str, site: str) -> None:
+@_dispatched
+def _rmdir_at(dir_fd: int, name: str, path: str, site: str) -> bool:
+    """Remove ``name`` of ``dir_fd`` (``path`` names it for hooks); False if it was gone already."""
     info = {"site": site}
     _emit("rmdir", "before", path, info)
     try:
         os.rmdir(name, dir_fd=dir_fd)
     except FileNotFoundError:
-        return
+        return False
     _emit("rmdir", "after", path, info)
+    return True
 
 
+@_dispatched
 def write_file_atomic(path: str | os.PathLike[str], data: bytes, *, site: str, durable: bool = True) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves the old or the new content, never a mix.
 
@@ -405,7 +460,7 @@ def write_file_atomic(path: str | os.PathLike[str], data: bytes, *, site: str, d
     path = os.fspath(path)
     parent, name = os.path.split(path)
     tmp = os.path.join(parent, f".{name}.tmp-{secrets.token_hex(6)}")
-    writer = FileWriter(tmp, site=site)
+    writer = create(tmp, site=site)
     try:
         writer.write(data)
         if durable:

@@ -333,7 +333,7 @@ def _hash_file(path: str, *, copy_to: str | None, expected: HashInfo | None, md5
     size = 0
     try:
         with fh:
-            writer = _durable.FileWriter(copy_to, site=site) if copy_to is not None else None
+            writer = _durable.create(copy_to, site=site) if copy_to is not None else None
             while True:
                 chunk = fh.read(_CHUNK)
                 if not chunk:

@@ -1,0 +1,112 @@
+"""The storage protocol: what the layers above need from the place checkpoints are kept.
+
+A backend is one module in ``storage/`` with one class that has these
+methods. ``local.py`` is the POSIX backend (a directory on a local or shared
+file system) and holds every fsync; ``recording.py`` is the local backend
+with every operation recorded, which the crash model (``fault_injection``)
+replays to enumerate the states a crash may leave.
+
+Every operation that changes the disk names its call site (``site=``, a
+stable string such as ``"tensor_file"`` or ``"checkpoints_dir"``): the
+fault-injection tiers key on them.
+
+The commit is the one operation whose meaning a backend must keep: after
+``commit(staged, final)`` returns, ``final`` is complete and durable, and a
+crash before it returns leaves either nothing at ``final`` or all of it.
+Locally that is a rename followed by an fsync of both directories; an object
+store would write the manifest last with a conditional put.
+
+The active backend is process-wide, as the disk is: :func:`using` installs one
+for every store and thread until the block ends (the crash model records a
+whole workload: background saves, publish workers and all).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
+
+Path = str | os.PathLike[str]
+
+
+class Writer(Protocol):
+    """A new file, written in order, then made durable (``sync``) and closed.
+
+    After a failed ``write`` or ``sync`` the writer refuses all further work:
+    the data already written may be lost, and a second fsync could report
+    success over it (fsyncgate).
+    """
+
+    path: str
+    site: str
+    offset: int
+
+    def write(self, data: bytes | bytearray | memoryview) -> None: ...
+    def sync(self) -> None: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> Writer: ...
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class Storage(Protocol):
+    """The operations the checkpoint layer needs: create-exclusive writers in a staging area, ranged
+    reads, listing, the commit, deletion, the writer lock; plus the directory steps the local commit
+    protocol is made of."""
+
+    # ---- writing into a staging area
+    def create(self, path: Path, *, site: str = "file", mode: int = 0o644, direct: bool = False) -> Writer:
+        """A new file; an existing file or link at ``path`` is an error (``FileExistsError``)."""
+
+    def write_file_atomic(self, path: Path, data: bytes, *, site: str, durable: bool = True) -> None:
+        """Replace ``path`` with ``data``: a crash leaves the old or the new content, never a mix."""
+
+    def make_dir(self, path: Path, *, site: str, exist_ok: bool = False) -> bool: ...
+    def make_dirs(self, path: Path, *, site: str) -> None: ...
+    def link(self, src: Path, dst: Path, *, site: str) -> None:
+        """A second name for an unchanged file (incremental saves); ``dst`` must not exist."""
+
+    def sync_dir(self, path: Path, *, site: str) -> None:
+        """Make the creations, renames and removals inside ``path`` durable."""
+
+    # ---- the commit
+    def rename(self, src: Path, dst: Path, *, site: str, replace: bool = False) -> None: ...
+    def commit(self, staged: Path, final: Path, *, site: str, sync: Sequence[Path]) -> None:
+        """Publish ``staged`` as ``final`` atomically, then make it durable (``sync``: the directories to fsync)."""
+
+    # ---- removal
+    def unlink(self, path: Path, *, site: str) -> None: ...
+    def remove_dir(self, path: Path, *, site: str) -> None: ...
+    def remove_tree(self, path: Path, *, site: str) -> None:
+        """Delete ``path`` and everything under it, never following a link; gone already is fine."""
+
+    # ---- reading
+    def list(self, path: Path) -> list[str]:
+        """The names in directory ``path``, sorted."""
+
+    def read_ranges(self, path: Path, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        """The bytes at each ``(offset, size)`` of file ``path``, in one open (vector reads)."""
+
+    # ---- exclusion
+    def lock(self, root: Path, *, timeout: float | None = 0) -> contextlib.AbstractContextManager[Any]:
+        """Hold the store's writer lock for the ``with`` block (``StoreLockedError`` after ``timeout``)."""
+
+
+_installed: Storage | None = None
+
+
+def installed() -> Storage | None:
+    """The backend :func:`using` installed, or None: the local backend's code runs as written."""
+    return _installed
+
+
+@contextlib.contextmanager
+def using(backend: Storage) -> Iterator[Storage]:
+    """Send every storage operation of this process to ``backend`` until the block ends."""
+    global _installed
+    previous, _installed = _installed, backend
+    try:
+        yield backend
+    finally:
+        _installed = previous
