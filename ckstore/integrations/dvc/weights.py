@@ -134,7 +134,7 @@ def rewrite(tmp: str, step_dir: str, manifest: Manifest, *, weights_only: bool) 
         if name not in files:
             _durable.unlink(os.path.join(step_dir, name), site="publish_weights")
     link_or_copy(staged, os.path.join(step_dir, WEIGHTS_FILE), site="publish_weights")
-    with _durable.FileWriter(os.path.join(step_dir, MANIFEST_NAME), site="publish_weights") as out:
+    with _durable.create(os.path.join(step_dir, MANIFEST_NAME), site="publish_weights") as out:
         out.write(data)
         out.sync()
     return new
@@ -161,7 +161,7 @@ def _write(path: str, step_dir: str, sources: dict[tuple[str, str], str], algo: 
     header = json.dumps(layout, separators=(",", ":")).encode("utf-8")
     header += b" " * (-len(header) % 8)  # safetensors pads its header to 8 bytes
     hasher = new_hasher(algo)
-    with _durable.FileWriter(path, site="publish_weights") as out:
+    with _durable.create(path, site="publish_weights") as out:
         for piece in (struct.pack("<Q", len(header)), header):
             out.write(piece)
             hasher.update(piece)
@@ -202,7 +202,7 @@ def link_or_copy(src: str, dst: str, *, site: str) -> None:
         return
     except OSError:
         pass  # EXDEV, EPERM: FAT, some FUSE and network filesystems
-    with open(src, "rb") as source, _durable.FileWriter(dst, site=site) as out:
+    with open(src, "rb") as source, _durable.create(dst, site=site) as out:
         while chunk := source.read(_CHUNK):
             out.write(chunk)
         out.sync()
