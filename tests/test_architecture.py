@@ -371,7 +371,8 @@ def test_the_write_scan_passes_reads_and_look_alikes(tmp_path):
 
 def test_an_exception_covers_only_its_own_function(tmp_path):
     """The cli's /dev/null exception must not excuse the same call in another function of the module."""
-    (tmp_path / "cli.py").write_text("import os\ndef main():\n    os.open(os.devnull, os.O_WRONLY)\ndef other(p):\n    os.open(p, os.O_WRONLY)\n")
+    source = "import os\ndef main():\n    os.open(os.devnull, os.O_WRONLY)\ndef other(p):\n    os.open(p, os.O_WRONLY)\n"
+    (tmp_path / "cli.py").write_text(source)
     assert writes_outside_storage(tmp_path) == ["cli.py:5 os.open (in other)"]
 
 
@@ -398,8 +399,10 @@ _LAYER_OF = {name: n for n, names in enumerate(LAYERS) for name in names}
 #: Internal modules the integrations may import besides the public API (``ckstore``, ``ckstore.errors``),
 #: and why. Anything else an integration needs belongs in the public API.
 INTEGRATION_INTERNALS = {
-    "ckstore.storage.durable": "integrations write files (.dvc files, the DVC journal, pulled checkpoints, exports, a resume scratch for Trainer); only storage writes",
-    "ckstore.storage.layout": "the store's file names: publish ignores them (.dvcignore), pull refuses a store with quarantined checkpoints",
+    "ckstore.storage.durable": "integrations write files (.dvc files, the DVC journal, pulled checkpoints, exports, "
+                               "a resume scratch for Trainer); only storage writes",
+    "ckstore.storage.layout": "the store's file names: publish ignores them (.dvcignore), "
+                              "pull refuses a store with quarantined checkpoints",
     "ckstore.storage.lock": "the store's lock file names (.dvcignore) and the writer lock a pull takes",
     "ckstore.storage.metadata_lock": "the metadata lock file's name (.dvcignore)",
     "ckstore.checkpoint.metrics_log": "the metrics log's name (.dvcignore)",
@@ -537,7 +540,8 @@ _CLEAN = {
     "checkpoint/__init__.py": "", "checkpoint/commit.py": "from ..state import encode\n",
     "store.py": "from .checkpoint.commit import f\n",
     "training/__init__.py": "", "training/loop.py": "from ..store import Store\n",
-    "integrations/__init__.py": "", "integrations/dvc/__init__.py": "", "integrations/dvc/publish.py": "import ckstore\nfrom ...storage import durable\n",
+    "integrations/__init__.py": "", "integrations/dvc/__init__.py": "",
+    "integrations/dvc/publish.py": "import ckstore\nfrom ...storage import durable\n",
     "cli.py": "from .integrations.dvc import publish\nimport ckstore\n",
 }
 

@@ -17,7 +17,9 @@ def read_tags(path: str) -> dict[str, TagEntry]:
     for a file that is not a tags file, CheckpointReadError for an OS error.
     """
     try:
-        data = _safeio.read_small(path, cap=MAX_TAGS_BYTES, what="tags file", error=lambda reason: ManifestError(f"{path}: {reason}", path=path))
+        data = _safeio.read_small(
+            path, cap=MAX_TAGS_BYTES, what="tags file", error=lambda reason: ManifestError(f"{path}: {reason}", path=path)
+        )
     except FileNotFoundError:
         return {}
     return parse_tags(data, path=path)

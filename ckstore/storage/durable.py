@@ -121,7 +121,13 @@ class FileWriter:
     __slots__ = ("path", "site", "offset", "direct", "_fd", "_failed", "_fsync")
 
     def __init__(
-        self, path: str | os.PathLike[str], *, site: str = "file", mode: int = 0o644, direct: bool = False, fsync: Callable[[int], None] = os.fsync
+        self,
+        path: str | os.PathLike[str],
+        *,
+        site: str = "file",
+        mode: int = 0o644,
+        direct: bool = False,
+        fsync: Callable[[int], None] = os.fsync,
     ) -> None:
         # fsync: the system call (a backend may fail it, as a disk does: the crash model's fsyncgate runs).
         self._fsync = fsync

@@ -94,9 +94,8 @@ class RecordingStorage(LocalStorage):
         self._around("fsync_dir", path, {"site": site}, lambda: super(RecordingStorage, self).sync_dir(path, site=site))
 
     def rename(self, src: Path, dst: Path, *, site: str, replace: bool = False) -> None:
-        self._around(
-            "rename", src, {"site": site, "dst": os.fspath(dst)}, lambda: super(RecordingStorage, self).rename(src, dst, site=site, replace=replace)
-        )
+        info = {"site": site, "dst": os.fspath(dst)}
+        self._around("rename", src, info, lambda: super(RecordingStorage, self).rename(src, dst, site=site, replace=replace))
 
     def unlink(self, path: Path, *, site: str) -> None:
         self._around("unlink", path, {"site": site}, lambda: super(RecordingStorage, self).unlink(path, site=site))
