@@ -1,6 +1,8 @@
-"""One rank of a multi-rank test run (``test_distributed_ranks.py`` starts one process per rank).
+"""The ranks of a multi-rank test run (``test_distributed_ranks.py``): one forked process per rank.
 
-    python tests/distributed_worker.py SCENARIO RANK WORLD PORT STORE OUT
+    python tests/distributed_worker.py SCENARIO WORLD PORT STORE OUT
+
+forks WORLD ranks (torch is imported once, before the fork) and waits for them.
 
 A real gloo process group on 127.0.0.1, a real FSDP2 model (``fully_shard``
 on a CPU device mesh), real ``dcp.save``/``dcp.async_save``/``dcp.load``
@@ -226,13 +228,21 @@ def scenario_train(rank: int, world: int, store_path: str, out: str) -> None:
         torch.save(got, os.path.join(out, os.environ["CKSTORE_TEST_FINAL"]))
 
 
-def main() -> None:
-    scenario, rank, world, port, store_path, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
+SCENARIOS = {
+    "save": scenario_save,
+    "load": scenario_load,
+    "kill": scenario_kill,
+    "preempt": scenario_preempt,
+    "resume": scenario_resume,
+    "train": scenario_train,
+}
+
+
+def run_rank(scenario: str, rank: int, world: int, port: str, store_path: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
     try:
-        {"save": scenario_save, "load": scenario_load, "kill": scenario_kill, "preempt": scenario_preempt, "resume": scenario_resume, "train": scenario_train}[scenario](rank, world, store_path, out)
+        SCENARIOS[scenario](rank, world, store_path, out)
         dist.barrier()
     except BaseException:
         traceback.print_exc()
@@ -241,6 +251,39 @@ def main() -> None:
     dist.destroy_process_group()
 
 
+def launch(scenario: str, world: int, port: str, store_path: str, out: str) -> int:
+    """Fork one process per rank from this interpreter (torch imported once), wait for all; 0 if every rank exited 0.
+
+    Each rank's pid is in OUT/pid-<rank>, its exit status in OUT/status.json ("exit N" or "signal N").
+    """
+    torch.set_num_threads(1)  # before forking: a child must not inherit a started OpenMP pool
+    pids = []
+    for rank in range(world):
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            code = 0
+            try:
+                run_rank(scenario, rank, world, port, store_path, out)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        with open(os.path.join(out, f"pid-{rank}"), "w") as f:
+            f.write(str(pid))
+        pids.append(pid)
+    status = {}
+    for rank, pid in enumerate(pids):
+        _, raw = os.waitpid(pid, 0)
+        status[rank] = f"signal {os.WTERMSIG(raw)}" if os.WIFSIGNALED(raw) else f"exit {os.WEXITSTATUS(raw)}"
+    with open(os.path.join(out, "status.json"), "w") as f:
+        json.dump(status, f)
+    return 0 if all(v == "exit 0" for v in status.values()) else 1
+
+
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    main()
+    scenario, world, port, store_path, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+    sys.exit(launch(scenario, world, port, store_path, out))

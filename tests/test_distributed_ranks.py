@@ -10,6 +10,7 @@ ranks had. A 3-rank run has one rank SIGKILLed mid-save.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -37,13 +38,14 @@ def _port() -> str:
         return str(s.getsockname()[1])
 
 
-def _launch(scenario: str, world: int, store: Path, out: Path, env: dict | None = None) -> list[subprocess.Popen]:
-    port = _port()
+def _launch(scenario: str, world: int, store: Path, out: Path, env: dict | None = None) -> subprocess.Popen:
+    """One launcher process that forks ``world`` ranks; their pids appear in OUT/pid-<rank>."""
     environ = {**subprocess_env(), "OMP_NUM_THREADS": "1", **(env or {})}
-    return [
-        subprocess.Popen([PYTHON, WORKER, scenario, str(rank), str(world), port, str(store), str(out)], env=environ, stderr=subprocess.PIPE, text=True)
-        for rank in range(world)
-    ]
+    return subprocess.Popen([PYTHON, WORKER, scenario, str(world), _port(), str(store), str(out)], env=environ, stderr=subprocess.PIPE, text=True)
+
+
+def _status(out: Path) -> dict[str, str]:
+    return json.loads((out / "status.json").read_text())
 
 
 def _run(scenario: str, world: int, store: Path, out: Path, timeout: float = 240) -> None:
@@ -51,15 +53,24 @@ def _run(scenario: str, world: int, store: Path, out: Path, timeout: float = 240
 
 
 def _run_env(scenario: str, world: int, store: Path, out: Path, env: dict | None, timeout: float = 240) -> None:
-    procs = _launch(scenario, world, store, out, env)
+    proc = _launch(scenario, world, store, out, env)
     try:
-        errs = [p.communicate(timeout=timeout)[1] for p in procs]
+        err = proc.communicate(timeout=timeout)[1]
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for rank, (p, err) in enumerate(zip(procs, errs)):
-        assert p.returncode == 0, f"rank {rank} of {scenario} exited {p.returncode}:\n{err[-4000:]}"
+        if proc.poll() is None:
+            proc.kill()
+            for rank in range(world):
+                with contextlib.suppress(OSError, ValueError):
+                    os.kill(int((out / f"pid-{rank}").read_text()), signal.SIGKILL)
+    assert proc.returncode == 0, f"{scenario}: ranks {_status(out) if (out / 'status.json').exists() else '?'}:\n{err[-4000:]}"
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path.name} never appeared"
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
 
 
 def _plain_load(store_path: Path, step: int) -> dict:
@@ -144,26 +155,27 @@ def test_a_rank_lost_mid_save_commits_nothing_and_survivors_fail_within_the_grou
     (or a node whose connections never close) is bounded by checkpoint_group's timeout."""
     store_path, out = tmp_path / "store", tmp_path / "out"
     out.mkdir()
-    procs = _launch("kill", 3, store_path, out, env={"CKSTORE_TEST_GROUP_TIMEOUT": str(GROUP_TIMEOUT_S)})
+    proc = _launch("kill", 3, store_path, out, env={"CKSTORE_TEST_GROUP_TIMEOUT": str(GROUP_TIMEOUT_S)})
+    victim = None
     try:
-        ready = out / "victim-ready"
-        deadline = time.monotonic() + 180
-        while not ready.exists():
-            assert time.monotonic() < deadline, "the victim rank never reached write_data"
-            assert all(p.poll() is None for p in procs), [p.communicate()[1][-3000:] for p in procs if p.poll() is not None]
-            time.sleep(0.05)
+        _wait_for(out / "victim-ready", proc)
         time.sleep(0.2)
-        victim = procs[2]
-        os.kill(victim.pid, sig)
+        victim = int((out / "victim-ready").read_text())
+        os.kill(victim, sig)
         killed = time.monotonic()
-        for p in procs[:2]:
-            p.communicate(timeout=GROUP_TIMEOUT_S + 60)
+        deadline = killed + GROUP_TIMEOUT_S + 60
+        while not all((out / f"outcome-{r}.json").exists() for r in (0, 1)):
+            assert time.monotonic() < deadline, "the survivors never finished"
+            time.sleep(0.05)
         waited = time.monotonic() - killed
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        if victim is not None:
+            with contextlib.suppress(OSError):
+                os.kill(victim, signal.SIGKILL)  # a frozen victim is only stopped
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=60)
+        if proc.poll() is None:
+            proc.kill()
     outcomes = [json.loads((out / f"outcome-{r}.json").read_text()) for r in (0, 1)]
     for outcome in outcomes:
         assert outcome["error"] is not None, outcome  # the survivors' save failed, it did not claim success
@@ -180,19 +192,15 @@ def test_a_rank_lost_mid_save_commits_nothing_and_survivors_fail_within_the_grou
 def test_sigterm_to_one_rank_saves_the_same_step_on_all_and_resume_agrees_on_one_that_verifies(tmp_path):
     store_path, out = tmp_path / "store", tmp_path / "out"
     out.mkdir()
-    procs = _launch("preempt", 2, store_path, out)
+    proc = _launch("preempt", 2, store_path, out)
     try:
-        deadline = time.monotonic() + 180
-        while not (out / "at-step-5").exists():
-            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [p.stderr.read()[-3000:] for p in procs if p.poll() is not None]
-            time.sleep(0.05)
-        os.kill(procs[1].pid, signal.SIGTERM)  # one rank only, as a scheduler preempting one node would
-        errs = [p.communicate(timeout=180)[1] for p in procs]
+        _wait_for(out / "at-step-5", proc)
+        os.kill(int((out / "at-step-5").read_text()), signal.SIGTERM)  # one rank only, as a scheduler preempting one node would
+        err = proc.communicate(timeout=180)[1]
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert [p.returncode for p in procs] == [0, 0], [e[-3000:] for e in errs]
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, (_status(out), err[-3000:])
     done = [json.loads((out / f"preempt-{r}.json").read_text()) for r in (0, 1)]
     assert done[0]["step"] == done[1]["step"] >= 5, done
     assert (done[0]["signalled"], done[1]["signalled"]) == (False, True)
@@ -214,9 +222,8 @@ def test_a_two_rank_run_killed_after_a_save_resumes_bitwise_equal_to_an_uninterr
     out = tmp_path / "out"
     out.mkdir()
     _run_env("train", 2, tmp_path / "straight", out, {"CKSTORE_TEST_STEPS": "6", "CKSTORE_TEST_FINAL": "straight.pt"})
-    procs = _launch("train", 2, tmp_path / "store", out, env={"CKSTORE_TEST_STEPS": "6", "CKSTORE_TEST_SAVE_AT": "3", "CKSTORE_TEST_FINAL": "never.pt"})
-    for p in procs:
-        p.communicate(timeout=240)
-    assert [p.returncode for p in procs] == [-signal.SIGKILL, -signal.SIGKILL]  # both died one step after the save
+    proc = _launch("train", 2, tmp_path / "store", out, env={"CKSTORE_TEST_STEPS": "6", "CKSTORE_TEST_SAVE_AT": "3", "CKSTORE_TEST_FINAL": "never.pt"})
+    proc.communicate(timeout=240)
+    assert _status(out) == {"0": f"signal {int(signal.SIGKILL)}", "1": f"signal {int(signal.SIGKILL)}"}  # both died a step after the save
     _run_env("train", 2, tmp_path / "store", out, {"CKSTORE_TEST_STEPS": "6", "CKSTORE_TEST_SAVE_AT": "3", "CKSTORE_TEST_RESUME": "1", "CKSTORE_TEST_FINAL": "resumed.pt"})
     assert_same(torch.load(out / "resumed.pt", weights_only=True), torch.load(out / "straight.pt", weights_only=True))
