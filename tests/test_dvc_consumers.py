@@ -111,6 +111,11 @@ def test_version_tags_are_gto_semver_and_old_tags_keep_their_number(tmp_path, en
     # Annotated, on the commit that holds the .dvc file: what GTO (and dvc artifacts) resolve.
     assert git("cat-file", "-t", first.tag, cwd=repo, env=env).strip() == "tag"
     assert git("rev-parse", f"{first.tag}^{{commit}}", cwd=repo, env=env).strip() == first.commit
+    # Another dest's name is the artifact <dest>/<name>, which dvc artifacts get resolves through its tag.
+    assert second.artifact == "exports/best"
+    dvc("artifacts", "get", str(repo), "exports/best", "-o", "got", cwd=tmp_path, env=env)
+    with ckstore.Store(tmp_path / "got", readonly=True) as got:
+        assert [i.step for i in got.checkpoints()] == [30] and got.verify() == []
 
 
 # ---------------------------------------------------------------- dvc.yaml artifacts
