@@ -165,3 +165,21 @@ def test_a_manifest_past_the_readers_limit_is_refused_before_the_commit(store_pa
     with ckstore.Store(store_path, readonly=True) as store:
         assert store.checkpoints() == []
     assert os.listdir(store_path / ".staging") == []
+
+
+class _Custom:
+    """A class DCP would pickle as a bytes item; unpickling it runs whatever the pickle names."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+def test_a_non_tensor_value_that_needs_arbitrary_unpickling_is_refused_on_load(store_path):
+    _save(store_path, {"w": torch.ones(3), "obj": _Custom(7), "plain": {"lr": 0.1, "betas": (0.9, 0.99)}}, 1)
+    with ckstore.Store(store_path, readonly=True) as store:
+        ok = {"w": torch.zeros(3), "plain": {"lr": 0.0, "betas": (0.0, 0.0)}}
+        dcp.load(ok, storage_reader=StoreReader(store, step=1))  # allow-listed types load
+        assert ok["plain"] == {"lr": 0.1, "betas": (0.9, 0.99)} and torch.equal(ok["w"], torch.ones(3))
+        with pytest.raises(CheckpointException) as info:
+            dcp.load({"obj": _Custom(0)}, storage_reader=StoreReader(store, step=1))
+    assert "StateError" in repr(info.value.failures) and "weights_only" in repr(info.value.failures)
