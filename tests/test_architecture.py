@@ -420,10 +420,6 @@ KNOWN_UPWARD = {
     # Store.publish imports the DVC integration lazily, and integrations/dvc imports Store: a cycle
     # hidden behind a function-level import. It goes when Store.publish moves out of Store.
     ("store.py", "ckstore.integrations.dvc.publish"),
-    # The state codec encodes DataLoaders and samplers through training/data.py's adapters; the
-    # adapters belong in state/ (a codec of loader state), with the public samplers staying in training/.
-    ("state/encode.py", "ckstore.training.data"),
-    ("state/targets.py", "ckstore.training.data"),
 }
 
 

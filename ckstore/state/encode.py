@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..training import data as _data
+from . import loaders as _loaders
 from ..format import extra_types as _extra
 from ..format import skeleton as _skeleton
 from ..errors import ManifestError, StateError
@@ -174,7 +174,7 @@ class _Encoder:
             return {MARK: "device", "name": str(value)}
         if is_stateful(value):
             with self._entered(value, path, 1):
-                state = _data.state_to_save(value, format_path(path))
+                state = _loaders.state_to_save(value, format_path(path))
                 if type(state) is OrderedDict:
                     # A module's state_dict() is an OrderedDict; loading puts it back into the object,
                     # so it is stored as a dict, as before "odict" existed (older readers load it).
@@ -207,7 +207,7 @@ class _Encoder:
         kind = _extra.kind_of(value)
         if kind is not None:
             return self.extra(value, kind, path)
-        refusal = _data.loader_refusal(value)
+        refusal = _loaders.loader_refusal(value)
         if refusal is not None:
             raise StateError(f"{format_path(path)}: {refusal}", key=format_path(path))
         raise StateError(

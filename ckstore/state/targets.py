@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..training import data as _data
+from . import loaders as _loaders
 from ..errors import StateError
 from ..format import extra_types as _extra
 from ..format.skeleton import MARK, decode_float, numpy_scalar_dtype
@@ -227,7 +227,7 @@ def incompatible(node: Any, target: Any) -> str | None:
     if found in _ACCEPTS[wanted]:
         return None
     if wanted == "unknown":
-        refusal = _data.loader_refusal(target)
+        refusal = _loaders.loader_refusal(target)
         if refusal is not None:
             return refusal
         return f"cannot restore into a {type(target).__module__}.{type(target).__qualname__} (it has no load_state_dict)"
@@ -327,7 +327,7 @@ class _Planner:
                 self.visit(item, sub, path + (index,))
 
     def visit_object(self, node: Any, target: Any, path: Path) -> None:
-        refusal = _data.loader_refusal(target)
+        refusal = _loaders.loader_refusal(target)
         if refusal is not None:
             self.plan.mismatch.mismatched.append((format_path(path), refusal))
             return
@@ -447,8 +447,8 @@ def _same_plain(a: Any, b: Any) -> bool:
 
 def load_into(target: Any, state: Any, path: Path, *, strict: bool, mismatch: Mismatch, module_state: Mapping[str, Any] | None) -> None:
     """``target.load_state_dict(state)``, refusing (strict) or skipping and reporting tensors of another shape or dtype."""
-    if _data.is_stateful_loader(target):
-        _guarded(lambda: _data.restore_loader(target, state, format_path(path)), target, path, strict, mismatch)
+    if _loaders.is_stateful_loader(target):
+        _guarded(lambda: _loaders.restore_loader(target, state, format_path(path)), target, path, strict, mismatch)
         return
     if not isinstance(target, torch.nn.Module) or not isinstance(state, Mapping):
         _guarded(lambda: target.load_state_dict(state), target, path, strict, mismatch)

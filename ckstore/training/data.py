@@ -15,9 +15,9 @@ the current epoch would be right and every later epoch a different
 permutation. So ckstore saves such a loader as its ``state_dict()`` plus the
 generator's state at the moment of the save, and on load builds the resumed
 iterator at once and puts the generator back to that state (see
-:func:`restore_loader`): every later epoch then draws what the uninterrupted
+:func:`ckstore.state.loaders.restore_loader`): every later epoch then draws what the uninterrupted
 run drew, with 0 or more workers. Loaders whose order cannot be resumed
-exactly are refused with a :class:`StateError` (:func:`loader_refusal`): a
+exactly are refused with a :class:`StateError` (:func:`ckstore.state.loaders.loader_refusal`): a
 plain ``DataLoader`` (it has no state), and a ``StatefulDataLoader`` over a
 random sampler that keeps no state (``torch.utils.data.RandomSampler``,
 ``SubsetRandomSampler``, ``WeightedRandomSampler``: torchdata fast-forwards a
@@ -55,12 +55,11 @@ without a ``batch_size``, and changing the dataset length across a resume
 from __future__ import annotations
 
 import hashlib
-import sys
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, RandomSampler, Sampler, SubsetRandomSampler, WeightedRandomSampler
+from torch.utils.data import Sampler
 
 from ..errors import InvalidArgumentError, StateError
 
@@ -239,96 +238,3 @@ def _batch_size_of(loader: Any, sampler: ResumableSampler) -> int:
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise InvalidArgumentError("track() needs a loader with a batch_size (the position is counted in samples)")
     return size
-
-
-# ---------------------------------------------------------------- torchdata's StatefulDataLoader
-
-_LOADER_MODULE = "torchdata.stateful_dataloader.stateful_dataloader"
-_SAMPLER_MODULE = "torchdata.stateful_dataloader.sampler"
-#: The two entries of a saved StatefulDataLoader (see the module docstring).
-_SAVED = frozenset({"generator", "loader"})
-_ALTERNATIVES = "use torchdata's StatefulDataLoader, or DataLoader(sampler=ckstore.ResumableSampler(...)) and put the sampler in the state"
-
-
-def is_stateful_loader(value: object) -> bool:
-    """A torchdata ``StatefulDataLoader`` (torchdata is not imported here: if it is not loaded, nothing is one)."""
-    module = sys.modules.get(_LOADER_MODULE)
-    return module is not None and isinstance(value, module.StatefulDataLoader)
-
-
-def loader_refusal(value: object) -> str | None:
-    """Why ``value``, a data loader, cannot be saved or restored exactly; None if it can (or is not a loader)."""
-    if not isinstance(value, DataLoader):
-        return None
-    if not is_stateful_loader(value):
-        return f"a torch DataLoader keeps no position, so a resume would restart its epoch; {_ALTERNATIVES}"
-    sampler = value.sampler
-    random_without_state = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
-    if isinstance(sampler, random_without_state) and not callable(getattr(sampler, "state_dict", None)):
-        return (
-            f"StatefulDataLoader over a {type(sampler).__name__} cannot resume its order exactly "
-            "(it keeps no state, so torchdata skips ahead in a fresh, differently shuffled pass); "
-            "use shuffle=True with generator=, or sampler=ckstore.ResumableSampler(...)"
-        )
-    samplers = sys.modules.get(_SAMPLER_MODULE)
-    if samplers is not None and isinstance(sampler, samplers.RandomSampler) and sampler.replacement:
-        return (
-            "StatefulDataLoader with a replacement=True RandomSampler cannot resume its order exactly "
-            "(torchdata's replay skips the seed drawn between chunks); use replacement=False or sampler=ckstore.ResumableSampler(...)"
-        )
-    return None
-
-
-def state_to_save(value: Any, key: str) -> Any:
-    """What ckstore stores for an object with ``state_dict()``: that, except for a StatefulDataLoader (the loader's state and its generator's)."""
-    if not is_stateful_loader(value):
-        return value.state_dict()
-    refusal = loader_refusal(value)
-    if refusal is not None:
-        raise StateError(f"{key}: {refusal}", key=key)
-    state = value.state_dict()  # first: on a loader not yet iterated it draws the first epoch's numbers
-    generator = value.generator
-    return {"generator": None if generator is None else generator.get_state(), "loader": state}
-
-
-def restore_loader(loader: Any, state: Any, key: str) -> None:
-    """Restore a StatefulDataLoader so that this epoch and every later one read what the uninterrupted run read.
-
-    ``state`` is what :func:`state_to_save` stored, or a plain
-    ``loader.state_dict()`` (the tutorials' pattern, or an older ckstore).
-    """
-    refusal = loader_refusal(loader)
-    if refusal is not None:
-        raise StateError(f"{key}: {refusal}", key=key)
-    generator = loader.generator
-    if isinstance(state, Mapping) and set(state) == _SAVED:
-        inner, saved = state["loader"], state["generator"]
-        if (saved is None) != (generator is None):
-            had = "without" if saved is None else "with"
-            raise StateError(
-                f"{key}: the checkpoint was saved from a StatefulDataLoader {had} a generator=, this one is the opposite; "
-                "the order after the resume would differ",
-                key=key,
-            )
-    else:
-        inner, saved = state, None
-    loader.load_state_dict(inner)
-    # Build the resumed iterator now, as state_dict() does for a loader that
-    # has none (iter(loader) then continues with it), so that the draws its
-    # construction makes can be undone here: from the loader's generator
-    # (set to its saved state below) or, without one, from torch's global
-    # generator, which RNGState may already have restored.
-    global_state = torch.get_rng_state()
-    try:
-        loader.state_dict()
-    finally:
-        torch.set_rng_state(global_state)
-    if generator is None:
-        return
-    if saved is not None:
-        generator.set_state(saved)
-    elif loader.num_workers == 0 and isinstance(loader.sampler, sys.modules[_SAMPLER_MODULE].RandomSampler):
-        # A plain state_dict() lacks the generator's state. torchdata's replay
-        # left it after the epoch's randperm; the single-process iterator drew
-        # the worker seed next, which torchdata does not replay: draw it here.
-        torch.empty((), dtype=torch.int64).random_(generator=generator)
