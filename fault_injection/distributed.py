@@ -23,6 +23,11 @@ Invariants after each run (the parent opens the store read-only):
 2. a listed step 1 verifies, and loads (N -> 1, in the parent) bitwise equal to what the ranks saved;
 3. if any rank's ``dcp.save`` returned, step 1 is listed (an acknowledged save is never lost);
 4. after recovery by a new writer, ``.staging/`` is empty.
+
+``--crash-model`` instead runs the crash-state model of ``fault_injection/crashmodel.py``
+(every on-disk state POSIX allows at every crash point, power cuts included)
+on a save whose ranks are logical: DCP's save protocol driven for each rank in
+one process (:func:`save_ranks_in_process`), in the order the gather enforces.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import tempfile
 import time
 import warnings
 from datetime import timedelta
+from typing import Any
 
 import torch
 
@@ -195,12 +201,97 @@ def run(world: int = 2, victims: tuple[str, ...] = VICTIMS, max_k: int = 60) -> 
     return rows
 
 
+# ---------------------------------------------------------------- the crash model on a 2-rank save
+
+
+def save_ranks_in_process(root: str, step: int, states: list[dict], **store_kwargs: Any) -> None:
+    """DCP's save protocol for ``len(states)`` logical ranks in this process, in the order a real save runs it.
+
+    Plan on every rank, global plan on the coordinator (rank 0), every rank's
+    ``write_data`` (its shard file written and fsynced), then the
+    coordinator's ``finish``: the operations come in an order the gather
+    makes real (every rank's fsyncs before the coordinator's commit), so the
+    crash model (``fault_injection/crashmodel.py``) can replay them as one trace.
+    """
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    stores = [ckstore.Store(root, **store_kwargs) for _ in states]
+    try:
+        writers = [StoreWriter(store, step=step) for store in stores]
+        planners = [DefaultSavePlanner() for _ in states]
+        local = []
+        for rank, (state, writer, planner) in enumerate(zip(states, writers, planners)):
+            planner.set_up_planner(state_dict=state, storage_meta=writer.storage_meta(), is_coordinator=rank == 0)
+            writer.set_up_storage_writer(rank == 0, rank=rank)
+            local.append(writer.prepare_local_plan(planner.create_local_plan()))
+        plans, metadata = planners[0].create_global_plan(local)
+        plans = writers[0].prepare_global_plan(plans)
+        results = []
+        for plan, writer, planner in zip(plans, writers, planners):
+            future = writer.write_data(planner.finish_plan(plan), planner)
+            future.wait()
+            results.append(future.value())
+        writers[0].finish(metadata, results)
+    finally:
+        for store in stores:
+            store.close()
+
+
+def crash_workload(world: int = 2) -> Any:
+    """A ``fault_injection.workloads.Workload``: steps 1 and 2 saved by ``world`` logical ranks (keep_last=1)."""
+    from fault_injection.workloads import Workload, intent
+
+    def state_at(step: int) -> list[dict]:
+        return [{key: (v + step if isinstance(v, torch.Tensor) else {n: t + step for n, t in v.items()}) for key, v in rank_state(r).items()} for r in range(world)]
+
+    def run(root: str, ack: Any, scale: int) -> None:
+        for step in (1, 2):
+            intent(ack, step)
+            save_ranks_in_process(root, step, state_at(step), keep_last=1)  # the coordinator's policy, as the checker's
+            ack("save", step)
+
+    def check(store: ckstore.Store, acks: list) -> list[str]:
+        out = []
+        for info in store.checkpoints():
+            expected: dict = {}
+            for part in state_at(info.step):
+                expected.update(part)
+            target = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else {n: torch.zeros_like(t) for n, t in v.items()} for k, v in expected.items()}
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    dcp.load(target, storage_reader=StoreReader(store, step=info.step), no_dist=True)
+            except BaseException as exc:  # CheckpointException is a BaseException
+                out.append(f"step {info.step} is listed but does not load through StoreReader: {str(exc)[-200:]}")
+                continue
+            for key, value in expected.items():
+                pairs = [(target[key], value)] if isinstance(value, torch.Tensor) else [(target[key][n], value[n]) for n in value]
+                if not all(torch.equal(a, b) for a, b in pairs):
+                    out.append(f"step {info.step} loads different values for {key}")
+        return out
+
+    return Workload(f"dcp_{world}_ranks", run, None, {"keep_last": 1}, check=check, content=None, probe=False)
+
+
+def run_crash_model(workdir: str, *, world: int = 2, seed: int = 0, random_subsets: int = 8) -> Any:
+    """The crash model's every crash point of the ``world``-rank workload; returns its report Row."""
+    from fault_injection.crashmodel import run_workload
+
+    return run_workload(crash_workload(world), workdir, random_subsets=random_subsets, seed=seed)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--victims", nargs="+", default=list(VICTIMS), choices=VICTIMS)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--crash-model", action="store_true", help="run the crash-state model on an in-process save of --world logical ranks instead")
     args = parser.parse_args()
+    if args.crash_model:
+        with tempfile.TemporaryDirectory(prefix="ckstore-dist-model-") as workdir:
+            row = run_crash_model(workdir, world=args.world)
+        print(json.dumps({"states": row.states, "violations": row.violations, "note": row.note, "examples": row.examples[:5]}) if args.json else f"{row.states} crash states, {row.violations} violations ({row.note})")
+        sys.exit(1 if row.violations else 0)
     started = time.perf_counter()
     rows = run(args.world, tuple(args.victims))
     violations = [r for r in rows if r["violations"]]
