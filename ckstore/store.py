@@ -110,6 +110,9 @@ from .errors import (
 )
 from .format.hashing import default_algorithm, new_hasher
 from .storage.layout import CHECKPOINTS_DIR, STAGING_DIR, TRASH_DIR, check_layout, require_store
+from .storage.base import Storage
+from .storage.base import mount as mount_storage
+from .storage.base import unmount as unmount_storage
 from .storage.lock import WriterLock
 from .format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, MAX_MANIFEST_NODES, FileEntry, Manifest, check_metrics, count_nodes, parse_manifest
 from .checkpoint.manifest_cache import ManifestCache
@@ -228,6 +231,7 @@ class Store:
         direct_io: bool = True,
         wait_at_exit: bool = True,
         trust_foreign: bool = False,
+        storage: Storage | None = None,
     ) -> None:
         self.path = Path(os.path.abspath(_check_path(path)))
         _check_lock_timeout(lock_timeout)  # now, not at the first write minutes into a run
@@ -245,6 +249,7 @@ class Store:
         except ManifestError as exc:  # the caller's option, not a malformed manifest (load() would skip good checkpoints)
             raise InvalidArgumentError(f"hash_algorithm={hash_algorithm!r}: {exc}") from None
         self._root = str(self.path)
+        self._storage: Storage | None = None
         self._ckpt_dir = os.path.join(self._root, CHECKPOINTS_DIR)
         self._staging_dir = os.path.join(self._root, STAGING_DIR)
         self._trash_dir = os.path.join(self._root, TRASH_DIR)
@@ -279,6 +284,10 @@ class Store:
         else:
             check_layout(self._root, write=True, trust_foreign=self.trust_foreign)
             self._lock = WriterLock(self._root)  # creates nothing until acquired
+        if storage is not None:
+            # Every operation under the root runs on this backend (ckstore.storage.base), from any thread.
+            mount_storage(self._root, storage)
+            self._storage = storage
 
     # ------------------------------------------------------------ lifecycle
 
@@ -320,6 +329,8 @@ class Store:
                     self._pipeline = None
                 if self._lock is not None:
                     self._lock.release()
+                if self._storage is not None:
+                    unmount_storage(self._root, self._storage)
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r}{', readonly=True' if self.readonly else ''})"

@@ -135,3 +135,26 @@ def test_outside_storage_writers_come_from_the_installed_backend():
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "FileWriter":
                 direct.append(f"{rel}:{node.lineno}")
     assert direct == [], "use storage.durable.create(...)"
+
+
+def test_a_store_given_a_backend_runs_every_operation_under_its_root_on_it(tmp_path):
+    """Store(path, storage=...): its saves (a background one's threads too) go through the backend; another
+    store's do not, and after close() neither does a later Store on the same directory."""
+    import torch
+
+    events = []
+    recording = _recorded(events)
+    with ckstore.Store(tmp_path / "a", storage=recording) as a, ckstore.Store(tmp_path / "b") as b:
+        a.save({"w": torch.ones(3)}, step=1)
+        a.save({"w": torch.zeros(3)}, step=2, blocking=False)  # written by the background saver's threads
+        b.save({"w": torch.ones(3)}, step=1)
+        a.wait()
+        with pytest.raises(ckstore.InvalidArgumentError, match="another storage backend"):
+            ckstore.Store(tmp_path / "a", storage=LocalStorage())
+    commits = [name for op, phase, name, site in events if (op, phase, site) == ("rename", "after", "commit")]
+    assert len(commits) == 2 and all(name.startswith("step-0000000") for name in commits)
+    assert ("fsync", "after") in {(op, phase) for op, phase, _, site in events if site == "tensor_file"}
+    recorded = len(events)
+    with ckstore.Store(tmp_path / "a") as again:
+        again.save({"w": torch.ones(3)}, step=3)
+    assert len(events) == recorded and base.installed(tmp_path / "a") is None

@@ -55,7 +55,8 @@ def loader_refusal(value: object) -> str | None:
 
 
 def state_to_save(value: Any, key: str) -> Any:
-    """What ckstore stores for an object with ``state_dict()``: that, except for a StatefulDataLoader (the loader's state and its generator's)."""
+    """What ckstore stores for an object with ``state_dict()``: that, except for a StatefulDataLoader
+    (the loader's state and its generator's)."""
     if not is_stateful_loader(value):
         return value.state_dict()
     refusal = loader_refusal(value)

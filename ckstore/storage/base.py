@@ -16,17 +16,23 @@ crash before it returns leaves either nothing at ``final`` or all of it.
 Locally that is a rename followed by an fsync of both directories; an object
 store would write the manifest last with a conditional put.
 
-The active backend is process-wide, as the disk is: :func:`using` installs one
-for every store and thread until the block ends (the crash model records a
-whole workload: background saves, publish workers and all).
+Which backend runs an operation is decided by its path, from any thread (a
+store's background saves and publish workers included): a backend mounted at a
+directory (:func:`mount`, what ``Store(path, storage=...)`` does) runs the
+operations under it; else the backend :func:`using` installed for the whole
+process (the crash model records a whole workload that way); else the local
+code runs as written.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
+
+from ..errors import InvalidArgumentError
 
 Path = str | os.PathLike[str]
 
@@ -94,11 +100,53 @@ class Storage(Protocol):
 
 
 _installed: Storage | None = None
+#: Absolute directory -> (backend, how many mounts of it are live).
+_mounted: dict[str, tuple[Storage, int]] = {}
+_mount_lock = threading.Lock()
 
 
-def installed() -> Storage | None:
-    """The backend :func:`using` installed, or None: the local backend's code runs as written."""
+def installed(path: Path | None = None) -> Storage | None:
+    """The backend for an operation on ``path``: the one mounted at it or at a directory above it, else
+    the one :func:`using` installed, else None (the local backend's code runs as written)."""
+    mounted = _mounted
+    if mounted and path is not None:
+        where = os.path.abspath(os.fspath(path))
+        while True:
+            entry = mounted.get(where)
+            if entry is not None:
+                return entry[0]
+            parent = os.path.dirname(where)
+            if parent == where:
+                break
+            where = parent
     return _installed
+
+
+def mount(root: Path, backend: Storage) -> None:
+    """Run every operation under directory ``root`` on ``backend`` until :func:`unmount`.
+
+    Mounting the same backend again counts; a different backend at the same root is refused, since
+    two stores on one directory writing through different backends would split its operations.
+    """
+    global _mounted
+    root = os.path.abspath(os.fspath(root))
+    with _mount_lock:
+        current = _mounted.get(root)
+        if current is not None and current[0] is not backend:
+            raise InvalidArgumentError(f"{root}: already open with another storage backend ({current[0]!r})")
+        # Replaced whole, never mutated: installed() reads it without the lock.
+        _mounted = {**_mounted, root: (backend, 1 if current is None else current[1] + 1)}
+
+
+def unmount(root: Path, backend: Storage) -> None:
+    global _mounted
+    root = os.path.abspath(os.fspath(root))
+    with _mount_lock:
+        current = _mounted.get(root)
+        if current is None or current[0] is not backend:
+            return
+        rest = {k: v for k, v in _mounted.items() if k != root}
+        _mounted = rest if current[1] == 1 else {**rest, root: (backend, current[1] - 1)}
 
 
 @contextlib.contextmanager

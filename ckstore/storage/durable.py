@@ -81,17 +81,18 @@ def hooked(hook: Hook) -> Iterator[None]:
         set_hook(previous)
 
 
-def _dispatched(posix: Callable[..., Any]) -> Callable[..., Any]:
-    """Run ``posix`` or, when a backend is installed, the backend's method of the same name.
+def _dispatched(posix: Callable[..., Any], path_arg: int = 0) -> Callable[..., Any]:
+    """Run ``posix`` or, when a backend is mounted at the path or installed, the backend's method of the same name.
 
-    ``.posix`` keeps the body for ``LocalStorage``, so the local backend runs it without
-    dispatching back to itself.
+    ``path_arg``: the position of the path that picks the backend. ``.posix`` keeps the body for
+    ``LocalStorage``, so the local backend runs it without dispatching back to itself.
     """
     name = posix.__name__.lstrip("_")
 
     @functools.wraps(posix)
     def operation(*args: Any, **kwargs: Any) -> Any:
-        backend = _base.installed()
+        path = args[path_arg] if len(args) > path_arg else kwargs.get("path", kwargs.get("src"))
+        backend = _base.installed(path)
         if backend is None:
             return posix(*args, **kwargs)
         return getattr(backend, name)(*args, **kwargs)
@@ -426,7 +427,7 @@ def _enter_or_unlink(stack: list, parent_fd: int, name: str, path: str, site: st
     stack.append((fd, path, entries, parent_fd, name))
 
 
-@_dispatched
+@functools.partial(_dispatched, path_arg=2)
 def _unlink_at(dir_fd: int, name: str, path: str, site: str) -> bool:
     """Remove ``name`` of ``dir_fd`` (``path`` names it for hooks); False if it was gone already."""
     info = {"site": site}
@@ -439,7 +440,7 @@ def _unlink_at(dir_fd: int, name: str, path: str, site: str) -> bool:
     return True
 
 
-@_dispatched
+@functools.partial(_dispatched, path_arg=2)
 def _rmdir_at(dir_fd: int, name: str, path: str, site: str) -> bool:
     """Remove ``name`` of ``dir_fd`` (``path`` names it for hooks); False if it was gone already."""
     info = {"site": site}
