@@ -296,6 +296,26 @@ def test_best_survives_save_total_limit_and_is_loaded_at_end(tmp_path) -> None:
     assert not list(tmp_path.glob("checkpoint-*"))  # nothing written the Trainer's way
 
 
+def test_load_best_falls_back_past_a_corrupt_best(tmp_path) -> None:
+    args = _args(tmp_path, max_steps=6, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True, learning_rate=5e-3)
+    trainer = CkstoreTrainer(model=_model(), args=args, train_dataset=_Tokens(), eval_dataset=_Tokens(8, seed=1))
+    trainer.train()
+    best = trainer.state.best_global_step
+    with ckstore.Store(tmp_path / "ckstore", readonly=True) as store:
+        ranked = sorted(store.checkpoints(), key=lambda c: c.metrics["eval_loss"])
+        assert ranked[0].step == best
+        victim = next(ranked[0].path.glob("model*.safetensors"))
+        runner_up = store.load(None, step=ranked[1].step)["model"]
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    victim.write_bytes(bytes(raw))
+    with pytest.warns(ckstore.CorruptCheckpointWarning, match=f"step {best}"):
+        trainer._load_best_model()  # what load_best_model_at_end runs at the end of train()
+    for name, tensor in trainer.model.state_dict().items():
+        assert torch.equal(tensor, runner_up[name]), name
+    trainer._close_owned_store()
+
+
 def test_retention_comes_from_training_arguments(tmp_path) -> None:
     args = _args(tmp_path, save_total_limit=3, eval_strategy="steps", load_best_model_at_end=True, metric_for_best_model="accuracy")
     assert retention_from_args(args) == {"keep_last": 3, "keep_best": 1, "metric": "eval_accuracy", "mode": "max"}
