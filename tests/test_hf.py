@@ -43,6 +43,7 @@ SCRIPT = textwrap.dedent(
     from ckstore.integrations.hf import CkstoreTrainer
 
     out, resume, pause_at, native = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), sys.argv[4] == "native"
+    background = sys.argv[5] == "background"
 
     class Tokens(torch.utils.data.Dataset):
         def __init__(self):
@@ -82,6 +83,8 @@ SCRIPT = textwrap.dedent(
             if state.global_step % args.save_steps == 0:
                 report("saving", state, model, optimizer, lr_scheduler)
             if state.global_step == pause_at:
+                if background:
+                    trainer.store.wait()  # the kill comes after the last save committed (as the test expects)
                 emit({"event": "paused", "step": state.global_step, "pid": os.getpid()})
                 time.sleep(600)  # the test SIGKILLs us here
 
@@ -92,14 +95,17 @@ SCRIPT = textwrap.dedent(
     args = TrainingArguments(out, per_device_train_batch_size=4, num_train_epochs=2, logging_steps=1, save_steps=4,
                              save_total_limit=2, seed=0, report_to=[], use_cpu=True, lr_scheduler_type="linear",
                              warmup_steps=2, disable_tqdm=True)
-    trainer = (Trainer if native else CkstoreTrainer)(model=model, args=args, train_dataset=Tokens(), callbacks=[Probe()])
+    extra = {} if native else {"background": background}
+    trainer = (Trainer if native else CkstoreTrainer)(model=model, args=args, train_dataset=Tokens(), callbacks=[Probe()], **extra)
     trainer.train(resume_from_checkpoint=True if resume else None)
     report("final", trainer.state, trainer.model, trainer.optimizer, trainer.lr_scheduler)
     """
 )
 
 
-def _run(script: Path, out: Path, *, resume: bool, pause_at: int = 0, native: bool = False, ranks: int = 1) -> list[dict]:
+def _run(
+    script: Path, out: Path, *, resume: bool, pause_at: int = 0, native: bool = False, background: bool = False, ranks: int = 1
+) -> list[dict]:
     """Run the script (under torchrun with ``ranks`` > 1); with ``pause_at`` SIGKILL every rank once all wait at that step.
 
     Returns the script's JSON events.
@@ -107,7 +113,8 @@ def _run(script: Path, out: Path, *, resume: bool, pause_at: int = 0, native: bo
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "default"}
     launcher = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
     proc = subprocess.Popen(
-        [*launcher, str(script), str(out), "1" if resume else "0", str(pause_at), "native" if native else "ckstore"],
+        [*launcher, str(script), str(out), "1" if resume else "0", str(pause_at), "native" if native else "ckstore",
+         "background" if background else "blocking"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     events, paused = [], []
@@ -157,12 +164,12 @@ def _same_state(resumed: dict, reference: dict) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The uninterrupted run, and a run SIGKILLed at step 10 (checkpoints 4 and 8 committed)."""
+    """The uninterrupted run (blocking saves), and a run with background saves SIGKILLed at step 10 (4 and 8 committed)."""
     base = tmp_path_factory.mktemp("hf")
     script = base / "train.py"
     script.write_text(SCRIPT)
     reference = _run(script, base / "reference", resume=False)
-    killed = _run(script, base / "killed", resume=False, pause_at=10)
+    killed = _run(script, base / "killed", resume=False, pause_at=10, background=True)
     return {"script": script, "base": base, "reference": reference, "killed": killed}
 
 
