@@ -128,7 +128,7 @@ class FileWriter:
         site: str = "file",
         mode: int = 0o644,
         direct: bool = False,
-        fsync: Callable[[int], None] = os.fsync,
+        fsync: Callable[[int], None] | None = None,
     ) -> None:
         # fsync: the system call (a backend may fail it, as a disk does: the crash model's fsyncgate runs).
         self._fsync = fsync
@@ -203,7 +203,9 @@ class FileWriter:
         info = {"site": self.site}
         _emit("fsync", "before", self.path, info)
         try:
-            self._fsync(self._fd)
+            # os.fsync looked up at the call, not bound at import: a harness that replaces it for a
+            # run (fault_injection.diskerrors) must reach this call, or its injected EIO never fires.
+            (self._fsync or os.fsync)(self._fd)
         except BaseException:
             self._failed = True
             raise
@@ -238,14 +240,14 @@ def create(path: str | os.PathLike[str], *, site: str = "file", mode: int = 0o64
 
 
 @_dispatched
-def sync_dir(path: str | os.PathLike[str], *, site: str, fsync: Callable[[int], None] = os.fsync) -> None:
+def sync_dir(path: str | os.PathLike[str], *, site: str, fsync: Callable[[int], None] | None = None) -> None:
     """fsync a directory, making the creations, renames and unlinks inside it durable."""
     path = os.fspath(path)
     info = {"site": site}
     _emit("fsync_dir", "before", path, info)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
     try:
-        fsync(fd)
+        (fsync or os.fsync)(fd)
     finally:
         os.close(fd)
     _emit("fsync_dir", "after", path, info)

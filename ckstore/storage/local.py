@@ -27,7 +27,7 @@ class LocalStorage:
     backend that must fail one, as a failing disk does, passes its own).
     """
 
-    def __init__(self, *, fsync: Callable[[int], None] = os.fsync) -> None:
+    def __init__(self, *, fsync: Callable[[int], None] | None = None) -> None:
         self.fsync = fsync
 
     # ---- writing

@@ -62,7 +62,7 @@ class _RecordingWriter(_durable.FileWriter):
 class RecordingStorage(LocalStorage):
     """:class:`~ckstore.storage.local.LocalStorage` that reports each operation to ``record``."""
 
-    def __init__(self, record: Record, *, fsync: Callable[[int], None] = os.fsync) -> None:
+    def __init__(self, record: Record, *, fsync: Callable[[int], None] | None = None) -> None:
         super().__init__(fsync=fsync)
         self.record = record
 
