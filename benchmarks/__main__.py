@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 import ckstore
-from ckstore.engine import tensorfile as _tensorfile
+from ckstore.engine import write as _write
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -327,12 +327,12 @@ class Bench:
     def ckstore_nohash(self) -> None:
         self._drop_old(self.nohash)
         self.step += 1
-        real = _tensorfile.new_hasher
-        _tensorfile.new_hasher = lambda algo: _NullHasher()  # measurement only: these checkpoints never verify
+        real = _write.new_hasher
+        _write.new_hasher = lambda algo: _NullHasher()  # measurement only: these checkpoints never verify
         try:
             self.timed("ckstore save (sync, hashing off)", lambda: self.nohash.save(self.state, step=self.step))
         finally:
-            _tensorfile.new_hasher = real
+            _write.new_hasher = real
         self._drop_old(self.nohash)
 
     def ckstore_async(self) -> None:

@@ -32,7 +32,8 @@ from .training.data import ResumableSampler
 from .training.loop import Checkpointer, EarlyStopping, checkpoint_interval, resume
 from .checkpoint.retention import RetentionPolicy, select_kept
 from .training.rng import RNGState
-from .store import CheckpointInfo, CorruptCheckpointWarning, Problem, Store
+from .checkpoint.catalog import CheckpointInfo, CorruptCheckpointWarning, Problem
+from .store import Store
 from .state.targets import StateMismatchWarning
 
 __version__ = "0.1.0"

@@ -25,7 +25,8 @@ from .storage.layout import ADVICE, require_store
 from .format.manifest import MANIFEST_NAME
 from .checkpoint.quarantine import QuarantineEntry
 from .checkpoint.retention import RetentionPolicy
-from .store import NO_METRIC_ADVICE, CheckpointInfo, Store
+from .checkpoint.catalog import NO_METRIC_ADVICE, CheckpointInfo
+from .store import Store
 from .format.text import escape
 from ._cli import inspect as _inspect
 from ._cli.progress import bars_for

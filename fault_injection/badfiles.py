@@ -43,7 +43,7 @@ import torch
 import ckstore
 from ckstore.state import decode as _decode
 from ckstore.format import manifest as _manifest
-from ckstore.engine import tensorfile as _tensorfile
+from ckstore.format import safetensors as _safetensors
 from ckstore.format.hashing import default_algorithm, hash_bytes
 
 from .report import Row
@@ -569,7 +569,7 @@ class _Fuzzer:
             with open(os.path.join(info.path, name), "rb") as fh:
                 self.files[name] = fh.read()
         self.tensor_pool = list(self.files.values())
-        self.tensors = {name: _tensorfile.tensors_from_buffer(bytearray(data), name) for name, data in self.files.items()}
+        self.tensors = {name: _safetensors.tensors_from_buffer(bytearray(data), name) for name, data in self.files.items()}
         self.manifest_json = json.loads(self.manifest)
         self.findings: list[str] = []
         self.accepted = 0
@@ -621,7 +621,7 @@ class _Fuzzer:
     def one_tensor_file(self) -> None:
         data = self.tensor_input()
         try:
-            _tensorfile.tensors_from_buffer(bytearray(data), "fuzz/x.safetensors")
+            _safetensors.tensors_from_buffer(bytearray(data), "fuzz/x.safetensors")
             self.accepted += 1
         except ckstore.CkstoreError:
             pass

@@ -53,8 +53,11 @@ TIER_ORDER = ("kill", "model", "fsyncgate", "errors", "badfiles", "power")
 _S = "store.py"
 _D = "storage/durable.py"
 _R = "checkpoint/retention.py"
-_T = "engine/tensorfile.py"
+_W = "engine/write.py"
+_C = "checkpoint/commit.py"
 _A = "checkpoint/background.py"
+#: The commit call of a save, in Store._persist.
+_COMMIT = "self._committer.commit(request, retention=self._retention_note(), check=self._saver.check_abandoned)"
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant(
@@ -87,20 +90,24 @@ MUTANTS: tuple[Mutant, ...] = (
         "ordering",
         "tensor files are fsynced (through duplicated descriptors) only after the commit rename",
         (
-            Edit(_T, "_FSYNC_BATCH = 64", "after", ("DEFERRED: list = []  # mutant",)),
-            Edit(_T, "writer.sync()", "replace", ("DEFERRED.append((writer.path, os.dup(writer._fd)))  # mutant: fsync later",)),
+            Edit(_C, "def finish_files(batch: list[tuple[Future | None, _durable.FileWriter]]) -> None:", "before", ("DEFERRED: list = []  # mutant",)),
             Edit(
-                _S,
+                _C,
+                "tensor_file.sync()",
+                "replace",
+                ("DEFERRED.append((tensor_file.path, os.dup(tensor_file._fd)))  # mutant: fsync later",),
+            ),
+            Edit(
+                _C,
                 "renamed.append(True)",
                 "after",
                 (
-                    "from .engine.tensorfile import DEFERRED as _DEFERRED",
-                    "for _p, _fd in _DEFERRED:",
+                    "for _p, _fd in DEFERRED:",
                     '    _durable._emit("fsync", "before", _p, {"site": "tensor_file"})',
                     "    os.fsync(_fd)",
                     '    _durable._emit("fsync", "after", _p, {"site": "tensor_file"})',
                     "    os.close(_fd)",
-                    "_DEFERRED.clear()",
+                    "DEFERRED.clear()",
                 ),
             ),
         ),
@@ -112,8 +119,13 @@ MUTANTS: tuple[Mutant, ...] = (
         "ordering",
         "retention runs after the commit rename but before the checkpoints directory is fsynced",
         (
-            Edit(_S, '_durable.sync_dir(self._ckpt_dir, site="checkpoints_dir")', "replace", ("pass  # mutant: moved after retention",)),
-            Edit(_S, "self._apply_retention(protect=step)", "after", ('_durable.sync_dir(self._ckpt_dir, site="checkpoints_dir")',)),
+            Edit(_C, '_durable.sync_dir(self.ckpt_dir, site="checkpoints_dir")', "replace", ("pass  # mutant: moved after retention",)),
+            Edit(
+                _S,
+                'self.stats["saves"] += 1',
+                "before",
+                ("from .storage import durable as _durable", '_durable.sync_dir(self._committer.ckpt_dir, site="checkpoints_dir")'),
+            ),
         ),
         ("many_files", "retention"),  # keep_last=1: the deleted predecessor was the only one kept
         first=('model',),
@@ -123,8 +135,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "ordering",
         "retention 'makes room' before the new checkpoint is written",
         (
-            Edit(_S, "self._apply_retention(protect=step)", "replace", ("pass  # mutant: moved before the commit",)),
-            Edit(_S, "self._commit(encoded, step, metrics, file_prints)", "before", ("self._apply_retention()",)),
+            Edit(_S, "prune=lambda: self._apply_retention(protect=step),", "replace", ("prune=lambda: None,  # mutant: moved before the commit",)),
+            Edit(_S, _COMMIT, "before", ("self._apply_retention()",)),
         ),
         ("retention",),
     ),
@@ -133,8 +145,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "ordering",
         "the staging directory is fsynced right after mkdir, before its files exist (entries never durable)",
         (
-            Edit(_S, '_durable.sync_dir(staging, site="staging_dir")', "replace", ("pass  # mutant: moved before the writes",)),
-            Edit(_S, '_durable.make_dir(staging, site="staging")', "after", ('_durable.sync_dir(staging, site="staging_dir")',)),
+            Edit(_C, '_durable.sync_dir(staging, site="staging_dir")', "replace", ("pass  # mutant: moved before the writes",)),
+            Edit(_C, '_durable.make_dir(staging, site="staging")', "after", ('_durable.sync_dir(staging, site="staging_dir")',)),
         ),
         ("next_save",),
         first=('model',),
@@ -172,8 +184,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "tags",
         "a save's tags are written before its checkpoint is committed",
         (
-            Edit(_S, "self._commit(encoded, step, metrics, file_prints)", "replace", ("pass  # mutant: committed after the tags",)),
-            Edit(_S, 'what = "retention"', "before", ("self._commit(encoded, step, metrics, file_prints)",)),
+            Edit(_S, "tag=(lambda: self._annotations.tag_new(step, tag_names)) if tag_names else None,", "replace", ("tag=None,",)),
+            Edit(_S, _COMMIT, "before", ("if request.tags:  # mutant: tagged before the commit", "    self._annotations.tag_new(request.step, request.tags)")),
         ),
         ("tags_race", "tag_update"),
     ),
@@ -183,15 +195,15 @@ MUTANTS: tuple[Mutant, ...] = (
         "recovery deletes a committed checkpoint whose manifest it cannot parse (instead of keeping it)",
         (
             Edit(
-                _S,
-                "for name in os.listdir(self._root):",
+                _C,
+                "for name in os.listdir(self.root):",
                 "before",
                 (
-                    "for _step, _name in self._step_dirs():  # mutant",
+                    "for _step, _name in self.catalog.step_dirs():  # mutant",
                     "    try:",
-                    "        self._manifest(_name)",
+                    "        self.catalog.manifest(_name)",
                     "    except (ManifestError, IntegrityError):",
-                    '        _durable.remove_tree(os.path.join(self._ckpt_dir, _name), site="recover_staging")',
+                    '        _durable.remove_tree(os.path.join(self.ckpt_dir, _name), site="recover_staging")',
                 ),
             ),
         ),
@@ -225,7 +237,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "earlier_batch_error_ignored",
         "errors",
         "a failed fsync in an earlier batch is ignored when the last batch succeeds",
-        (Edit(_T, "for batch in batches:", "replace", ("for batch in batches[-1:]:  # mutant: only the last batch is checked",)),),
+        (Edit(_W, "for batch in batches:", "replace", ("for batch in batches[-1:]:  # mutant: only the last batch is checked",)),),
         ("model_sized",),
         first=('fsyncgate',),
     ),
@@ -243,7 +255,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "an incremental save skips the staging directory fsync when every tensor file is hard-linked",
         (
             Edit(
-                _S,
+                _C,
                 '_durable.sync_dir(staging, site="staging_dir")',
                 "replace",
                 ("if self.stats.get('files_written', 1):  # mutant: 'nothing was written, nothing to sync'", '    _durable.sync_dir(staging, site="staging_dir")'),

@@ -87,15 +87,15 @@ def small_limits(*, file_bytes: int = 1024, small_group: int = 512, fsync_batch:
     """Lower the library's layout limits for a run, so a few KB exercise what takes GBs at the defaults:
     shards over the file-size limit, pooled small groups, several fsync batches."""
     from ckstore.state import encode as _state
-    from ckstore.engine import tensorfile as _tensorfile
+    from ckstore.engine import write as _write
 
-    saved = (_state.MAX_FILE_BYTES, _state.SMALL_GROUP_BYTES, _tensorfile._FSYNC_BATCH, _state._last_layout)
-    _state.MAX_FILE_BYTES, _state.SMALL_GROUP_BYTES, _tensorfile._FSYNC_BATCH = file_bytes, small_group, fsync_batch
+    saved = (_state.MAX_FILE_BYTES, _state.SMALL_GROUP_BYTES, _write._FSYNC_BATCH, _state._last_layout)
+    _state.MAX_FILE_BYTES, _state.SMALL_GROUP_BYTES, _write._FSYNC_BATCH = file_bytes, small_group, fsync_batch
     _state._last_layout = None  # a layout cached under the default limits would not split
     try:
         yield
     finally:
-        _state.MAX_FILE_BYTES, _state.SMALL_GROUP_BYTES, _tensorfile._FSYNC_BATCH, _ = saved
+        _state.MAX_FILE_BYTES, _state.SMALL_GROUP_BYTES, _write._FSYNC_BATCH, _ = saved
         _state._last_layout = None
 
 

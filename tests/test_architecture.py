@@ -405,12 +405,13 @@ INTEGRATION_INTERNALS = {
                               "pull refuses a store with quarantined checkpoints",
     "ckstore.storage.lock": "the store's lock file names (.dvcignore) and the writer lock a pull takes",
     "ckstore.storage.metadata_lock": "the metadata lock file's name (.dvcignore)",
+    "ckstore.storage.safeio": "the one no-follow, non-blocking, capped open of a store file: manifests, .dvc files, the files publish hashes",
     "ckstore.checkpoint.metrics_log": "the metrics log's name (.dvcignore)",
     "ckstore.format.tags": "tags.json's name (.dvcignore)",
     "ckstore.format.manifest": "publish and pull check each file against the manifest before pushing or after pulling",
     "ckstore.format.hashing": "hashing while streaming a file to DVC (the manifest's algorithm and md5)",
     "ckstore.format.skeleton": "publish rewrites the manifest's tensor references to the stable weights file (its tag key)",
-    "ckstore.engine.tensorfile": "publish copies tensors byte for byte into the stable weights file through the checked header parser",
+    "ckstore.format.safetensors": "publish copies tensors byte for byte into the stable weights file through the checked header parser",
     "ckstore.store": "type hints only (TYPE_CHECKING): functions take a Store",
 }
 
@@ -419,7 +420,7 @@ INTEGRATION_INTERNALS = {
 KNOWN_UPWARD = {
     # Store.publish imports the DVC integration lazily, and integrations/dvc imports Store: a cycle
     # hidden behind a function-level import. It goes when Store.publish moves out of Store.
-    ("store.py", "ckstore.integrations.dvc.publish"),
+    ("store.py", "ckstore.integrations.dvc.worker"),
 }
 
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from conftest import assert_same, subprocess_env
 
 import ckstore
-from ckstore.checkpoint import background as _async
+from ckstore.engine import host_copy
 from ckstore.storage import durable as _durable
 
 
@@ -82,9 +82,9 @@ def test_staging_memory_is_allocated_once_and_reused(store):
     for step in range(1, 5):
         store.save(state, step=step, blocking=False)
     store.wait()
-    assert store._staging.allocations == 1
-    assert store._staging._slices == [(0, 6)]  # a state under 16 MiB is copied by the calling thread alone
-    assert store.stats["staging_bytes"] == store._staging.capacity
+    assert store._host_copy.allocations == 1
+    assert store._host_copy._slices == [(0, 6)]  # a state under 16 MiB is copied by the calling thread alone
+    assert store.stats["staging_bytes"] == store._host_copy.capacity
     assert [i.step for i in store.checkpoints()] == [1, 2, 3, 4]
 
 
@@ -109,7 +109,7 @@ def test_staged_views_are_remade_when_the_structure_changes(store):
     store.wait()
     for step, want in enumerate(expected):
         assert_same(store.load(step=step), want)
-    assert store._staging.allocations == 2
+    assert store._host_copy.allocations == 2
 
 
 def _fail_fsync(op, phase, path, info):
@@ -196,7 +196,7 @@ def test_shared_and_overlapping_tensors_in_a_background_save_are_told_apart(stor
     store.save(state, step=1, blocking=False)
     base.zero_()
     store.wait()
-    refs = store._manifest(store.resolve(1).path.name).state["model"]
+    refs = store._catalog.manifest(store.resolve(1).path.name).state["model"]
     assert (refs["a"]["file"], refs["a"]["key"]) == (refs["b"]["file"], refs["b"]["key"])
     assert len({(r["file"], r["key"]) for r in refs.values()}) == 6  # a and b once; the views and the empties apart
     loaded = store.load(step=1)["model"]
@@ -240,14 +240,14 @@ def test_a_large_state_is_copied_by_several_threads_bit_for_bit(store):
         for tensor in tensors.values():
             tensor.zero_()
     store.wait()
-    assert len(store._staging._slices) == _async.copy_threads()  # 2 on a 2-core CI machine
+    assert len(store._host_copy._slices) == host_copy.copy_threads()  # 2 on a 2-core CI machine
     assert_same(store.load(step=1), expected)
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(0, 1 << 30), max_size=60), st.integers(1, 6))
 def test_the_copy_is_split_into_ordered_slices_of_about_equal_bytes(sizes, parts):
-    slices = _async._split(sizes, parts)
+    slices = host_copy._split(sizes, parts)
     assert 1 <= len(slices) <= parts
     assert slices[0][0] == 0 and slices[-1][1] == len(sizes)
     assert all(a[1] == b[0] for a, b in zip(slices, slices[1:]))  # contiguous, in order
@@ -262,7 +262,7 @@ def test_a_copy_that_fails_in_a_helper_thread_raises_in_the_caller():
     dst = [torch.empty(4), torch.empty(3)]
     src = [torch.ones(4), torch.ones(4)]  # the second cannot go into its destination
     with pytest.raises(RuntimeError):
-        _async._parallel_copy(dst, src, [(0, 1), (1, 2)])
+        host_copy._parallel_copy(dst, src, [(0, 1), (1, 2)])
     assert torch.equal(dst[0], torch.ones(4))
 
 

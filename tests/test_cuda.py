@@ -37,7 +37,7 @@ def test_background_save_of_gpu_tensors_holds_the_values_at_the_call(tmp_path):
             tensor.mul_(-3).add_(1) if tensor.is_floating_point() else tensor.add_(7)
         info = handle.result()
         assert info.step == 1
-        assert store._staging.pinned, "staging for GPU tensors must be pinned host memory"
+        assert store._host_copy.pinned, "staging for GPU tensors must be pinned host memory"
         loaded = store.load(step=1, map_location="cpu")
     assert_same(loaded["model"], expected)
 
@@ -50,7 +50,7 @@ def test_staging_is_allocated_once_across_gpu_saves(tmp_path):
             expected = cpu_copy(state)
             store.save({"model": state}, step=step, blocking=False).result()
             assert_same(store.load(step=step, map_location="cpu")["model"], expected)
-        assert store._staging.allocations == 1
+        assert store._host_copy.allocations == 1
 
 
 def test_sync_save_and_load_keep_device_and_bits(tmp_path):

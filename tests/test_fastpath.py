@@ -13,9 +13,11 @@ from conftest import assert_same, flip_byte
 
 import ckstore
 from ckstore.storage import durable as _durable
-from ckstore.engine import tensorfile as _tensorfile
 from ckstore.format.hashing import hash_bytes
-from ckstore.engine.tensorfile import DTYPE_NAMES, WritePipeline, read_one_tensor, read_tensor_file
+from ckstore.engine.read import read_one_tensor, read_tensor_file
+from ckstore.checkpoint.commit import finish_files
+from ckstore.engine.write import WritePipeline
+from ckstore.format.safetensors import DTYPE_NAMES
 
 
 def _record(events):
@@ -98,8 +100,8 @@ def test_written_files_are_plain_safetensors_and_the_hash_covers_every_byte(tmp_
     ]
     pipeline = WritePipeline(chunk=1 << 20, depth=2)
     try:
-        written = pipeline.write_files([(str(tmp_path / "a.safetensors"), entries), (str(tmp_path / "b.safetensors"), entries[1:])], algo="sha256")
-        hashed = pipeline.hash_files([entries, entries[1:]], algo="sha256")
+        written = pipeline.write_files([(str(tmp_path / "a.safetensors"), entries), (str(tmp_path / "b.safetensors"), entries[1:])], algo="sha256", finish=finish_files)
+        hashed = pipeline.digest_files([entries, entries[1:]], algo="sha256")
     finally:
         pipeline.close()
     assert written == hashed
@@ -172,7 +174,7 @@ def test_sha256_fallback_round_trips(store_path):
 def test_direct_io_can_be_turned_off(store_path):
     with ckstore.Store(store_path, direct_io=False) as store:
         store.save({"w": torch.randn(100_000)}, step=1)
-        assert store._pipeline.direct is False
+        assert store._committer.pipeline.direct is False
         assert store.verify() == []
 
 
@@ -224,7 +226,7 @@ def test_read_tensor_file_with_targets_and_batched_small_tensors(tmp_path):
     entries = [(f"t{i}", torch.full((i % 7 + 1,), float(i))) for i in range(3000)] + [("big", torch.randn(5_000_000))]
     pipeline = WritePipeline(chunk=1 << 20, depth=2)
     try:
-        (written,) = pipeline.write_files([(str(tmp_path / "f.safetensors"), entries)], algo="blake3")
+        (written,) = pipeline.write_files([(str(tmp_path / "f.safetensors"), entries)], algo="blake3", finish=finish_files)
     finally:
         pipeline.close()
     targets = {"big": torch.empty(5_000_000), "t5": torch.empty(6)}
@@ -250,7 +252,7 @@ def test_targets_of_every_dtype_and_shape_are_read_in_place(tmp_path, monkeypatc
     entries = _every_dtype() + [("odd_stride", torch.arange(3.0).reshape(3, 1))]
     pipeline = WritePipeline(chunk=1 << 20, depth=2)
     try:
-        (written,) = pipeline.write_files([(str(tmp_path / "f.safetensors"), entries)], algo="blake3")
+        (written,) = pipeline.write_files([(str(tmp_path / "f.safetensors"), entries)], algo="blake3", finish=finish_files)
     finally:
         pipeline.close()
     targets = {key: torch.zeros_like(tensor) for key, tensor in entries}
@@ -263,7 +265,7 @@ def test_targets_of_every_dtype_and_shape_are_read_in_place(tmp_path, monkeypatc
             first = memoryview(buffers[0]).cast("B")
             return preadv(fd, [first[: max(1, len(first) // 2)]], offset)
 
-        monkeypatch.setattr(_tensorfile.os, "preadv", half)
+        monkeypatch.setattr(os, "preadv", half)
     out = read_tensor_file(str(tmp_path / "f.safetensors"), size=written.size, expected=written.hash, targets=targets)
     for key, tensor in entries:
         assert out[key] is targets[key], key

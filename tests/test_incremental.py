@@ -84,7 +84,7 @@ def test_a_previous_checkpoint_removed_by_retention_is_written_again(store_path)
         assert [i.step for i in store.checkpoints()] == [2]
         store.save({"model": model}, step=3)  # links from 2
         assert store.stats["files_linked"] == 3
-        store._previous = {name: (prints, entry, "step-00000001") for name, (prints, entry, _) in store._previous.items()}
+        store._committer.previous = {name: (prints, entry, "step-00000001") for name, (prints, entry, _) in store._committer.previous.items()}
         store.save({"model": model}, step=4)  # the recorded source is gone: written, not linked
         assert store.stats["files_linked"] == 0 and store.stats["files_written"] == 3
         assert store.verify() == []

@@ -184,9 +184,9 @@ def test_writable_save_keeps_committed(tmp_path: Path, monkeypatch: pytest.Monke
     assert inv.writable_save(root, {"keep_last": 2}, inv.Oracle.build({"keep_last": 2}, [{"step": s} for s in (1, 2, 3)], [])) == []
     root2 = _store(tmp_path / "b", [1, 2, 3])
     # a retention that keeps one too few: 3 goes although keep_last=2 keeps it next to the new step
-    from ckstore import store as store_module
+    from ckstore.checkpoint import pruning
 
-    monkeypatch.setattr(store_module, "plan_deletions", lambda infos, policy, **kw: sorted(i.step for i in infos)[:-1])
+    monkeypatch.setattr(pruning, "plan_deletions", lambda infos, policy, **kw: sorted(i.step for i in infos)[:-1])
     bad = inv.writable_save(root2, {"keep_last": 2}, inv.Oracle.build({"keep_last": 2}, [{"step": s} for s in (1, 2, 3)], []))
     assert _names(bad) == {inv.WRITABLE_SAVE}
 
@@ -201,7 +201,7 @@ def test_writable_save_flags_a_deleted_damaged_checkpoint(tmp_path: Path, monkey
 
     def deleting_recover(self) -> None:  # recovery "cleans up" what it cannot parse
         original(self)
-        shutil.rmtree(os.path.join(self._ckpt_dir, "step-00000002"), ignore_errors=True)
+        shutil.rmtree(os.path.join(self._committer.ckpt_dir, "step-00000002"), ignore_errors=True)
 
     monkeypatch.setattr(ckstore.Store, "_recover", deleting_recover)
     assert _names(inv.writable_save(root, {})) == {inv.WRITABLE_SAVE}

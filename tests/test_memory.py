@@ -31,7 +31,7 @@ for step in (2, 3, 4):
     store.save(state, step=step, blocking=False)
 store.wait()
 out["async_saves"] = peak() - base
-out["staging_allocations"] = store._staging.allocations
+out["staging_allocations"] = store._host_copy.allocations
 
 # Targets are touched (zeroed) first, so their pages count in the baseline.
 targets = {"model": {k: torch.zeros_like(v) for k, v in state["model"].items()}}

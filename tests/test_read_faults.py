@@ -160,7 +160,7 @@ def test_a_file_vanishing_between_listing_and_open_falls_back(two, what):
             if what == "tensor":
                 assert_same(store.load(), _state(1))
             else:
-                store._manifest_cache.clear()
+                store._catalog.manifest_cache.clear()
                 assert_same(store.load(), _state(1))
 
 
@@ -319,6 +319,6 @@ def test_checkpoint_files_are_read_only_through_safeio():
     pattern = re.compile(r"\bos\.(open|read|readv|pread|preadv)\(|(?<![\w.])open\(")
     package = REPO_ROOT / "ckstore"
     assert pattern.search((package / "storage/safeio.py").read_text())
-    for name in ("store.py", "engine/tensorfile.py", "format/tags.py", "storage/lock.py", "format/manifest.py", "checkpoint/manifest_cache.py"):
+    for name in ("store.py", "engine/read.py", "checkpoint/catalog.py", "format/tags.py", "storage/lock.py", "format/manifest.py", "checkpoint/manifest_cache.py"):
         offenders = [line.strip() for line in (package / name).read_text().splitlines() if pattern.search(line) and not line.lstrip().startswith("#")]
         assert not offenders, f"{name} reads files itself: {offenders}"

@@ -237,7 +237,7 @@ def test_many_large_manifests_do_not_accumulate_in_the_cache(tmp_path):
         raw["checksum"] = str(hash_bytes(body, default_algorithm()))
         (target / "manifest.json").write_bytes(json.dumps(raw, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode())
     with ckstore.Store(root, readonly=True) as store:
-        cache = store._manifest_cache
+        cache = store._catalog.manifest_cache
         cache.budget = 4 * os.path.getsize(template / "manifest.json") * _manifest_cache.COST_PER_BYTE
         assert len(store.checkpoints()) == 39
         for step in (1, 20, 39):

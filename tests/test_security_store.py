@@ -419,7 +419,7 @@ def test_cli_on_a_path_that_is_not_a_store_exits_2(store_path, capsys, command, 
 def _plant_evil_checkpoint(store_path: Path) -> None:
     """A checkpoint written by hand, as an attacker would: valid manifest and files, a metric name with escapes."""
     _saved(store_path, 1)
-    good = ckstore.Store(store_path, readonly=True)._manifest("step-00000001")
+    good = ckstore.Store(store_path, readonly=True)._catalog.manifest("step-00000001")
     evil = dataclasses.replace(good, step=2, metrics={"loss\x1b]0;pwned\x07\x1b[2J\nFAKE": 0.5})
     target = store_path / "checkpoints" / "step-00000002"
     shutil.copytree(store_path / "checkpoints" / "step-00000001", target)

@@ -18,7 +18,7 @@ import ckstore
 from ckstore.state.decode import decode_state
 from ckstore.state.encode import encode_state
 from ckstore.state.targets import drop_overlapping as _drop_overlapping
-from ckstore.engine.tensorfile import DTYPE_NAMES
+from ckstore.format.safetensors import DTYPE_NAMES
 
 DTYPES = sorted(DTYPE_NAMES, key=str)
 

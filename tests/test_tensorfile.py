@@ -19,7 +19,8 @@ from safetensors import safe_open
 
 import ckstore
 from ckstore.format.hashing import hash_bytes
-from ckstore.engine.tensorfile import DTYPE_NAMES, MAX_HEADER_SIZE, _bulk_specs, _entry_specs, parse_header, read_verified, tensors_from_buffer
+from ckstore.engine.read import read_verified
+from ckstore.format.safetensors import DTYPE_NAMES, MAX_HEADER_SIZE, _bulk_specs, _entry_specs, parse_header, tensors_from_buffer
 
 DTYPES = sorted(DTYPE_NAMES, key=str)
 

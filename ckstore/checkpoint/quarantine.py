@@ -37,14 +37,19 @@ import os
 import re
 import secrets
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..storage import durable as _durable
 from ..storage import safeio as _safeio
-from ..errors import CkstoreError, ManifestError, UnsafeStoreError
-from ..storage.layout import QUARANTINE_DIR
+from ..errors import CheckpointExistsError, CkstoreError, ManifestError, UnsafeStoreError
+from ..storage.layout import QUARANTINE_DIR, step_dir_name
+from .annotations import Annotations
+from .catalog import CorruptCheckpointWarning
+from .commit import guarded
+from .retention import left_ahead
 
 FAILED_VERIFICATION = "failed verification"
 LEFT_AHEAD = "left ahead by a rollback"
@@ -185,3 +190,40 @@ def empty(root: str, trash_dir: str) -> list[Path]:
     if removed:
         _durable.sync_dir(directory, site="quarantine_empty_dir")
     return removed
+
+
+def make_room(annotations: Annotations, step: int) -> None:
+    """Before ``save(step=N)`` over a committed ``N``: move it aside if it fails verification or a rollback left it ahead.
+
+    Raises CheckpointExistsError for a real duplicate (module docstring).
+    """
+    catalog = annotations.catalog
+    name = step_dir_name(step)
+    path = os.path.join(catalog.ckpt_dir, name)
+    if not os.path.lexists(path):
+        return
+    problems = catalog.verify_dir(step, name)
+    if problems:
+        reason = FAILED_VERIFICATION
+    elif left_ahead(catalog.listing(warn=False), step):
+        reason = LEFT_AHEAD
+    else:
+        raise CheckpointExistsError(f"{catalog.root}: step {step} is already committed; steps are never overwritten", step=step)
+    with annotations.meta.held():
+        tags = catalog.read_tags()  # unreadable: refuse, a tag of this step would silently move to the new one
+        mine = sorted(t for t, e in tags.items() if e.step == step)
+        entry = guarded(
+            catalog.root,
+            lambda: move_aside(catalog.root, path, step, reason=reason, problems=[p.message for p in problems], tags=mine),
+            what=f"moving step {step} into the quarantine",
+        )
+        catalog.forget(step)
+        catalog.corrupt.pop(step, None)
+        annotations.untag_step(step, tags)
+    dropped = f"; its tags {mine} were removed (recorded in {entry.path}.json)" if mine else ""
+    warnings.warn(
+        f"step {step} {reason}: moved into the quarantine at {entry.path} to save step {step} again{dropped}; "
+        "nothing was deleted (empty it with `ckstore quarantine PATH --empty`)",
+        CorruptCheckpointWarning,
+        stacklevel=3,
+    )

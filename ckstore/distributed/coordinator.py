@@ -39,7 +39,9 @@ from typing import Any
 from ..errors import IntegrityError, InvalidArgumentError, StorageError
 from ..format.manifest import FileEntry
 from ..storage import durable as _durable
-from ..store import CheckpointInfo, Store, step_dir_name
+from ..checkpoint.catalog import CheckpointInfo
+from ..store import Store
+from ..storage.layout import step_dir_name
 
 #: Default seconds survivors wait for a silent rank in :func:`checkpoint_group` (documented in docs/distributed.md).
 DEFAULT_TIMEOUT_S = 120.0

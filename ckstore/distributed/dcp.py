@@ -40,14 +40,18 @@ from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, Stora
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, SavePlan, SavePlanner, WriteItemType
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 
-from ..engine.tensorfile import DTYPE_NAMES, DTYPES_BY_NAME, build_header, prepare_tensor, tensor_bytes, write_tensor_file
+from ..checkpoint.commit import write_tensor_file
+from ..engine.write import prepare_tensor
+from ..format.safetensors import DTYPE_NAMES, DTYPES_BY_NAME, build_header, tensor_bytes
 from ..errors import CheckpointNotFoundError, IntegrityError, InvalidArgumentError, ManifestError, StateError, StorageError
 from ..format.hashing import HashInfo, hash_bytes
 from ..format.manifest import FileEntry, check_metrics
 from ..format.tags import check_tag_name
 from ..storage import safeio as _safeio
 from ..storage.layout import CHECKPOINTS_DIR
-from ..store import Store, _check_step, step_dir_name
+from ..checkpoint.catalog import check_step as _check_step
+from ..store import Store
+from ..storage.layout import step_dir_name
 from . import coordinator
 from .metadata_json import ChunkStorage, metadata_from_json, metadata_to_json
 

@@ -56,7 +56,7 @@ _MEMORY_FORMATS = {
     str(v).removeprefix("torch."): v for v in (torch.contiguous_format, torch.channels_last, torch.channels_last_3d, torch.preserve_format)
 }
 _DTYPE_NAME = {dtype: name for name, dtype in TORCH_DTYPES.items()}
-# safetensors dtype codes this module writes (the bytes' element type; see ckstore.engine.tensorfile)
+# safetensors dtype codes this module writes (the bytes' element type; see ckstore.format.safetensors)
 _ST_CODE = re.compile(r"^[A-Z0-9_]{1,16}$")
 
 

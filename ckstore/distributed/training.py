@@ -21,9 +21,10 @@ from typing import Any
 
 import torch
 
-from ..engine.tensorfile import verify_tensor_file
+from ..engine.read import verify_tensor_file
 from ..errors import CkstoreError, InvalidArgumentError
-from ..store import Store, step_dir_name
+from ..store import Store
+from ..storage.layout import step_dir_name
 
 
 class Preemption:

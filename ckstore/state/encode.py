@@ -41,8 +41,9 @@ from . import loaders as _loaders
 from ..format import extra_types as _extra
 from ..format import skeleton as _skeleton
 from ..errors import ManifestError, StateError
-from ..format.skeleton import MARK, numpy_scalar_dtype, tensor_refs  # noqa: F401 (callers import it from here too)
-from ..engine.tensorfile import DTYPE_NAMES, check_tensor, prepare_tensor
+from ..format.skeleton import MARK, numpy_scalar_dtype
+from ..engine.write import check_tensor, prepare_tensor
+from ..format.safetensors import DTYPE_NAMES
 
 MAX_FILE_BYTES = 1 << 30
 #: The most JSON container levels one encoded value opens before its children ("dict": object, items, pair).

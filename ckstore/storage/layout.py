@@ -23,14 +23,26 @@ These checks only ``lstat``: opening a store to read it never writes.
 from __future__ import annotations
 
 import os
+import re
 import stat
 
 from ..errors import CheckpointNotFoundError, InvalidArgumentError, UnsafeStoreError
+
+# The store's layout and the names of its checkpoints, defined here only (the store, DVC and the CLI use these).
 CHECKPOINTS_DIR = "checkpoints"
 STAGING_DIR = ".staging"
 TRASH_DIR = ".trash"
 #: Checkpoints that failed verification, moved aside (``checkpoint/quarantine.py`` owns what goes in it).
 QUARANTINE_DIR = ".quarantine"
+# ASCII digits only: "\d" also matches "١" (Arabic-Indic one), and int() reads "step-١" as step 1.
+STEP_DIR = re.compile(r"^step-([0-9]{1,30})$", re.ASCII)
+
+
+def step_dir_name(step: int) -> str:
+    """The directory of checkpoint ``step`` inside ``checkpoints/`` (zero-padded, so names sort like steps up to 10**8)."""
+    return f"step-{step:08d}"
+
+
 LAYOUT_DIRS = (CHECKPOINTS_DIR, STAGING_DIR, TRASH_DIR, QUARANTINE_DIR)
 
 #: The way out of an ownership refusal, in Python terms (the CLI says it in its own options).

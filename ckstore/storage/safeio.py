@@ -153,12 +153,12 @@ def read_small(path: str, *, cap: int, what: str, error: Callable[[str], Ckstore
     except FileNotFoundError:
         raise
     except NotRegularFile as exc:
-        raise error(f"{what} is {exc.kind}; refusing to read it") from None
+        raise error(f"{what} is not a regular file ({exc.kind}); refusing to read it") from None
     except OSError as exc:
         raise CheckpointReadError(f"{path}: cannot open {what}: {exc.strerror or exc}", path=path, errno=exc.errno) from None
     try:
         if st.st_size > cap:
-            raise error(f"{what} is {st.st_size} bytes, more than the {cap} allowed")
+            raise error(f"{what} is {st.st_size} bytes, more than the {cap}-byte cap")
         buffer = bytearray(st.st_size + 1)  # one byte more: a file that grew past its fstat size is caught
         view = memoryview(buffer)
         done = 0

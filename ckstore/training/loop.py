@@ -42,7 +42,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..errors import CheckpointNotFoundError, InvalidArgumentError, StateError
-from ..store import CheckpointInfo, Store
+from ..checkpoint.catalog import CheckpointInfo
+from ..store import Store
 
 logger = logging.getLogger("ckstore")
 

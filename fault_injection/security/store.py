@@ -369,7 +369,7 @@ def a_store_writable_by_others(ctx: Ctx) -> list[str]:
 
 def _evil_store(ctx: Ctx) -> str:
     root = _store(os.path.join(ctx.root, "store"), 1)
-    good = ckstore.Store(root, readonly=True)._manifest(_STEP1)
+    good = ckstore.Store(root, readonly=True)._catalog.manifest(_STEP1)
     evil = dataclasses.replace(good, step=2, metrics={"loss\x1b]0;pwned\x07\x1b[2J\nOK: 9 checkpoint(s) verified": 0.5})
     target = os.path.join(root, "checkpoints", "step-00000002")
     shutil.copytree(os.path.join(root, "checkpoints", _STEP1), target)

@@ -27,7 +27,8 @@ import os
 import re
 import stat
 
-from ...errors import CheckpointNotFoundError, DvcError, InvalidArgumentError
+from ...errors import CheckpointNotFoundError, CheckpointReadError, DvcError, InvalidArgumentError
+from ...storage import safeio as _safeio
 
 #: A ``.dvc`` file written by DVC is a few hundred bytes.
 DVC_FILE_CAP = 1 << 20
@@ -54,35 +55,14 @@ def has_control(text: str) -> bool:
 def read_capped(path: str, cap: int, *, what: str) -> bytes:
     """The bytes of the regular file ``path``, at most ``cap`` of them; never follows a link, never blocks.
 
-    Raises FileNotFoundError when missing (callers turn it into their error),
+    Read through ``ckstore.storage.safeio`` like every store file. Raises
+    FileNotFoundError when missing (callers turn it into their error),
     DvcError for anything that is not a plain regular file within the cap.
     """
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        # ELOOP: a symlink (O_NOFOLLOW); ENXIO: a FIFO without a writer, and so on.
-        raise DvcError(f"{path}: cannot open {what} ({exc.strerror}); a symlink or special file is never followed") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise DvcError(f"{path}: {what} is not a regular file")
-        if st.st_size > cap:
-            raise DvcError(f"{path}: {what} is {st.st_size} bytes, more than the {cap}-byte cap")
-        chunks, size = [], 0
-        while size <= cap:
-            chunk = os.read(fd, min(1 << 20, cap + 1 - size))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        if size > cap:  # grew while read
-            raise DvcError(f"{path}: {what} is more than the {cap}-byte cap")
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
+        return _safeio.read_small(path, cap=cap, what=what, error=lambda reason: DvcError(f"{path}: {reason}"))
+    except CheckpointReadError as exc:
+        raise DvcError(f"{path}: cannot read {what}: {exc}") from None
 
 
 def read_dvc_file(path: str) -> tuple[str, str]:

@@ -81,33 +81,28 @@ import os
 import re
 import secrets
 import stat
-import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import filelock
 
 from ...storage import durable as _durable
+from ...storage import safeio as _safeio
 from .files import check_real_dirs, has_control, read_capped, read_dvc_file
 from . import artifacts as _artifacts
 from . import weights as _weights
 from .git import DEFAULT_DEST, _git, _one_line, _tag, version_tag_prefix
 from ...errors import CheckpointNotFoundError, CkstoreError, DvcError, IntegrityError, InvalidArgumentError, ManifestError, StorageError
 from ...format.hashing import HashInfo, new_hasher
-from ...storage.layout import STAGING_DIR, TRASH_DIR
+from ...storage.layout import CHECKPOINTS_DIR, QUARANTINE_DIR, STAGING_DIR, TRASH_DIR, step_dir_name
 from ...storage.lock import LOCK_NAME, OWNER_NAME
-from ...format.manifest import MANIFEST_NAME, Manifest, parse_manifest
+from ...format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, parse_manifest
 from ...storage.metadata_lock import META_LOCK_NAME
 from ...checkpoint.metrics_log import METRICS_NAME
-from ...storage.layout import QUARANTINE_DIR
 from ...format.tags import TAGS_NAME
 
-if TYPE_CHECKING:
-    from ...store import Store
-
-CHECKPOINTS_DIR = "checkpoints"
 STAGES = ("materialize", "swap", "add", "push", "commit", "tag")
 TAG_PREFIX = "published."
 JOURNAL_FORMAT = "ckstore.publish-journal"
@@ -128,8 +123,6 @@ DVCIGNORE_LINES = (
 
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}(\.[A-Za-z0-9_-]{1,63}){0,3}", re.ASCII)
 _DEST_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}", re.ASCII)
-# [0-9], not \d: "\d" also matches "١"; the store never lists "step-١", so pull must not install one.
-_STEP_DIR = re.compile(r"^step-([0-9]{1,30})$", re.ASCII)
 _CHUNK = 8 << 20
 
 # ------------------------------------------------------------------ hooks
@@ -187,7 +180,7 @@ class PublishJob:
 
     @property
     def source_dir(self) -> str:
-        return os.path.join(self.store, CHECKPOINTS_DIR, f"step-{self.step:08d}")
+        return os.path.join(self.store, CHECKPOINTS_DIR, step_dir_name(self.step))
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"metrics": dict(self.metrics)}
@@ -319,15 +312,14 @@ def _hash_file(path: str, *, copy_to: str | None, expected: HashInfo | None, md5
     hasher = new_hasher(expected.algo) if expected is not None else None
     md5_hasher = hashlib.md5(usedforsecurity=False)
     try:
-        # O_NONBLOCK: a FIFO planted where a file belongs would block the open forever.
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
+        # The store's one no-follow open: never a symlink, never blocked by a FIFO planted where a file belongs.
+        fd, _ = _safeio.open_regular(path)
     except FileNotFoundError:
         raise IntegrityError(f"{path}: missing", path=path, expected="file", actual="missing") from None
+    except _safeio.NotRegularFile as exc:
+        raise IntegrityError(f"{path}: not a regular file ({exc.kind})", path=path, expected="regular file", actual="special file") from None
     except OSError as exc:
         raise IntegrityError(f"{path}: cannot open ({exc.strerror})", path=path, expected="readable file", actual=exc.strerror) from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise IntegrityError(f"{path}: not a regular file", path=path, expected="regular file", actual="special file")
     fh = os.fdopen(fd, "rb", buffering=0)
     writer = None
     size = 0
@@ -359,8 +351,8 @@ def _hash_file(path: str, *, copy_to: str | None, expected: HashInfo | None, md5
     return size, actual_md5
 
 
-def _read_small(path: str, limit: int = 256 << 20) -> bytes:
-    """A manifest's bytes: never through a symlink, never blocking on a FIFO, at most ``limit``."""
+def _read_small(path: str, limit: int = MAX_MANIFEST_BYTES) -> bytes:
+    """A manifest's bytes: never through a symlink, never blocking on a FIFO, at most ``limit`` (the cap every manifest reader applies)."""
     try:
         return read_capped(path, limit, what="manifest")
     except DvcError as exc:
@@ -477,7 +469,7 @@ def _recover_locked(repo: str) -> list[PublishResult]:
             if entry.token is None:
                 raise DvcError(f"{journal}: a journal at stage 'swap' names no temporary directory; remove it if you did not create it")
             _swap(job, *_tmp_paths(job, entry.token))
-        step_dir = os.path.join(job.alias_dir, CHECKPOINTS_DIR, f"step-{job.step:08d}")
+        step_dir = os.path.join(job.alias_dir, CHECKPOINTS_DIR, step_dir_name(job.step))
         if not os.path.isfile(os.path.join(step_dir, MANIFEST_NAME)):
             # Someone removed or replaced the published directory since: nothing left to finish.
             warnings.warn(f"interrupted publish of {job.name!r} (step {job.step}) dropped: {step_dir} is gone", RuntimeWarning, stacklevel=2)
@@ -700,24 +692,6 @@ def run_publish(job: PublishJob) -> PublishResult:
         _swap(job, tmp, old)
         _emit("swap", "after", job)
         return _finish(job)
-
-
-# ------------------------------------------------------------------ the background worker (ckstore.integrations.dvc.worker)
-
-
-def publish(store: Store, step_or_name: int | str, *, name: str, repo: str | os.PathLike[str] | None = None,
-            dest: str = DEFAULT_DEST, remote: str | None = None, wait: bool = False, weights_only: bool = False) -> Any:
-    """Queue the publish of a committed checkpoint under ``name``; see :func:`ckstore.integrations.dvc.worker.publish`."""
-    from . import worker as _dvc_worker
-
-    return _dvc_worker.publish(store, step_or_name, name=name, repo=repo, dest=dest, remote=remote, wait=wait, weights_only=weights_only)
-
-
-def wait(store: Store, timeout: float | None = None) -> None:
-    """Wait for every publish queued on ``store``; raise the first failure nobody has collected."""
-    worker = sys.modules.get("ckstore.integrations.dvc.worker")  # loaded by the first publish
-    if worker is not None:
-        worker.wait(store, timeout)
 
 
 # ------------------------------------------------------------------ DVC garbage collection

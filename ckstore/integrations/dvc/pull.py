@@ -36,9 +36,7 @@ from typing import Any
 
 from ...storage import durable as _durable
 from .publish import (
-    CHECKPOINTS_DIR,
     _ALIAS_ENTRIES,
-    _STEP_DIR,
     _dvc_call,
     _dvc_repo,
     _hash_file,
@@ -55,8 +53,8 @@ from .revision import dvc_file_at, set_dvc_file
 from ...errors import DvcError, IntegrityError, InvalidArgumentError, StoreLockedError
 from ...format.hashing import HashInfo
 from ...storage.lock import WriterLock
-from ...format.manifest import MANIFEST_NAME, parse_manifest
-from ...storage.layout import QUARANTINE_DIR
+from ...format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, parse_manifest
+from ...storage.layout import CHECKPOINTS_DIR, QUARANTINE_DIR, STEP_DIR
 from .weights import WEIGHTS_FILE, link_or_copy
 
 _HEX2 = re.compile(r"[0-9a-f]{2}")
@@ -219,7 +217,7 @@ def _one_checkpoint(entries: dict[str, str], dvc_file: str) -> str:
         if rel == WEIGHTS_FILE:
             continue  # the stable path: checked below to be the checkpoint's own weights file
         parts = rel.split("/")
-        if len(parts) != 3 or parts[0] != CHECKPOINTS_DIR or not _STEP_DIR.fullmatch(parts[1]):
+        if len(parts) != 3 or parts[0] != CHECKPOINTS_DIR or not STEP_DIR.fullmatch(parts[1]):
             raise DvcError(f"{dvc_file}: does not track a one-checkpoint ckstore directory (entry {show(rel)})")
         steps.add(parts[1])
     if len(steps) != 1:
@@ -295,7 +293,7 @@ def _check_local_work(alias: str, cache: _Cache, step_name: str) -> None:
     for name in sorted(names):
         manifest = os.path.join(checkpoints, name, MANIFEST_NAME)
         try:
-            md5 = hashlib.md5(read_capped(manifest, 256 << 20, what="manifest"), usedforsecurity=False).hexdigest()
+            md5 = hashlib.md5(read_capped(manifest, MAX_MANIFEST_BYTES, what="manifest"), usedforsecurity=False).hexdigest()
         except (OSError, DvcError):
             md5 = None
         if name == step_name and md5 is None:

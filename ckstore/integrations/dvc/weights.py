@@ -142,7 +142,7 @@ def rewrite(tmp: str, step_dir: str, manifest: Manifest, *, weights_only: bool) 
 
 def _write(path: str, step_dir: str, sources: dict[tuple[str, str], str], algo: str) -> tuple[int, str]:
     """Write the safetensors file ``path`` from byte ranges of the checkpoint's files; its size and hex digest."""
-    from ...engine.tensorfile import parse_header
+    from ...format.safetensors import parse_header
 
     headers: dict[str, tuple[dict[str, Any], int, Any]] = {}
     for file, _ in sources:

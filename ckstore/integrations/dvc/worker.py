@@ -290,6 +290,8 @@ def _publisher_for(store: Store) -> _Publisher:
         publisher = _publishers.get(store)
         if publisher is None:
             publisher = _publishers[store] = _Publisher(store)
+            # close() waits for this store's publishes and raises a failure nobody collected.
+            store.add_close_hook(wait)
         return publisher
 
 
