@@ -32,7 +32,7 @@ from .training.data import ResumableSampler
 from .training.loop import Checkpointer, EarlyStopping, checkpoint_interval, resume
 from .checkpoint.retention import RetentionPolicy, select_kept
 from .training.rng import RNGState
-from .checkpoint.catalog import CheckpointInfo, CorruptCheckpointWarning, Problem
+from .checkpoint.catalog import CheckpointInfo, CorruptCheckpointWarning, CorruptStoreFileWarning, Problem
 from .store import Store
 from .state.targets import StateMismatchWarning
 
@@ -49,6 +49,7 @@ __all__ = [
     "CkstoreError",
     "CommittedWithErrorsError",
     "CorruptCheckpointWarning",
+    "CorruptStoreFileWarning",
     "DvcError",
     "EarlyStopping",
     "IntegrityError",

@@ -183,3 +183,19 @@ def test_a_tags_file_one_byte_from_an_out_of_range_time_is_reported_not_raised(s
         assert [p.path for p in store.verify()] == [str(store_path / "tags.json")]
     with pytest.raises(ckstore.ManifestError, match="tags.json"):
         parse_tags(data.replace(b"1764100001.875", b"1764100001e875"), path=str(store_path / "tags.json"))
+
+
+def test_a_bad_tags_file_warns_as_a_store_file_not_as_a_checkpoint(store_path):
+    """tags.json is not a checkpoint: its warning is CorruptStoreFileWarning (a CorruptCheckpointWarning
+    subclass, so existing filters still see it) naming the file, at listing, save-time retention and recovery."""
+    with ckstore.Store(store_path, keep_last=1) as store:
+        store.save({}, step=1)
+        (store_path / "tags.json").write_bytes(b"garbage")
+        with pytest.warns(ckstore.CorruptStoreFileWarning, match="tags.json") as listed:
+            store.checkpoints()
+        with pytest.warns(ckstore.CorruptStoreFileWarning, match="retention skipped"):
+            store.save({}, step=2)
+    assert all(type(w.message) is ckstore.CorruptStoreFileWarning for w in listed)
+    assert issubclass(ckstore.CorruptStoreFileWarning, ckstore.CorruptCheckpointWarning)
+    with pytest.warns(ckstore.CorruptStoreFileWarning, match="tags are unavailable"), ckstore.Store(store_path) as store:
+        store.recover()

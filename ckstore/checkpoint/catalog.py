@@ -41,6 +41,14 @@ class CorruptCheckpointWarning(UserWarning):
     """A checkpoint failed verification and was skipped; it is left on disk untouched."""
 
 
+class CorruptStoreFileWarning(CorruptCheckpointWarning):
+    """``tags.json`` or ``metrics.json`` failed its checksum or does not parse; it is ignored until repaired.
+
+    Not a checkpoint: every checkpoint still loads. A subclass of
+    CorruptCheckpointWarning, so a filter written for that one still applies.
+    """
+
+
 @dataclass(frozen=True)
 class CheckpointInfo:
     """A committed checkpoint, as listed by :meth:`Store.checkpoints`."""
@@ -189,7 +197,7 @@ class Catalog:
             tags = self.read_tags()
         except (ManifestError, IntegrityError) as exc:
             if warn:
-                warnings.warn(f"{exc}; listing checkpoints without tags", CorruptCheckpointWarning, stacklevel=4)
+                warnings.warn(f"{exc}; listing checkpoints without tags", CorruptStoreFileWarning, stacklevel=4)
             tags = {}
         for tag, entry in tags.items():
             tags_by_step.setdefault(entry.step, []).append(tag)
@@ -197,7 +205,7 @@ class Catalog:
             recorded = self.read_metrics_log()
         except (ManifestError, IntegrityError) as exc:
             if warn:
-                warnings.warn(f"{exc}; listing checkpoints without their recorded metrics", CorruptCheckpointWarning, stacklevel=4)
+                warnings.warn(f"{exc}; listing checkpoints without their recorded metrics", CorruptStoreFileWarning, stacklevel=4)
             recorded = {}
         return tags_by_step, recorded
 

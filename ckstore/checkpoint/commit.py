@@ -86,7 +86,7 @@ from ..engine.host_copy import HostCopy, preparer
 from ..state.encode import Encoded, encode_state
 from ..storage import durable as _durable
 from ..storage.layout import CHECKPOINTS_DIR, STAGING_DIR, TRASH_DIR, step_dir_name
-from .catalog import Catalog, CorruptCheckpointWarning
+from .catalog import Catalog, CorruptStoreFileWarning
 from .metrics_log import METRICS_NAME, Recorded, dump_metrics
 
 
@@ -237,7 +237,7 @@ class Committer:
                 except (ManifestError, IntegrityError) as exc:
                     # Never block opening the store, and never delete what fails to verify: tag operations
                     # and retention refuse to act on an unreadable tags.json; everything else works.
-                    warnings.warn(f"{exc}; tags are unavailable until the file is repaired", CorruptCheckpointWarning, stacklevel=4)
+                    warnings.warn(f"{exc}; tags are unavailable until the file is repaired", CorruptStoreFileWarning, stacklevel=4)
                 else:
                     live = {tag: entry for tag, entry in tags.items() if self.catalog.exists(entry.step)}
                     if live != tags:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Set
 from typing import Any
 
 from ..errors import IntegrityError, ManifestError
-from .catalog import Catalog, CheckpointInfo, CorruptCheckpointWarning
+from .catalog import Catalog, CheckpointInfo, CorruptCheckpointWarning, CorruptStoreFileWarning
 from .retention import RetentionPolicy, commit_order, plan_deletions, rank_best
 
 
@@ -44,7 +44,7 @@ def apply_retention(
                 catalog.read_metrics_log()
         except (ManifestError, IntegrityError) as exc:
             # Which checkpoints are pinned (or best) is unknown: deleting now could drop a kept one.
-            warnings.warn(f"retention skipped: {exc}", CorruptCheckpointWarning, stacklevel=4)
+            warnings.warn(f"retention skipped: {exc}", CorruptStoreFileWarning, stacklevel=4)
             return []
         infos = catalog.listing(warn=False)
         protected = ({protect} if protect is not None else set()) | set(pinned)
