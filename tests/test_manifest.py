@@ -220,3 +220,27 @@ def test_manifest_of_unknown_version_in_a_store(store):
         loaded = store.load()
     assert torch.equal(loaded["w"], torch.ones(3))
     assert info.path.exists() and path.exists()  # nothing deleted
+
+
+def test_checksummed_files_share_one_canonical_json():
+    """manifest.json, tags.json and metrics.json are encoded by format/canonical.py only (two copies had drifted:
+    one escaped non-ASCII text, the other did not). Non-ASCII metric names stay raw UTF-8 in both files that hold them."""
+    import ast
+    from pathlib import Path
+
+    import ckstore
+    from ckstore.checkpoint.metrics_log import Recorded, dump_metrics, parse_metrics
+    from ckstore.format.canonical import canonical_json
+
+    assert canonical_json({"b": 1, "é": [1.5, None]}) == '{"b":1,"é":[1.5,null]}'.encode()
+    data = dump_metrics({3: Recorded(1.0, {"précision": 0.5})})
+    assert "précision".encode() in data and parse_metrics(data)[3].metrics == {"précision": 0.5}
+    package = Path(ckstore.__file__).parent
+    sorted_dumps = []
+    core = [m for m in package.rglob("*.py") if m.relative_to(package).parts[0] in ("format", "storage", "engine", "state", "checkpoint", "store.py")]
+    for module in core:
+        for node in ast.walk(ast.parse(module.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "dumps" and any(k.arg == "sort_keys" for k in node.keywords):
+                sorted_dumps.append(module.relative_to(package).as_posix())
+    # The quarantine's note is plain readable JSON, not a checksummed file.
+    assert sorted(set(sorted_dumps) - {"checkpoint/quarantine.py"}) == ["format/canonical.py"]

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 from ..storage import safeio as _safeio
 from ..errors import IntegrityError, InvalidArgumentError, ManifestError
-from ..format.hashing import HashInfo, default_algorithm, hash_bytes
+from ..format.canonical import canonical_json, refuse_constant, with_checksum
+from ..format.hashing import HashInfo, hash_bytes
 from ..format.manifest import check_metrics
 
 METRICS_NAME = "metrics.json"
@@ -48,22 +49,13 @@ class Recorded:
     metrics: Mapping[str, float]
 
 
-def _canonical(obj: object) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
-
-
 def dump_metrics(recorded: Mapping[int, Recorded]) -> bytes:
     body = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "metrics": {str(step): {"created": float(r.created), "metrics": dict(r.metrics)} for step, r in sorted(recorded.items())},
     }
-    body["checksum"] = str(hash_bytes(_canonical(body), default_algorithm()))
-    return _canonical(body)
-
-
-def _refuse_constant(name: str) -> object:
-    raise ValueError(f"non-standard JSON constant {name}")
+    return with_checksum(body)
 
 
 def parse_metrics(data: bytes, *, path: str = METRICS_NAME) -> dict[int, Recorded]:
@@ -75,7 +67,7 @@ def parse_metrics(data: bytes, *, path: str = METRICS_NAME) -> dict[int, Recorde
     if len(data) > MAX_METRICS_BYTES:
         raise bad("metrics file is too large")
     try:
-        raw = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
+        raw = json.loads(data.decode("utf-8"), parse_constant=refuse_constant)
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise bad("not valid JSON") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
@@ -88,12 +80,12 @@ def parse_metrics(data: bytes, *, path: str = METRICS_NAME) -> dict[int, Recorde
         expected = HashInfo.parse(raw.pop("checksum"))
     except (ManifestError, TypeError, AttributeError):
         raise bad("malformed checksum") from None
-    actual = hash_bytes(_canonical(raw), expected.algo)
+    actual = hash_bytes(canonical_json(raw), expected.algo)
     if actual != expected:
         raise IntegrityError(
             f"{path}: checksum mismatch (altered or corrupt metrics file)", path=path, expected=str(expected), actual=str(actual)
         )
-    if _canonical({**raw, "checksum": str(expected)}) != bytes(data):
+    if canonical_json({**raw, "checksum": str(expected)}) != bytes(data):
         raise bad("metrics file is not in canonical form (altered, or not written by ckstore)")
     entries = raw["metrics"]
     if not isinstance(entries, dict):

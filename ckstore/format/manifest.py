@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import IntegrityError, InvalidArgumentError, ManifestError
-from .hashing import HashInfo, default_algorithm, hash_bytes
+from .canonical import canonical_json, refuse_constant, with_checksum
+from .hashing import HashInfo, hash_bytes
 from .skeleton import check_skeleton, tensor_refs
 from .text import has_unsafe_chars
 
@@ -86,20 +87,11 @@ class Manifest:
 
     def to_json(self) -> bytes:
         body = self._body()
-        body["checksum"] = str(hash_bytes(_canonical(body), default_algorithm()))
-        return _canonical(body)
+        return with_checksum(body)
 
     @classmethod
     def from_json(cls, data: bytes, *, path: str = MANIFEST_NAME) -> Manifest:
         return parse_manifest(data, path=path)
-
-
-def _canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"non-standard JSON constant {name}")
 
 
 def parse_manifest(data: bytes, *, path: str = MANIFEST_NAME) -> Manifest:
@@ -114,7 +106,7 @@ def parse_manifest(data: bytes, *, path: str = MANIFEST_NAME) -> Manifest:
     if nodes > MAX_MANIFEST_NODES:
         raise bad(f"manifest holds about {nodes} JSON values, more than the {MAX_MANIFEST_NODES} allowed (refused before parsing)")
     try:
-        raw = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
+        raw = json.loads(data.decode("utf-8"), parse_constant=refuse_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise bad(f"not valid JSON ({type(exc).__name__}: {str(exc)[:120]})") from None
     if not isinstance(raw, dict):
@@ -139,7 +131,7 @@ def parse_manifest(data: bytes, *, path: str = MANIFEST_NAME) -> Manifest:
     except ManifestError as exc:
         raise bad(f"checksum: {exc}") from None
     try:
-        body = _canonical(raw)
+        body = canonical_json(raw)
     except ValueError:  # a lone surrogate escaped in a string ("\ud800") has no UTF-8 form
         raise bad("manifest holds text that is not valid Unicode") from None
     actual = hash_bytes(body, expected.algo)
@@ -148,7 +140,7 @@ def parse_manifest(data: bytes, *, path: str = MANIFEST_NAME) -> Manifest:
     # The checksum covers the parsed values, not the bytes: "1e-05" and "1E-05",
     # or added whitespace, parse alike. Only the canonical bytes are accepted, so
     # every altered byte is caught, not only those that change a value.
-    if _canonical({**raw, "checksum": checksum}) != bytes(data):
+    if canonical_json({**raw, "checksum": checksum}) != bytes(data):
         raise bad("manifest is not in canonical form (altered, or not written by ckstore)")
 
     step = raw["step"]

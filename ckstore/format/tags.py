@@ -22,7 +22,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..errors import IntegrityError, InvalidArgumentError, ManifestError
-from .hashing import HashInfo, default_algorithm, hash_bytes
+from .canonical import canonical_json, refuse_constant, with_checksum
+from .hashing import HashInfo, hash_bytes
 
 TAGS_NAME = "tags.json"
 FORMAT = "ckstore.tags"
@@ -50,22 +51,13 @@ def check_tag_name(name: object) -> str:
     return name
 
 
-def _refuse_constant(name: str) -> object:
-    raise ValueError(f"non-standard JSON constant {name}")
-
-
-def _canonical(obj: object) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
-
-
 def dump_tags(tags: Mapping[str, TagEntry]) -> bytes:
     body = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "tags": {name: {"step": e.step, "time": float(e.time)} for name, e in sorted(tags.items())},
     }
-    body["checksum"] = str(hash_bytes(_canonical(body), default_algorithm()))
-    return _canonical(body)
+    return with_checksum(body)
 
 
 def parse_tags(data: bytes, *, path: str = TAGS_NAME) -> dict[str, TagEntry]:
@@ -75,7 +67,7 @@ def parse_tags(data: bytes, *, path: str = TAGS_NAME) -> dict[str, TagEntry]:
     if len(data) > MAX_TAGS_BYTES:
         raise bad("tags file is too large")
     try:
-        raw = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
+        raw = json.loads(data.decode("utf-8"), parse_constant=refuse_constant)
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise bad("not valid JSON") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
@@ -89,13 +81,13 @@ def parse_tags(data: bytes, *, path: str = TAGS_NAME) -> dict[str, TagEntry]:
     except ManifestError as exc:
         raise bad(str(exc)) from None
     try:
-        canonical = _canonical(raw)
+        canonical = canonical_json(raw)
     except ValueError:  # a number past the largest float (1e999) parses as inf, which canonical JSON cannot hold
         raise bad("holds a number out of range") from None
     actual = hash_bytes(canonical, expected.algo)
     if actual != expected:
         raise IntegrityError(f"{path}: checksum mismatch (altered or corrupt tags file)", path=path, expected=str(expected), actual=str(actual))
-    if _canonical({**raw, "checksum": str(expected)}) != bytes(data):
+    if canonical_json({**raw, "checksum": str(expected)}) != bytes(data):
         # Same value, other bytes ("1E3" for "1000.0", whitespace): altered all the same.
         raise bad("tags file is not in canonical form (altered, or not written by ckstore)")
     tags = raw["tags"]
