@@ -261,7 +261,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     if args.dvc:  # also the DVC cache (and remote with --cloud), keeping what any branch or tag names
         from .integrations.dvc import publish as _dvc
 
-        _dvc.gc(_dvc.resolve_repo(args.repo, args.store, "."), cloud=args.cloud, remote=args.remote, dry=args.dry_run)
+        _dvc.collect_garbage(_dvc.resolve_repo(args.repo, args.store, "."), cloud=args.cloud, remote=args.remote, dry=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
     _emit(
         args,

@@ -13,7 +13,7 @@ deleted meanwhile (by a writer's retention) is skipped silently.
 from __future__ import annotations
 
 import contextlib
-import gc
+import gc as garbage_collector  # Python's collector; not Store.gc (retention) nor the DVC collect_garbage
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -40,13 +40,13 @@ def gc_paused() -> Iterator[None]:
     traverses them (a full one, the whole heap) and frees nothing. On 10,000
     tensors it took a third of a background save's stall and a third of a load.
     """
-    collecting = gc.isenabled()
-    gc.disable()
+    collecting = garbage_collector.isenabled()
+    garbage_collector.disable()
     try:
         yield
     finally:
         if collecting:
-            gc.enable()
+            garbage_collector.enable()
 
 
 class Loader:

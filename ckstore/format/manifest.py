@@ -89,10 +89,6 @@ class Manifest:
         body = self._body()
         return with_checksum(body)
 
-    @classmethod
-    def from_json(cls, data: bytes, *, path: str = MANIFEST_NAME) -> Manifest:
-        return parse_manifest(data, path=path)
-
 
 def parse_manifest(data: bytes, *, path: str = MANIFEST_NAME) -> Manifest:
     """Parse and validate a manifest. ManifestError for anything malformed, IntegrityError for a checksum mismatch."""

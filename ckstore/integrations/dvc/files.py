@@ -82,7 +82,7 @@ def parse_dvc_file(raw: bytes, path: str) -> tuple[str, str]:
         from ruamel.yaml import YAML
         from ruamel.yaml.events import AliasEvent
     except ImportError as exc:  # ruamel.yaml comes with DVC
-        from .publish import INSTALL_HINT
+        from .ops import INSTALL_HINT
 
         raise DvcError(INSTALL_HINT) from exc
     try:

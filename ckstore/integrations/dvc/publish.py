@@ -75,7 +75,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -89,16 +88,15 @@ from typing import Any
 import filelock
 
 from ...storage import durable as _durable
-from ...storage import safeio as _safeio
-from .files import check_real_dirs, has_control, read_capped, read_dvc_file
+from .files import has_control, read_capped, read_dvc_file
+from .ops import _dvc_call, _dvc_repo, _hash_file, _import_dvc, _make_dirs, _read_small, _remove
 from . import artifacts as _artifacts
 from . import weights as _weights
 from .git import DEFAULT_DEST, _git, _one_line, _tag, version_tag_prefix
 from ...errors import CheckpointNotFoundError, CkstoreError, DvcError, IntegrityError, InvalidArgumentError, ManifestError, StorageError
-from ...format.hashing import HashInfo, new_hasher
 from ...storage.layout import CHECKPOINTS_DIR, QUARANTINE_DIR, STAGING_DIR, TRASH_DIR, step_dir_name
 from ...storage.lock import LOCK_NAME, OWNER_NAME
-from ...format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, parse_manifest
+from ...format.manifest import MANIFEST_NAME, Manifest, parse_manifest
 from ...storage.metadata_lock import META_LOCK_NAME
 from ...checkpoint.metrics_log import METRICS_NAME
 from ...format.tags import TAGS_NAME
@@ -106,7 +104,6 @@ from ...format.tags import TAGS_NAME
 STAGES = ("materialize", "swap", "add", "push", "commit", "tag")
 TAG_PREFIX = "published."
 JOURNAL_FORMAT = "ckstore.publish-journal"
-INSTALL_HINT = "DVC is not installed; install it with: pip install 'ckstore[dvc]'"
 #: Patterns ckstore keeps in a repository's ``.dvcignore``: a store's private
 #: directories and files, and the temporary directories of publish and pull.
 DVCIGNORE_LINES = (
@@ -123,7 +120,6 @@ DVCIGNORE_LINES = (
 
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}(\.[A-Za-z0-9_-]{1,63}){0,3}", re.ASCII)
 _DEST_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}", re.ASCII)
-_CHUNK = 8 << 20
 
 # ------------------------------------------------------------------ hooks
 
@@ -258,128 +254,6 @@ def resolve_repo(repo: str | os.PathLike[str] | None, *starts: str | os.PathLike
         if found is not None:
             return found
     raise InvalidArgumentError(f"no DVC repository at or above {', '.join(map(str, starts))}; pass repo=... (or --repo)")
-
-
-def _import_dvc():
-    try:
-        from dvc.repo import Repo
-    except ImportError as exc:
-        raise DvcError(INSTALL_HINT) from exc
-    return Repo
-
-
-def _check_installed() -> None:
-    try:
-        found = importlib.util.find_spec("dvc.repo") is not None
-    except (ImportError, ValueError):
-        found = False
-    if not found:
-        raise DvcError(INSTALL_HINT)
-
-
-@contextlib.contextmanager
-def _dvc_repo(root: str) -> Iterator[Any]:
-    """A fresh ``dvc.repo.Repo`` per operation: a long-lived one caches stale state."""
-    Repo = _import_dvc()
-    try:
-        repo = _dvc_call("open", lambda: Repo(root, _wait_for_lock=True))  # wait for DVC's lock, don't fail after 3 s
-    except DvcError as exc:
-        if not isinstance(exc.__cause__, TypeError):
-            raise
-        repo = _dvc_call("open", lambda: Repo(root))  # pragma: no cover - a DVC without the private flag
-    try:
-        repo.scm_context.quiet = True  # no "To track the changes with git" hints on stdout
-        yield repo
-    finally:
-        repo.close()
-
-
-def _dvc_call(what: str, fn: Callable[[], Any]) -> Any:
-    try:
-        return fn()
-    except CkstoreError:
-        raise
-    except Exception as exc:  # DVC raises its own hierarchy (DvcException) and library errors
-        raise DvcError(f"dvc {what} failed: {type(exc).__name__}: {exc}") from exc
-
-
-def _hash_file(path: str, *, copy_to: str | None, expected: HashInfo | None, md5: str | None = None, site: str) -> tuple[int, str]:
-    """Stream ``path`` once: hash it (manifest algorithm and md5), optionally copying it to ``copy_to`` (fsynced).
-
-    Raises IntegrityError naming ``path`` (or ``md5``'s object) on any mismatch.
-    Returns ``(size, md5 hex)``.
-    """
-    hasher = new_hasher(expected.algo) if expected is not None else None
-    md5_hasher = hashlib.md5(usedforsecurity=False)
-    try:
-        # The store's one no-follow open: never a symlink, never blocked by a FIFO planted where a file belongs.
-        fd, _ = _safeio.open_regular(path)
-    except FileNotFoundError:
-        raise IntegrityError(f"{path}: missing", path=path, expected="file", actual="missing") from None
-    except _safeio.NotRegularFile as exc:
-        raise IntegrityError(f"{path}: not a regular file ({exc.kind})", path=path, expected="regular file", actual="special file") from None
-    except OSError as exc:
-        raise IntegrityError(f"{path}: cannot open ({exc.strerror})", path=path, expected="readable file", actual=exc.strerror) from None
-    fh = os.fdopen(fd, "rb", buffering=0)
-    writer = None
-    size = 0
-    try:
-        with fh:
-            writer = _durable.create(copy_to, site=site) if copy_to is not None else None
-            while True:
-                chunk = fh.read(_CHUNK)
-                if not chunk:
-                    break
-                size += len(chunk)
-                md5_hasher.update(chunk)
-                if hasher is not None:
-                    hasher.update(chunk)
-                if writer is not None:
-                    writer.write(chunk)
-        if writer is not None:
-            writer.sync()
-    finally:
-        if writer is not None:
-            writer.close()
-    actual_md5 = md5_hasher.hexdigest()
-    if md5 is not None and actual_md5 != md5:
-        raise IntegrityError(f"{path}: md5 {actual_md5} but DVC names it {md5}", path=path, expected=f"md5:{md5}", actual=f"md5:{actual_md5}")
-    if hasher is not None and expected is not None:
-        actual = HashInfo(expected.algo, hasher.hexdigest())
-        if actual != expected:
-            raise IntegrityError(f"{path}: hash {actual} but the manifest says {expected}", path=path, expected=str(expected), actual=str(actual))
-    return size, actual_md5
-
-
-def _read_small(path: str, limit: int = MAX_MANIFEST_BYTES) -> bytes:
-    """A manifest's bytes: never through a symlink, never blocking on a FIFO, at most ``limit`` (the cap every manifest reader applies)."""
-    try:
-        return read_capped(path, limit, what="manifest")
-    except DvcError as exc:
-        raise ManifestError(str(exc), path=path) from None
-
-
-def _make_dirs(root: str, path: str, *, what: str) -> None:
-    """Create ``path`` below ``root`` (durably), after checking no component is a symlink.
-
-    A cloned repository may hold ``models -> /home/victim``: writing through it
-    would put the publish's files outside the repository before DVC refuses.
-    """
-    check_real_dirs(root, path, what=what)
-    rel = os.path.relpath(path, root)
-    here = root
-    for part in [] if rel == "." else rel.split(os.sep):
-        here = os.path.join(here, part)
-        if _durable.make_dir(here, site="publish_mkdir", exist_ok=True):
-            _durable.sync_dir(os.path.dirname(here), site="publish_mkdir_dir")
-    check_real_dirs(root, path, what=what)
-
-
-def _remove(path: str, *, site: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        _durable.remove_tree(path, site=site)
-    elif os.path.lexists(path):
-        _durable.unlink(path, site=site)
 
 
 # ------------------------------------------------------------------ the journal
@@ -697,7 +571,7 @@ def run_publish(job: PublishJob) -> PublishResult:
 # ------------------------------------------------------------------ DVC garbage collection
 
 
-def gc(repo: str | os.PathLike[str], *, cloud: bool = False, remote: str | None = None, dry: bool = False) -> None:
+def collect_garbage(repo: str | os.PathLike[str], *, cloud: bool = False, remote: str | None = None, dry: bool = False) -> None:
     """``dvc gc`` that keeps everything any branch, tag or the workspace names.
 
     Plain ``dvc gc -w`` (and ``-w -c``) deletes the objects behind git tags, i.e.

@@ -35,13 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from ...storage import durable as _durable
+from .ops import _dvc_call, _dvc_repo, _hash_file, _read_small, _remove
 from .publish import (
     _ALIAS_ENTRIES,
-    _dvc_call,
-    _dvc_repo,
-    _hash_file,
-    _read_small,
-    _remove,
     _repo_lock,
     _storage_errors,
     check_remote,

@@ -38,12 +38,12 @@ import weakref
 from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
+from .ops import _check_installed
 from .publish import (
     DEFAULT_DEST,
     TAG_PREFIX,
     PublishJob,
     PublishResult,
-    _check_installed,
     check_dest,
     check_name,
     check_remote,
