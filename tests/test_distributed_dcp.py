@@ -156,9 +156,9 @@ def test_bad_arguments_are_typed_errors(store_path):
 
 def test_a_manifest_past_the_readers_limit_is_refused_before_the_commit(store_path, monkeypatch):
     """Metadata grows with ranks x tensors: a save whose manifest no reader would accept must not commit."""
-    import ckstore.store
+    from ckstore.checkpoint import commit
 
-    monkeypatch.setattr(ckstore.store, "MAX_MANIFEST_BYTES", 2000)
+    monkeypatch.setattr(commit, "MAX_MANIFEST_BYTES", 2000)
     with pytest.raises(CheckpointException) as info:
         _save(store_path, _state(), 8)
     assert "StateError" in repr(info.value.failures) and "manifest" in repr(info.value.failures)
