@@ -44,7 +44,9 @@ MARKER = f'__import__("os").environ.__setitem__("{REACHED_ENV}", "1")'
 
 #: The fsync system calls in durable.py: the file's (``self._fsync``) and the directory's (``fsync``),
 #: the backend's system call (``os.fsync`` unless a backend passes its own).
-_DURABLE_FSYNC = re.compile(r"^(os\.fsync|self\._fsync|fsync)\([^()]*\)$")
+# The fsync call itself, however durable.py spells it: ``os.fsync(fd)``, or ``(self._fsync or os.fsync)(self._fd)``
+# since a backend may supply its fsync (storage/local.py). A spelling this misses drops those mutants silently.
+_DURABLE_FSYNC = re.compile(r"^(os\.fsync|self\._fsync|fsync|\((self\.)?_?fsync or os\.fsync\))\([^()]*\)$")
 _SYNC_DIR = re.compile(r"^(_durable\.)?sync_dir\(.*\)$")
 _WRITER_SYNC = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*\.sync\(\)$")
 _SITE = re.compile(r'site=(?:"([^"]+)"|([A-Za-z_][A-Za-z0-9_ +"]*))')

@@ -273,3 +273,13 @@ def test_the_crash_model_records_through_the_recording_backend(tmp_path: Path, f
     if fail_fsync:
         assert any(op.kind == "fsync_fail" or "FAILED" in op.what for op in ops)
         assert any(op.kind == "ack" and op.name == "failed" for op in ops)
+
+
+def test_the_mutation_tier_finds_both_durable_fsyncs():
+    """The fsync-removal mutants need the file fsync and the directory fsync of storage/durable.py; a respelled call
+    ((self._fsync or os.fsync)(fd), for backends that supply their fsync) made the finder see neither, silently."""
+    import ckstore
+    from fault_injection import mutation
+
+    found = [m for m in mutation.find_mutants(os.path.dirname(ckstore.__file__)) if m.kind == "fsync in _durable"]
+    assert [m.function for m in found] == ["sync", "sync_dir"], [(m.function, m.text) for m in found]
