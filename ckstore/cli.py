@@ -208,15 +208,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
             checked = sorted({i.step for i in store.checkpoints()} | {p.step for p in problems if p.step is not None})
         else:  # by number without reading the manifest, which may be the corrupt part
             checked = [target if isinstance(target, int) else store.resolve(target).step]
+        # Each checkpoint's manifest format (1: one hash per file; 2: chunk tables); absent where the manifest is unreadable.
+        formats = {i.step: i.format_version for i in store.checkpoints() if i.step in checked}
     payload = {
         "ok": not problems,
         "checked": checked,
+        "formats": {str(step): version for step, version in sorted(formats.items())},
         "problems": [{"step": p.step, "path": p.path, "message": p.message, "expected": p.expected, "actual": p.actual} for p in problems],
     }
     if problems:
         text = "\n".join(f"FAIL step {p.step}: {escape(p.message)}" for p in problems)
     else:
         text = f"OK: {len(checked)} checkpoint(s) verified"
+    for version in sorted(set(formats.values())):
+        steps = [str(step) for step, v in sorted(formats.items()) if v == version]
+        shown = ", ".join(steps[:8]) + (f", ... ({len(steps)} in all)" if len(steps) > 8 else "")
+        text += f"\nformat {version}: step {shown}" if len(steps) == 1 else f"\nformat {version}: steps {shown}"
     _emit(args, payload, text)
     return 1 if problems else 0
 

@@ -44,6 +44,7 @@ import ckstore
 from ckstore.state import decode as _decode
 from ckstore.format import manifest as _manifest
 from ckstore.format import safetensors as _safetensors
+from ckstore.format.chunks import DEFAULT_CHUNK_SIZE, ChunkedHash, ChunkStreamHasher
 from ckstore.format.hashing import default_algorithm, hash_bytes
 
 from .report import Row
@@ -94,7 +95,7 @@ class Case:
         """Replace a tensor file and update the manifest's size and hash to match (so only the parser can object)."""
         self.write_raw(name, data)
         body = self.manifest()
-        body["files"][name] = {"hash": str(hash_bytes(data, default_algorithm())), "size": len(data)}
+        body["files"][name] = _entry_for(body, data)
         self.write_manifest(body)
 
     def header(self, name: str) -> tuple[dict[str, Any], bytes]:
@@ -107,6 +108,37 @@ class Case:
         text = raw_json if raw_json is not None else json.dumps(header).encode()
         text += b" " * (-len(text) % 8)
         self.replace_file(name, struct.pack("<Q", len(text)) + text + (old_body if body is None else body))
+
+
+def _entry_for(body: dict[str, Any], data: bytes) -> dict[str, Any]:
+    """A correct file entry for ``data`` in the manifest's format: 1, one hash; 2, a chunk table and its root."""
+    if body.get("format_version") != 2:
+        return {"hash": str(hash_bytes(data, default_algorithm())), "size": len(data)}
+    hasher = ChunkStreamHasher(default_algorithm(), DEFAULT_CHUNK_SIZE)
+    hasher.update(data)
+    return _table_entry(hasher.table())
+
+
+def _table_entry(table: ChunkedHash) -> dict[str, Any]:
+    return {"chunk_size": table.chunk_size, "chunks": [d.hex() for d in table.digests], "hash": str(table.root), "size": table.size}
+
+
+def _chunk_edit(fn: Callable[[dict[str, Any]], None], *, reroot: bool) -> Callable[[dict[str, Any]], None]:
+    """Edit the first file's format-2 entry; with ``reroot`` the root is recomputed, so only the table can disagree (with the file)."""
+
+    def edit(body: dict[str, Any]) -> None:
+        entry = body["files"][sorted(body["files"])[0]]
+        fn(entry)
+        if reroot:
+            algo = entry["hash"].split(":")[0]
+            digests = tuple(bytes.fromhex(c) for c in entry["chunks"])
+            entry["hash"] = str(ChunkedHash(algo, entry["size"], entry["chunk_size"], digests).root)
+
+    return edit
+
+
+def _other_digest(entry: dict[str, Any]) -> None:
+    entry["chunks"][0] = hash_bytes(b"not this chunk", "blake3").hexdigest
 
 
 def _canon(obj: Any) -> bytes:
@@ -355,7 +387,18 @@ CASES: list[tuple[str, Callable[[Case], None], str]] = [
     ("manifest zero-filled", _bytes_edit(lambda d: bytes(len(d)), target="manifest"), "file"),
     ("manifest byte flipped (checksum)", _bytes_edit(lambda d: _flip(d, len(d) // 3), target="manifest"), "file"),
     ("manifest is 300 MB (sparse)", _sparse_huge_manifest, "file"),
-    ("unknown format_version", _edit_manifest(lambda b: b.__setitem__("format_version", 2)), "file"),
+    ("unknown format_version", _edit_manifest(lambda b: b.__setitem__("format_version", 3)), "file"),
+    # Format 2: the chunk table (each rewritten with a valid manifest checksum, so the table checks must catch it).
+    ("chunk table disagrees with the file", _edit_manifest(_chunk_edit(_other_digest, reroot=True)), "file"),
+    ("chunk list truncated", _edit_manifest(_chunk_edit(lambda e: e["chunks"].pop(), reroot=True)), "file"),
+    ("chunk list has an extra chunk", _edit_manifest(_chunk_edit(lambda e: e["chunks"].append(e["chunks"][0]), reroot=True)), "file"),
+    ("chunk size not a power of two", _edit_manifest(_chunk_edit(lambda e: e.__setitem__("chunk_size", 3 << 19), reroot=True)), "file"),
+    ("chunk size below 1 MiB", _edit_manifest(_chunk_edit(lambda e: e.__setitem__("chunk_size", 4096), reroot=True)), "file"),
+    ("chunk size is a float", _edit_manifest(_chunk_edit(lambda e: e.__setitem__("chunk_size", float(e["chunk_size"])), reroot=False)), "file"),
+    ("chunk digest not hex", _edit_manifest(_chunk_edit(lambda e: e["chunks"].__setitem__(0, "z" * 64), reroot=False)), "file"),
+    ("root does not match its chunks", _edit_manifest(_chunk_edit(_other_digest, reroot=False)), "file"),
+    ("format-1 entry in a format-2 manifest", _edit_manifest(_chunk_edit(lambda e: [e.pop("chunks"), e.pop("chunk_size")], reroot=False)), "file"),
+    ("chunk fields in a format-1 manifest", _edit_manifest(lambda b: b.__setitem__("format_version", 1)), "file"),
     ("format field missing", _edit_manifest(lambda b: b.pop("format")), "file"),
     ("unknown extra field", _edit_manifest(lambda b: b.__setitem__("signature", "x")), "file"),
     ("NaN metric", _edit_manifest(lambda b: b["metrics"].__setitem__("loss", float("nan"))), "file"),

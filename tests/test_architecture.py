@@ -410,6 +410,7 @@ INTEGRATION_INTERNALS = {
     "ckstore.format.tags": "tags.json's name (.dvcignore)",
     "ckstore.format.manifest": "publish and pull check each file against the manifest before pushing or after pulling",
     "ckstore.format.hashing": "hashing while streaming a file to DVC (the manifest's algorithm and md5)",
+    "ckstore.format.chunks": "a format-2 file's chunk table and root, computed while streaming it to or from DVC or writing the weights file",
     "ckstore.format.skeleton": "publish rewrites the manifest's tensor references to the stable weights file (its tag key)",
     "ckstore.format.safetensors": "publish copies tensors byte for byte into the stable weights file through the checked header parser",
     "ckstore.store": "type hints only (TYPE_CHECKING): functions take a Store",

@@ -11,17 +11,23 @@ import pytest
 from test_manifest import _signed, _valid_raw
 
 import ckstore
+from ckstore.format.chunks import ChunkedHash, chunk_count
 from ckstore.format.hashing import hash_bytes
 from ckstore.format.manifest import FileEntry, Manifest, parse_manifest
 from ckstore.format.tags import TagEntry, dump_tags, parse_tags
 
 
+def _chunked(size: int, chunk_size: int, seed: int) -> FileEntry:
+    table = ChunkedHash("sha256", size, chunk_size, tuple(hash_bytes(bytes([seed, i]), "sha256").hexdigest[:64].encode()[:32] for i in range(chunk_count(size, chunk_size))))
+    return FileEntry(size, table.root, table)
+
+
 def _manifest_sha256() -> bytes:
-    """A second manifest: SHA-256 hashes, several files, nested state with a tuple and bytes, no metrics."""
+    """A second manifest, format 2: SHA-256 chunk tables (one, two and three chunks of two chunk sizes), nested state with a tuple and bytes, no metrics."""
     return Manifest(
         step=2**40,
         created=0.5,
-        files={f"opt.state.{i}.safetensors": FileEntry(10**i, hash_bytes(bytes([i]), "sha256")) for i in range(3)},
+        files={f"opt.state.{i}.safetensors": _chunked(1 + i * (1 << 20), 1 << (20 + i % 2), i) for i in range(3)},
         state={"opt": {"$ck": "tuple", "items": [1, -2.5, None, True, "ünï"]}, "raw": {"$ck": "bytes", "base64": "AAE="}},
         metrics={},
         retention=None,

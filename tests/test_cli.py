@@ -87,7 +87,7 @@ def test_show(capsys, populated):
 
 def test_verify_ok_and_corrupt(capsys, populated):
     code, payload, _ = run_json(capsys, "verify", populated)
-    assert code == 0 and payload == {"ok": True, "checked": [1, 2, 9, 10], "problems": []}
+    assert code == 0 and payload == {"ok": True, "checked": [1, 2, 9, 10], "formats": {"1": 2, "2": 2, "9": 2, "10": 2}, "problems": []}
     code, out, _ = run(capsys, "verify", populated, "9")
     assert code == 0 and out.startswith("OK")
 

@@ -168,7 +168,7 @@ def test_publish_best_then_plain_dvc_pull_in_a_fresh_clone_verifies(tmp_path, en
     assert not (clone / "models" / "best").exists()
     dvc("pull", "models/best.dvc", cwd=clone, env=env)
     out = ck("verify", "models/best", "--json", cwd=clone, env=env)
-    assert json.loads(out.stdout) | {"problems": []} == {"ok": True, "checked": [20], "problems": []}
+    assert json.loads(out.stdout) | {"problems": []} == {"ok": True, "checked": [20], "formats": {"20": 2}, "problems": []}
     with ckstore.Store(clone / "models" / "best", readonly=True) as pulled:
         state = pulled.load()
         assert pulled.latest().metrics == {"val_loss": 0.2}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import warnings
 
@@ -13,6 +14,7 @@ from conftest import assert_same, flip_byte
 
 import ckstore
 from ckstore.storage import durable as _durable
+from ckstore.format.chunks import ChunkedHash
 from ckstore.format.hashing import hash_bytes
 from ckstore.engine.read import read_one_tensor, read_tensor_file
 from ckstore.checkpoint.commit import finish_files
@@ -108,7 +110,9 @@ def test_written_files_are_plain_safetensors_and_the_hash_covers_every_byte(tmp_
     for name, result, expected in (("a.safetensors", written[0], entries), ("b.safetensors", written[1], entries[1:])):
         data = (tmp_path / name).read_bytes()
         assert result.size == len(data)
-        assert result.hash == hash_bytes(data, "sha256")
+        # Format 2: the hash is the root over 1 MiB chunks of exactly the bytes on disk.
+        table = ChunkedHash("sha256", len(data), 1 << 20, tuple(hashlib.sha256(data[i : i + (1 << 20)]).digest() for i in range(0, len(data), 1 << 20)))
+        assert result.chunks == table and result.hash == table.root
         loaded = safetensors.torch.load_file(str(tmp_path / name))
         assert_same({k: loaded[k] for k, _ in expected}, dict(expected))
 
@@ -230,11 +234,11 @@ def test_read_tensor_file_with_targets_and_batched_small_tensors(tmp_path):
     finally:
         pipeline.close()
     targets = {"big": torch.empty(5_000_000), "t5": torch.empty(6)}
-    out = read_tensor_file(str(tmp_path / "f.safetensors"), size=written.size, expected=written.hash, targets=targets)
+    out = read_tensor_file(str(tmp_path / "f.safetensors"), size=written.size, expected=written.chunks, targets=targets)
     assert out["big"] is targets["big"] and out["t5"] is targets["t5"]
     assert_same({k: out[k] for k, _ in entries}, dict(entries))
     with pytest.raises(ckstore.IntegrityError):
-        read_tensor_file(str(tmp_path / "f.safetensors"), size=written.size + 1, expected=written.hash)
+        read_tensor_file(str(tmp_path / "f.safetensors"), size=written.size + 1, expected=written.chunks)
 
 
 def _every_dtype() -> list[tuple[str, torch.Tensor]]:
@@ -266,7 +270,7 @@ def test_targets_of_every_dtype_and_shape_are_read_in_place(tmp_path, monkeypatc
             return preadv(fd, [first[: max(1, len(first) // 2)]], offset)
 
         monkeypatch.setattr(os, "preadv", half)
-    out = read_tensor_file(str(tmp_path / "f.safetensors"), size=written.size, expected=written.hash, targets=targets)
+    out = read_tensor_file(str(tmp_path / "f.safetensors"), size=written.size, expected=written.chunks, targets=targets)
     for key, tensor in entries:
         assert out[key] is targets[key], key
         assert_same(out[key], tensor)

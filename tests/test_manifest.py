@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import ckstore
 from ckstore.format.hashing import HashInfo, hash_bytes
+from ckstore.format.chunks import ChunkedHash, chunk_count
 from ckstore.format.manifest import FileEntry, Manifest, check_metrics, parse_manifest
 
 file_names = st.from_regex(r"\A[A-Za-z0-9_][A-Za-z0-9_~#-]{0,20}(\.[A-Za-z0-9_~#-]{1,12}){0,2}\Z").filter(lambda n: n != "manifest.json")
@@ -26,8 +27,20 @@ json_values = st.recursive(
 
 
 @st.composite
+def chunked_entries(draw):
+    """A format-2 entry: a chunk table of the right length, and the root over it as the hash."""
+    chunk_size = 1 << draw(st.integers(20, 24))
+    size = draw(st.integers(0, 40 * chunk_size))
+    digests = tuple(draw(st.binary(min_size=32, max_size=32)) for _ in range(chunk_count(size, chunk_size)))
+    table = ChunkedHash(draw(st.sampled_from(["blake3", "sha256"])), size, chunk_size, digests)
+    return FileEntry(size, table.root, table)
+
+
+@st.composite
 def manifests(draw):
-    files = draw(st.dictionaries(file_names, st.builds(FileEntry, st.integers(0, 2**50), hashes), max_size=4))
+    version = draw(st.sampled_from([1, 2]))
+    entries = st.builds(FileEntry, st.integers(0, 2**50), hashes) if version == 1 else chunked_entries()
+    files = draw(st.dictionaries(file_names, entries, max_size=4))
     state = draw(json_values)
     if files and draw(st.booleans()):
         name = draw(st.sampled_from(sorted(files)))
@@ -39,6 +52,7 @@ def manifests(draw):
         state=state,
         metrics=draw(st.dictionaries(st.text(min_size=1, max_size=8), st.integers(-(10**6), 10**6) | finite, max_size=3)),
         retention=draw(st.none() | st.fixed_dictionaries({"metric": st.text(min_size=1, max_size=8), "mode": st.sampled_from(["min", "max"])})),
+        format_version=version,
     )
 
 
@@ -58,6 +72,7 @@ def _valid_raw() -> dict:
         state={"model": {"$ck": "tensor", "file": "model.fc.safetensors", "key": "w"}, "lr": 1e-05, "note": "é"},
         metrics={"val_loss": 0.3125, "acc": 1e-05},
         retention={"metric": "val_loss", "mode": "min"},
+        format_version=1,  # a format-1 manifest (still read); format 2 is covered by test_checksummed's second document
     )
     return json.loads(manifest.to_json())
 
@@ -75,7 +90,7 @@ def test_manifest_json_is_canonical(manifest):
     data = manifest.to_json()
     raw = json.loads(data, parse_constant=lambda name: pytest.fail(f"manifest holds {name}"))
     assert data == json.dumps(raw, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-    assert raw["format"] == "ckstore.checkpoint" and raw["format_version"] == 1
+    assert raw["format"] == "ckstore.checkpoint" and raw["format_version"] == manifest.format_version
     assert raw["checksum"].split(":")[0] in ("blake3", "sha256")
 
 
@@ -89,7 +104,7 @@ def test_truncation_and_garbage_are_refused():
             parse_manifest(junk)
 
 
-@pytest.mark.parametrize("version", [0, 2, 99, "1", 1.0, None, True])
+@pytest.mark.parametrize("version", [0, 3, 99, "1", 1.0, None, True])
 def test_unknown_format_version_is_refused(version):
     raw = _valid_raw()
     raw["format_version"] = version
@@ -212,7 +227,7 @@ def test_manifest_of_unknown_version_in_a_store(store):
     store.save({"w": torch.zeros(3)}, step=2)
     path = store.path / "checkpoints" / "step-00000002" / "manifest.json"
     raw = json.loads(path.read_bytes())
-    raw["format_version"] = 2
+    raw["format_version"] = 3
     path.write_bytes(_signed(raw))
     with pytest.raises(ckstore.ManifestError, match="format_version"):
         store.load(step=2)

@@ -60,6 +60,8 @@ class CheckpointInfo:
     created: float
     nbytes: int
     files: Mapping[str, FileEntry] = field(repr=False, compare=False, default_factory=dict)
+    #: The manifest's format: 2 (chunk tables, ranged verification) or 1 (one hash per file).
+    format_version: int = 2
 
 
 @dataclass(frozen=True)
@@ -188,6 +190,7 @@ class Catalog:
             created=manifest.created,
             nbytes=manifest.nbytes,
             files=dict(manifest.files),
+            format_version=manifest.format_version,
         )
 
     def _annotations(self, *, warn: bool) -> tuple[dict[int, list[str]], dict[int, Recorded]]:
@@ -345,7 +348,7 @@ class Catalog:
         for file, entry in manifest.files.items():
             path = os.path.join(directory, file)
             try:
-                specs = verify_tensor_file(path, size=entry.size, expected=entry.hash)
+                specs = verify_tensor_file(path, size=entry.size, expected=entry.expected)
             except IntegrityError as exc:
                 problems.append(Problem(step, exc.path, str(exc), exc.expected, exc.actual))
                 continue

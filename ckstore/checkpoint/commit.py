@@ -277,7 +277,7 @@ class Committer:
             written: dict[str, FileDigest] = dict(zip((name for name, _ in jobs), results))
             files: dict[str, FileEntry] = {}
             for name in encoded.files:  # manifest order follows the state, linked or written
-                files[name] = linked[name] if name in linked else FileEntry(written[name].size, written[name].hash)
+                files[name] = linked[name] if name in linked else FileEntry(written[name].size, written[name].hash, written[name].chunks)
             self.stats.update(
                 files_written=len(written),
                 files_linked=len(linked),

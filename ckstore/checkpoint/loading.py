@@ -149,7 +149,7 @@ class Loader:
                     tensors[name] = read_tensor_file(
                         path,
                         size=entry.size,
-                        expected=entry.hash if verify else None,
+                        expected=entry.expected if verify else None,
                         targets=targets.get(name),
                         hash_pool=self._pool(index),
                         deferred=checks,
@@ -200,4 +200,4 @@ class Loader:
         if file is None:
             raise InvalidArgumentError(f"step {info.step} has no tensor {key!r}; see Store.tensor_keys()")
         entry = manifest.files[file]
-        return read_one_tensor(os.path.join(str(info.path), file), key, size=entry.size, expected=entry.hash if verify else None)
+        return read_one_tensor(os.path.join(str(info.path), file), key, size=entry.size, expected=entry.expected if verify else None)

@@ -35,6 +35,8 @@ COST_PER_BYTE = 8
 COST_PER_NODE = 72
 #: Estimated bytes of memory per file entry of a summary (FileEntry, HashInfo, strings, dict slot).
 COST_PER_FILE = 400
+#: Estimated bytes per chunk digest a summary keeps (a 32-byte bytes object and its tuple slot).
+COST_PER_CHUNK = 80
 #: The cache's default budget: 256 MiB estimated, e.g. seven 4.3 MB manifests in full.
 DEFAULT_BUDGET = 256 << 20
 
@@ -99,7 +101,9 @@ class ManifestCache:
             entry = self._entries[name]
             if entry.full:
                 light = dataclasses.replace(entry.manifest, state=None)
-                cost = COST_PER_FILE * (len(light.files) + 1)
+                # A format-2 summary keeps every file's chunk table (verify needs it): ~1,000 digests per GiB.
+                chunks = sum(len(e.chunks.digests) for e in light.files.values() if e.chunks is not None)
+                cost = COST_PER_FILE * (len(light.files) + 1) + COST_PER_CHUNK * chunks
                 self._entries[name] = _Entry(entry.key, light, cost, False)
                 self.cost += cost - entry.cost
         for name in names[:-1]:

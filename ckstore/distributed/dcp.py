@@ -177,7 +177,7 @@ class StoreWriter(StorageWriter):
                 path=path,
             ) from exc
         # The whole file's size and hash travel with the first result, for the manifest's file list.
-        results[0] = dataclasses.replace(results[0], storage_data=(results[0].storage_data, FileEntry(written.size, written.hash)))
+        results[0] = dataclasses.replace(results[0], storage_data=(results[0].storage_data, FileEntry(written.size, written.hash, written.chunks)))
         future.set_result(results)
         return future
 

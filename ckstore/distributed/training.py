@@ -77,7 +77,7 @@ def verified_steps(store: Store, *, rank: int, world: int) -> list[int]:
             manifest = store._manifest(name)
             for i, (file, entry) in enumerate(sorted(manifest.files.items())):
                 if i % world == rank:
-                    verify_tensor_file(os.path.join(store._ckpt_dir, name, file), size=entry.size, expected=entry.hash)
+                    verify_tensor_file(os.path.join(store._ckpt_dir, name, file), size=entry.size, expected=entry.expected)
         except CkstoreError:
             continue
         good.append(info.step)

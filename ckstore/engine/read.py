@@ -20,9 +20,11 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointReadError, CkstoreError, IntegrityError
+from ..format.chunks import ChunkedHash
 from ..format.hashing import Hasher, HashInfo, new_hasher
 from ..format.safetensors import DTYPE_NAMES, MAX_HEADER_SIZE, TensorSpec, one_spec, parse_header, tensor_bytes
 from ..storage import safeio as _safeio
+from .chunkverify import ChunkVerifier, read_range, verify_file
 from .write import flat_bytes
 
 _READ_CHUNK = 16 << 20
@@ -79,7 +81,7 @@ def read_verified(path: str, *, size: int, expected: HashInfo | None) -> bytearr
 _VERIFY_CHUNK = 4 << 20
 
 
-def verify_tensor_file(path: str, *, size: int, expected: HashInfo) -> dict[str, TensorSpec]:
+def verify_tensor_file(path: str, *, size: int, expected: HashInfo | ChunkedHash) -> dict[str, TensorSpec]:
     """Check a tensor file's size, header and hash in bounded memory; return its specs.
 
     What a load checks, without keeping the data: the header is read and
@@ -90,6 +92,9 @@ def verify_tensor_file(path: str, *, size: int, expected: HashInfo) -> dict[str,
     try:
         with _typed_reads(path):
             _, specs, _ = _read_header(fd, actual, path)
+            if isinstance(expected, ChunkedHash):
+                verify_file(fd, expected, path)  # every chunk, in parallel
+                return specs
             hasher = new_hasher(expected.algo)
             _hash_stream(fd, actual, path, hasher)
     finally:
@@ -121,7 +126,7 @@ _pread_exact = _safeio.read_exact
 _SPARSE_MIN = 64 << 20
 
 
-def _open_checked(path: str, size: int | None, expected: HashInfo | None = None) -> tuple[int, int]:
+def _open_checked(path: str, size: int | None, expected: HashInfo | ChunkedHash | None = None) -> tuple[int, int]:
     """Open a checkpoint file for reading (``_safeio``: no symlink, no FIFO) and check its size against the manifest.
 
     With ``expected``, a large sparse file (its declared size mostly holes: a
@@ -141,10 +146,14 @@ def _open_checked(path: str, size: int | None, expected: HashInfo | None = None)
         if size is not None and actual != size:
             raise IntegrityError(f"{path}: size {actual} bytes, manifest says {size} (torn or altered file)", path=path, expected=size, actual=actual)
         if expected is not None and actual >= _SPARSE_MIN and st.st_blocks * 512 < actual // 2:
-            hasher = new_hasher(expected.algo)
-            with _typed_reads(path):
-                _hash_stream(fd, actual, path, hasher)
-            _check_hash(path, hasher, expected)
+            if isinstance(expected, ChunkedHash):
+                with _typed_reads(path):
+                    verify_file(fd, expected, path)
+            else:
+                hasher = new_hasher(expected.algo)
+                with _typed_reads(path):
+                    _hash_stream(fd, actual, path, hasher)
+                _check_hash(path, hasher, expected)
     except BaseException:
         os.close(fd)
         raise
@@ -165,8 +174,11 @@ def _read_header(fd: int, size: int, path: str) -> tuple[bytes, dict[str, Tensor
     return bytes(head), specs, start
 
 
-def _check_hash(path: str, hasher: Hasher | None, expected: HashInfo | None) -> None:
+def _check_hash(path: str, hasher: Hasher | ChunkVerifier | None, expected: HashInfo | ChunkedHash | None) -> None:
     if hasher is None or expected is None:
+        return
+    if isinstance(hasher, ChunkVerifier):
+        hasher.verify()
         return
     actual = HashInfo(expected.algo, hasher.hexdigest())
     if actual != expected:
@@ -253,7 +265,7 @@ class _BatchReader:
     in ``hash_pool`` (its futures in ``pending``) while the next is read.
     """
 
-    def __init__(self, fd: int, offset: int, path: str, hasher: Hasher | None, hash_pool: ThreadPoolExecutor | None) -> None:
+    def __init__(self, fd: int, offset: int, path: str, hasher: Hasher | ChunkVerifier | None, hash_pool: ThreadPoolExecutor | None) -> None:
         self.fd, self.offset, self.path = fd, offset, path
         self.hasher, self.hash_pool = hasher, hash_pool
         self.pending: list[Future] = []
@@ -291,7 +303,10 @@ class _BatchReader:
                 _pread_exact(fd, view[skip:], self.offset + n, self.path)
                 n += len(view) - skip
                 skip = 0
-        if self.hasher is not None:
+        if isinstance(self.hasher, ChunkVerifier):
+            for buffer in batch:  # splits at chunk boundaries; each chunk is hashed by the verifier's pool
+                self.hasher.update(buffer)
+        elif self.hasher is not None:
             if self.hash_pool is None:
                 _update_all(self.hasher, batch)
             else:
@@ -304,7 +319,7 @@ def read_tensor_file(
     path: str,
     *,
     size: int | None,
-    expected: HashInfo | None,
+    expected: HashInfo | ChunkedHash | None,
     targets: Mapping[str, torch.Tensor] | None = None,
     hash_pool: ThreadPoolExecutor | None = None,
     deferred: list[Callable[[], None]] | None = None,
@@ -335,7 +350,7 @@ def read_tensor_file(
     try:
         with _typed_reads(path):
             head, specs, start = _read_header(fd, actual, path)
-            hasher = new_hasher(expected.algo) if expected is not None else None
+            hasher = _new_verifier(expected, path)
             if hasher is not None:
                 hasher.update(head)
             place = _Placement(specs, targets or {})
@@ -347,6 +362,8 @@ def read_tensor_file(
     except BaseException:
         if reader is not None:
             futures_wait(reader.pending)
+            if isinstance(reader.hasher, ChunkVerifier):
+                reader.hasher.wait()
         raise
     finally:
         os.close(fd)
@@ -362,6 +379,15 @@ def read_tensor_file(
 
         deferred.append(check)
     return out
+
+
+def _new_verifier(expected: HashInfo | ChunkedHash | None, path: str) -> Hasher | ChunkVerifier | None:
+    """A format-2 file's chunks are checked each on its own, in parallel; a format-1 file's bytes as one stream."""
+    if expected is None:
+        return None
+    if isinstance(expected, ChunkedHash):
+        return ChunkVerifier(expected, path)
+    return new_hasher(expected.algo)
 
 
 def _read_placed(specs: Mapping[str, TensorSpec], place: _Placement, reader: _BatchReader, path: str) -> dict[str, torch.Tensor]:
@@ -398,7 +424,7 @@ def _read_placed(specs: Mapping[str, TensorSpec], place: _Placement, reader: _Ba
     return out
 
 
-def read_one_tensor(path: str, key: str, *, size: int | None, expected: HashInfo | None = None) -> torch.Tensor:
+def read_one_tensor(path: str, key: str, *, size: int | None, expected: HashInfo | ChunkedHash | None = None) -> torch.Tensor:
     """Read one tensor without reading the others: parse the header, then ``pread`` its byte range.
 
     Without ``expected``, checked are: the file's size against the manifest,
@@ -413,6 +439,8 @@ def read_one_tensor(path: str, key: str, *, size: int | None, expected: HashInfo
     fd, actual = _open_checked(path, size, expected)
     try:
         with _typed_reads(path):
+            if isinstance(expected, ChunkedHash):
+                return _read_one_chunked(fd, actual, key, path, expected)
             if expected is None:
                 head = _read_header_bytes(fd, actual, path)
                 spec, start = one_spec(head, actual, key, path)
@@ -443,6 +471,34 @@ def read_one_tensor(path: str, key: str, *, size: int | None, expected: HashInfo
         _check_hash(path, hasher, expected)
     finally:
         os.close(fd)
+    return tensor
+
+
+def _read_one_chunked(fd: int, size: int, key: str, path: str, table: ChunkedHash) -> torch.Tensor:
+    """``read_one_tensor`` of a format-2 file: only the chunks of the header and of the tensor are read and hashed.
+
+    The header is parsed from verified bytes only (its chunks checked first),
+    and validated in full, so a tampered header cannot point the read
+    elsewhere; the tensor's bytes come from verified chunks too.
+    """
+    head = bytearray(8)
+    if size < 8:
+        parse_header(b"", size, path)  # raises the standard "too short" error
+    _pread_exact(fd, memoryview(head), 0, path)
+    (length,) = struct.unpack("<Q", head)
+    if length > MAX_HEADER_SIZE or 8 + length > size:
+        parse_header(head, size, path)  # raises the standard error for a bad length
+    verified, base = read_range(fd, table, 0, 8 + length, path, read_exact=_pread_exact)
+    specs, start = parse_header(memoryview(verified), size, path)
+    spec = specs.get(key)
+    if spec is None:
+        raise IntegrityError(f"{path}: no tensor {key!r} in this file", path=path, expected=key, actual="missing")
+    tensor = _allocate(spec.shape, spec.dtype, path)
+    begin, end = start + spec.begin, start + spec.end
+    if end > begin:
+        if end > base + len(verified):  # not all in the header's chunks: read the tensor's own
+            verified, base = read_range(fd, table, begin, end, path, read_exact=_pread_exact)
+        tensor_bytes(tensor)[:] = memoryview(verified)[begin - base : end - base]
     return tensor
 
 

@@ -23,9 +23,11 @@ import numpy as np
 import torch
 
 from ..errors import StateError
-from ..format.hashing import Hasher, HashInfo, new_hasher
+from ..format.chunks import DEFAULT_CHUNK_SIZE, ChunkedHash, ChunkStreamHasher, hash_chunk
+from ..format.hashing import HashInfo
 from ..format.safetensors import DTYPE_NAMES, build_header, tensor_bytes
 from ..storage import durable as _durable
+from .hashpool import HashPool
 
 #: Finished files are fsynced in batches of this many: on ext4 every fsync of a
 #: freshly written file commits the journal, which stalls the O_DIRECT writes of
@@ -82,7 +84,8 @@ class FileDigest:
     """Size and content hash of a tensor file, written or (``digest_files``) only computed."""
 
     size: int
-    hash: HashInfo
+    hash: HashInfo  # the root over ``chunks`` (manifest format 2)
+    chunks: ChunkedHash
 
 
 class _Slot:
@@ -146,8 +149,9 @@ class WritePipeline:
     The calling thread copies tensor bytes into one of ``depth`` page-aligned
     chunk buffers of ``chunk`` bytes (many small tensors land in one buffer, so
     10,000 tensors cost a few dozen writes, not 10,000). A writer thread writes
-    each buffer with ``O_DIRECT`` where the filesystem allows it while a hash
-    thread hashes the same buffer; a sync thread fsyncs and closes finished
+    each buffer with ``O_DIRECT`` where the filesystem allows it while hash
+    threads (one per usable core, :mod:`.hashpool`) hash its chunks of
+    ``chunk_size`` bytes (manifest format 2) in parallel; a sync thread fsyncs and closes finished
     files in batches (see :data:`_FSYNC_BATCH`), every one before this
     returns. A buffer is refilled only after both its write and its hash are
     finished.
@@ -156,15 +160,18 @@ class WritePipeline:
     call runs outside the GIL, as does BLAKE3 on large buffers.
     """
 
-    def __init__(self, *, chunk: int = 16 << 20, depth: int = 3, direct: bool = True) -> None:
-        if chunk % _durable.DIRECT_ALIGN or depth < 2:
-            raise ValueError("chunk must be a multiple of DIRECT_ALIGN and depth at least 2")
+    def __init__(self, *, chunk: int = 16 << 20, depth: int = 3, direct: bool = True, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+        # Buffers start at file offsets that are multiples of ``chunk``: with ``chunk`` a multiple of
+        # ``chunk_size``, no hash chunk straddles two buffers, so each is hashed from one view.
+        if chunk % _durable.DIRECT_ALIGN or depth < 2 or chunk % chunk_size:
+            raise ValueError("chunk must be a multiple of DIRECT_ALIGN and of chunk_size, and depth at least 2")
         self.chunk = chunk
+        self.chunk_size = chunk_size
         self.depth = depth
         self.direct = direct
         self._slots: list[_Slot] = []
         self._write = _Worker("ckstore-write")
-        self._hash = _Worker("ckstore-hash")
+        self._hash = HashPool(name="ckstore-hash")
         self._sync = _Worker("ckstore-sync")
 
     def close(self) -> None:
@@ -178,13 +185,11 @@ class WritePipeline:
         """Size and hash of the files :meth:`write_files` would write for ``jobs``, without writing anything."""
         out = []
         for entries in jobs:
-            hasher = new_hasher(algo)
-            size = 0
+            hasher = ChunkStreamHasher(algo, self.chunk_size)
             for piece in _file_pieces(entries):
-                data = piece if isinstance(piece, bytes) else tensor_bytes(piece)
-                hasher.update(data)
-                size += len(data)
-            out.append(FileDigest(size, HashInfo(algo, hasher.hexdigest())))
+                hasher.update(piece if isinstance(piece, bytes) else tensor_bytes(piece))
+            table = hasher.table()
+            out.append(FileDigest(table.size, table.root, table))
         return out
 
     def write_files(
@@ -207,8 +212,8 @@ class WritePipeline:
         if not self._slots:
             self._slots = [_Slot(self.chunk) for _ in range(self.depth)]
         free = list(self._slots)
-        inflight: deque[tuple[_Slot, Future, Future]] = deque()
-        finished: list[tuple[_durable.FileWriter, Hasher]] = []
+        inflight: deque[tuple[_Slot, Future, list[Future]]] = deque()
+        finished: list[tuple[_durable.FileWriter, _FileChunks]] = []
         unsynced: list[tuple[Future | None, _durable.FileWriter]] = []
         batches: list[Future] = []
         writers: list[_durable.FileWriter] = []
@@ -220,14 +225,15 @@ class WritePipeline:
                 return free.pop()
             slot, wrote, hashed = inflight.popleft()
             wrote.result()
-            hashed.result()
+            for future in hashed:
+                future.result()
             return slot
 
         try:
             for path, entries in jobs:
                 writer = _durable.create(path, site="tensor_file", direct=self.direct)
                 writers.append(writer)
-                hasher = new_hasher(algo)
+                hasher = _FileChunks(algo)
                 slot, fill, last = take(), 0, None
                 for piece in _file_pieces(entries):
                     # A single-threaded memcpy (torch's copy_ would fan out to
@@ -263,27 +269,51 @@ class WritePipeline:
             while inflight:
                 _, wrote, hashed = inflight.popleft()
                 wrote.result()
-                hashed.result()
+                for future in hashed:
+                    future.result()
             for batch in batches:
                 batch.result()
         except BaseException:
             # Drain every thread before the caller sees the error: no buffer or
             # file may still be in use once we return.
             for _, wrote, hashed in inflight:
-                futures_wait([wrote, hashed])
+                futures_wait([wrote, *hashed])
             futures_wait(batches)
             for writer in writers:
                 with contextlib.suppress(OSError):
                     writer.close()
             raise
-        return [FileDigest(writer.offset, HashInfo(algo, hasher.hexdigest())) for writer, hasher in finished]
+        out = []
+        for writer, chunks in finished:
+            table = chunks.table(writer.offset, self.chunk_size)
+            out.append(FileDigest(writer.offset, table.root, table))
+        return out
 
-    def _submit(self, writer: _durable.FileWriter, hasher: Hasher, slot: _Slot, n: int, inflight: deque) -> Future:
+    def _submit(self, writer: _durable.FileWriter, chunks: _FileChunks, slot: _Slot, n: int, inflight: deque) -> Future:
         view = slot.view[:n]
         wrote = self._write.submit(_write_split, writer, view)
-        hashed = self._hash.submit(hasher.update, view)
+        size = self.chunk_size
+        hashed = [self._hash.submit(chunks.hash, chunks.next + i, view[pos : pos + size]) for i, pos in enumerate(range(0, n, size))]
+        chunks.next += len(hashed)
         inflight.append((slot, wrote, hashed))
         return wrote
+
+
+class _FileChunks:
+    """The chunk digests of one file being written, filled in by the hash threads in any order."""
+
+    __slots__ = ("algo", "digests", "next")
+
+    def __init__(self, algo: str) -> None:
+        self.algo = algo
+        self.digests: dict[int, bytes] = {}
+        self.next = 0  # index of the next chunk to schedule
+
+    def hash(self, index: int, view: memoryview) -> None:
+        self.digests[index] = hash_chunk(self.algo, view)
+
+    def table(self, size: int, chunk_size: int) -> ChunkedHash:
+        return ChunkedHash(self.algo, size, chunk_size, tuple(self.digests[i] for i in range(self.next)))
 
 
 def _write_split(writer: _durable.FileWriter, view: memoryview) -> None:

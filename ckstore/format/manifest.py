@@ -17,7 +17,14 @@ Example (abridged)::
      "metrics": {"val_loss": 0.31}, "retention": {"metric": "val_loss", "mode": "min"},
      "state": {"model": {"$ck": "stateful", "class": "Linear", "state": {...}}}, "step": 120}
 
-Readers refuse a ``format_version`` they do not know instead of guessing.
+Format 2 (written since 2026-12) adds to every file entry a ``chunk_size``
+and the list of its ``chunks``' hashes, and its ``hash`` is the root over
+them (see ``format.chunks``)::
+
+    {"chunk_size": 1048576, "chunks": ["5e...", "a0..."], "hash": "blake3:<root>", "size": 1500000}
+
+Format 1 (one hash of the whole file's bytes, no chunk fields) is still read
+and verified. Readers refuse a ``format_version`` they do not know instead of guessing.
 """
 
 from __future__ import annotations
@@ -31,12 +38,16 @@ from typing import Any
 
 from ..errors import IntegrityError, InvalidArgumentError, ManifestError
 from .canonical import canonical_json, refuse_constant, with_checksum
+from .chunks import ChunkedHash, parse_chunks
 from .hashing import HashInfo, hash_bytes
 from .skeleton import check_skeleton, tensor_refs
 from .text import has_unsafe_chars
 
 FORMAT = "ckstore.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Every version this reader accepts; each has its own file entry fields.
+READ_VERSIONS = (1, 2)
+_ENTRY_KEYS = {1: {"hash", "size"}, 2: {"chunk_size", "chunks", "hash", "size"}}
 MANIFEST_NAME = "manifest.json"
 #: A manifest larger than this is refused before it is read. What ckstore writes is far smaller:
 #: a model of 10,000 parameter tensors with Adam's state (30,000 tensors) has a 4.3 MB manifest,
@@ -56,8 +67,21 @@ _KEYS = {"checksum", "created", "files", "format", "format_version", "metrics", 
 
 @dataclass(frozen=True)
 class FileEntry:
+    """One file: its size and hash (format 2: the root over ``chunks``, whose table is then given)."""
+
     size: int
     hash: HashInfo
+    chunks: ChunkedHash | None = None
+
+    @property
+    def expected(self) -> HashInfo | ChunkedHash:
+        """What a reader checks the file against: the chunk table where there is one, else the whole-file hash."""
+        return self.chunks if self.chunks is not None else self.hash
+
+    def _json(self) -> dict[str, Any]:
+        if self.chunks is None:
+            return {"hash": str(self.hash), "size": self.size}
+        return {"chunk_size": self.chunks.chunk_size, "chunks": [d.hex() for d in self.chunks.digests], "hash": str(self.hash), "size": self.size}
 
 
 @dataclass(frozen=True)
@@ -68,6 +92,7 @@ class Manifest:
     state: Any = None
     metrics: Mapping[str, float] = field(default_factory=dict)
     retention: Mapping[str, str] | None = None  # {"metric": ..., "mode": ...} the writer used
+    format_version: int = FORMAT_VERSION
 
     @property
     def nbytes(self) -> int:
@@ -76,9 +101,9 @@ class Manifest:
     def _body(self) -> dict[str, Any]:
         return {
             "created": self.created,
-            "files": {name: {"hash": str(e.hash), "size": e.size} for name, e in self.files.items()},
+            "files": {name: e._json() for name, e in self.files.items()},
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": self.format_version,
             "metrics": dict(self.metrics),
             "retention": dict(self.retention) if self.retention is not None else None,
             "state": self.state,
@@ -86,6 +111,11 @@ class Manifest:
         }
 
     def to_json(self) -> bytes:
+        # A format-2 manifest lists a chunk table for every file, a format-1 one for none: never a mix,
+        # which the parser would refuse (an incremental save links only files hashed the same way).
+        chunked = {e.chunks is not None for e in self.files.values()}
+        if self.format_version not in READ_VERSIONS or chunked - {self.format_version == 2}:
+            raise ManifestError(f"format_version {self.format_version} manifest with {'chunked' if True in chunked else 'unchunked'} file entries")
         body = self._body()
         return with_checksum(body)
 
@@ -112,8 +142,8 @@ def parse_manifest(data: bytes, *, path: str = MANIFEST_NAME) -> Manifest:
     version = raw.get("format_version")
     if type(version) is not int:
         raise bad("format_version missing or not an integer")
-    if version != FORMAT_VERSION:
-        raise bad(f"unsupported format_version {version}; this ckstore reads version {FORMAT_VERSION}")
+    if version not in READ_VERSIONS:
+        raise bad(f"unsupported format_version {version}; this ckstore reads versions {', '.join(map(str, READ_VERSIONS))}")
     unknown = set(raw) - _KEYS
     if unknown:
         raise bad(f"unknown fields {sorted(unknown)[:5]}")
@@ -166,15 +196,17 @@ def parse_manifest(data: bytes, *, path: str = MANIFEST_NAME) -> Manifest:
     files: dict[str, FileEntry] = {}
     for name, entry in files_raw.items():
         check_file_name(name, path)
-        if not isinstance(entry, dict) or set(entry) != {"hash", "size"}:
-            raise bad(f"file {name!r}: entry must have exactly 'hash' and 'size'")
+        if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS[version]:
+            raise bad(f"file {name!r}: a format {version} entry must have exactly {', '.join(map(repr, sorted(_ENTRY_KEYS[version])))}")
         size = entry["size"]
         if type(size) is not int or size < 0:
             raise bad(f"file {name!r}: size must be a non-negative integer")
         try:
-            files[name] = FileEntry(size, HashInfo.parse(entry["hash"]))
+            digest = HashInfo.parse(entry["hash"])
         except ManifestError as exc:
             raise bad(f"file {name!r}: {exc}") from None
+        table = parse_chunks(entry, name=name, path=path, algo=digest.algo, size=size, root=digest) if version == 2 else None
+        files[name] = FileEntry(size, digest, table)
 
     # The whole skeleton, once per parsed manifest: load() and verify() then agree on it.
     check_skeleton(raw["state"], path=path)
@@ -189,6 +221,7 @@ def parse_manifest(data: bytes, *, path: str = MANIFEST_NAME) -> Manifest:
         state=raw["state"],
         metrics=dict(metrics),
         retention=retention,
+        format_version=version,
     )
 
 

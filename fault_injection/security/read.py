@@ -210,7 +210,17 @@ def sparse_tensor_file(ctx: Ctx) -> list[str]:
     with open(path, "wb") as fh:
         fh.write(len(header).to_bytes(8, "little") + header)
         fh.truncate(8 + len(header) + (8 << 30))
-    _resign(directory, lambda body: body["files"]["w.safetensors"].__setitem__("size", os.path.getsize(path)))
+    def claim_size(entry: dict, size: int) -> None:
+        """Set the size; in format 2 also a chunk table of the matching length, each chunk the old first one's hash (the lie)."""
+        entry["size"] = size
+        if "chunks" in entry:
+            from ckstore.format.chunks import ChunkedHash, chunk_count
+
+            entry["chunks"] = [entry["chunks"][0]] * chunk_count(size, entry["chunk_size"])
+            digests = tuple(bytes.fromhex(c) for c in entry["chunks"])
+            entry["hash"] = str(ChunkedHash(entry["hash"].split(":")[0], size, entry["chunk_size"], digests).root)
+
+    _resign(directory, lambda body: claim_size(body["files"]["w.safetensors"], os.path.getsize(path)))
     findings = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from ...errors import CkstoreError, DvcError, IntegrityError, ManifestError
+from ...format.chunks import ChunkedHash, ChunkStreamHasher
 from ...format.hashing import HashInfo, new_hasher
 from ...format.manifest import MAX_MANIFEST_BYTES
 from ...storage import durable as _durable
@@ -64,13 +65,20 @@ def _dvc_call(what: str, fn: Callable[[], Any]) -> Any:
         raise DvcError(f"dvc {what} failed: {type(exc).__name__}: {exc}") from exc
 
 
-def _hash_file(path: str, *, copy_to: str | None, expected: HashInfo | None, md5: str | None = None, site: str) -> tuple[int, str]:
+def _hash_file(
+    path: str, *, copy_to: str | None, expected: HashInfo | ChunkedHash | None, md5: str | None = None, site: str
+) -> tuple[int, str]:
     """Stream ``path`` once: hash it (manifest algorithm and md5), optionally copying it to ``copy_to`` (fsynced).
 
     Raises IntegrityError naming ``path`` (or ``md5``'s object) on any mismatch.
     Returns ``(size, md5 hex)``.
     """
-    hasher = new_hasher(expected.algo) if expected is not None else None
+    # A format-2 file is checked against its root, recomputed from its chunks as the bytes stream by.
+    if isinstance(expected, ChunkedHash):
+        hasher: Any = ChunkStreamHasher(expected.algo, expected.chunk_size)
+        expected = expected.root
+    else:
+        hasher = new_hasher(expected.algo) if expected is not None else None
     md5_hasher = hashlib.md5(usedforsecurity=False)
     try:
         # The store's one no-follow open: never a symlink, never blocked by a FIFO planted where a file belongs.

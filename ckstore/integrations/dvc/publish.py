@@ -379,7 +379,7 @@ def _materialize(job: PublishJob, tmp: str) -> Manifest:
             linked = True
         except OSError:
             linked = False
-        size, _ = _hash_file(src, copy_to=None if linked else dst, expected=entry.hash if entry else None, site="publish_copy")
+        size, _ = _hash_file(src, copy_to=None if linked else dst, expected=entry.expected if entry else None, site="publish_copy")
         if entry is not None and size != entry.size:
             raise IntegrityError(f"{src}: size {size} bytes, manifest says {entry.size}", path=src, expected=entry.size, actual=size)
     # The weights at a stable path (<dest>/<name>/model.safetensors), and weights-only publishing.

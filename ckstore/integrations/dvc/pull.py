@@ -47,6 +47,7 @@ from .publish import (
 from .files import DIR_OBJECT_CAP, check_real_dirs, parse_dir_object, parse_dvc_file, read_capped, read_dvc_file, show
 from .revision import dvc_file_at, set_dvc_file
 from ...errors import DvcError, IntegrityError, InvalidArgumentError, StoreLockedError
+from ...format.chunks import ChunkedHash
 from ...format.hashing import HashInfo
 from ...storage.lock import WriterLock
 from ...format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, parse_manifest
@@ -310,7 +311,7 @@ def _install(cache: _Cache, entries: dict[str, str], step_name: str, tmp: str, a
         _durable.make_dir(path, site="pull_install")
     final_dir = os.path.join(alias, CHECKPOINTS_DIR, step_name)
 
-    def copy(name: str, expected: HashInfo | None) -> int:
+    def copy(name: str, expected: HashInfo | ChunkedHash | None) -> int:
         md5 = entries[prefix + name]
         source = cache.path(md5)
         try:
@@ -336,7 +337,7 @@ def _install(cache: _Cache, entries: dict[str, str], step_name: str, tmp: str, a
             path=final_dir, expected=sorted(listed), actual=sorted(entries),
         )
     for name, entry in manifest.files.items():
-        size = copy(name, entry.hash)
+        size = copy(name, entry.expected)
         if size != entry.size:
             path = os.path.join(final_dir, name)
             raise IntegrityError(f"{path}: size {size}, manifest says {entry.size}", path=path, expected=entry.size, actual=size)

@@ -41,6 +41,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ...errors import InvalidArgumentError, ManifestError
+from ...format.chunks import DEFAULT_CHUNK_SIZE, ChunkedHash, ChunkStreamHasher
 from ...format.hashing import HashInfo, new_hasher
 from ...format.manifest import MANIFEST_NAME, FileEntry, Manifest, parse_manifest
 from ...format.skeleton import MARK
@@ -123,10 +124,20 @@ def rewrite(tmp: str, step_dir: str, manifest: Manifest, *, weights_only: bool) 
         raise ManifestError(f"checkpoint {manifest.step}: {WEIGHTS_FILE} also holds tensors outside {WEIGHTS_KEY!r}; cannot rewrite it")
     algo = manifest.files[next(iter(sources))[0]].hash.algo
     staged = os.path.join(tmp, WEIGHTS_FILE)
-    size, digest = _write(staged, step_dir, sources, algo)
+    # The rewritten manifest keeps the checkpoint's format: the files it keeps carry their entries as they are.
+    chunked = manifest.format_version == 2
+    size, digest, table = _write(staged, step_dir, sources, algo, chunked=chunked)
     files = {name: entry for name, entry in manifest.files.items() if name in others}
-    files[WEIGHTS_FILE] = FileEntry(size=size, hash=HashInfo(algo, digest))
-    new = Manifest(step=manifest.step, created=manifest.created, files=files, state=state, metrics=manifest.metrics, retention=manifest.retention)
+    files[WEIGHTS_FILE] = FileEntry(size=size, hash=HashInfo(algo, digest), chunks=table)
+    new = Manifest(
+        step=manifest.step,
+        created=manifest.created,
+        files=files,
+        state=state,
+        metrics=manifest.metrics,
+        retention=manifest.retention,
+        format_version=manifest.format_version,
+    )
     data = new.to_json()
     parse_manifest(data)  # the rewritten skeleton passes the reader's checks, or nothing is published
     # Hard links to the source store's files: unlinked, never written (the store's copies stay as they are).
@@ -140,8 +151,10 @@ def rewrite(tmp: str, step_dir: str, manifest: Manifest, *, weights_only: bool) 
     return new
 
 
-def _write(path: str, step_dir: str, sources: dict[tuple[str, str], str], algo: str) -> tuple[int, str]:
-    """Write the safetensors file ``path`` from byte ranges of the checkpoint's files; its size and hex digest."""
+def _write(
+    path: str, step_dir: str, sources: dict[tuple[str, str], str], algo: str, *, chunked: bool
+) -> tuple[int, str, ChunkedHash | None]:
+    """Write the safetensors file ``path`` from byte ranges of the checkpoint's files; its size, hex digest and (format 2) chunk table."""
     from ...format.safetensors import parse_header
 
     headers: dict[str, tuple[dict[str, Any], int, Any]] = {}
@@ -160,7 +173,7 @@ def _write(path: str, step_dir: str, sources: dict[tuple[str, str], str], algo: 
         offset += length
     header = json.dumps(layout, separators=(",", ":")).encode("utf-8")
     header += b" " * (-len(header) % 8)  # safetensors pads its header to 8 bytes
-    hasher = new_hasher(algo)
+    hasher: Any = ChunkStreamHasher(algo, DEFAULT_CHUNK_SIZE) if chunked else new_hasher(algo)
     with _durable.create(path, site="publish_weights") as out:
         for piece in (struct.pack("<Q", len(header)), header):
             out.write(piece)
@@ -180,7 +193,7 @@ def _write(path: str, step_dir: str, sources: dict[tuple[str, str], str], algo: 
                     left -= len(chunk)
         out.sync()
         size = out.offset
-    return size, hasher.hexdigest()
+    return size, hasher.hexdigest(), hasher.table() if chunked else None
 
 
 def _read_header(path: str, parse_header: Any) -> tuple[dict[str, Any], int, Any]:
