@@ -219,12 +219,12 @@ MUTANTS: tuple[Mutant, ...] = (
             Edit(_D, '_emit("fsync", "before", self.path, info)', "replace", ("pass  # mutant",)),
             Edit(
                 _D,
-                "self._fsync(self._fd)",
+                "(self._fsync or os.fsync)(self._fd)",
                 "replace",
                 (
                     "try:",
                     '    _emit("fsync", "before", self.path, info)',
-                    "    self._fsync(self._fd)",
+                    "    (self._fsync or os.fsync)(self._fd)",
                     "except OSError:",
                     "    pass  # mutant: the fsync result is ignored",
                 ),
@@ -245,7 +245,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "dir_fsync_eio_swallowed",
         "errors",
         "EIO from a directory fsync is swallowed",
-        (Edit(_D, "fsync(fd)", "replace", ("try:", "    fsync(fd)", "except OSError:", "    pass  # mutant: EIO swallowed")),),
+        (Edit(_D, "(fsync or os.fsync)(fd)", "replace", ("try:", "    (fsync or os.fsync)(fd)", "except OSError:", "    pass  # mutant: EIO swallowed")),),
         ("next_save",),
         first=('fsyncgate',),
     ),
