@@ -155,6 +155,48 @@ def test_each_published_name_is_a_dvc_artifact_that_dvc_artifacts_get_fetches_by
         assert tree(out / sub) == before
 
 
+#: A publish SIGKILLed while it replaces ``dvc.yaml`` (the temp file is written and synced, not yet renamed).
+KILL_AT_DVC_YAML = """
+import os, signal, sys
+import ckstore
+from ckstore.storage import durable
+
+def hook(op, phase, path, info):
+    if op == "rename" and phase == "before" and info.get("site") == "publish_dvc_yaml":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+durable.set_hook(hook)
+with ckstore.Store(sys.argv[1]) as store:
+    store.publish(int(sys.argv[3]), name="best", repo=sys.argv[2], wait=True)
+"""
+
+
+@pytest.mark.guarantee("G19")
+@pytest.mark.parametrize("finish", ["recover", "publish"])
+def test_a_publish_killed_while_replacing_dvc_yaml_leaves_no_temp_file_after_recovery(tmp_path, env, finish):
+    """The killed publish leaves ``.dvc.yaml.tmp-<hex>``: an untracked file in the user's git work tree
+    until publish recovery (``--recover`` or the next publish) removes it, as it does the other temp files."""
+    import signal
+    import sys
+
+    repo, _ = make_repo(tmp_path, env)
+    with ckstore.Store(tmp_path / "run", metric="val_loss") as store:
+        train(store, steps=(10,), losses=(0.5,))
+    proc = run([sys.executable, "-c", KILL_AT_DVC_YAML, str(tmp_path / "run"), str(repo), "10"], tmp_path, env, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    assert [n for n in os.listdir(repo) if n.startswith(".dvc.yaml.tmp-")], "the kill did not land inside the dvc.yaml replace"
+    if finish == "recover":
+        out = ck_here("publish", str(tmp_path / "run"), "--recover", "--repo", str(repo), "--json", cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        assert [r["step"] for r in json.loads(out.stdout)["recovered"]] == [10]
+    else:
+        with ckstore.Store(tmp_path / "run") as store:
+            assert store.publish(10, name="best", repo=repo, wait=True).result().step == 10
+    assert [n for n in os.listdir(repo) if ".tmp-" in n] == []
+    assert git("status", "--porcelain", "--untracked-files=all", cwd=repo, env=env).strip() == ""
+    assert "Ckstore-Step: 10" in git("log", "-1", "--format=%B", "--", "dvc.yaml", cwd=repo, env=env)
+
+
 # ---------------------------------------------------------------- pull --rev
 
 

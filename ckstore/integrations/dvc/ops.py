@@ -149,3 +149,18 @@ def _remove(path: str, *, site: str) -> None:
         _durable.remove_tree(path, site=site)
     elif os.path.lexists(path):
         _durable.unlink(path, site=site)
+
+
+def _sweep_atomic_temps(directory: str, names: tuple[str, ...], *, site: str) -> None:
+    """Remove what a killed atomic replace of ``names`` in ``directory`` left (``.<name>.tmp-<hex>``).
+
+    A publish killed between writing such a temp file and renaming it over the target
+    leaves an untracked file in the user's git work tree (``git status`` is no longer
+    clean); only the caller's files are matched, so nothing of the user's is touched.
+    Runs under the repository lock: no live publish is writing one of these.
+    """
+    prefixes = tuple(f".{name}.tmp-" for name in names)
+    for leftover in os.listdir(directory):
+        if leftover.startswith(prefixes) and _durable.is_temp_name(leftover):
+            with contextlib.suppress(FileNotFoundError):
+                _durable.unlink(os.path.join(directory, leftover), site=site)

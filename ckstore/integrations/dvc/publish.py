@@ -89,7 +89,7 @@ import filelock
 
 from ...storage import durable as _durable
 from .files import has_control, read_capped, read_dvc_file
-from .ops import _dvc_call, _dvc_repo, _hash_file, _import_dvc, _make_dirs, _read_small, _remove
+from .ops import _dvc_call, _dvc_repo, _hash_file, _import_dvc, _make_dirs, _read_small, _remove, _sweep_atomic_temps
 from . import artifacts as _artifacts
 from . import weights as _weights
 from .git import DEFAULT_DEST, _git, _one_line, _tag, version_tag_prefix
@@ -331,6 +331,8 @@ def _recover_locked(repo: str) -> list[PublishResult]:
     # Every journal is checked before any is acted on: one crafted journal stops recovery
     # before it touches anything (its paths are never used; see _dvc_journal).
     entries = [load_journal(repo, path) for path in journal_files(_journal_dir(repo))]
+    # The temp files of a killed atomic replace of the repository files a publish edits (untracked in git).
+    _sweep_atomic_temps(repo, (".dvcignore", _artifacts.PROJECT_FILE), site="publish_rollback")
     for entry in entries:
         job, stage, journal = entry.job, entry.stage, entry.path
         if stage == "materialize":
@@ -464,11 +466,7 @@ def _check_plain_file(path: str) -> None:
 
 def _ensure_dvcignore(repo: str) -> bool:
     """Add ckstore's patterns to ``.dvcignore``; True when the file changed."""
-    path = os.path.join(repo, ".dvcignore")
-    for leftover in os.listdir(repo):
-        # A publish killed mid-update leaves the atomic replace's temp file: an untracked file in git.
-        if leftover.startswith("..dvcignore") and _durable.is_temp_name(leftover):
-            _durable.unlink(os.path.join(repo, leftover), site="publish_dvcignore")
+    path = os.path.join(repo, ".dvcignore")  # a killed update's temp file: swept by _recover_locked
     _check_plain_file(path)
     try:
         text = read_capped(path, 1 << 20, what=".dvcignore").decode("utf-8", errors="replace")
