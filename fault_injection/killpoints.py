@@ -128,7 +128,9 @@ def run_boundaries(workload: Workload, workdir: str, *, stride: int = 1, stop_on
         if stride > 1 and n % stride and n <= len(events):
             continue
         root = fresh_copy(template, workdir, "cycle")
-        result = _child.fork_workload(workload, root, kill_at=n)
+        # n == len+1 is the run that must finish: never killed (kill_at=0). A racing workload may take
+        # more operations than its dry run, and a kill at "len+1" then failed it ("failed without a kill: 9").
+        result = _child.fork_workload(workload, root, kill_at=n if n <= len(events) else 0)
         row.cycles += 1
         where = result.killed_at or (events[n - 1] if n <= len(events) else "after the last operation")
         if result.killed_at and n <= len(events) and result.killed_at != events[n - 1]:

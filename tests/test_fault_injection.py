@@ -140,6 +140,30 @@ def test_workloads_run_to_completion(tmp_path: Path, name: str) -> None:
         os.environ.update(saved)
 
 
+def test_the_unkilled_kill_tier_run_is_never_killed_when_a_race_adds_operations(tmp_path: Path) -> None:
+    """A racing workload (``tags_race``: the tag wins or loses against the background commit) may take more
+    durable operations than its dry run. The last cycle of the kill tier is the run that must finish
+    un-killed; killing it at "dry-run count + 1" failed such a run ("workload failed without a kill: 9")."""
+    from fault_injection.killpoints import run_boundaries
+    from fault_injection.workloads import Workload, _save
+
+    runs = tmp_path / "runs"
+
+    def run(root: str, ack, scale: int) -> None:
+        earlier = runs.read_text() if runs.exists() else ""
+        runs.write_text(earlier + "x")
+        with ckstore.Store(root) as store:
+            _save(store, 1, scale, ack)
+            if earlier:  # every run after the dry run: one more save, as a lost race can add one
+                _save(store, 2, scale, ack)
+
+    racing = Workload("more_ops_than_the_dry_run", run, scale=4)
+    # A stride past the event count: only the final, un-killed cycle runs.
+    row = run_boundaries(racing, str(tmp_path / "work"), stride=10_000)
+    assert row.cycles == 1 and row.violations == 0, row.examples
+    assert runs.read_text() == "xx"
+
+
 def test_recorder_follows_a_renamed_file_by_descriptor(tmp_path: Path) -> None:
     """A writer that fsyncs after its directory was renamed fsyncs the same inode (this raised KeyError)."""
     from ckstore.storage import durable as _durable
