@@ -16,7 +16,9 @@ over to DVC.
     ``add`` the swap is done; that is acknowledged (``swapped``).
     Checked: after ``_dvc.recover`` (stopped where it would call DVC),
     ``models/best`` is a whole checkpoint that verifies and loads to the saved
-    state: step 1 or step 2, and step 2 once ``swapped`` was acknowledged
+    state, with the stable path ``model.safetensors`` (here a copy, not a
+    link) equal to its merged weights file:
+    step 1 or step 2, and step 2 once ``swapped`` was acknowledged
     (recovery trusts a journal past ``swap`` and drops the publish if the
     directory it names is gone); no temporary directory is left (a leftover
     ``.ckstore-old-`` directory is garbage, not checked here).
@@ -77,6 +79,27 @@ def _whole(alias: str, steps: tuple[int, ...], scale: int) -> list[str]:
                 return [f"published step {have[0]} loads with content that differs from what was saved"]
     except ckstore.CkstoreError as exc:
         return [f"published directory does not open/load: {type(exc).__name__}: {str(exc)[:160]}"]
+    return _stable_weights(alias, have[0])
+
+
+def _stable_weights(alias: str, step: int) -> list[str]:
+    """The stable path ``<alias>/model.safetensors`` holds the verified checkpoint's merged weights, byte for byte.
+
+    Verification reads only ``checkpoints/step-<N>/``; where hard links fail the stable
+    file is a separate copy (the staged merge), which nothing else would read back.
+    """
+    from ckstore.integrations.dvc.weights import WEIGHTS_FILE
+    from ckstore.storage.layout import CHECKPOINTS_DIR, step_dir_name
+
+    stable = os.path.join(alias, WEIGHTS_FILE)
+    verified = os.path.join(alias, CHECKPOINTS_DIR, step_dir_name(step), WEIGHTS_FILE)
+    if not os.path.isfile(verified):
+        return [f"published step {step} has no merged {WEIGHTS_FILE} (the state has a 'model' entry)"]
+    if not os.path.isfile(stable):
+        return [f"the stable path {WEIGHTS_FILE} is missing from the published directory"]
+    with open(stable, "rb") as fh, open(verified, "rb") as gh:
+        if fh.read() != gh.read():
+            return [f"the stable path {WEIGHTS_FILE} differs from the verified checkpoint's weights"]
     return []
 
 

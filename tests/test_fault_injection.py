@@ -112,6 +112,30 @@ def test_a_missing_directory_fsync_is_caught(tmp_path: Path, site: str) -> None:
     assert result.get("caught_by") == "model", (result, proc.stderr[-2000:])
 
 
+@pytest.mark.guarantee("G19")
+def test_a_missing_fsync_of_the_published_stable_weights_file_is_caught(tmp_path: Path) -> None:
+    """The merged ``model.safetensors`` a publish writes at the stable path (``weights._write``): where hard
+    links fail (``publish_swap`` copies every file) it is not the file verification reads, so only the
+    crash model's check of the stable path can see its lost fsync."""
+    package = os.path.dirname(ckstore.__file__)
+    mutants = [m for m in mutation.find_mutants(package) if m.file == "integrations/dvc/weights.py" and m.function == "_write"]
+    assert len(mutants) == 1, mutants
+    target = mutation.make_mutant(package, mutants[0], str(tmp_path / "mutant"))
+    work = tempfile.mkdtemp(prefix="ckstore-fi-test-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fault_injection", "mutant-check", "--workdir", work, "--power-cycles", "0"],
+        cwd=tmp_path,
+        env=_env(PYTHONPATH=os.pathsep.join([target, str(REPO)])),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    shutil.rmtree(work, ignore_errors=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result.get("caught_by") == "model", (result, proc.stderr[-2000:])
+    assert "stable path" in result["example"], result
+
+
 #: publish_loop (a publish from the loop while the best moves) runs DVC four times: the ci profile runs it.
 CONTINUATION = {"publish_loop"}
 
