@@ -241,10 +241,14 @@ def test_a_mutant_whose_anchor_is_gone_fails_loudly(tmp_path: Path) -> None:
     [
         pytest.param("keep_last_too_many", marks=pytest.mark.guarantee("G9")),
         pytest.param("incremental_skips_dir_fsync", marks=pytest.mark.guarantee("G1")),
+        # Its edits name the save's request inside Store._persist: after a move of that code they raised
+        # NameError in the mutant (a harness error, not a catch) although the anchors still matched.
+        pytest.param("tags_before_commit", marks=pytest.mark.guarantee("G10")),
     ],
 )
 def test_realistic_mutants_are_caught(tmp_path: Path, name: str) -> None:
-    """A retention leak (upper bound) and a skipped directory fsync when every file is hard-linked (crash model)."""
+    """A retention leak (upper bound), a skipped directory fsync when every file is hard-linked (crash model),
+    and tags written before their checkpoint commits (a kill between them leaves a tag on nothing)."""
     from fault_injection import mutants
 
     mutant = mutants.by_name(name)
@@ -264,7 +268,7 @@ def test_realistic_mutants_are_caught(tmp_path: Path, name: str) -> None:
     results = json.loads(proc.stdout.strip().splitlines()[-1])["results"]
     caught = {tier: r["invariant"] for tier, r in results.items() if r["caught"]}
     assert caught, (results, proc.stderr[-2000:])
-    assert set(caught.values()) <= {"no-retention-leak", "visible-verifies", "writable-save-keeps-committed"}, caught
+    assert set(caught.values()) <= {"no-retention-leak", "visible-verifies", "writable-save-keeps-committed", "tags-as-acked"}, caught
 
 
 @pytest.mark.guarantee("G1")
