@@ -269,7 +269,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "background",
         "a background save's failure is reported as success",
         (
-            Edit(_A, "self._unseen = handle", "replace", ("pass  # mutant",)),
+            Edit(_A, "self._unseen.add(handle)", "replace", ("pass  # mutant",)),
             Edit(_A, "handle._future.set_exception(exc)", "replace", ("handle._future.set_result(None)  # mutant: the failure is lost",)),
         ),
         ("async_save", "async_retention"),

@@ -413,6 +413,8 @@ INTEGRATION_INTERNALS = {
     "ckstore.format.chunks": "a format-2 file's chunk table and root, computed while streaming it to or from DVC or writing the weights file",
     "ckstore.format.skeleton": "publish rewrites the manifest's tensor references to the stable weights file (its tag key)",
     "ckstore.format.safetensors": "publish copies tensors byte for byte into the stable weights file through the checked header parser",
+    "ckstore.engine.worker": "the one background-worker primitive (ordered thread, unseen failures, exit and fork "
+                             "handling) the publish thread shares with saves",
     "ckstore.store": "type hints only (TYPE_CHECKING): functions take a Store",
 }
 

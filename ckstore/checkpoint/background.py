@@ -8,8 +8,9 @@
 2. encodes the state and copies every tensor into a ``HostCopy`` (``ckstore.engine.host_copy``), one
    block of host memory allocated on first use and reused by every later save
    (pinned when tensors live on a GPU, so the device-to-host copy is a DMA);
-3. starts a daemon thread that runs the ordinary commit protocol (write,
-   fsync, rename, directory fsync, tags, retention) on the host copy.
+3. hands the ordinary commit protocol (write,
+   fsync, rename, directory fsync, tags, retention) on the host copy to the
+   saver's daemon thread (a ``ckstore.engine.worker.SerialWorker``).
 
 Because the copy is complete when ``save`` returns, the caller may modify its
 tensors at once: the checkpoint holds the values at the moment of the call.
@@ -35,7 +36,8 @@ Fork: a child made with ``os.fork()`` while a save is in flight gets a copy of
 the saver but not its thread, so the save would never finish there, and the
 exit handler would wait for it forever. An ``os.register_at_fork`` handler
 gives every saver in the child a clean slate (no save in flight, no failure
-to report, fresh locks): the save belongs to the parent, which finishes and
+to report, fresh locks; ``ckstore.engine.worker`` does the same for its
+thread and its failure record): the save belongs to the parent, which finishes and
 reports it. The child may open stores and save on its own.
 """
 
@@ -51,6 +53,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+from ..engine.worker import SerialWorker, UnseenFailures
 from ..errors import AsyncSaveError, CkstoreError, CommittedWithErrorsError
 
 
@@ -110,17 +113,19 @@ class BackgroundSaver:
         #: write path polls it (see :meth:`check_abandoned`).
         self.abandoning = threading.Event()
         self._current: AsyncSave | None = None
-        self._unseen: AsyncSave | None = None
-        self._lock = threading.Lock()
+        #: At most one entry: a save starts only after raise_unseen() found none.
+        self._unseen: UnseenFailures[AsyncSave] = UnseenFailures()
+        # Stops when idle: no thread outlives its save. A daemon, so an abandoned save
+        # (wait_at_exit=False) never holds the interpreter's exit.
+        self._worker = SerialWorker("ckstore-save", daemon=True, stop_when_idle=True)
         _savers.add(self)
 
     def _after_fork_in_child(self) -> None:
         # The parent's save runs in a thread the child does not have: it is the parent's to
         # finish and report. Waiting on it here would hang the child (at exit, forever).
+        # (Its worker and failure record reset themselves: ckstore.engine.worker.)
         self.abandoning = threading.Event()
         self._current = None
-        self._unseen = None
-        self._lock = threading.Lock()
 
     @property
     def in_flight(self) -> AsyncSave | None:
@@ -151,19 +156,16 @@ class BackgroundSaver:
 
     def raise_unseen(self) -> None:
         """Raise AsyncSaveError for a failed save nobody has seen yet (once)."""
-        with self._lock:
-            failed, self._unseen = self._unseen, None
+        failed = self._unseen.pop()
         if failed is not None:
             exc = failed._future.exception()
             raise _reported(failed.step, exc) from exc
 
     def mark_seen(self, handle: AsyncSave) -> None:
-        with self._lock:
-            if self._unseen is handle:
-                self._unseen = None
+        self._unseen.seen(handle)
 
     def start(self, handle: AsyncSave, work: Callable[[], Any]) -> None:
-        """Run ``work`` in a daemon thread; its result or exception lands on ``handle``."""
+        """Run ``work`` on the saver's daemon thread; its result or exception lands on ``handle``."""
         started = time.perf_counter()
 
         def run() -> None:
@@ -171,8 +173,7 @@ class BackgroundSaver:
                 result = work()
             except BaseException as exc:
                 handle.write_s = time.perf_counter() - started
-                with self._lock:
-                    self._unseen = handle
+                self._unseen.add(handle)
                 handle._future.set_exception(exc)
             else:
                 handle.write_s = time.perf_counter() - started
@@ -180,7 +181,7 @@ class BackgroundSaver:
 
         handle._future.set_running_or_notify_cancel()
         self._current = handle
-        threading.Thread(target=run, name=f"ckstore-save-{handle.step}", daemon=True).start()
+        self._worker.submit(run)
 
 
 class _suppress_all:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import mmap
-import queue
-import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
@@ -28,6 +26,7 @@ from ..format.hashing import HashInfo
 from ..format.safetensors import DTYPE_NAMES, build_header, tensor_bytes
 from ..storage import durable as _durable
 from .hashpool import HashPool
+from .worker import SerialWorker
 
 #: Finished files are fsynced in batches of this many: on ext4 every fsync of a
 #: freshly written file commits the journal, which stalls the O_DIRECT writes of
@@ -106,43 +105,6 @@ def _file_pieces(entries: Sequence[tuple[str, torch.Tensor]]) -> Iterator[bytes 
             yield tensor
 
 
-class _Worker:
-    """One daemon thread running submitted calls in order.
-
-    Not a ThreadPoolExecutor: those refuse work once interpreter shutdown
-    begins, which is exactly when the exit handler must let a background
-    save finish.
-    """
-
-    def __init__(self, name: str) -> None:
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
-        future: Future = Future()
-        self._queue.put((future, fn, args))
-        return future
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            future, fn, args = item
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn(*args))
-            except BaseException as exc:
-                future.set_exception(exc)
-
-    def shutdown(self) -> None:
-        self._queue.put(None)
-        if self._thread is not threading.current_thread():
-            self._thread.join()
-
-
 class WritePipeline:
     """Streams tensor files to disk through reused aligned buffers: copy, then write and hash in parallel, then fsync.
 
@@ -170,9 +132,9 @@ class WritePipeline:
         self.depth = depth
         self.direct = direct
         self._slots: list[_Slot] = []
-        self._write = _Worker("ckstore-write")
+        self._write = SerialWorker("ckstore-write")
         self._hash = HashPool(name="ckstore-hash")
-        self._sync = _Worker("ckstore-sync")
+        self._sync = SerialWorker("ckstore-sync")
 
     def close(self) -> None:
         for worker in (self._write, self._hash, self._sync):

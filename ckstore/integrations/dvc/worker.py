@@ -18,11 +18,14 @@ moves, so publishes of one name pile up while DVC works. Rules:
 * **Failures** are raised by :meth:`Publication.result`, by the next
   ``publish`` on that store, by ``wait``/``close``, and printed at exit when
   nobody collected them.
-* **Exit.** The thread is not a daemon; at interpreter exit queued publishes
-  finish before ``concurrent.futures`` closes its door (DVC's push needs it).
+* **Exit.** The thread (a ``ckstore.engine.worker.SerialWorker``) is not a
+  daemon; at interpreter exit queued publishes finish before
+  ``concurrent.futures`` closes its door (DVC's push needs it; see
+  ``ckstore.engine.worker.before_thread_shutdown``).
 * **Fork.** A child made with ``os.fork()`` while a publish is in flight gets a
   copy of the queue but not the thread: an ``os.register_at_fork`` handler
-  empties every publisher in the child, so its exit waits for nothing. The
+  empties every publisher in the child (``ckstore.engine.worker`` resets the
+  thread and the failure record), so its exit waits for nothing. The
   publish belongs to the parent, which finishes and reports it.
 """
 
@@ -38,6 +41,7 @@ import weakref
 from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
+from ...engine.worker import SerialWorker, UnseenFailures, before_thread_shutdown
 from .ops import _check_installed
 from .publish import (
     DEFAULT_DEST,
@@ -117,15 +121,18 @@ class _Publisher:
 
     def __init__(self, store: Store) -> None:
         self._store = weakref.ref(store)
+        # Not a daemon: a script that ends right after publish() still finishes publishing.
+        # Stops when idle, so a store with nothing queued never holds the interpreter's exit.
+        self._worker = SerialWorker("ckstore-publish", daemon=False, stop_when_idle=True)
+        self._unreported: UnseenFailures[Future[PublishResult]] = UnseenFailures()
         self._reset()
         _all_publishers.add(self)
 
     def _reset(self) -> None:
         self._lock = threading.Lock()
         self._queue: list[tuple[PublishJob, Future[PublishResult]]] = []
-        self._thread: threading.Thread | None = None
+        self._working = False  # a _work loop is queued or running on self._worker
         self._futures: list[Future[PublishResult]] = []
-        self._unreported: list[Future[PublishResult]] = []
         self._running: PublishJob | None = None
 
     def submit(self, job: PublishJob) -> Future[PublishResult]:
@@ -145,17 +152,16 @@ class _Publisher:
                 _forward(future, queued[1])
             self._queue.append((job, future))
             self._futures.append(future)
-            if self._thread is None:
-                # Not a daemon: a script that ends right after publish() still finishes publishing.
-                self._thread = threading.Thread(target=self._work, name="ckstore-publish", daemon=False)
-                self._thread.start()
+            if not self._working:
+                self._working = True
+                self._worker.submit(self._work)
         return future
 
     def _work(self) -> None:
         while True:
             with self._lock:
                 if not self._queue:
-                    self._thread = None
+                    self._working = False
                     return
                 job, future = self._queue.pop(0)
                 self._running = job
@@ -179,8 +185,7 @@ class _Publisher:
             # already applied to what this publish and the tags it saw move no longer pin.
             self._retain()
             if error is not None:
-                with self._lock:
-                    self._unreported.append(future)
+                self._unreported.add(future)
                 future.set_exception(error)
             else:
                 future.set_result(result)
@@ -207,16 +212,13 @@ class _Publisher:
             warnings.warn(f"retention after a publish failed (the next save retries it): {exc}", RuntimeWarning, stacklevel=2)
 
     def reported(self, future: Future[PublishResult]) -> None:
-        with self._lock:
-            if future in self._unreported:
-                self._unreported.remove(future)
+        self._unreported.seen(future)
 
     def raise_unreported(self) -> None:
         """Raise the oldest failure nobody has seen yet (as DvcError, cause chained)."""
-        with self._lock:
-            if not self._unreported:
-                return
-            future = self._unreported.pop(0)
+        future = self._unreported.pop()
+        if future is None:
+            return
         exc = future.exception()
         assert exc is not None
         raise DvcError(f"an earlier publish failed: {exc}") from exc
@@ -233,16 +235,10 @@ class _Publisher:
 
     def drain(self) -> None:
         """Wait until the queue is empty and the worker has stopped (failures stay recorded)."""
-        while True:
-            with self._lock:
-                thread = self._thread
-            if thread is None:
-                return
-            thread.join()
+        self._worker.join()
 
     def unreported_messages(self) -> list[str]:
-        with self._lock:
-            return [str(f.exception()) for f in self._unreported]
+        return [str(f.exception()) for f in self._unreported.peek_all()]
 
 
 _publishers: weakref.WeakKeyDictionary[Store, _Publisher] = weakref.WeakKeyDictionary()
@@ -278,11 +274,7 @@ def _reset_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_reset_in_child)
-
-import concurrent.futures.thread  # noqa: E402,F401  (registers its exit hook first, so ours runs before it)
-
-if hasattr(threading, "_register_atexit"):
-    threading._register_atexit(_drain_at_exit)
+before_thread_shutdown(_drain_at_exit)
 
 
 def _publisher_for(store: Store) -> _Publisher:
