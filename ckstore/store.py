@@ -7,6 +7,7 @@
 - ``ckstore.checkpoint.pruning``: retention applied (the pure policy is in
   ``ckstore.checkpoint.retention``);
 - ``ckstore.checkpoint.loading``: the fallback loop and reads into place;
+- ``ckstore.checkpoint.access``: the checks at open, the writer lock, recovery under it;
 - ``ckstore.checkpoint.background``: at most one background save;
 - ``ckstore.engine.host_copy``: the host memory a background save is copied into;
 - ``ckstore.state``: the state codec.
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 
 from .checkpoint import quarantine as _quarantine
+from .checkpoint.access import WriterAccess, check_lock_timeout
 from .checkpoint.annotations import Annotations
 from .checkpoint.background import AsyncSave, BackgroundSaver
 from .checkpoint.catalog import Catalog, CheckpointInfo, CorruptCheckpointWarning, Problem, check_step
@@ -40,7 +42,7 @@ from .checkpoint.pruning import apply_retention
 from .checkpoint.quarantine import QuarantineEntry
 from .checkpoint.retention import RetentionPolicy, commit_order
 from .engine.host_copy import HostCopy, copy_device_tensors
-from .errors import CheckpointNotFoundError, InvalidArgumentError, ManifestError, ReadOnlyStoreError
+from .errors import CheckpointNotFoundError, InvalidArgumentError, ManifestError
 from .format.extra_types import class_table
 from .format.hashing import default_algorithm, new_hasher
 from .format.manifest import check_metrics
@@ -48,8 +50,6 @@ from .format.tags import check_tag_name
 from .storage.base import Storage
 from .storage.base import mount as mount_storage
 from .storage.base import unmount as unmount_storage
-from .storage.layout import check_layout, require_store
-from .storage.lock import WriterLock
 from .storage.metadata_lock import metadata_lock
 
 __all__ = ["CheckpointInfo", "CorruptCheckpointWarning", "Problem", "Store"]
@@ -66,12 +66,6 @@ def _check_path(path: Any) -> str:
     if "\0" in raw:
         raise InvalidArgumentError(f"store path holds a NUL byte: {raw!r}")
     return raw
-
-
-def _check_lock_timeout(timeout: Any) -> None:
-    # The same rule WriterLock.acquire applies (a negative timeout would make filelock wait forever).
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0):
-        raise InvalidArgumentError(f"lock_timeout must be None (wait forever) or a number of seconds >= 0, got {timeout!r}")
 
 
 class Store:
@@ -111,7 +105,7 @@ class Store:
         storage: Storage | None = None,
     ) -> None:
         self.path = Path(os.path.abspath(_check_path(path)))
-        _check_lock_timeout(lock_timeout)  # now, not at the first write minutes into a run
+        check_lock_timeout(lock_timeout)  # now, not at the first write minutes into a run
         self.incremental = bool(incremental)
         self.direct_io = bool(direct_io)
         #: Metrics of the last save: seconds stalled, waited, copied, written; files and bytes written and linked.
@@ -146,14 +140,9 @@ class Store:
         self._close_hooks: list[Callable[[Store], None]] = []
         self._closed = False
         _live_stores.add(self)
-        # Opening only looks (lstat): "loading never writes". A writable open refuses now, rather than at
-        # the first save, a store another user controls, so nothing of it is loaded and trained on first.
-        if self.readonly:
-            require_store(self._root)
-            self._lock = None
-        else:
-            check_layout(self._root, write=True, trust_foreign=self.trust_foreign)
-            self._lock = WriterLock(self._root)  # creates nothing until acquired
+        # Opening only looks (lstat): "loading never writes" (ckstore.checkpoint.access).
+        self._access = WriterAccess(self._root, readonly=self.readonly, trust_foreign=self.trust_foreign, lock_timeout=lock_timeout)
+        self._lock = self._access.lock  # the multi-rank coordinator (ckstore.distributed) checks it is held
         self._storage: Storage | None = None
         if storage is not None:
             # Every operation under the root runs on this backend (ckstore.storage.base), from any thread.
@@ -200,8 +189,7 @@ class Store:
             finally:
                 self._loader.close()
                 self._committer.close()
-                if self._lock is not None:
-                    self._lock.release()
+                self._access.release()
                 if self._storage is not None:
                     unmount_storage(self._root, self._storage)
 
@@ -226,35 +214,12 @@ class Store:
 
     def _check_writable(self) -> None:
         self._check_open()
-        if self.readonly:
-            raise ReadOnlyStoreError(f"{self._root}: store is open readonly")
-        # Writes that skip the writer lock (tags, recorded metrics) still never write a store another user
-        # controls: the path may have been created by someone else since this object was opened.
-        check_layout(self._root, write=True, trust_foreign=self.trust_foreign)
+        self._access.check_writable()
 
     def _acquire(self) -> bool:
-        """Check, create and lock the store for this store's lifetime (first write only) and recover.
-
-        Returns True if this call took the lock (and so just recovered).
-        """
+        """Check, create and lock the store for its lifetime (first write only) and recover; True if this call took the lock."""
         self._check_open()
-        if self.readonly or self._lock is None:
-            raise ReadOnlyStoreError(f"{self._root}: store is open readonly")
-        if self._lock.held:
-            return False
-        # Checked again at the first write: the store may have been created or changed since the open.
-        check_layout(self._root, write=True, trust_foreign=self.trust_foreign)
-        self._committer.create_layout()
-        self._lock.acquire(timeout=self.lock_timeout)
-        try:
-            # Checked once more under the lock: the layout directories it just made or found are
-            # the ones recovery is about to empty.
-            check_layout(self._root, write=True, trust_foreign=self.trust_foreign)
-            self._recover()
-        except BaseException:
-            self._lock.release()
-            raise
-        return True
+        return self._access.acquire(create_layout=self._committer.create_layout, recover=self._recover)
 
     def recover(self) -> None:
         """Take the writer lock and remove what interrupted saves and deletes left behind.
