@@ -42,6 +42,7 @@ from .checkpoint.pruning import apply_retention
 from .checkpoint.quarantine import QuarantineEntry
 from .checkpoint.retention import RetentionPolicy, commit_order
 from .engine.host_copy import HostCopy, copy_device_tensors
+from .checkpoint.plugins import find_publisher
 from .errors import CheckpointNotFoundError, InvalidArgumentError, ManifestError
 from .format.extra_types import class_table
 from .format.hashing import default_algorithm, new_hasher
@@ -332,10 +333,8 @@ class Store:
         a ``"model"`` entry puts its weights at ``<dest>/<name>/model.safetensors``.
         See ``ckstore.integrations.dvc.publish`` and ``ckstore.integrations.dvc.weights``.
         """
-        # Imported here, the one upward reference: the DVC integration is optional and uses only the public API.
-        from .integrations.dvc import worker
-
-        return worker.publish(self, step, name=name, repo=repo, dest=dest, remote=remote, wait=wait, weights_only=weights_only)
+        publisher = find_publisher("dvc")
+        return publisher(self, step, name=name, repo=repo, dest=dest, remote=remote, wait=wait, weights_only=weights_only)
 
     # ------------------------------------------------------------ save
 
