@@ -89,9 +89,9 @@ def test_exceptions_carry_their_details():
 
 #: Reads other programs' checkpoint files (torch.save, DCP), never a store: it unpickles with
 #: weights_only=True or an allow-listed unpickler (its docstring says what); a store never holds pickle.
-#: distributed/dcp.py: DCP's planner serialises non-tensor values (an optimizer's param_groups) with torch.save and
-#: unpickles them itself on load; ckstore stores those bytes as they are (hashed) and first checks that each
-#: loads under torch.load(weights_only=True), so the planner's own unpickling meets only allow-listed types.
+#: distributed/dcp.py: checkpoints written before non-tensor values were JSON (DCP metadata format 1) hold DCP's
+#: torch.save bytes for them (an optimizer's param_groups), which DCP's planner unpickles itself on load; ckstore
+#: first checks that each loads under torch.load(weights_only=True). New saves write JSON (distributed/values.py).
 FOREIGN_READERS = {"integrations/importers.py", "distributed/dcp.py"}
 
 

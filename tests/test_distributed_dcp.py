@@ -6,10 +6,14 @@ The multi-rank runs (real gloo process groups, resharding, a killed rank) are in
 
 from __future__ import annotations
 
+import datetime
 import json
+import math
 import os
+import shutil
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -18,7 +22,7 @@ from torch.distributed.checkpoint import CheckpointException
 import ckstore
 from ckstore.distributed import StoreReader, StoreWriter
 from ckstore.distributed.metadata_json import metadata_from_json, metadata_to_json
-from conftest import assert_same, flip_byte
+from conftest import REPO_ROOT, assert_same, flip_byte
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
@@ -174,12 +178,71 @@ class _Custom:
         self.value = value
 
 
-def test_a_non_tensor_value_that_needs_arbitrary_unpickling_is_refused_on_load(store_path):
-    _save(store_path, {"w": torch.ones(3), "obj": _Custom(7), "plain": {"lr": 0.1, "betas": (0.9, 0.99)}}, 1)
+@pytest.mark.guarantee("G16")
+def test_a_non_tensor_value_that_json_cannot_hold_is_refused_on_save_and_nothing_is_committed(store_path):
+    with pytest.raises(CheckpointException) as info:
+        _save(store_path, {"w": torch.ones(3), "obj": _Custom(7)}, 1)
+    failure = next(iter(info.value.failures.values()))[0]
+    assert isinstance(failure, ckstore.StateError) and failure.key == "obj" and "_Custom" in str(failure)
     with ckstore.Store(store_path, readonly=True) as store:
-        ok = {"w": torch.zeros(3), "plain": {"lr": 0.0, "betas": (0.0, 0.0)}}
-        dcp.load(ok, storage_reader=StoreReader(store, step=1))  # allow-listed types load
-        assert ok["plain"] == {"lr": 0.1, "betas": (0.9, 0.99)} and torch.equal(ok["w"], torch.ones(3))
-        with pytest.raises(CheckpointException) as info:
-            dcp.load({"obj": _Custom(0)}, storage_reader=StoreReader(store, step=1))
-    assert "StateError" in repr(info.value.failures) and "weights_only" in repr(info.value.failures)
+        assert store.checkpoints() == []
+
+
+@pytest.mark.guarantee("G16")
+def test_non_tensor_values_are_json_and_come_back_through_the_default_planner(store_path):
+    values = {
+        "plain": {"lr": 0.1, "betas": (0.9, 0.99), "name": "run-a", "none": None, "nan": float("nan")},
+        "blob": b"\x80\x04raw",
+        "key": np.arange(6, dtype=np.uint32),  # a NumPy RNG key: DCP hands an array leaf over as a bytes item
+        "when": datetime.date(2026, 12, 2),
+    }
+    _save(store_path, {"w": torch.ones(3), **values}, 1)
+    for path in (store_path / "checkpoints").rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            # a pickle stream opens with PROTO (0x80) and a protocol number 2..5
+            assert not any(bytes([0x80, n]) in data for n in range(2, 6)), path.name
+    target = {"w": torch.zeros(3), "plain": {"lr": 0.0, "betas": (0.0, 0.0), "name": "", "none": 1, "nan": 0.0}, "blob": b"", "key": None, "when": None}
+    with ckstore.Store(store_path, readonly=True) as store:
+        dcp.load(target, storage_reader=StoreReader(store, step=1))  # DCP's DefaultLoadPlanner
+    assert math.isnan(target["plain"].pop("nan"))
+    values["plain"].pop("nan")
+    assert target["plain"] == values["plain"] and target["blob"] == values["blob"] and target["when"] == values["when"]
+    assert target["key"].dtype == np.uint32 and np.array_equal(target["key"], values["key"])
+
+
+def test_a_planner_that_reads_values_as_pickle_is_refused_by_name(store_path):
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    class PicklePlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            raise AssertionError("never handed bytes")
+
+    _save(store_path, {"w": torch.ones(3), "epoch": 3}, 1)
+    with ckstore.Store(store_path, readonly=True) as store, pytest.raises(CheckpointException) as info:
+        dcp.load({"w": torch.zeros(3), "epoch": 0}, storage_reader=StoreReader(store, step=1), planner=PicklePlanner())
+    failure = next(iter(info.value.failures.values()))[0]
+    assert isinstance(failure, ckstore.StateError) and failure.key == "epoch" and "load_value" in str(failure)
+
+
+def test_a_checkpoint_whose_values_were_pickled_by_an_earlier_version_still_loads(tmp_path):
+    """Format 1 of the DCP metadata (values as DCP's pickles): loaded only under torch.load(weights_only=True)."""
+    store_path = tmp_path / "store"
+    shutil.copytree(REPO_ROOT / "tests" / "fixtures" / "dcp_v1_store", store_path)
+    target = {"w": torch.zeros(4), "extra": {"epoch": 0, "betas": (0.0, 0.0)}}
+    with ckstore.Store(store_path, readonly=True) as store:
+        dcp.load(target, storage_reader=StoreReader(store, step=1))
+    assert torch.equal(target["w"], torch.arange(4, dtype=torch.float32)) and target["extra"] == {"epoch": 3, "betas": (0.9, 0.99)}
+
+
+def test_a_writer_given_a_path_releases_the_lock_when_its_save_fails(store_path):
+    """StoreWriter(path) opens its own Store: a failed save must close it, or the writer lock stays taken."""
+    _save(store_path, _state(), 1)
+    with pytest.raises(CheckpointException):
+        dcp.save(_state(), storage_writer=StoreWriter(store_path, step=1))  # refused: step 1 is committed
+    with pytest.raises(CheckpointException):
+        dcp.save({"w": torch.ones(2), "obj": _Custom(1)}, storage_writer=StoreWriter(store_path, step=2))  # fails in write_data
+    with ckstore.Store(store_path) as store:  # would raise StoreLockedError while a writer's Store holds the lock
+        store.save({"w": torch.ones(2)}, step=3)
+        assert [i.step for i in store.checkpoints()] == [1, 3]
+        assert os.listdir(store_path / ".staging") == []

@@ -53,7 +53,8 @@ from ..checkpoint.catalog import check_step as _check_step
 from ..store import Store
 from ..storage.layout import step_dir_name
 from . import coordinator
-from .metadata_json import ChunkStorage, metadata_from_json, metadata_to_json
+from .metadata_json import VALUE_ENCODING, ChunkStorage, metadata_from_json, metadata_to_json
+from .values import deliver_value, value_bytes
 
 #: The manifest's ``state`` key holding the metadata JSON text.
 METADATA_KEY = "dcp_metadata"
@@ -67,25 +68,41 @@ def _as_store(store: Any, *, readonly: bool) -> tuple[Store, bool]:
     raise InvalidArgumentError(f"store must be a ckstore.Store or a path, got {type(store).__name__}")
 
 
-def _check_id(store: Store, checkpoint_id: str | os.PathLike | None) -> None:
-    """DCP passes ``checkpoint_id`` to ``reset``; for ckstore it can only name the store itself."""
-    if checkpoint_id is None:
-        return
-    if os.path.abspath(os.fspath(checkpoint_id)) != str(store.path):
-        raise InvalidArgumentError(
-            f"checkpoint_id {os.fspath(checkpoint_id)!r} is not this writer's store {str(store.path)!r}; "
-            "the checkpoint is named by the store and the step, so pass checkpoint_id=None or the store's path"
-        )
+class _OnStore:
+    """What the writer and the reader share: the store they act on, and DCP's ``checkpoint_id`` naming it."""
+
+    store: Store
+    _owned: bool
+
+    # DCP reads this for its logs.
+    @property
+    def checkpoint_id(self) -> str:
+        return str(self.store.path)
+
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        """DCP passes ``checkpoint_id`` here; for ckstore it can only name the store itself."""
+        if checkpoint_id is None:
+            return
+        if os.path.abspath(os.fspath(checkpoint_id)) != str(self.store.path):
+            raise InvalidArgumentError(
+                f"checkpoint_id {os.fspath(checkpoint_id)!r} is not this writer's store {str(self.store.path)!r}; "
+                "the checkpoint is named by the store and the step, so pass checkpoint_id=None or the store's path"
+            )
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        try:
+            return os.path.isdir(os.path.join(os.fspath(checkpoint_id), CHECKPOINTS_DIR))
+        except TypeError:
+            return False
+
+    def _close_owned(self) -> None:
+        """Close the Store this object opened from a path (releasing its writer lock); a caller's Store stays open."""
+        if self._owned:
+            self.store.close()
 
 
-def _is_store(checkpoint_id: str | os.PathLike) -> bool:
-    try:
-        return os.path.isdir(os.path.join(os.fspath(checkpoint_id), CHECKPOINTS_DIR))
-    except TypeError:
-        return False
-
-
-class StoreWriter(StorageWriter):
+class StoreWriter(_OnStore, StorageWriter):
     """DCP ``StorageWriter`` committing one checkpoint ``step`` of ``store`` (a Store or a path; one writer per save).
 
     Create it on every rank with the same ``step``; the coordinator's
@@ -109,18 +126,6 @@ class StoreWriter(StorageWriter):
         #: After a coordinator's ``finish``: the committed checkpoint.
         self.committed = None
 
-    # DCP reads this for its logs.
-    @property
-    def checkpoint_id(self) -> str:
-        return str(self.store.path)
-
-    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
-        _check_id(self.store, checkpoint_id)
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
-        return _is_store(checkpoint_id)
-
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=str(self.store.path), save_id=f"step-{self.step}")
 
@@ -139,20 +144,34 @@ class StoreWriter(StorageWriter):
         steps = sorted({(p.storage_data or {}).get("step") for p in plans}, key=str)
         if steps != [self.step]:
             raise InvalidArgumentError(f"the ranks are saving different steps {steps}; every rank must pass the same step")
-        self._staging = coordinator.open_staging(self.store, self.step)
+        try:
+            self._staging = coordinator.open_staging(self.store, self.step)
+        except BaseException:
+            self._close_owned()  # refused (a committed step, a locked store): release what this writer opened
+            raise
         return [dataclasses.replace(p, storage_data={"staging": self._staging, "file": f"rank-{i:05d}.safetensors", "step": self.step}) for i, p in enumerate(plans)]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        try:
+            return self._write_data(plan, planner)
+        except BaseException:
+            # DCP calls finish only after every rank wrote: a failure here (or on another rank) never reaches it.
+            # The coordinator releases the lock it took; a failure on another rank is only released when this
+            # writer is garbage (pass a Store you close, or use Store(process_group=...), to release it at once).
+            self._close_owned()
+            raise
+
+    def _write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         info = plan.storage_data
         if not isinstance(info, dict) or info.get("step") != self.step:
             raise InvalidArgumentError(f"this rank saves step {self.step}, the coordinator's plan says {info!r}")
         entries: list[tuple[str, torch.Tensor]] = []
         for i, item in enumerate(plan.items):
-            data = planner.resolve_data(item)
             if item.type == WriteItemType.BYTE_IO:
-                tensor = torch.frombuffer(bytearray(data.getbuffer()), dtype=torch.uint8) if data.getbuffer().nbytes else torch.empty(0, dtype=torch.uint8)
+                # The value as ckstore JSON, never the planner's pickle (resolve_data would torch.save it).
+                tensor = torch.frombuffer(bytearray(value_bytes(planner, item)), dtype=torch.uint8)
             else:
-                tensor = prepare_tensor(data, item.index.fqn)
+                tensor = prepare_tensor(planner.resolve_data(item), item.index.fqn)
             entries.append((str(i), tensor))
         future: Future[list[WriteResult]] = Future()
         if not entries:  # DCP's dedup may leave a rank nothing to write (replicated state)
@@ -165,7 +184,8 @@ class StoreWriter(StorageWriter):
         results = []
         for item, (_, tensor) in zip(plan.items, entries):
             view = tensor_bytes(tensor)
-            storage = ChunkStorage(name, start, len(view), str(hash_bytes(view, algo)), DTYPE_NAMES[tensor.dtype])
+            encoding = VALUE_ENCODING if item.type == WriteItemType.BYTE_IO else None
+            storage = ChunkStorage(name, start, len(view), str(hash_bytes(view, algo)), DTYPE_NAMES[tensor.dtype], encoding)
             results.append(WriteResult(index=item.index, size_in_bytes=len(view), storage_data=storage))
             start += len(view)
         try:
@@ -207,15 +227,17 @@ class StoreWriter(StorageWriter):
             text = metadata_to_json(metadata)
         except BaseException:
             coordinator.abort(self.store, self._staging)
+            self._close_owned()
             raise
         skeleton = {METADATA_KEY: text, "items": items}
         staging, self._staging = self._staging, None
-        self.committed = coordinator.commit(self.store, staging, step=self.step, files=files, skeleton=skeleton, metrics=self.metrics, tags=self.tags)
-        if self._owned:
-            self.store.close()
+        try:
+            self.committed = coordinator.commit(self.store, staging, step=self.step, files=files, skeleton=skeleton, metrics=self.metrics, tags=self.tags)
+        finally:
+            self._close_owned()
 
 
-class StoreReader(StorageReader):
+class StoreReader(_OnStore, StorageReader):
     """DCP ``StorageReader`` for checkpoint ``step`` of ``store`` (a Store or a path; default: the latest committed).
 
     Every rank must read the same checkpoint: the coordinator refuses a load
@@ -233,17 +255,6 @@ class StoreReader(StorageReader):
         self._storage: dict[MetadataIndex, ChunkStorage] = {}
         self._shapes: dict[MetadataIndex, tuple[int, ...]] = {}
         self._resolved: int | None = None
-
-    @property
-    def checkpoint_id(self) -> str:
-        return str(self.store.path)
-
-    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
-        _check_id(self.store, checkpoint_id)
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
-        return _is_store(checkpoint_id)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if self.step is None:
@@ -319,7 +330,11 @@ class StoreReader(StorageReader):
                 actual=str(actual),
             )
         if req.type == LoadItemType.BYTE_IO:
-            # DCP's planner unpickles this with weights_only=False; refuse first what needs arbitrary globals.
+            if chunk.encoding is not None:  # ckstore JSON (ckstore.distributed.values): decoded here, nothing unpickled
+                deliver_value(planner, req, buffer)
+                return
+            # A version 1 checkpoint: DCP's pickle, which its planner unpickles with weights_only=False;
+            # refuse first what needs arbitrary globals.
             try:
                 torch.load(io.BytesIO(buffer), weights_only=True)
             except Exception as exc:

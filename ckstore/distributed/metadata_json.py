@@ -6,19 +6,23 @@ information as JSON inside the checkpoint's (checksummed) manifest, and reads
 it back through fixed tables (dtype, layout and memory-format names), so a
 crafted manifest can name only what these tables hold.
 
-Shape of the document (``format_version`` 1)::
+Shape of the document (``format_version`` 2)::
 
-    {"format": "ckstore.dcp-metadata", "format_version": 1, "version": "1.0.0",
+    {"format": "ckstore.dcp-metadata", "format_version": 2, "version": "1.0.0",
      "tensors": {"model.0.weight": {"dtype": "float32", "layout": "strided", "requires_grad": false,
                  "memory_format": "contiguous_format", "pin_memory": false, "size": [5, 6],
                  "chunks": [{"offsets": [0, 0], "sizes": [5, 6],
                              "storage": {"file": "rank-00000.safetensors", "offset": 296,
                                          "length": 120, "hash": "blake3:...", "dtype": "F32"}}]}},
-     "bytes": {"extra.name": {"storage": {...}}},
+     "bytes": {"extra.name": {"encoding": "ckstore-json", "storage": {...}}},
      "planner_data": <tagged JSON>, "storage_meta": {...} | null}
 
 Each saved chunk carries its own ``storage`` (where its bytes are and their
-hash), so a rank that reads only some chunks verifies only those bytes.
+hash), so a rank that reads only some chunks verifies only those bytes. A
+bytes item (a non-tensor value) names its ``encoding``: ``ckstore-json``
+(``ckstore.distributed.values``). Version 1 documents, written before
+values were JSON, have no ``encoding``: their bytes items are DCP's pickles,
+which ``StoreReader`` loads only under ``torch.load(weights_only=True)``.
 ``planner_data`` is free-form in DCP; ckstore stores JSON values plus tuples
 (``{"$tuple": [...]}``) and non-string dict keys (``{"$dict": [[k, v], ...]}``),
 which covers DCP's default planners, and refuses anything else when saving.
@@ -26,6 +30,7 @@ which covers DCP's default planners, and refuses anything else when saving.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -49,7 +54,11 @@ from ..format.manifest import check_file_name
 from ..format.skeleton import TORCH_DTYPES
 
 FORMAT = "ckstore.dcp-metadata"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this module reads: 1 (bytes items pickled by DCP), 2 (bytes items carry their encoding).
+READABLE_VERSIONS = (1, 2)
+#: The one encoding a version 2 bytes item may name (``ckstore.distributed.values.ENCODING``).
+VALUE_ENCODING = "ckstore-json"
 
 _LAYOUTS = {str(v).removeprefix("torch."): v for v in (torch.strided, torch.sparse_coo, torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc)}
 _MEMORY_FORMATS = {
@@ -69,6 +78,8 @@ class ChunkStorage:
     length: int
     hash: str
     dtype: str  # the safetensors code of the bytes' element type ("U8" for a bytes item)
+    #: For a bytes item: how its bytes encode the value (``VALUE_ENCODING``); None for a tensor chunk and a version 1 bytes item.
+    encoding: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"dtype": self.dtype, "file": self.file, "hash": self.hash, "length": self.length, "offset": self.offset}
@@ -81,7 +92,10 @@ def metadata_to_json(metadata: Metadata) -> str:
     blobs: dict[str, Any] = {}
     for fqn, entry in metadata.state_dict_metadata.items():
         if isinstance(entry, BytesStorageMetadata):
-            blobs[fqn] = {"storage": _storage_of(storage, MetadataIndex(fqn)).to_json()}
+            chunk = _storage_of(storage, MetadataIndex(fqn))
+            if chunk.encoding != VALUE_ENCODING:
+                raise StateError(f"{fqn}: a non-tensor value was not written as {VALUE_ENCODING} (got {chunk.encoding!r})", key=fqn)
+            blobs[fqn] = {"encoding": chunk.encoding, "storage": chunk.to_json()}
             continue
         props = entry.properties
         tensors[fqn] = {
@@ -188,8 +202,9 @@ def metadata_from_json(text: str, *, path: str = "manifest.json", files: dict[st
         raise bad(f"not JSON ({type(exc).__name__})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise bad("not a ckstore DCP metadata document")
-    if doc.get("format_version") != FORMAT_VERSION:
-        raise bad(f"unsupported format_version {doc.get('format_version')!r}; this ckstore reads {FORMAT_VERSION}")
+    version_read = doc.get("format_version")
+    if type(version_read) is not int or version_read not in READABLE_VERSIONS:
+        raise bad(f"unsupported format_version {version_read!r}; this ckstore reads {list(READABLE_VERSIONS)}")
     if set(doc) != {"bytes", "format", "format_version", "planner_data", "storage_meta", "tensors", "version"}:
         raise bad(f"unexpected fields {sorted(doc)[:8]}")
 
@@ -252,10 +267,14 @@ def metadata_from_json(text: str, *, path: str = "manifest.json", files: dict[st
             chunks.append(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes)))
             storage[MetadataIndex(fqn, offsets)] = cs
         state[fqn] = TensorStorageMetadata(properties=props, size=torch.Size(size), chunks=chunks)
+    byte_fields = {"storage"} if version_read == 1 else {"encoding", "storage"}
     for fqn, raw in doc["bytes"].items():
-        if fqn in state or not isinstance(raw, dict) or set(raw) != {"storage"}:
-            raise bad(f"bytes item {fqn!r}: must have exactly storage (and not also be a tensor)")
-        storage[MetadataIndex(fqn)] = chunk_storage(raw["storage"], f"bytes item {fqn!r}")
+        if fqn in state or not isinstance(raw, dict) or set(raw) != byte_fields:
+            raise bad(f"bytes item {fqn!r}: must have exactly {sorted(byte_fields)} (and not also be a tensor)")
+        if version_read > 1 and raw["encoding"] != VALUE_ENCODING:
+            raise bad(f"bytes item {fqn!r}: unknown encoding {str(raw['encoding'])[:40]!r}")
+        chunk = chunk_storage(raw["storage"], f"bytes item {fqn!r}")
+        storage[MetadataIndex(fqn)] = dataclasses.replace(chunk, encoding=raw.get("encoding"))
         state[fqn] = BytesStorageMetadata()
     meta_raw = doc["storage_meta"]
     storage_meta = None
