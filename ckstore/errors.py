@@ -17,6 +17,7 @@ builtin exception says the same thing, the class also subclasses it, so
     ├── StorageError (OSError)    the filesystem failed mid-write (ENOSPC, EIO); nothing committed is lost
     │   └── LockUnsupportedError  the filesystem has no working file locks (Lustre without -o flock, NFS without lockd)
     ├── AsyncSaveError            a background save failed; raised on the next call
+    ├── DistributedError (RuntimeError)  a multi-rank save or load failed on another rank, or a rank was lost
     ├── CommittedWithErrorsError  a save committed (durable), then tagging or retention failed
     ├── DvcError                  publishing to or pulling from DVC failed (DVC, git or the remote; DVC missing)
     └── UnsafeStoreError (PermissionError)  the store is another user's, writable by others, or has a symlinked layout
@@ -102,6 +103,13 @@ class CheckpointExistsError(CkstoreError, FileExistsError):
         super().__init__(message)
         self.step = step
 
+    def __reduce__(self):  # keep the attributes across process boundaries (a multi-rank save sends it to every rank)
+        return (_rebuild_exists, (str(self), self.step))
+
+
+def _rebuild_exists(message: str, step: int) -> CheckpointExistsError:
+    return CheckpointExistsError(message, step=step)
+
 
 class StoreLockedError(CkstoreError, TimeoutError):
     """Another writer holds the store's lock. ``pid`` and ``host`` name it when known."""
@@ -111,6 +119,13 @@ class StoreLockedError(CkstoreError, TimeoutError):
         self.path = path
         self.pid = pid
         self.host = host
+
+    def __reduce__(self):  # keep the attributes across process boundaries
+        return (_rebuild_locked, (str(self), self.path, self.pid, self.host))
+
+
+def _rebuild_locked(message: str, path: str, pid: int | None, host: str | None) -> StoreLockedError:
+    return StoreLockedError(message, path=path, pid=pid, host=host)
 
 
 class ReadOnlyStoreError(CkstoreError):
@@ -149,6 +164,13 @@ class StorageError(CkstoreError, OSError):
     def __str__(self) -> str:
         return self.strerror
 
+    def __reduce__(self):  # keep the attributes across process boundaries
+        return (_rebuild_storage, (self.strerror, self.errno, self.filename))
+
+
+def _rebuild_storage(message: str, errno: int | None, path: str | None) -> StorageError:
+    return StorageError(message, errno=errno, path=path)
+
 
 class LockUnsupportedError(StorageError):
     """The store's filesystem refuses file locks (``flock`` fails with ENOSYS, ENOLCK or EOPNOTSUPP).
@@ -173,6 +195,29 @@ def _rebuild_lock_unsupported(message: str, errno: int | None, path: str) -> Loc
 
 class AsyncSaveError(CkstoreError):
     """A background save failed. Raised by the next ``save``, ``wait`` or ``close``; the cause is chained."""
+
+
+class DistributedError(CkstoreError, RuntimeError):
+    """A collective save or load of ``Store(..., process_group=...)`` failed as a whole.
+
+    Raised on every surviving rank when another rank raised an error that is
+    not ckstore's, or when a rank was lost: killed (gloo notices the closed
+    connection within about a second) or silent past the process group's
+    timeout (``ckstore.distributed.checkpoint_group(timeout=...)``). Nothing
+    was committed unless the message says so; the cause is chained. ``rank``
+    names the failed rank when known.
+    """
+
+    def __init__(self, message: str, *, rank: int | None = None) -> None:
+        super().__init__(message)
+        self.rank = rank
+
+    def __reduce__(self):  # keep the attributes across process boundaries
+        return (_rebuild_distributed, (str(self), self.rank))
+
+
+def _rebuild_distributed(message: str, rank: int | None) -> DistributedError:
+    return DistributedError(message, rank=rank)
 
 
 class CommittedWithErrorsError(CkstoreError):

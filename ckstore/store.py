@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,9 +31,9 @@ from typing import Any
 import torch
 
 from .checkpoint import quarantine as _quarantine
-from .checkpoint.access import WriterAccess, check_lock_timeout
+from .checkpoint.access import WriterAccess, check_lock_timeout, check_store_path
 from .checkpoint.annotations import Annotations
-from .checkpoint.background import AsyncSave, BackgroundSaver
+from .checkpoint.background import AsyncSave, BackgroundSaver, reset_after_fork
 from .checkpoint.catalog import Catalog, CheckpointInfo, CorruptCheckpointWarning, Problem, check_step
 from .checkpoint.commit import Committer, SaveRequest, encode_request, guarded
 from .checkpoint.loading import Loader, gc_paused
@@ -42,7 +41,7 @@ from .checkpoint.pruning import apply_retention
 from .checkpoint.quarantine import QuarantineEntry
 from .checkpoint.retention import RetentionPolicy, commit_order
 from .engine.host_copy import HostCopy, copy_device_tensors
-from .checkpoint.plugins import find_publisher
+from .checkpoint.plugins import find_collective, find_publisher
 from .errors import CheckpointNotFoundError, InvalidArgumentError, ManifestError
 from .format.extra_types import class_table
 from .format.hashing import default_algorithm, new_hasher
@@ -54,19 +53,6 @@ from .storage.base import unmount as unmount_storage
 from .storage.metadata_lock import metadata_lock
 
 __all__ = ["CheckpointInfo", "CorruptCheckpointWarning", "Problem", "Store"]
-
-
-def _check_path(path: Any) -> str:
-    """The store path as text; InvalidArgumentError for bytes, a non-path or a NUL byte (os raises untyped errors)."""
-    try:
-        raw = os.fspath(path)
-    except TypeError:
-        raise InvalidArgumentError(f"store path must be a str or os.PathLike, got {type(path).__name__}") from None
-    if not isinstance(raw, str):
-        raise InvalidArgumentError(f"store path must be text, not {type(raw).__name__}")
-    if "\0" in raw:
-        raise InvalidArgumentError(f"store path holds a NUL byte: {raw!r}")
-    return raw
 
 
 class Store:
@@ -85,6 +71,11 @@ class Store:
     existing such store. ``trust_foreign=True`` turns that check off (a
     group-shared directory of trusted users). A symlinked layout directory is
     refused always, readonly too. See docs/security.md.
+
+    ``process_group`` (a ``torch.distributed`` group, every rank opening the
+    same shared path): ``save`` and ``load`` become collectives of the group's
+    ranks, and only its rank 0 (the coordinator) changes the store; see
+    ``ckstore.distributed.ranks`` and docs/distributed.md.
     """
 
     def __init__(
@@ -104,8 +95,9 @@ class Store:
         wait_at_exit: bool = True,
         trust_foreign: bool = False,
         storage: Storage | None = None,
+        process_group: Any = None,
     ) -> None:
-        self.path = Path(os.path.abspath(_check_path(path)))
+        self.path = Path(os.path.abspath(check_store_path(path)))
         check_lock_timeout(lock_timeout)  # now, not at the first write minutes into a run
         self.incremental = bool(incremental)
         self.direct_io = bool(direct_io)
@@ -140,10 +132,12 @@ class Store:
         #: Called by close() before it releases anything (a queued publish finishing, say); see :meth:`add_close_hook`.
         self._close_hooks: list[Callable[[Store], None]] = []
         self._closed = False
-        _live_stores.add(self)
+        reset_after_fork(self)  # calls _after_fork_in_child in a forked child
         # Opening only looks (lstat): "loading never writes" (ckstore.checkpoint.access).
         self._access = WriterAccess(self._root, readonly=self.readonly, trust_foreign=self.trust_foreign, lock_timeout=lock_timeout)
         self._lock = self._access.lock  # the multi-rank coordinator (ckstore.distributed) checks it is held
+        #: With ``process_group``: the collective save and load every rank of the group runs (``ckstore.distributed.ranks``).
+        self._ranks: Any = None if process_group is None else find_collective("torch")(self, process_group)
         self._storage: Storage | None = None
         if storage is not None:
             # Every operation under the root runs on this backend (ckstore.storage.base), from any thread.
@@ -217,6 +211,11 @@ class Store:
         self._check_open()
         self._access.check_writable()
 
+    def _owner_only(self, method: str) -> None:
+        """With a process group, only the coordinator changes the store (ReadOnlyStoreError elsewhere)."""
+        if self._ranks is not None:
+            self._ranks.check_owner(method)
+
     def _acquire(self) -> bool:
         """Check, create and lock the store for its lifetime (first write only) and recover; True if this call took the lock."""
         self._check_open()
@@ -229,6 +228,7 @@ class Store:
         writing a checkpoint. Waits for a background save of this store
         (whose staging is not a leftover).
         """
+        self._owner_only("recover")
         with self._save_gate:
             self._saver.wait()
             with self._mutex:
@@ -237,7 +237,6 @@ class Store:
 
     def _recover(self) -> None:
         self._committer.recover(self._meta)
-
 
     # ------------------------------------------------------------ listing (ckstore.checkpoint.catalog)
 
@@ -281,6 +280,7 @@ class Store:
         background save in flight first. Needs only the metadata lock, like
         :meth:`tag`: an evaluation process may record while training runs.
         """
+        self._owner_only("record_metrics")
         step = check_step(step)
         metrics = check_metrics(metrics)
         if not metrics:
@@ -299,6 +299,7 @@ class Store:
         tag (and publish) while a training process holds the store, and that
         process's retention honours the tag (see ``ckstore.checkpoint.annotations``).
         """
+        self._owner_only("tag")
         check_tag_name(name)
         step = check_step(step)
         self._check_writable()
@@ -306,10 +307,10 @@ class Store:
 
     def untag(self, name: str) -> None:
         """Remove tag ``name``; CheckpointNotFoundError if no checkpoint carries it. Needs only the metadata lock, like :meth:`tag`."""
+        self._owner_only("untag")
         check_tag_name(name)
         self._check_writable()
         self._annotations.untag(name)
-
 
     def publish(
         self,
@@ -333,6 +334,7 @@ class Store:
         a ``"model"`` entry puts its weights at ``<dest>/<name>/model.safetensors``.
         See ``ckstore.integrations.dvc.publish`` and ``ckstore.integrations.dvc.weights``.
         """
+        self._owner_only("publish")
         publisher = find_publisher("dvc")
         return publisher(self, step, name=name, repo=repo, dest=dest, remote=remote, wait=wait, weights_only=weights_only)
 
@@ -355,7 +357,11 @@ class Store:
         run in a background thread. A call made while a background save is
         running first waits for it (the wait is reported as ``wait_s``); if
         that save failed, the call raises AsyncSaveError and saves nothing.
+
+        With ``process_group``: a collective, see ``ckstore.distributed.ranks``.
         """
+        if self._ranks is not None:
+            return self._ranks.save(state, step=step, metrics=metrics, tags=tags, blocking=blocking)
         step = check_step(step)
         metrics = check_metrics(metrics)
         if isinstance(tags, str):
@@ -432,6 +438,7 @@ class Store:
 
     def empty_quarantine(self) -> list[Path]:
         """Delete every quarantined checkpoint (crash-safely); returns their former paths. Takes the writer lock."""
+        self._owner_only("empty_quarantine")
         with self._mutex:
             self._acquire()
             return guarded(self._root, lambda: _quarantine.empty(self._root, self._committer.trash_dir), what="emptying the quarantine")
@@ -467,6 +474,7 @@ class Store:
 
     def delete(self, step: int, *, force: bool = False) -> None:
         """Delete checkpoint ``step`` crash-safely. A tagged checkpoint needs ``force=True`` (its tags go too)."""
+        self._owner_only("delete")
         step = check_step(step)
         with self._mutex:
             self._acquire()
@@ -484,6 +492,7 @@ class Store:
 
         ``dry_run=True`` returns what the real run would delete, decided by the same code, and deletes nothing.
         """
+        self._owner_only("gc")
         if policy is not None and not isinstance(policy, RetentionPolicy):
             raise InvalidArgumentError(f"policy must be a ckstore.RetentionPolicy or None, got {type(policy).__name__}")
         with self._mutex:
@@ -527,7 +536,11 @@ class Store:
         dataclass instances may be re-created as (matched by the stored
         ``module:qualname``; a checkpoint's class names are never imported).
         A saved one whose class is not given raises StateError naming the key.
+
+        With ``process_group``: a collective into ``state`` (required), see ``ckstore.distributed.ranks``.
         """
+        if self._ranks is not None:
+            return self._ranks.load(state, step=step, map_location=map_location, verify=verify, strict=strict, classes=classes)
         self._check_open()
         table = class_table(classes)
         if step == "best":
@@ -585,14 +598,3 @@ class Store:
         """
         self._check_open()
         return self._catalog.verify(step, self.policy)
-
-
-_live_stores: weakref.WeakSet[Store] = weakref.WeakSet()
-
-
-def _reset_stores_in_child() -> None:
-    for store in list(_live_stores):
-        store._after_fork_in_child()
-
-
-os.register_at_fork(after_in_child=_reset_stores_in_child)

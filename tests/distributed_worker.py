@@ -1,4 +1,4 @@
-"""The ranks of a multi-rank test run (``test_distributed_ranks.py``): one forked process per rank.
+"""The ranks of a multi-rank test run (``test_distributed_ranks.py``, ``test_distributed_store.py``): one forked process per rank.
 
     python tests/distributed_worker.py SCENARIO WORLD PORT STORE OUT
 
@@ -228,6 +228,134 @@ def scenario_train(rank: int, world: int, store_path: str, out: str) -> None:
         torch.save(got, os.path.join(out, os.environ["CKSTORE_TEST_FINAL"]))
 
 
+# ---------------------------------------------------------------- Store(path, process_group=...)  (test_distributed_store.py)
+
+
+def _outcome(call) -> dict:
+    try:
+        return {"ok": repr(call())}
+    except BaseException as exc:  # noqa: BLE001 - the test compares what every rank raised
+        return {"error": type(exc).__name__, "message": str(exc)[-1500:]}
+
+
+def _dump(out: str, name: str, value) -> None:
+    with open(os.path.join(out, name), "w") as f:
+        json.dump(value, f, indent=1, sort_keys=True)
+
+
+def _replicated_state(rank: int, group) -> dict:
+    """DDP: the same model on every rank; each rank's RNG and data position (per_rank); plain values."""
+    from ckstore.distributed.training import per_rank
+
+    torch.manual_seed(50 + rank)
+    mine = {"rng": torch.get_rng_state(), "position": torch.tensor([1000 + rank])}
+    return {"ddp": make_model(seed=7).state_dict(), "local": per_rank(mine, group=group), "meta": {"epoch": 3, "name": "run-a", "lrs": [0.1, 0.01]}}
+
+
+def scenario_store_save(rank: int, world: int, store_path: str, out: str) -> None:
+    """One 2-rank run through Store(process_group=...): replicated + per-rank + plain values, errors, ownership, retention, async, FSDP2."""
+    group = checkpoint_group(timeout=60)
+    report: dict = {"rank": rank}
+    with ckstore.Store(os.path.join(store_path, "ddp"), keep_last=2, process_group=group) as store:
+        state = _replicated_state(rank, group)
+        info = store.save(state, step=1, metrics={"loss": 0.5}, tags=["first"])
+        report["info"] = {"step": info.step, "tags": list(info.tags), "metrics": info.metrics}
+        if rank == 0:
+            torch.save(state["ddp"], os.path.join(out, "ddp-ref.pt"))
+        # Load into a template of zeros: every rank gets the replicated model, its own RNG and position, the values.
+        template = _replicated_state(rank, group)
+        torch.manual_seed(0)
+        local = next(iter(template["local"].values()))
+        local["rng"].zero_()
+        local["position"].zero_()
+        template["ddp"] = {k: torch.zeros_like(v) for k, v in template["ddp"].items()}
+        template["meta"] = {"epoch": 0, "name": "", "lrs": []}
+        assert store.load(template, step=1) is template
+        mine = next(iter(state["local"].values()))
+        report["load"] = {
+            "ddp_equal": all(torch.equal(template["ddp"][k], v) for k, v in state["ddp"].items()),
+            "rng_equal": bool(torch.equal(local["rng"], mine["rng"])),
+            "position": int(local["position"]),
+            "meta": template["meta"],
+        }
+        report["again"] = _outcome(lambda: store.save(state, step=1))  # committed: refused on every rank
+        report["disagree"] = _outcome(lambda: store.save(state, step=10 + rank))
+        report["no_state"] = _outcome(lambda: store.load(None, step=1))
+        report["tag"] = _outcome(lambda: store.tag(1, f"by-rank-{rank}"))
+        report["gc"] = _outcome(lambda: store.gc())
+        for step in (2, 3, 4):
+            store.save(state, step=step)
+        dist.barrier(group=group)
+        report["after_retention"] = [(i.step, sorted(i.tags)) for i in store.checkpoints()]
+        # In the background: staged when save returns; the state may change at once.
+        handle = store.save(state, step=5, blocking=False)
+        for value in state["ddp"].values():
+            value.fill_(99.0)
+        waited = store.wait()
+        report["async"] = {"handle": type(handle).__name__, "waited_step": waited.step, "result_step": handle.result().step}
+        fresh = {"ddp": {k: torch.zeros_like(v) for k, v in state["ddp"].items()}}
+        store.load(fresh)  # step=None: the newest that verifies on every rank (5)
+        report["async"]["loaded_pre_change"] = all(torch.equal(fresh["ddp"][k], v) for k, v in make_model(seed=7).state_dict().items())
+        report["latest"] = store.latest().step
+    # FSDP2: each rank writes the shards it owns.
+    model, opt = sharded(seed=0, world=world)
+    train_step(model, opt, 1, rank)
+    with ckstore.Store(os.path.join(store_path, "fsdp"), process_group=group) as store:
+        store.save(state_of(model, opt), step=1)
+        ref = full_state(model, opt)
+        if ref is not None:
+            torch.save(ref, os.path.join(out, "fsdp-ref.pt"))
+    _dump(out, f"store-save-{rank}.json", report)
+
+
+def scenario_store_load(rank: int, world: int, store_path: str, out: str) -> None:
+    """At another world size: load the 2-rank FSDP2 checkpoint (resharding), then save it from these ranks as step 2."""
+    group = checkpoint_group(timeout=60)
+    model, opt = sharded(seed=123, world=world)
+    train_step(model, opt, 99, rank)
+    with ckstore.Store(os.path.join(store_path, "fsdp"), process_group=group) as store:
+        state = state_of(model, opt)
+        store.load(state, step=1)
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        got = full_state(model, opt)
+        if got is not None:
+            torch.save(got, os.path.join(out, f"fsdp-loaded-at-{world}.pt"))
+        store.save(state_of(model, opt), step=2)
+
+
+def scenario_store_kill(rank: int, world: int, store_path: str, out: str) -> None:
+    """Rank CKSTORE_TEST_VICTIM stops inside its write (its file written and fsynced) until the test SIGKILLs it."""
+    from ckstore.distributed import dcp as ckdcp
+
+    group = checkpoint_group(timeout=float(os.environ["CKSTORE_TEST_GROUP_TIMEOUT"]))
+    if rank == int(os.environ["CKSTORE_TEST_VICTIM"]):
+        original = ckdcp.StoreWriter.write_data
+
+        def write_then_wait(self, plan, planner):
+            result = original(self, plan, planner)
+            with open(os.path.join(out, "victim-ready"), "w") as f:
+                f.write(str(os.getpid()))
+            time.sleep(600)  # the test kills this process here
+            return result
+
+        ckdcp.StoreWriter.write_data = write_then_wait  # this rank's process only (forked)
+    store = ckstore.Store(store_path, process_group=group)
+    dist.barrier(group=group)
+    started = time.monotonic()
+    outcome = {"rank": rank, **_outcome(lambda: store.save(_replicated_state(rank, group), step=5))}
+    outcome["seconds"] = time.monotonic() - started
+    _dump(out, f"outcome-{rank}.json", outcome)
+    os._exit(0)  # the group is broken: no collective teardown (it would wait for the dead rank)
+
+
+def scenario_store_resave(rank: int, world: int, store_path: str, out: str) -> None:
+    """Fresh processes after a lost save: the coordinator's first write recovers the store, and the save commits."""
+    group = checkpoint_group(timeout=60)
+    with ckstore.Store(store_path, process_group=group) as store:
+        info = store.save(_replicated_state(rank, group), step=5)
+    _dump(out, f"resave-{rank}.json", {"step": info.step})
+
+
 SCENARIOS = {
     "save": scenario_save,
     "load": scenario_load,
@@ -235,6 +363,10 @@ SCENARIOS = {
     "preempt": scenario_preempt,
     "resume": scenario_resume,
     "train": scenario_train,
+    "store_save": scenario_store_save,
+    "store_load": scenario_store_load,
+    "store_kill": scenario_store_kill,
+    "store_resave": scenario_store_resave,
 }
 
 

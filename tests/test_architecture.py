@@ -587,3 +587,14 @@ def test_store_finds_the_dvc_publisher_by_its_entry_point_and_names_the_group_wh
     monkeypatch.setattr(plugins, "entry_points", lambda **kw: ())
     with pytest.raises(ckstore.DvcError, match="ckstore.publishers"):
         plugins.find_publisher("dvc")
+
+
+def test_store_finds_its_multi_rank_implementation_by_entry_point_and_names_the_group_when_missing(monkeypatch, tmp_path):
+    """Store(process_group=...) reaches ckstore.distributed.ranks through the ckstore.collectives entry point (no upward import)."""
+    from ckstore.checkpoint import plugins
+    from ckstore.distributed import ranks
+
+    assert plugins.find_collective("torch") is ranks.attach  # the real installed metadata
+    monkeypatch.setattr(plugins, "entry_points", lambda **kw: ())
+    with pytest.raises(ckstore.InvalidArgumentError, match="ckstore.collectives"):
+        ckstore.Store(tmp_path / "store", process_group=object())

@@ -10,6 +10,7 @@ nothing of it is loaded and trained on first (see docs/security.md).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,19 @@ def check_lock_timeout(timeout: Any) -> None:
     # The same rule WriterLock.acquire applies (a negative timeout would make filelock wait forever).
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0):
         raise InvalidArgumentError(f"lock_timeout must be None (wait forever) or a number of seconds >= 0, got {timeout!r}")
+
+
+def check_store_path(path: Any) -> str:
+    """The store path as text; InvalidArgumentError for bytes, a non-path or a NUL byte (os raises untyped errors)."""
+    try:
+        raw = os.fspath(path)
+    except TypeError:
+        raise InvalidArgumentError(f"store path must be a str or os.PathLike, got {type(path).__name__}") from None
+    if not isinstance(raw, str):
+        raise InvalidArgumentError(f"store path must be text, not {type(raw).__name__}")
+    if "\0" in raw:
+        raise InvalidArgumentError(f"store path holds a NUL byte: {raw!r}")
+    return raw
 
 
 class WriterAccess:

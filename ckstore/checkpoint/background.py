@@ -202,6 +202,21 @@ def _reset_savers_in_child() -> None:
 
 os.register_at_fork(after_in_child=_reset_savers_in_child)
 
+_forked: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def reset_after_fork(obj: Any) -> None:
+    """Call ``obj._after_fork_in_child()`` in every child made by ``os.fork()`` while ``obj`` lives (a Store: fresh locks)."""
+    _forked.add(obj)
+
+
+def _reset_forked_in_child() -> None:
+    for obj in list(_forked):
+        obj._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_reset_forked_in_child)
+
 
 @atexit.register
 def _wait_at_exit() -> None:

@@ -30,6 +30,9 @@ from ..format.skeleton import tensor_refs
 from ..state.targets import plan_load
 from .catalog import Catalog, CheckpointInfo, CorruptCheckpointWarning
 
+#: The manifest ``state`` key of a checkpoint saved through DCP (``ckstore.distributed.dcp``): its DCP metadata as JSON.
+DCP_STATE_KEY = "dcp_metadata"
+
 
 @contextlib.contextmanager
 def gc_paused() -> Iterator[None]:
@@ -126,6 +129,14 @@ class Loader:
         """Read every file of ``info`` (into ``state``'s own tensors where they fit) and decode the state."""
         directory = str(info.path)
         manifest = self.catalog.manifest(info.path.name)
+        if isinstance(manifest.state, dict) and DCP_STATE_KEY in manifest.state:
+            # Its state is DCP's shards and metadata: returning them as the state would look like a load that worked.
+            raise StateError(
+                f"step {info.step} was saved through torch.distributed.checkpoint (by ranks of a process group); load it with "
+                f"Store(path, process_group=pg).load(state) on every rank, or in one process with "
+                f"dcp.load(state, storage_reader=ckstore.distributed.StoreReader(path, step={info.step}))",
+                key="state",
+            )
         if verify:
             self.catalog.refuse_unlisted(directory, manifest, info.step)
         # ``state`` is matched against the checkpoint before any byte is read

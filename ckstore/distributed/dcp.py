@@ -41,6 +41,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 
 from ..checkpoint.commit import write_tensor_file
+from ..checkpoint.loading import DCP_STATE_KEY
 from ..engine.write import prepare_tensor
 from ..format.safetensors import DTYPE_NAMES, DTYPES_BY_NAME, build_header, tensor_bytes
 from ..errors import CheckpointNotFoundError, IntegrityError, InvalidArgumentError, ManifestError, StateError, StorageError
@@ -56,8 +57,8 @@ from . import coordinator
 from .metadata_json import VALUE_ENCODING, ChunkStorage, metadata_from_json, metadata_to_json
 from .values import deliver_value, value_bytes
 
-#: The manifest's ``state`` key holding the metadata JSON text.
-METADATA_KEY = "dcp_metadata"
+#: The manifest's ``state`` key holding the metadata JSON text (``Store.load`` refuses such a checkpoint by it).
+METADATA_KEY = DCP_STATE_KEY
 
 
 def _as_store(store: Any, *, readonly: bool) -> tuple[Store, bool]:

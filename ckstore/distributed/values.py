@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.planner import ReadItem, SavePlan, SavePlanner, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint._traverse import set_element
 
 from ..errors import CkstoreError, ManifestError, StateError
@@ -180,6 +180,20 @@ class ValueLoadPlanner(DefaultLoadPlanner):
 
     def load_value(self, read_item: ReadItem, value: Any) -> None:
         assign_value(self, read_item, value)
+
+    def create_local_plan(self) -> LoadPlan:
+        try:
+            return super().create_local_plan()
+        except RuntimeError as exc:
+            # DCP's one untyped refusal of a state that does not fit: a key the checkpoint lacks.
+            text = str(exc)
+            if not text.startswith(_MISSING):
+                raise
+            key = text[len(_MISSING):].strip().rstrip(".")
+            raise StateError(f"{key}: the checkpoint has no such key (load with strict=False to restore the rest)", key=key) from None
+
+
+_MISSING = "Missing key in checkpoint state_dict:"
 
 
 def deliver_value(planner: Any, item: ReadItem, data: bytes | bytearray) -> None:

@@ -1,0 +1,172 @@
+"""``Store(path, process_group=pg)`` on real gloo process groups (one forked OS process per rank, 127.0.0.1).
+
+One 2-rank run (``store_save`` in ``distributed_worker.py``) saves a DDP-like replicated model, each rank's RNG and
+data position, and plain values; checks the typed errors every rank gets, who owns the store, retention, a
+background save, and saves an FSDP2-sharded model. A 4-rank run loads that checkpoint (2 -> 4) and saves its own;
+this process loads both into a plain model (N -> 1). Two more runs lose a rank mid-save (SIGKILL) and restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import ckstore
+from conftest import assert_same
+from test_distributed_ranks import _launch, _plain_load, _run, _wait_for
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store-ranks")
+    store, out = root / "store", root / "out"
+    out.mkdir()
+    _run("store_save", 2, store, out)
+    return store, out, [json.loads((out / f"store-save-{r}.json").read_text()) for r in (0, 1)]
+
+
+def _metadata(store_path: Path, step: int) -> dict:
+    manifest = json.loads((store_path / "checkpoints" / f"step-{step:08d}" / "manifest.json").read_bytes())
+    return json.loads(manifest["state"]["dcp_metadata"])
+
+
+@pytest.mark.guarantee("G20")
+def test_every_rank_gets_the_committed_checkpoint_and_loads_its_own_values(saved):
+    _, _, reports = saved
+    for rank, report in enumerate(reports):
+        assert report["info"] == {"step": 1, "tags": ["first"], "metrics": {"loss": 0.5}}
+        assert report["load"] == {"ddp_equal": True, "rng_equal": True, "position": 1000 + rank, "meta": {"epoch": 3, "name": "run-a", "lrs": [0.1, 0.01]}}
+
+
+@pytest.mark.guarantee("G16")
+def test_replicated_tensors_are_stored_once_and_values_as_json(saved):
+    store_path, out, _ = saved
+    ddp = store_path / "ddp"
+    meta = _metadata(ddp, 1)
+    replicated = torch.load(out / "ddp-ref.pt", weights_only=True)
+    for key, tensor in replicated.items():
+        chunks = meta["tensors"][f"ddp.{key}"]["chunks"]
+        assert len(chunks) == 1 and chunks[0]["storage"]["length"] == tensor.numel() * tensor.element_size()  # once, not per rank
+    assert {k for k in meta["tensors"] if k.startswith("local.")} == {f"local.rank-0000{r}.{n}" for r in (0, 1) for n in ("rng", "position")}
+    assert set(meta["bytes"]) == {"meta.epoch", "meta.name", "meta.lrs"}
+    directory = ddp / "checkpoints" / "step-00000001"
+    for item in meta["bytes"].values():
+        assert item["encoding"] == "ckstore-json"
+        storage = item["storage"]
+        with open(directory / storage["file"], "rb") as f:
+            f.seek(storage["offset"])
+            data = f.read(storage["length"])
+        assert data.startswith(b'{"format":"ckstore.dcp-value"')
+        assert not any(bytes([0x80, n]) in data for n in range(2, 6))  # no pickle protocol header
+        assert b"PK" not in data[:2]  # nor torch.save's zip container
+
+
+@pytest.mark.guarantee("G7", "G20")
+def test_errors_are_the_same_typed_error_on_every_rank(saved):
+    _, _, reports = saved
+    assert {r["again"]["error"] for r in reports} == {"CheckpointExistsError"}
+    assert {r["disagree"]["error"] for r in reports} == {"InvalidArgumentError"}
+    assert all("rank 0: 10, rank 1: 11" in r["disagree"]["message"] for r in reports)
+    assert {r["no_state"]["error"] for r in reports} == {"InvalidArgumentError"}
+    assert all("state is required" in r["no_state"]["message"] for r in reports)
+
+
+@pytest.mark.guarantee("G12", "G20")
+def test_only_the_coordinator_changes_the_store_and_retention_runs_once(saved):
+    store_path, _, reports = saved
+    assert "ok" in reports[0]["tag"] and "ok" in reports[0]["gc"]
+    for method in ("tag", "gc"):
+        assert reports[1][method]["error"] == "ReadOnlyStoreError"
+        assert f"Store.{method}()" in reports[1][method]["message"] and "global rank 0" in reports[1][method]["message"]
+    # keep_last=2 applied by the coordinator after each save; step 1 is tagged. Both ranks list the same.
+    assert reports[0]["after_retention"] == reports[1]["after_retention"] == [[1, ["by-rank-0", "first"]], [3, []], [4, []]]
+    with ckstore.Store(store_path / "ddp", readonly=True) as store:
+        assert [i.step for i in store.checkpoints()] == [1, 4, 5]
+        assert all(store.verify(i.step) == [] for i in store.checkpoints())
+    assert os.listdir(store_path / "ddp" / ".staging") == []
+
+
+@pytest.mark.guarantee("G15", "G20")
+def test_a_background_save_on_two_ranks_holds_the_state_of_the_call(saved):
+    _, _, reports = saved
+    for report in reports:
+        assert report["async"] == {"handle": "AsyncSave", "waited_step": 5, "result_step": 5, "loaded_pre_change": True}
+        assert report["latest"] == 5
+
+
+@pytest.mark.guarantee("G20")
+def test_fsdp2_checkpoint_reshards_to_four_ranks_and_to_one_process_bitwise(saved):
+    store_path, out, _ = saved
+    fsdp = store_path / "fsdp"
+    ref = torch.load(out / "fsdp-ref.pt", weights_only=True)
+    assert sorted(p.name for p in (fsdp / "checkpoints" / "step-00000001").iterdir()) == ["manifest.json", "rank-00000.safetensors", "rank-00001.safetensors"]
+    assert_same(_plain_load(fsdp, 1), ref)  # N -> 1 through StoreReader
+    _run("store_load", 4, store_path, out)  # 2 -> 4, then a 4-rank save of what it loaded
+    assert_same(torch.load(out / "fsdp-loaded-at-4.pt", weights_only=True), ref)
+    names = sorted(p.name for p in (fsdp / "checkpoints" / "step-00000002").iterdir())
+    assert names == ["manifest.json"] + [f"rank-0000{r}.safetensors" for r in range(4)]
+    assert_same(_plain_load(fsdp, 2), ref)
+    with warnings.catch_warnings(), ckstore.Store(fsdp, readonly=True) as store:
+        warnings.simplefilter("ignore")
+        with pytest.raises(ckstore.StateError, match="StoreReader"):
+            store.load(step=2)  # no process group: refused with the way to load it, never DCP's raw shards
+
+
+GROUP_TIMEOUT_S = 8
+
+
+@pytest.mark.guarantee("G2", "G13", "G20")
+@pytest.mark.parametrize("victim", [1, 0], ids=["rank-1-killed", "coordinator-killed"])
+def test_a_rank_killed_mid_save_fails_the_survivor_in_bounded_time_and_a_fresh_save_recovers(tmp_path, victim):
+    store_path, out = tmp_path / "store", tmp_path / "out"
+    out.mkdir()
+    proc = _launch("store_kill", 2, store_path, out, env={"CKSTORE_TEST_GROUP_TIMEOUT": str(GROUP_TIMEOUT_S), "CKSTORE_TEST_VICTIM": str(victim)})
+    survivor = 1 - victim
+    pid = None
+    try:
+        _wait_for(out / "victim-ready", proc)
+        pid = int((out / "victim-ready").read_text())
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        while not (out / f"outcome-{survivor}.json").exists():
+            assert time.monotonic() < killed + GROUP_TIMEOUT_S + 60, "the survivor never finished"
+            time.sleep(0.05)
+        waited = time.monotonic() - killed
+    finally:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=60)
+        if proc.poll() is None:
+            proc.kill()
+    outcome = json.loads((out / f"outcome-{survivor}.json").read_text())
+    assert outcome.get("error") == "DistributedError", outcome
+    assert "nothing was committed" in outcome["message"]
+    assert waited < GROUP_TIMEOUT_S + 15, f"the survivor took {waited:.1f}s after the kill"
+    print(f"survivor (rank {survivor}) raised {waited:.2f}s after the kill")
+    with ckstore.Store(store_path, readonly=True) as store:
+        assert store.checkpoints() == []  # nothing partial committed
+    # A surviving coordinator removed its staging at once; a killed one left it for the next writer's recovery.
+    assert bool(os.listdir(store_path / ".staging")) == (victim == 0)
+    _run("store_resave", 2, store_path, out)
+    assert [json.loads((out / f"resave-{r}.json").read_text()) for r in (0, 1)] == [{"step": 5}, {"step": 5}]
+    with ckstore.Store(store_path, readonly=True) as store:
+        assert [i.step for i in store.checkpoints()] == [5] and store.verify(5) == []
+    assert os.listdir(store_path / ".staging") == []
+
+
+def test_a_process_group_without_torch_distributed_is_a_typed_error(store_path):
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    with pytest.raises(ckstore.InvalidArgumentError, match="init_process_group"):
+        ckstore.Store(store_path, process_group=object())
