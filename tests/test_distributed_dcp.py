@@ -56,13 +56,14 @@ def test_save_commits_one_checkpoint_the_store_lists_and_verifies(store_path):
         assert [i.step for i in infos] == [5]
         assert infos[0].metrics == {"loss": 0.5} and tuple(infos[0].tags) == ("good",)
         assert store.verify(5) == []
-        # Store.load has no DCP planner: it refuses, naming the ways that load such a checkpoint, instead of
-        # returning DCP's raw shards as if they were the state.
-        for call in (lambda: store.load(step=5), lambda: store.load(), lambda: store.load(_empty_like(state))):
+        # Without a template, the ordinary load returns the raw, verified shards and the JSON metadata.
+        raw = store.load(step=5)
+        assert isinstance(raw["dcp_metadata"], str)
+        assert {item["fqn"] for item in raw["items"]} >= {"model.0.weight", "optim.state.0.exp_avg"}
+        # Into a state, Store.load (no DCP planner) refuses, naming the ways that load such a checkpoint.
+        for call in (lambda: store.load(_empty_like(state), step=5), lambda: store.load(_empty_like(state))):
             with pytest.raises(ckstore.StateError, match="StoreReader"):
                 call()
-    manifest = json.loads((store_path / "checkpoints" / "step-00000005" / "manifest.json").read_bytes())
-    assert {item["fqn"] for item in manifest["state"]["items"]} >= {"model.0.weight", "optim.state.0.exp_avg"}
     assert not os.listdir(store_path / ".staging")
 
 

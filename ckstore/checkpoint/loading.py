@@ -129,8 +129,9 @@ class Loader:
         """Read every file of ``info`` (into ``state``'s own tensors where they fit) and decode the state."""
         directory = str(info.path)
         manifest = self.catalog.manifest(info.path.name)
-        if isinstance(manifest.state, dict) and DCP_STATE_KEY in manifest.state:
-            # Its state is DCP's shards and metadata: returning them as the state would look like a load that worked.
+        if state is not None and isinstance(manifest.state, dict) and DCP_STATE_KEY in manifest.state:
+            # Its state is DCP's shards and metadata, which no template of the caller's matches: say how to load it.
+            # (With no template, load() returns that raw view, verified: the chunks and the metadata text.)
             raise StateError(
                 f"step {info.step} was saved through torch.distributed.checkpoint (by ranks of a process group); load it with "
                 f"Store(path, process_group=pg).load(state) on every rank, or in one process with "

@@ -20,9 +20,9 @@ for the protocol):
   ``verify()``, tags, metrics and retention (applied by the coordinator) see it;
 * ``StoreReader`` reads only the chunks the load plan asks for and verifies
   each chunk's hash before its bytes are used, so resharding (N to M ranks,
-  N to 1 process) reads and verifies only what each rank needs. Non-tensor
-  values, which DCP's planner unpickles, are first checked to unpickle under
-  ``torch.load(weights_only=True)``.
+  N to 1 process) reads and verifies only what each rank needs;
+* non-tensor values are stored as ckstore JSON, never DCP's pickle, and
+  decoded on load without unpickling (``ckstore.distributed.values``).
 """
 
 from __future__ import annotations
@@ -111,6 +111,11 @@ class StoreWriter(_OnStore, StorageWriter):
     ``metrics`` and ``tags``. ``use_collectives=False`` is refused: without
     the gather there is no point at which every rank's files are known to be
     durable, so nothing could be committed.
+
+    Given a path, the writer opens its own Store and closes it (releasing the
+    writer lock) once the save commits or fails in a step it sees; a failure
+    on another rank never reaches it, so the lock then lasts until the writer
+    is garbage. Pass a Store you close, or use ``Store(process_group=...)``.
     """
 
     def __init__(self, store: Store | str | os.PathLike, *, step: int, metrics: Mapping[str, Any] | None = None, tags: Iterable[str] = ()) -> None:
