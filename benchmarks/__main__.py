@@ -30,19 +30,23 @@ import json
 import mmap
 import os
 import platform
+import queue
 import shutil
 import statistics
 import sys
+import threading
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 import ckstore
 from ckstore.engine import write as _write
+from ckstore.engine.hashpool import usable_cores
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -50,6 +54,8 @@ CHUNK = 16 * MiB
 #: The stall's reference: a memcpy of the state into existing host buffers
 #: (one thread), or on a GPU the device-to-host copy into existing pinned memory.
 MEMCPY = "memcpy into existing buffers (1 thread)"
+WRITE_LIMIT = "write limit (O_DIRECT 16 MiB + fsync)"
+COPYING_LIMIT = "write limit through aligned buffers (copy + O_DIRECT)"
 #: Pause after the ``sync`` that precedes every timed case (see ``Bench.settle``).
 SETTLE_S = 0.3
 
@@ -228,8 +234,61 @@ class Bench:
             os.fsync(dfd)
             os.close(dfd)
 
-        self.timed("write limit (O_DIRECT 16 MiB + fsync)", run)
+        self.timed(WRITE_LIMIT, run)
         self.files["probe"] = path
+
+    def write_probe_copying(self) -> None:
+        """The floor of an O_DIRECT writer of tensors: copy the state through three aligned 16 MiB buffers while a second thread writes them.
+
+        Tensor memory is never page-aligned (torch's CPU allocator aligns to 64 bytes), so
+        an O_DIRECT writer must copy every byte into aligned buffers while it writes: no
+        header, no hashing, no files but one. ckstore's save minus this is its own cost.
+        """
+        path = os.path.join(self.dir, "probe-copying.bin")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        slots = [np.frombuffer(mmap.mmap(-1, CHUNK), dtype=np.uint8) for _ in range(3)]
+
+        def run() -> None:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_DIRECT", 0), 0o644)
+            free: queue.SimpleQueue = queue.SimpleQueue()
+            full: queue.SimpleQueue = queue.SimpleQueue()
+            for slot in slots:
+                free.put(slot)
+
+            def write() -> None:
+                while (item := full.get()) is not None:
+                    slot, n = item
+                    os.write(fd, memoryview(slot)[:n])
+                    free.put(slot)
+
+            writer = threading.Thread(target=write, daemon=True)
+            writer.start()
+            try:
+                slot, fill = free.get(), 0
+                for src in self.tensors.values():
+                    data = src.reshape(-1).view(torch.uint8).numpy()
+                    pos = 0
+                    while pos < len(data):
+                        n = min(len(data) - pos, CHUNK - fill)
+                        np.copyto(slot[fill : fill + n], data[pos : pos + n])
+                        fill, pos = fill + n, pos + n
+                        if fill == CHUNK:
+                            full.put((slot, fill))
+                            slot, fill = free.get(), 0
+                if fill >= 4096:
+                    full.put((slot, fill - fill % 4096))  # the unaligned tail is left out, as in the plain probe
+                full.put(None)
+                writer.join()
+                os.fsync(fd)
+            finally:
+                full.put(None)
+                os.close(fd)
+
+        if self.device.type == "cpu":
+            self.timed(COPYING_LIMIT, run)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
     def raw_read(self) -> None:
         """Read the probe file (as many bytes as the state) into existing memory, 16 MiB per call."""
@@ -457,13 +516,17 @@ def _human(tensor: torch.Tensor) -> str:
 
 # ---------------------------------------------------------------- report
 
+#: Issue 13's targets. A warm verified load may take 1.3x a raw read on fewer than 8 cores, 1.1x on 8 or more.
+_WARM_VERIFIED = 1.1 if usable_cores() >= 8 else 1.3
+
 TARGETS = {
-    # case: (reference case, target ratio for the mixed state, for the small state)
-    "ckstore save (sync)": ("write limit (O_DIRECT 16 MiB + fsync)", 1.15, 1.5),
+    # case: (reference case, target ratio for the mixed states, for the small state; None: no target)
+    "ckstore save (sync)": (WRITE_LIMIT, 1.15, 1.5),
     "ckstore save(blocking=False) stall": (MEMCPY, 1.2, 1.2),
     "ckstore background save total": ("ckstore save (sync)", 1.2, 1.2),
-    "ckstore load into model cold": ("raw read cold", 1.2, 1.2),
-    "ckstore load into model warm": ("raw read warm", 1.1, 1.1),
+    "ckstore load into model cold": ("raw read cold", 1.1, 1.1),
+    "ckstore load into model warm": ("raw read warm", _WARM_VERIFIED, _WARM_VERIFIED),
+    "ckstore load into model, verify=False warm": ("raw read warm", None, 1.5),
 }
 
 
@@ -481,6 +544,19 @@ def reference_for(case: str) -> str | None:
     return None
 
 
+def paired_ratio(times: Mapping[str, list[float]], case: str, ref: str) -> float:
+    """The median over repetitions of ``case / ref`` measured in the same repetition.
+
+    The disk's speed drifts by 2x within minutes here; a ratio of two medians
+    pairs a case with probes taken minutes apart, a per-repetition ratio with
+    the probe taken seconds before it.
+    """
+    a, b = times[case], times[ref]
+    if len(a) != len(b):
+        return statistics.median(a) / statistics.median(b)
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
 def report(bench: Bench, small: bool) -> dict[str, Any]:
     med = {case: statistics.median(values) for case, values in bench.times.items()}
     print(f"\n## {bench.label}: {bench.size / GiB:.2f} GiB in {len(bench.tensors):,} tensors, {len(bench.times['ckstore save (sync)'])} repetitions")
@@ -488,9 +564,9 @@ def report(bench: Bench, small: bool) -> dict[str, Any]:
     print("|---|---:|---:|---:|---|---|")
     for case, seconds in med.items():
         ref = reference_for(case)
-        ratio = seconds / med[ref] if ref and ref in med and ref != case else None
+        ratio = paired_ratio(bench.times, case, ref) if ref and ref in med and ref != case else None
         target = ""
-        if case in TARGETS and ratio is not None:
+        if case in TARGETS and ratio is not None and TARGETS[case][2 if small else 1] is not None:
             limit = TARGETS[case][2 if small else 1]
             target = f"<= {limit}x: {'ok' if ratio <= limit else 'MISSED'}"
         if "one" in case and "ckstore" in case:
@@ -501,8 +577,14 @@ def report(bench: Bench, small: bool) -> dict[str, Any]:
         print(f"| {case} | {seconds:.3f} | {rate} | {f'{ratio:.2f}x' if ratio is not None else ''} | {ref if ratio is not None else ''} | {target} |")
     sync, nohash = med.get("ckstore save (sync)"), med.get("ckstore save (sync, hashing off)")
     extra = {}
+    if sync and COPYING_LIMIT in med:
+        print(
+            f"\nckstore sync save vs the write limit through aligned buffers: "
+            f"{paired_ratio(bench.times, 'ckstore save (sync)', COPYING_LIMIT):.2f}x (that limit is "
+            f"{paired_ratio(bench.times, COPYING_LIMIT, WRITE_LIMIT):.2f}x the plain write limit)"
+        )
     if sync and nohash:
-        overhead = sync / nohash - 1
+        overhead = paired_ratio(bench.times, "ckstore save (sync)", "ckstore save (sync, hashing off)") - 1
         limit = 0.25 if small else 0.10
         extra["hash_overhead"] = overhead
         print(f"\nhashing adds {overhead * 100:+.0f}% to a sync save (target <= {limit * 100:.0f}%: {'ok' if overhead <= limit else 'MISSED'})")
@@ -538,6 +620,7 @@ def run_state(directory: str, label: str, state: dict[str, Any], reps: int, smal
         for rep in range(reps):
             print(f"  {label}: repetition {rep + 1}/{reps}", file=sys.stderr, flush=True)
             bench.write_probe()
+            bench.write_probe_copying()
             bench.memcpy_probe()
             bench.peer(bench.torch_save)
             bench.ckstore_sync()
