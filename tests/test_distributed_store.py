@@ -127,8 +127,12 @@ GROUP_TIMEOUT_S = 8
 
 
 @pytest.mark.guarantee("G2", "G13", "G20")
-@pytest.mark.parametrize("victim", [1, 0], ids=["rank-1-killed", "coordinator-killed"])
-def test_a_rank_killed_mid_save_fails_the_survivor_in_bounded_time_and_a_fresh_save_recovers(tmp_path, victim):
+@pytest.mark.parametrize(
+    ("victim", "sig"), [(1, signal.SIGKILL), (0, signal.SIGKILL), (1, signal.SIGSTOP)], ids=["rank-1-killed", "coordinator-killed", "rank-1-frozen"]
+)
+def test_a_rank_lost_mid_save_fails_the_survivor_in_bounded_time_and_a_fresh_save_recovers(tmp_path, victim, sig):
+    """SIGKILL: gloo sees the closed connection at once. SIGSTOP (a hung rank whose sockets stay open): bounded by
+    checkpoint_group's timeout."""
     store_path, out = tmp_path / "store", tmp_path / "out"
     out.mkdir()
     proc = _launch("store_kill", 2, store_path, out, env={"CKSTORE_TEST_GROUP_TIMEOUT": str(GROUP_TIMEOUT_S), "CKSTORE_TEST_VICTIM": str(victim)})
@@ -137,13 +141,16 @@ def test_a_rank_killed_mid_save_fails_the_survivor_in_bounded_time_and_a_fresh_s
     try:
         _wait_for(out / "victim-ready", proc)
         pid = int((out / "victim-ready").read_text())
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, sig)
         killed = time.monotonic()
         while not (out / f"outcome-{survivor}.json").exists():
             assert time.monotonic() < killed + GROUP_TIMEOUT_S + 60, "the survivor never finished"
             time.sleep(0.05)
         waited = time.monotonic() - killed
     finally:
+        if pid is not None:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)  # a frozen victim is only stopped
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.communicate(timeout=60)
         if proc.poll() is None:
@@ -152,7 +159,7 @@ def test_a_rank_killed_mid_save_fails_the_survivor_in_bounded_time_and_a_fresh_s
     assert outcome.get("error") == "DistributedError", outcome
     assert "nothing was committed" in outcome["message"]
     assert waited < GROUP_TIMEOUT_S + 15, f"the survivor took {waited:.1f}s after the kill"
-    print(f"survivor (rank {survivor}) raised {waited:.2f}s after the kill")
+    print(f"survivor (rank {survivor}) raised {waited:.2f}s after {signal.Signals(sig).name}")
     with ckstore.Store(store_path, readonly=True) as store:
         assert store.checkpoints() == []  # nothing partial committed
     # A surviving coordinator removed its staging at once; a killed one left it for the next writer's recovery.
@@ -170,3 +177,49 @@ def test_a_process_group_without_torch_distributed_is_a_typed_error(store_path):
     assert not dist.is_initialized()
     with pytest.raises(ckstore.InvalidArgumentError, match="init_process_group"):
         ckstore.Store(store_path, process_group=object())
+
+
+def test_load_options_on_a_one_rank_group(store_path, run_python):
+    """A group of one (in a subprocess, so this process never initialises torch.distributed): strict, classes, refusals."""
+    code = """
+        import enum, json, os, socket, sys, warnings
+        warnings.simplefilter("ignore")
+        import torch, torch.distributed as dist
+        import ckstore
+        from ckstore.distributed import checkpoint_group
+
+        class Phase(enum.Enum):
+            WARMUP = 1
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        out = {}
+        def outcome(call):
+            try:
+                call()
+                return "ok"
+            except ckstore.CkstoreError as exc:
+                return f"{type(exc).__name__}: {getattr(exc, 'key', None)}: {exc}"
+        with ckstore.Store(sys.argv[1], process_group=checkpoint_group(timeout=30)) as store:
+            store.save({"w": torch.ones(3), "phase": Phase.WARMUP}, step=1)
+            more = {"w": torch.zeros(3), "extra": torch.zeros(2), "phase": None}
+            out["strict"] = outcome(lambda: store.load(more, classes=[Phase]))
+            out["relaxed"] = outcome(lambda: store.load(more, strict=False, classes=[Phase]))
+            out["values"] = [more["w"].tolist(), more["extra"].tolist(), more["phase"] is Phase.WARMUP]
+            out["no_classes"] = outcome(lambda: store.load({"w": torch.zeros(3), "phase": None}))
+            out["map_location"] = outcome(lambda: store.load({"w": torch.zeros(3)}, map_location="cpu"))
+            out["unverified"] = outcome(lambda: store.load({"w": torch.zeros(3)}, verify=False))
+            out["missing_step"] = outcome(lambda: store.load({"w": torch.zeros(3)}, step=7))
+        dist.destroy_process_group()
+        print(json.dumps(out))
+    """
+    done = run_python(code, str(store_path), timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["strict"].startswith("StateError: extra: extra: the checkpoint has no such key")
+    assert out["relaxed"] == "ok" and out["values"] == [[1.0, 1.0, 1.0], [0.0, 0.0], True]
+    assert out["no_classes"].startswith("StateError: phase: ") and "Phase" in out["no_classes"]
+    assert out["map_location"].startswith("InvalidArgumentError") and out["unverified"].startswith("InvalidArgumentError")
+    assert out["missing_step"].startswith("CheckpointNotFoundError")
