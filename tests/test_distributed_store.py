@@ -212,6 +212,7 @@ def test_load_options_on_a_one_rank_group(store_path, run_python):
             out["map_location"] = outcome(lambda: store.load({"w": torch.zeros(3)}, map_location="cpu"))
             out["unverified"] = outcome(lambda: store.load({"w": torch.zeros(3)}, verify=False))
             out["missing_step"] = outcome(lambda: store.load({"w": torch.zeros(3)}, step=7))
+            out["bad_tags"] = outcome(lambda: store.save({"w": torch.ones(3)}, step=2, tags=5))  # TypeError in the checks
         dist.destroy_process_group()
         print(json.dumps(out))
     """
@@ -223,3 +224,4 @@ def test_load_options_on_a_one_rank_group(store_path, run_python):
     assert out["no_classes"].startswith("StateError: phase: ") and "Phase" in out["no_classes"]
     assert out["map_location"].startswith("InvalidArgumentError") and out["unverified"].startswith("InvalidArgumentError")
     assert out["missing_step"].startswith("CheckpointNotFoundError")
+    assert out["bad_tags"].startswith("InvalidArgumentError") and "TypeError" in out["bad_tags"]

@@ -211,6 +211,8 @@ class Ranks:
             payload = check()
         except CkstoreError as exc:
             problem = exc
+        except Exception as exc:  # noqa: BLE001 - raised alone, it would leave the other ranks waiting in the gather
+            problem = InvalidArgumentError(f"{what}: {type(exc).__name__}: {str(exc)[:500]}")
         everyone: list[Any] = [None] * self.world
         self._collective(what, lambda: dist.all_gather_object(everyone, (payload, problem), group=self.group))
         for rank, (_, error) in enumerate(everyone):
