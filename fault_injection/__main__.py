@@ -4,7 +4,8 @@ Profiles: ``smoke`` (seconds; used by the pytest smoke test), ``ci`` (about
 ten minutes on 2 cores; run by ``make test``), ``full`` (hours: every tier on
 every mutant, more power cuts, random subsets, fuzz inputs). What each covers:
 docs/fault-injection.md. ``--tiers`` picks a subset, e.g. ``--tiers
-kill,model``. ``--report FILE`` also writes the table to a file.
+kill,model``; ``distributed`` kills and crash-models multi-rank DCP saves
+(fault_injection/distributed.py). ``--report FILE`` also writes the table to a file.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import tempfile
 import time
 from typing import Any
 
-TIERS = ("kill", "model", "power", "errors", "mutation", "badfiles", "readfaults", "security")
+TIERS = ("kill", "model", "power", "errors", "mutation", "badfiles", "readfaults", "security", "distributed")
 
 ALL_WORKLOADS = ["first_save", "next_save", "many_files", "retention", "tag_update", "gc_delete", "second_writer", "recover_leftovers", "async_save", "train_resume"]
 #: The write paths added with the retention oracle: incremental links, a model-sized layout, background
@@ -51,6 +52,11 @@ PROFILES: dict[str, dict[str, Any]] = {
         "crafted": True,
         "fuzz_inputs": 3_000,
         "read_operations": ["load", "verify", "read_tensor"],
+        # multi-rank DCP saves (fault_injection/distributed.py): kill points of each victim, the crash model
+        "distributed_worlds": [2],
+        "distributed_stride": 4,
+        "distributed_model_worlds": [2],
+        "distributed_random_subsets": 2,
     },
     "ci": {
         "kill_workloads": ALL_WORKLOADS + NEW_WORKLOADS + [w for w in CONTINUATION if w not in NOT_YET] + ["dvc_publish"],
@@ -78,6 +84,11 @@ PROFILES: dict[str, dict[str, Any]] = {
         "crafted": True,
         "fuzz_inputs": 100_000,
         "read_operations": "all",
+        # every kill point of rank 1, the coordinator and all ranks of a 2-rank save (53 runs), the crash model on it
+        "distributed_worlds": [2],
+        "distributed_stride": 1,
+        "distributed_model_worlds": [2],
+        "distributed_random_subsets": 6,
     },
     "full": {
         "kill_workloads": ALL_WORKLOADS + NEW_WORKLOADS + CONTINUATION + ["next_save_large", "dvc_publish"],
@@ -98,6 +109,10 @@ PROFILES: dict[str, dict[str, Any]] = {
         "crafted": True,
         "fuzz_inputs": 1_000_000,
         "read_operations": "all",
+        "distributed_worlds": [2, 3],
+        "distributed_stride": 1,
+        "distributed_model_worlds": [2, 3],
+        "distributed_random_subsets": 60,
     },
 }
 
@@ -177,6 +192,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             from . import security
 
             show(security.run_tier(workdir))
+        if "distributed" in tiers:
+            from . import distributed
+
+            for world in profile["distributed_worlds"]:
+                for victim in distributed.VICTIMS:
+                    show([distributed.run_kill_row(workdir, world=world, victim=victim, stride=profile["distributed_stride"])])
+            for n, world in enumerate(profile["distributed_model_worlds"]):
+                show([distributed.run_model_row(workdir, world=world, seed=args.seed + n, random_subsets=profile["distributed_random_subsets"])])
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     elapsed = time.monotonic() - start

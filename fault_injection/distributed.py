@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -54,8 +55,13 @@ import torch.distributed.checkpoint as dcp  # noqa: E402
 import ckstore  # noqa: E402
 from ckstore.distributed import StoreReader, StoreWriter  # noqa: E402
 from ckstore.storage import durable  # noqa: E402
+from fault_injection.invariants import COMPLETES  # noqa: E402
+from fault_injection.killpoints import outcome_digest  # noqa: E402
+from fault_injection.report import Row  # noqa: E402
 
 VICTIMS = ("rank1", "coordinator", "all")
+#: Seconds a run may take before the harness calls it hung (the ranks' group times out after 15).
+HANG_S = 60
 
 
 def rank_state(rank: int) -> dict:
@@ -125,8 +131,9 @@ def run_one(root: str, world: int, victim: str, k: int) -> dict:
     with open(pids_file + ".tmp", "w") as f:
         f.write(" ".join(map(str, pids)))
     os.rename(pids_file + ".tmp", pids_file)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + HANG_S
     codes = {}
+    hung = False
     while len(codes) < world:
         for pid in pids:
             if pid in codes:
@@ -135,6 +142,7 @@ def run_one(root: str, world: int, victim: str, k: int) -> dict:
             if done:
                 codes[pid] = status
         if time.monotonic() > deadline:
+            hung = True
             for pid in pids:
                 if pid not in codes:
                     os.kill(pid, signal.SIGKILL)
@@ -143,9 +151,14 @@ def run_one(root: str, world: int, victim: str, k: int) -> dict:
         time.sleep(0.02)
     killed = any(os.WIFSIGNALED(codes[p]) for p in pids)
     acked = sorted(int(name[4:]) for name in os.listdir(out) if name.startswith("ack-"))
+    # What the kill left on disk, before check() recovers the store (killpoints' digest: random names normalised).
+    outcome = outcome_digest(store) if os.path.isdir(store) else "no store"
     violations = check(store, world, acked)
+    if hung:
+        # A survivor must fail within the group's timeout (15 s here), never wait on a dead rank indefinitely.
+        violations.insert(0, f"a rank was still running {HANG_S} s after the start; the harness killed it")
     committed = os.path.isdir(os.path.join(store, "checkpoints", "step-00000001"))
-    return {"victim": victim, "k": k, "fired": killed, "acked": acked, "committed": committed, "violations": violations}
+    return {"victim": victim, "k": k, "fired": killed and not hung, "acked": acked, "committed": committed, "violations": violations, "outcome": outcome}
 
 
 def check(store: str, world: int, acked: list[int]) -> list[str]:
@@ -199,6 +212,44 @@ def run(world: int = 2, victims: tuple[str, ...] = VICTIMS, max_k: int = 60) -> 
                 if not row["fired"]:
                     break  # the victim finished before its k-th operation: every boundary was covered
     return rows
+
+
+def run_kill_row(workdir: str, *, world: int, victim: str, stride: int = 1, max_k: int = 200) -> Row:
+    """The kill points of one victim as a row of the harness's table (``python -m fault_injection run``, tier ``distributed``).
+
+    Kills before the victim's operation k = 1, 1 + stride, 1 + 2 stride, ... until a run goes through unkilled;
+    that run must save on every rank and commit step 1. Cycles count every run (the unkilled one included),
+    crash states the distinct on-disk outcomes the kills left.
+    """
+    row = Row("distributed", f"kill {victim}: {world}-rank dcp.save")
+    start = time.monotonic()
+    root = tempfile.mkdtemp(prefix=f"dist-kill-{victim}-{world}-", dir=workdir)
+    outcomes: set[str] = set()
+    fired = committed = 0
+    last: dict | None = None
+    try:
+        for k in range(1, max_k + 1, stride):
+            last = run_one(root, world, victim, k)
+            shutil.rmtree(os.path.join(root, f"{victim}-{k}"), ignore_errors=True)
+            row.cycles += 1
+            for message in last["violations"]:
+                row.violation(f"{victim} killed before its durable operation {k}: {message}")
+            if not last["fired"]:
+                break
+            fired += 1
+            committed += last["committed"]
+            outcomes.add(last["outcome"])
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    if last is not None and last["fired"]:
+        row.violation(f"{COMPLETES}: {victim} was killed in every run up to operation {max_k}; no run went through")
+    elif last is not None and not (last["committed"] and last["acked"] == list(range(world))):
+        row.violation(f"{COMPLETES}: the unkilled save acknowledged ranks {last['acked']} of {world}, committed: {last['committed']}")
+    row.states = len(outcomes)
+    row.seconds = time.monotonic() - start
+    span = f"{fired} kill points" if stride == 1 else f"{fired} kill points (every {stride}th operation)"
+    row.note = f"{span}; {committed} left step 1 committed; {len(outcomes)} distinct outcomes; the unkilled run saved on all {world} ranks"
+    return row
 
 
 # ---------------------------------------------------------------- the crash model on a 2-rank save
@@ -278,6 +329,13 @@ def run_crash_model(workdir: str, *, world: int = 2, seed: int = 0, random_subse
     from fault_injection.crashmodel import run_workload
 
     return run_workload(crash_workload(world), workdir, random_subsets=random_subsets, seed=seed)
+
+
+def run_model_row(workdir: str, *, world: int = 2, seed: int = 0, random_subsets: int = 8) -> Row:
+    """:func:`run_crash_model` as a row of the harness's table (tier ``distributed``)."""
+    row = run_crash_model(workdir, world=world, seed=seed, random_subsets=random_subsets)
+    row.tier, row.workload = "distributed", f"crash model: {world}-rank dcp.save x2"
+    return row
 
 
 def main() -> None:

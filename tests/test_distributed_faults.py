@@ -7,6 +7,7 @@ Run in a subprocess: the harness forks its ranks from an interpreter that has im
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 from conftest import PYTHON, REPO_ROOT, subprocess_env
@@ -39,3 +40,65 @@ def test_the_crash_model_finds_no_violation_in_a_two_rank_save(tmp_path):
     row = fid.run_crash_model(str(tmp_path), world=2)
     assert row.violations == 0, row.examples[:3]
     assert row.states >= 50  # the model really enumerated states
+
+
+# ---------------------------------------------------------------- the tier in the main harness
+
+#: The manifest written into the checkpoint after the commit rename, not before it: a kill or a power cut between
+#: the two leaves a committed directory without a manifest. A copy of the package gets the patch (the mutation
+#: tier's way, ``fault_injection.mutants.apply``); the harness runs against the copy through PYTHONPATH.
+_MANIFEST_AFTER_RENAME = (
+    ("checkpoint/commit.py", 'with _durable.create(os.path.join(staging, MANIFEST_NAME), site="manifest") as writer:', "replace", ("if False:  # planted: the manifest moves after the rename",)),
+    (
+        "checkpoint/commit.py",
+        "renamed.append(True)",
+        "after",
+        ('with _durable.create(os.path.join(self.ckpt_dir, final_name, MANIFEST_NAME), site="manifest") as writer:', "    writer.write(data)", "    writer.sync()"),
+    ),
+)
+
+
+def _harness(tmp_path, pythonpath: str, profile: str) -> tuple[int, list[list[str]], str]:
+    """``python -m fault_injection run --profile <profile> --tiers distributed``: exit status, the table's rows, output."""
+    report = tmp_path / "report.txt"
+    done = subprocess.run(
+        [PYTHON, "-m", "fault_injection", "run", "--profile", profile, "--tiers", "distributed", "--report", str(report), "--workdir", str(tmp_path)],
+        # not cwd=REPO_ROOT: ``python -m`` puts the working directory first on sys.path, ahead of a planted copy
+        cwd=tmp_path, env={**subprocess_env(), "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}, capture_output=True, text=True, timeout=300,
+    )
+    output = done.stdout[-4000:] + done.stderr[-4000:]
+    assert report.exists(), output
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in report.read_text().splitlines() if line.startswith("| distributed ")]
+    return done.returncode, rows, output
+
+
+def test_the_harness_runs_the_distributed_tier_and_fails_on_a_manifest_written_after_the_rename(tmp_path):
+    """The ci profile's distributed tier through ``python -m fault_injection run``: every row of the tier in the one
+    table, a violation makes the run exit 1. Planted: the crash model and the coordinator's kill points both see it."""
+    import ckstore
+    from fault_injection import mutants
+
+    plant = mutants.Mutant(
+        "manifest_after_rename", "ordering", "the manifest is written after the commit rename",
+        tuple(mutants.Edit(file, anchor, action, lines) for file, anchor, action, lines in _MANIFEST_AFTER_RENAME), ("dcp",),
+    )
+    target = mutants.apply(os.path.dirname(ckstore.__file__), plant, str(tmp_path / "planted"))
+    (tmp_path / "work").mkdir()
+    code, rows, output = _harness(tmp_path / "work", os.pathsep.join([target, str(REPO_ROOT)]), "ci")
+    assert code == 1, output
+    by_name = {row[1]: row for row in rows}
+    model = [row for name, row in by_name.items() if "crash model" in name]
+    coordinator = [row for name, row in by_name.items() if name.startswith("kill coordinator")]
+    assert model and all(int(row[4]) > 0 for row in model), rows
+    assert coordinator and all(int(row[4]) > 0 for row in coordinator), rows
+
+
+def test_the_harness_distributed_tier_is_clean_without_the_plant(tmp_path):
+    code, rows, output = _harness(tmp_path, str(REPO_ROOT), "ci")
+    assert code == 0, output
+    names = [row[1] for row in rows]
+    for victim in ("rank1", "coordinator", "all"):
+        assert any(name.startswith(f"kill {victim}") for name in names), names
+    assert any("crash model" in name for name in names), names
+    assert all(int(row[4]) == 0 for row in rows), rows
+    assert all(int(row[2]) > 0 for row in rows), rows  # every row ran cycles
