@@ -1,8 +1,11 @@
-"""How a multi-rank commit scales with the number of ranks: a simulation with ckstore's real manifest code.
+"""How a multi-rank commit scales with the number of ranks: a simulation with ckstore's real manifest and commit code.
 
     python -m benchmarks.commit_scaling [--ranks 1 8 1000 10000] [--json out.json]
+    python -m benchmarks.commit_scaling --coordinator [--ranks 1000 10000] [--tensors 4] [--json out.json]
 
-For a 70B and a 1B Llama-shaped model with Adam, FSDP2-sharded (every parameter and both Adam moments are
+Two sections; no process group is started in either.
+
+**Real model shapes** (the default). For a 70B and a 1B Llama-shaped model with Adam, FSDP2-sharded (every parameter and both Adam moments are
 ``Shard(0)`` DTensors over all N ranks, fp32: 12 bytes per parameter; the per-parameter ``step`` counters are
 replicated, and DCP writes them once), it computes for each rank count:
 
@@ -18,7 +21,11 @@ replicated, and DCP writes them once), it computes for each rank count:
     even ``Shard(0)`` split: O(tensors + ranks)).
 
   A manifest whose estimate exceeds ``MAX_MANIFEST_BYTES`` is not built: its size is extrapolated from the
-  per-chunk bytes measured on the largest one built, and it is marked as refused by the reader's cap;
+  per-chunk bytes measured on the largest one built, and it is marked as refused by the reader's cap.
+  Both are built as format 1 (one hash per file), as when these figures were first taken; format 2, what
+  saves write since 2026-12, adds to every file entry a table of one digest per MiB of the file, whatever
+  the design: its digest count and bytes (bytes per digest measured on a real format-2 manifest) are a
+  column of their own;
 * **gather**: bytes each rank sends to the coordinator (its pickled write results, as
   ``gather_object`` sends them) and a latency model, flat (the root receives N-1 messages one after another)
   and binomial tree (log2 N rounds); the root's link carries all bytes either way. Coordinator unpickling is
@@ -31,6 +38,22 @@ replicated, and DCP writes them once), it computes for each rank count:
   (BLAKE3 speed measured here, one thread).
 
 Everything here is a model except what is marked measured; the assumptions are printed with the table.
+
+**The real coordinator** (``--coordinator``). For R ranks holding T tensors each, sharded FSDP-style (every
+tensor split in R row chunks, one per rank), it
+
+* writes one small shard file per rank into a real staging directory of a real store in the system's
+  temporary directory (what the ranks would have written; not fsynced: the ranks' writes are not what is
+  measured),
+* builds the WriteResults each rank's ``StoreWriter.write_data`` returns and DCP's global ``Metadata``, and
+  measures what DCP's collectives would carry (DCP pickles plans and results through ``gather_object``, so
+  the pickled size is the payload),
+* gives each rank file's entry its real format-2 chunk table (one chunk: the files are small),
+* runs the real ``StoreWriter.finish`` on the coordinator (metadata to JSON, manifest, the commit) while
+  counting its durable operations, then parses the committed manifest back with ``StoreReader.read_metadata``.
+
+Metadata grows with R x T chunks; the per-chunk figures let a reader scale to their own model (a
+7B-parameter model under FSDP with Adam holds ~900 tensors per rank: parameters and two moments).
 """
 
 from __future__ import annotations
@@ -49,6 +72,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ckstore.format.chunks import DEFAULT_CHUNK_SIZE, ChunkedHash, ChunkStreamHasher, chunk_count
 from ckstore.format.hashing import HashInfo, hash_bytes
 from ckstore.format.manifest import MAX_MANIFEST_BYTES, MAX_MANIFEST_NODES, FileEntry, Manifest, count_nodes, parse_manifest
 
@@ -151,20 +175,38 @@ def per_chunk_manifest(model: Model, ranks: int) -> Manifest:
         for key, entry in records:
             tensors.setdefault(key, {**_tensor_meta(shapes[key]), "chunks": []})["chunks"].append(entry)
     state = {"dcp": {"format": "ckstore.dcp-metadata", "format_version": 1, "version": "1.0.0", "tensors": tensors}}
-    return Manifest(step=1000, created=1764670000.0, files=files, state=state)
+    return Manifest(step=1000, created=1764670000.0, files=files, state=state, format_version=1)
 
 
 def compact_manifest(model: Model, ranks: int) -> Manifest:
-    files: dict[str, FileEntry] = {}
-    for rank in range(ranks):
-        nbytes = sum(_shard_rows(shape[0], ranks, rank) * (_numel(shape) // shape[0]) * 4 * 3 for _, shape in model.tensors())
-        files[f"rank-{rank:05d}.safetensors"] = FileEntry(nbytes, _fake_hash())
+    files = {f"rank-{rank:05d}.safetensors": FileEntry(_rank_file_bytes(model, ranks, rank), _fake_hash()) for rank in range(ranks)}
     tensors = {
         key: {**_tensor_meta(shape), "placement": {"shard": 0, "ranks": ranks}}
         for fqn, shape in model.tensors()
         for key in (fqn, f"optim.state.{fqn}.exp_avg", f"optim.state.{fqn}.exp_avg_sq")
     }
-    return Manifest(step=1000, created=1764670000.0, files=files, state={"sharded": {"tensors": tensors}})
+    return Manifest(step=1000, created=1764670000.0, files=files, state={"sharded": {"tensors": tensors}}, format_version=1)
+
+
+def _rank_file_bytes(model: Model, ranks: int, rank: int) -> int:
+    """Bytes of ``rank``'s file: its Shard(0) rows of every parameter and both Adam moments, fp32."""
+    return sum(_shard_rows(shape[0], ranks, rank) * (_numel(shape) // shape[0]) * 4 * 3 for _, shape in model.tensors())
+
+
+def format2_bytes_per_digest() -> float:
+    """Manifest bytes one chunk digest adds in format 2 (measured: a real format-2 manifest of 1 and of 1,001 chunks)."""
+
+    def size(chunks: int) -> int:
+        table = ChunkedHash("blake3", chunks * DEFAULT_CHUNK_SIZE, DEFAULT_CHUNK_SIZE, tuple(secrets.token_bytes(32) for _ in range(chunks)))
+        return len(Manifest(step=1, created=1764670000.0, files={"f": FileEntry(table.size, table.root, table)}, state={}).to_json())
+
+    return (size(1001) - size(1)) / 1000
+
+
+def format2_chunk_tables(model: Model, ranks: int, per_digest: float) -> dict[str, Any]:
+    """What format 2's chunk tables (one digest per MiB of each file) add to either design's manifest."""
+    digests = sum(chunk_count(_rank_file_bytes(model, ranks, rank), DEFAULT_CHUNK_SIZE) for rank in range(ranks))
+    return {"digests": digests, "bytes": int(digests * per_digest), "chunk_size": DEFAULT_CHUNK_SIZE}
 
 
 def _time(fn: Any, repeat: int = 3) -> float:
@@ -274,6 +316,7 @@ def _git_commit() -> str:
 
 def run(ranks_list: list[int], root: str) -> dict[str, Any]:
     speed = hash_speed()
+    per_digest = format2_bytes_per_digest()
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),
         "commit": _git_commit(),
@@ -285,6 +328,7 @@ def run(ranks_list: list[int], root: str) -> dict[str, Any]:
             "blake3_bytes_per_s_one_thread": speed,
             "max_manifest_bytes": MAX_MANIFEST_BYTES,
             "max_manifest_nodes": MAX_MANIFEST_NODES,
+            "format2_bytes_per_digest": per_digest,
         },
         "fsync_steps": FSYNC_STEPS,
         "dir_ops": {},
@@ -318,6 +362,7 @@ def run(ranks_list: list[int], root: str) -> dict[str, Any]:
                     "chunks": chunks,
                     "per_chunk_manifest": per_chunk,
                     "compact_manifest": compact,
+                    "format2_chunk_tables": format2_chunk_tables(model, n, per_digest),
                     "gather": gather_model(len(record), n, unpickle_s),
                     "coordinator_fsyncs": coordinator_fsyncs,
                     "all_ranks_fsyncs": coordinator_fsyncs + (n - 1),
@@ -353,9 +398,13 @@ def report(results: dict[str, Any]) -> str:
         f"model: alpha={a['alpha_s'] * 1e6:.0f} µs/message, beta=1/({a['beta_bytes_per_s'] / 1e9:g} GB/s); "
         f"BLAKE3 measured {a['blake3_bytes_per_s_one_thread'] / 1e9:.2f} GB/s one thread; manifest cap {_size(a['max_manifest_bytes'])}",
         "",
+        "manifests built as format 1 (one hash per file); format 2 adds a chunk table to every file entry: "
+        f"{a['format2_bytes_per_digest']:.1f} B per 1 MiB digest, measured (last column)",
+        "",
         "| model | ranks | state / rank 0 | files in staging dir | chunks | per-chunk manifest (parse) | compact manifest (parse) "
-        "| gather: per rank, at root | gather flat / tree (incl. unpickle) | coordinator fsyncs (all ranks) | verify: coordinator alone / per rank |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| gather: per rank, at root | gather flat / tree (incl. unpickle) | coordinator fsyncs (all ranks) | verify: coordinator alone / per rank "
+        "| format 2 chunk tables: digests, + manifest bytes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
         pc, cm, g = r["per_chunk_manifest"], r["compact_manifest"], r["gather"]
@@ -364,7 +413,8 @@ def report(results: dict[str, Any]) -> str:
         lines.append(
             f"| {r['model']} | {r['ranks']:,} | {_size(r['state_bytes'])} / {_size(r['rank0_bytes'])} | {r['files_in_dir']:,} | {r['chunks']:,} "
             f"| {pc_text} | {cm_text} | {_size(g['record_bytes'])}, {_size(g['root_bytes'])} | {_secs(g['flat_s'])} / {_secs(g['tree_s'])} "
-            f"| {r['coordinator_fsyncs']} ({r['all_ranks_fsyncs']:,}) | {_secs(r['verify_coordinator_s'])} / {_secs(r['verify_per_rank_s'])} |"
+            f"| {r['coordinator_fsyncs']} ({r['all_ranks_fsyncs']:,}) | {_secs(r['verify_coordinator_s'])} / {_secs(r['verify_per_rank_s'])} "
+            f"| {r['format2_chunk_tables']['digests']:,}, +{_size(r['format2_chunk_tables']['bytes'])} |"
         )
     lines += ["", "coordinator fsyncs per protocol step: " + ", ".join(f"{step}: {n}" for step, n in results["fsync_steps"])]
     lines += ["", "| files in one directory (this disk) | create | dir fsync | list | rename + fsync parent |", "|---|---|---|---|---|"]
@@ -373,17 +423,144 @@ def report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- the real coordinator (--coordinator)
+
+#: Rows of each simulated rank's chunk of a tensor, and the tensor's columns (fp32).
+ROWS_PER_RANK = 4
+COLS = 16
+
+
+def simulate_coordinator(ranks: int, tensors: int, root: str) -> dict[str, Any]:
+    """``StoreWriter.finish`` on the results ``ranks`` simulated ranks of ``tensors`` row-sharded tensors return."""
+    # torch and the distributed package only here: the model section needs neither.
+    import torch
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, MetadataIndex, TensorProperties, TensorStorageMetadata
+    from torch.distributed.checkpoint.storage import WriteResult
+
+    import ckstore
+    from ckstore.distributed import StoreReader, StoreWriter, coordinator
+    from ckstore.distributed.metadata_json import ChunkStorage
+    from ckstore.storage import durable
+
+    store = ckstore.Store(os.path.join(root, f"store-{ranks}"))
+    writer = StoreWriter(store, step=1)
+    writer.set_up_storage_writer(True, rank=0)
+    name = coordinator.open_staging(store, 1)
+    writer._staging = name  # what prepare_global_plan does on the coordinator
+    staging = os.path.join(store._staging_dir, name)
+    fake_hash = "blake3:" + "ab" * 32
+    chunk_len = ROWS_PER_RANK * COLS * 4
+    results: list[list[Any]] = []
+    started = time.perf_counter()
+    for rank in range(ranks):
+        file = f"rank-{rank:05d}.safetensors"
+        size = 64 + tensors * chunk_len
+        with open(os.path.join(staging, file), "wb") as f:  # the rank's shard file (content is not what is measured)
+            f.truncate(size)
+        rank_results = []
+        for t in range(tensors):
+            index = MetadataIndex(f"layers.{t}.weight", torch.Size([rank * ROWS_PER_RANK, 0]))
+            chunk = ChunkStorage(file, 64 + t * chunk_len, chunk_len, fake_hash, "F32")
+            rank_results.append(WriteResult(index=index, size_in_bytes=chunk_len, storage_data=chunk))
+        # Manifest format 2: the file entry carries the chunk table of the file's bytes (zeros here), as write_data's does.
+        table = zero_table(size)
+        rank_results[0] = WriteResult(index=rank_results[0].index, size_in_bytes=chunk_len, storage_data=(rank_results[0].storage_data, FileEntry(size, table.root, table)))
+        results.append(rank_results)
+    files_s = time.perf_counter() - started
+    state = {
+        f"layers.{t}.weight": TensorStorageMetadata(
+            properties=TensorProperties(dtype=torch.float32),
+            size=torch.Size([ranks * ROWS_PER_RANK, COLS]),
+            chunks=[ChunkStorageMetadata(offsets=torch.Size([r * ROWS_PER_RANK, 0]), sizes=torch.Size([ROWS_PER_RANK, COLS])) for r in range(ranks)],
+        )
+        for t in range(tensors)
+    }
+    metadata = Metadata(state_dict_metadata=state, planner_data={k: (k,) for k in state})
+    # What DCP's gather_object would carry to the coordinator (pickle is how torch's object collectives ship data).
+    per_rank_results = len(pickle.dumps(results[-1]))
+    ops: dict[str, int] = {}
+
+    def count(op: str, phase: str, path: str, info: dict) -> None:
+        if phase == "before":
+            ops[op] = ops.get(op, 0) + 1
+
+    started = time.perf_counter()
+    with durable.hooked(count):
+        writer.finish(metadata, results)
+    finish_s = time.perf_counter() - started
+    step_dir = os.path.join(store._ckpt_dir, "step-00000001")
+    manifest_bytes = os.path.getsize(os.path.join(step_dir, "manifest.json"))
+    started = time.perf_counter()
+    StoreReader(store, step=1).read_metadata()
+    parse_s = time.perf_counter() - started
+    entries = len(os.listdir(step_dir))
+    store.close()
+    chunks = ranks * tensors
+    return {
+        "ranks": ranks,
+        "tensors_per_rank": tensors,
+        "chunks": chunks,
+        "gather_bytes_per_rank": per_rank_results,
+        "gather_bytes_total": per_rank_results * ranks,
+        "manifest_bytes": manifest_bytes,
+        "manifest_bytes_per_chunk": round(manifest_bytes / chunks, 1),
+        "manifest_limit_chunks": int(MAX_MANIFEST_BYTES / (manifest_bytes / chunks)),
+        "coordinator_fsyncs": ops.get("fsync", 0) + ops.get("fsync_dir", 0),
+        "coordinator_ops": ops,
+        "entries_in_checkpoint_dir": entries,
+        "finish_s": round(finish_s, 3),
+        "finish_us_per_chunk": round(finish_s / chunks * 1e6, 2),
+        "read_metadata_s": round(parse_s, 3),
+        "setup_files_s": round(files_s, 3),
+    }
+
+
+def zero_table(size: int) -> ChunkedHash:
+    """The format-2 chunk table of ``size`` zero bytes (what a truncated-to-size shard file holds)."""
+    hasher = ChunkStreamHasher("blake3", DEFAULT_CHUNK_SIZE)
+    hasher.update(bytes(size))
+    return hasher.table()
+
+
+def run_coordinator(ranks_list: list[int], tensors: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="ckstore-sim-") as root:
+        rows = [simulate_coordinator(n, tensors, root) for n in ranks_list]
+    return {"date": time.strftime("%Y-%m-%d"), "commit": _git_commit(), "machine": f"{os.cpu_count()}-core VM", "rows": rows}
+
+
+def report_coordinator(results: dict[str, Any]) -> str:
+    """Every measured figure, one line each, one column per rank count."""
+    rows = results["rows"]
+    lines = [
+        f"real coordinator (StoreWriter.finish), {results['date']}, commit {results['commit']}, {results['machine']}",
+        "",
+        "| | " + " | ".join(f"{r['ranks']:,} ranks x {r['tensors_per_rank']} tensors" for r in rows) + " |",
+        "|---|" + "---|" * len(rows),
+    ]
+    for key in rows[0] if rows else ():
+        if key not in ("ranks", "tensors_per_rank"):
+            lines.append(f"| {key} | " + " | ".join(str(r[key]) for r in rows) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.commit_scaling", description=__doc__.splitlines()[0])
-    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 8, 1000, 10000], help="rank counts to simulate")
+    parser.add_argument("--ranks", type=int, nargs="+", help="rank counts to simulate (default: 1 8 1000 10000; with --coordinator 1000 10000)")
+    parser.add_argument("--coordinator", action="store_true", help="run the real coordinator's StoreWriter.finish on simulated ranks' results instead of the model shapes")
+    parser.add_argument("--tensors", type=int, default=4, help="with --coordinator: row-sharded tensors per rank (default 4)")
     parser.add_argument("--dir", default=".bench", help="where the directory operations are measured (default .bench/)")
     parser.add_argument("--json", help="also write the results as JSON to this file")
     args = parser.parse_args(argv)
-    if any(n < 1 for n in args.ranks):
-        parser.error("--ranks must be positive")
-    os.makedirs(args.dir, exist_ok=True)
-    results = run(args.ranks, args.dir)
-    print(report(results))
+    ranks = args.ranks or ([1000, 10000] if args.coordinator else [1, 8, 1000, 10000])
+    if any(n < 1 for n in ranks) or args.tensors < 1:
+        parser.error("--ranks and --tensors must be positive")
+    if args.coordinator:
+        results = run_coordinator(ranks, args.tensors)
+        print(report_coordinator(results))
+    else:
+        os.makedirs(args.dir, exist_ok=True)
+        results = run(ranks, args.dir)
+        print(report(results))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1, default=str)
