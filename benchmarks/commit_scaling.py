@@ -197,7 +197,8 @@ def format2_bytes_per_digest() -> float:
     """Manifest bytes one chunk digest adds in format 2 (measured: a real format-2 manifest of 1 and of 1,001 chunks)."""
 
     def size(chunks: int) -> int:
-        table = ChunkedHash("blake3", chunks * DEFAULT_CHUNK_SIZE, DEFAULT_CHUNK_SIZE, tuple(secrets.token_bytes(32) for _ in range(chunks)))
+        digests = tuple(secrets.token_bytes(32) for _ in range(chunks))
+        table = ChunkedHash("blake3", chunks * DEFAULT_CHUNK_SIZE, DEFAULT_CHUNK_SIZE, digests)
         return len(Manifest(step=1, created=1764670000.0, files={"f": FileEntry(table.size, table.root, table)}, state={}).to_json())
 
     return (size(1001) - size(1)) / 1000
@@ -464,7 +465,8 @@ def simulate_coordinator(ranks: int, tensors: int, root: str) -> dict[str, Any]:
             rank_results.append(WriteResult(index=index, size_in_bytes=chunk_len, storage_data=chunk))
         # Manifest format 2: the file entry carries the chunk table of the file's bytes (zeros here), as write_data's does.
         table = zero_table(size)
-        rank_results[0] = WriteResult(index=rank_results[0].index, size_in_bytes=chunk_len, storage_data=(rank_results[0].storage_data, FileEntry(size, table.root, table)))
+        entry = FileEntry(size, table.root, table)
+        rank_results[0] = WriteResult(index=rank_results[0].index, size_in_bytes=chunk_len, storage_data=(rank_results[0].storage_data, entry))
         results.append(rank_results)
     files_s = time.perf_counter() - started
     state = {
@@ -545,8 +547,10 @@ def report_coordinator(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.commit_scaling", description=__doc__.splitlines()[0])
-    parser.add_argument("--ranks", type=int, nargs="+", help="rank counts to simulate (default: 1 8 1000 10000; with --coordinator 1000 10000)")
-    parser.add_argument("--coordinator", action="store_true", help="run the real coordinator's StoreWriter.finish on simulated ranks' results instead of the model shapes")
+    parser.add_argument("--ranks", type=int, nargs="+", help="rank counts (default: 1 8 1000 10000; with --coordinator 1000 10000)")
+    parser.add_argument(
+        "--coordinator", action="store_true", help="run the real coordinator's StoreWriter.finish on simulated ranks' results, not the model shapes"
+    )
     parser.add_argument("--tensors", type=int, default=4, help="with --coordinator: row-sharded tensors per rank (default 4)")
     parser.add_argument("--dir", default=".bench", help="where the directory operations are measured (default .bench/)")
     parser.add_argument("--json", help="also write the results as JSON to this file")

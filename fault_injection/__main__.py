@@ -199,7 +199,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 for victim in distributed.VICTIMS:
                     show([distributed.run_kill_row(workdir, world=world, victim=victim, stride=profile["distributed_stride"])])
             for n, world in enumerate(profile["distributed_model_worlds"]):
-                show([distributed.run_model_row(workdir, world=world, seed=args.seed + n, random_subsets=profile["distributed_random_subsets"])])
+                subsets = profile["distributed_random_subsets"]
+                show([distributed.run_model_row(workdir, world=world, seed=args.seed + n, random_subsets=subsets)])
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     elapsed = time.monotonic() - start

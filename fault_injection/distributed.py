@@ -158,7 +158,8 @@ def run_one(root: str, world: int, victim: str, k: int) -> dict:
         # A survivor must fail within the group's timeout (15 s here), never wait on a dead rank indefinitely.
         violations.insert(0, f"a rank was still running {HANG_S} s after the start; the harness killed it")
     committed = os.path.isdir(os.path.join(store, "checkpoints", "step-00000001"))
-    return {"victim": victim, "k": k, "fired": killed and not hung, "acked": acked, "committed": committed, "violations": violations, "outcome": outcome}
+    fired = killed and not hung
+    return {"victim": victim, "k": k, "fired": fired, "acked": acked, "committed": committed, "violations": violations, "outcome": outcome}
 
 
 def check(store: str, world: int, acked: list[int]) -> list[str]:

@@ -1,7 +1,9 @@
 """A multi-rank DCP save killed at every durable-operation boundary of one rank, of the coordinator, and of all
 ranks at once (``fault_injection/distributed.py``): no partial checkpoint, no acknowledged save lost.
 
-Run in a subprocess: the harness forks its ranks from an interpreter that has imported torch once.
+Run in a subprocess: the harness forks its ranks from an interpreter that has imported torch once. The same kill
+points and crash model are the ``distributed`` tier of ``python -m fault_injection run``; the last two tests run
+that tier through the main harness, on the package and on a planted copy of it.
 """
 
 from __future__ import annotations
@@ -48,12 +50,21 @@ def test_the_crash_model_finds_no_violation_in_a_two_rank_save(tmp_path):
 #: the two leaves a committed directory without a manifest. A copy of the package gets the patch (the mutation
 #: tier's way, ``fault_injection.mutants.apply``); the harness runs against the copy through PYTHONPATH.
 _MANIFEST_AFTER_RENAME = (
-    ("checkpoint/commit.py", 'with _durable.create(os.path.join(staging, MANIFEST_NAME), site="manifest") as writer:', "replace", ("if False:  # planted: the manifest moves after the rename",)),
+    (
+        "checkpoint/commit.py",
+        'with _durable.create(os.path.join(staging, MANIFEST_NAME), site="manifest") as writer:',
+        "replace",
+        ("if False:  # planted: the manifest moves after the rename",),
+    ),
     (
         "checkpoint/commit.py",
         "renamed.append(True)",
         "after",
-        ('with _durable.create(os.path.join(self.ckpt_dir, final_name, MANIFEST_NAME), site="manifest") as writer:', "    writer.write(data)", "    writer.sync()"),
+        (
+            'with _durable.create(os.path.join(self.ckpt_dir, final_name, MANIFEST_NAME), site="manifest") as writer:',
+            "    writer.write(data)",
+            "    writer.sync()",
+        ),
     ),
 )
 
@@ -64,11 +75,16 @@ def _harness(tmp_path, pythonpath: str, profile: str) -> tuple[int, list[list[st
     done = subprocess.run(
         [PYTHON, "-m", "fault_injection", "run", "--profile", profile, "--tiers", "distributed", "--report", str(report), "--workdir", str(tmp_path)],
         # not cwd=REPO_ROOT: ``python -m`` puts the working directory first on sys.path, ahead of a planted copy
-        cwd=tmp_path, env={**subprocess_env(), "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env={**subprocess_env(), "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     output = done.stdout[-4000:] + done.stderr[-4000:]
     assert report.exists(), output
-    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in report.read_text().splitlines() if line.startswith("| distributed ")]
+    lines = report.read_text().splitlines()
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines if line.startswith("| distributed ")]
     return done.returncode, rows, output
 
 
