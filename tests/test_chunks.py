@@ -267,3 +267,70 @@ def test_distributed_verified_steps_checks_format_2_files_against_their_chunks(t
         assert verified_steps(store, rank=0, world=1) == [2, 1]
         _flip(_file(store, 2, "w.safetensors"), 1000)
         assert verified_steps(store, rank=0, world=1) == [1]
+
+
+# -- the chunk size grows with the save, so chunk tables never push a manifest past the reader's cap
+
+
+def _manifest_of(store_path, step):
+    with open(os.path.join(store_path, "checkpoints", f"step-{step:08d}", "manifest.json"), "rb") as fh:
+        return json.loads(fh.read())
+
+
+def test_chunk_tables_of_a_large_state_fit_the_manifest_cap():
+    # 67 bytes of manifest a chunk (a quoted 64-hex digest and a comma). With 1 MiB chunks for every
+    # save, a 2 TiB state needed 2 M chunks, 134 MB of chunk tables: past the 64 MiB cap, so it could
+    # never be saved; the rule keeps every save up to 14 TiB within it.
+    from ckstore.format.manifest import MAX_MANIFEST_BYTES
+
+    for total in (0, 1, 1 << 30, 256 << 30, (256 << 30) + 1, 847 * 10**9, 2 << 40, 4 << 40):
+        size = _chunks.chunk_size_for(total)
+        assert check_chunk_size(size) == size
+        assert 67 * _chunks.chunk_count(total, size) <= MAX_MANIFEST_BYTES // 3, (total, size)  # 17.6 MB at most
+    size = _chunks.chunk_size_for(14 << 40)
+    assert 67 * _chunks.chunk_count(14 << 40, size) < MAX_MANIFEST_BYTES
+    # Small and medium saves keep 1 MiB chunks: a ranged read hashes about 1 MiB a range end.
+    assert _chunks.chunk_size_for(256 << 30) == 1 << 20
+    assert _chunks.chunk_size_for(1 << 40) == 4 << 20
+
+
+def test_a_save_past_the_chunk_budget_is_written_with_larger_chunks_and_verifies(tmp_path, monkeypatch):
+    monkeypatch.setattr(_chunks, "CHUNK_BUDGET", 8)  # 64 MiB of state: 8 MiB chunks
+    g = torch.Generator().manual_seed(3)
+    state = {"a": torch.randn(8 << 20, generator=g), "b": torch.randn(8 << 20, generator=g)}  # 2 x 32 MiB
+    store = ckstore.Store(tmp_path / "s")
+    store.save(state, step=1)
+    files = _manifest_of(tmp_path / "s", 1)["files"]
+    assert {entry["chunk_size"] for entry in files.values()} == {8 << 20}, {k: e["chunk_size"] for k, e in files.items()}
+    assert store.verify() == []
+    loaded = store.load(step=1)
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+    assert torch.equal(store.read_tensor("b", step=1, verify=True), state["b"])
+    # A flipped byte deep in a file is found by verify, by a load and by a ranged read over it.
+    name = next(n for n in files if files[n]["size"] > 16 << 20)
+    path = os.path.join(tmp_path / "s", "checkpoints", "step-00000001", name)
+    with open(path, "r+b") as fh:
+        fh.seek(20 << 20)
+        byte = fh.read(1)
+        fh.seek(20 << 20)
+        fh.write(bytes([byte[0] ^ 1]))
+    assert store.verify()
+    with pytest.raises(ckstore.IntegrityError):
+        store.load(step=1)
+
+
+def test_a_dcp_save_past_the_chunk_budget_uses_larger_chunks(tmp_path, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+
+    from ckstore.distributed import StoreReader, StoreWriter
+
+    monkeypatch.setattr(_chunks, "CHUNK_BUDGET", 8)
+    state = {"w": torch.arange(16 << 20, dtype=torch.float32)}  # 64 MiB: 8 MiB chunks
+    store = ckstore.Store(tmp_path / "s")
+    dcp.save(state, storage_writer=StoreWriter(store, step=1))
+    files = _manifest_of(tmp_path / "s", 1)["files"]
+    assert {entry["chunk_size"] for entry in files.values()} == {8 << 20}
+    assert store.verify() == []
+    back = {"w": torch.zeros(16 << 20)}
+    dcp.load(back, storage_reader=StoreReader(store, step=1))
+    assert torch.equal(back["w"], state["w"])

@@ -80,6 +80,7 @@ import torch
 
 from ..engine.write import FileDigest, WritePipeline
 from ..errors import CheckpointNotFoundError, CkstoreError, CommittedWithErrorsError, IntegrityError, InvalidArgumentError, ManifestError, StateError, StorageError, UnsafeStoreError
+from ..format.chunks import DEFAULT_CHUNK_SIZE, chunk_size_for
 from ..format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, MAX_MANIFEST_NODES, FileEntry, Manifest, count_nodes
 from ..format.tags import TAGS_NAME, TagEntry, dump_tags
 from ..engine.host_copy import HostCopy, preparer
@@ -125,11 +126,11 @@ def finish_files(batch: list[tuple[Future | None, _durable.FileWriter]]) -> None
         raise error
 
 
-def write_tensor_file(path: str, entries: Sequence[tuple[str, torch.Tensor]], *, algo: str) -> FileDigest:
+def write_tensor_file(path: str, entries: Sequence[tuple[str, torch.Tensor]], *, algo: str, chunk_size: int = DEFAULT_CHUNK_SIZE) -> FileDigest:
     """Step 3 for one file outside a save (a rank's shard of a multi-rank save): write it, fsync it, close it."""
-    own = WritePipeline(chunk=4 << 20, depth=2)
+    own = WritePipeline(chunk=max(4 << 20, chunk_size), depth=2)
     try:
-        return own.write_files([(os.fspath(path), entries)], algo=algo, finish=finish_files)[0]
+        return own.write_files([(os.fspath(path), entries)], algo=algo, finish=finish_files, chunk_size=chunk_size)[0]
     finally:
         own.close()
 
@@ -271,8 +272,14 @@ class Committer:
             _durable.make_dir(staging, site="staging")
             linked = self._link_unchanged(encoded, staging, file_prints)
             jobs = [(name, entries) for name, entries in encoded.files.items() if name not in linked]
+            # The chunk size follows the whole save's bytes, so its chunk tables fit a manifest (format.chunks).
+            chunk_size = chunk_size_for(sum(t.numel() * t.element_size() for entries in encoded.files.values() for _, t in entries))
             results = self.writer().write_files(
-                [(os.path.join(staging, name), entries) for name, entries in jobs], algo=self.hash_algorithm, finish=finish_files, check=check
+                [(os.path.join(staging, name), entries) for name, entries in jobs],
+                algo=self.hash_algorithm,
+                finish=finish_files,
+                check=check,
+                chunk_size=chunk_size,
             )
             written: dict[str, FileDigest] = dict(zip((name for name, _ in jobs), results))
             files: dict[str, FileEntry] = {}
@@ -366,10 +373,12 @@ class Committer:
                 candidates.append(name)
         if not candidates:
             return {}
-        hashed = self.writer().digest_files([encoded.files[name] for name in candidates], algo=self.hash_algorithm)
         linked: dict[str, FileEntry] = {}
-        for name, digest in zip(candidates, hashed):
+        for name in candidates:
             _, entry, directory = self.previous[name]
+            # Hashed with the chunk size the previous file was written with: the root binds it.
+            chunk_size = entry.chunks.chunk_size if entry.chunks is not None else None
+            digest = self.writer().digest_files([encoded.files[name]], algo=self.hash_algorithm, chunk_size=chunk_size)[0]
             if digest.size != entry.size or digest.hash != entry.hash:
                 continue
             try:

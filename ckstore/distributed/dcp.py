@@ -45,6 +45,7 @@ from ..checkpoint.loading import DCP_STATE_KEY
 from ..engine.write import prepare_tensor
 from ..format.safetensors import DTYPE_NAMES, DTYPES_BY_NAME, build_header, tensor_bytes
 from ..errors import CheckpointNotFoundError, IntegrityError, InvalidArgumentError, ManifestError, StateError, StorageError
+from ..format.chunks import DEFAULT_CHUNK_SIZE, check_chunk_size, chunk_size_for
 from ..format.hashing import HashInfo, hash_bytes
 from ..format.manifest import FileEntry, check_metrics
 from ..format.tags import check_tag_name
@@ -103,6 +104,14 @@ class _OnStore:
             self.store.close()
 
 
+def _item_bytes(item: Any) -> int:
+    """The bytes a tensor write item will take (a non-tensor value's are small and not counted)."""
+    data = getattr(item, "tensor_data", None)
+    if data is None:
+        return 0
+    return math.prod(data.chunk.sizes) * torch.empty((), dtype=data.properties.dtype).element_size()
+
+
 class StoreWriter(_OnStore, StorageWriter):
     """DCP ``StorageWriter`` committing one checkpoint ``step`` of ``store`` (a Store or a path; one writer per save).
 
@@ -155,7 +164,12 @@ class StoreWriter(_OnStore, StorageWriter):
         except BaseException:
             self._close_owned()  # refused (a committed step, a locked store): release what this writer opened
             raise
-        return [dataclasses.replace(p, storage_data={"staging": self._staging, "file": f"rank-{i:05d}.safetensors", "step": self.step}) for i, p in enumerate(plans)]
+        # One chunk size for every rank's file, from the whole save's bytes, so the chunk tables fit the manifest.
+        chunk_size = chunk_size_for(sum(_item_bytes(item) for p in plans for item in p.items))
+        return [
+            dataclasses.replace(p, storage_data={"staging": self._staging, "file": f"rank-{i:05d}.safetensors", "step": self.step, "chunk_size": chunk_size})
+            for i, p in enumerate(plans)
+        ]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         try:
@@ -195,7 +209,7 @@ class StoreWriter(_OnStore, StorageWriter):
             results.append(WriteResult(index=item.index, size_in_bytes=len(view), storage_data=storage))
             start += len(view)
         try:
-            written = write_tensor_file(path, entries, algo=algo)  # written, fsynced, closed
+            written = write_tensor_file(path, entries, algo=algo, chunk_size=check_chunk_size(info.get("chunk_size", DEFAULT_CHUNK_SIZE), path))
         except FileNotFoundError as exc:
             raise StorageError(
                 f"{path}: the coordinator's staging directory is not here; the store's path must name one directory shared by every rank",

@@ -143,11 +143,11 @@ class WritePipeline:
             slot.view.release()
         self._slots.clear()
 
-    def digest_files(self, jobs: Sequence[Sequence[tuple[str, torch.Tensor]]], *, algo: str) -> list[FileDigest]:
-        """Size and hash of the files :meth:`write_files` would write for ``jobs``, without writing anything."""
+    def digest_files(self, jobs: Sequence[Sequence[tuple[str, torch.Tensor]]], *, algo: str, chunk_size: int | None = None) -> list[FileDigest]:
+        """Size and hash of the files :meth:`write_files` would write for ``jobs`` with ``chunk_size``, without writing anything."""
         out = []
         for entries in jobs:
-            hasher = ChunkStreamHasher(algo, self.chunk_size)
+            hasher = ChunkStreamHasher(algo, chunk_size or self.chunk_size)
             for piece in _file_pieces(entries):
                 hasher.update(piece if isinstance(piece, bytes) else tensor_bytes(piece))
             table = hasher.table()
@@ -161,8 +161,12 @@ class WritePipeline:
         algo: str,
         finish: Callable[[list[tuple[Future | None, _durable.FileWriter]]], None],
         check: Callable[[], None] | None = None,
+        chunk_size: int | None = None,
     ) -> list[FileDigest]:
         """Write each ``(path, entries)`` as a new safetensors file, then ``finish`` it; return sizes and hashes.
+
+        ``chunk_size``: the hash chunks of these files (``format.chunks.chunk_size_for``; default the
+        pipeline's), a power of two dividing the buffer size.
 
         ``finish`` gets batches of ``(last write, writer)`` on the sync thread
         (the commit protocol's fsync-and-close, ``commit.finish_files``);
@@ -171,6 +175,9 @@ class WritePipeline:
         every thread is drained before the error propagates (no buffer is
         touched after return); the caller removes the partial files.
         """
+        chunk_size = chunk_size or self.chunk_size
+        if self.chunk % chunk_size:
+            raise ValueError(f"chunk_size {chunk_size} does not divide the {self.chunk}-byte buffers")
         if not self._slots:
             self._slots = [_Slot(self.chunk) for _ in range(self.depth)]
         free = list(self._slots)
@@ -214,10 +221,10 @@ class WritePipeline:
                         fill += n
                         pos += n
                         if fill == self.chunk:
-                            last = self._submit(writer, hasher, slot, fill, inflight)
+                            last = self._submit(writer, hasher, slot, fill, inflight, chunk_size)
                             slot, fill = take(), 0
                 if fill:
-                    last = self._submit(writer, hasher, slot, fill, inflight)
+                    last = self._submit(writer, hasher, slot, fill, inflight, chunk_size)
                 else:
                     free.append(slot)
                 finished.append((writer, hasher))
@@ -247,14 +254,13 @@ class WritePipeline:
             raise
         out = []
         for writer, chunks in finished:
-            table = chunks.table(writer.offset, self.chunk_size)
+            table = chunks.table(writer.offset, chunk_size)
             out.append(FileDigest(writer.offset, table.root, table))
         return out
 
-    def _submit(self, writer: _durable.FileWriter, chunks: _FileChunks, slot: _Slot, n: int, inflight: deque) -> Future:
+    def _submit(self, writer: _durable.FileWriter, chunks: _FileChunks, slot: _Slot, n: int, inflight: deque, size: int) -> Future:
         view = slot.view[:n]
         wrote = self._write.submit(_write_split, writer, view)
-        size = self.chunk_size
         hashed = [self._hash.submit(chunks.hash, chunks.next + i, view[pos : pos + size]) for i, pos in enumerate(range(0, n, size))]
         chunks.next += len(hashed)
         inflight.append((slot, wrote, hashed))

@@ -40,6 +40,25 @@ DIGEST_SIZE = 32
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
+#: A save's chunk tables are kept near this many chunks (67 bytes of manifest each, 17.6 MB in all).
+CHUNK_BUDGET = 1 << 18
+
+
+def chunk_size_for(total_bytes: int) -> int:
+    """The chunk size for a save of ``total_bytes``: 1 MiB up to 256 GiB, then the smallest power of two within CHUNK_BUDGET chunks, at most 16 MiB.
+
+    One size for every save let a large state's chunk tables alone pass the
+    reader's 64 MiB manifest cap: 2 M chunks of 1 MiB for 2 TiB, so such a state
+    could not be saved at all. Growing the chunks with the save keeps its tables
+    near 17.6 MB up to 4 TiB and within the cap up to 14 TiB; saves up to 256 GiB
+    keep 1 MiB chunks, so a ranged read hashes about 1 MiB at each end.
+    """
+    size = MIN_CHUNK_SIZE
+    while size < MAX_CHUNK_SIZE and chunk_count(total_bytes, size) > CHUNK_BUDGET:
+        size <<= 1
+    return size
+
+
 def check_chunk_size(chunk_size: object, path: str = "manifest.json") -> int:
     """``chunk_size`` if it is a power of two from 1 to 16 MiB, else ManifestError naming it."""
     if type(chunk_size) is not int or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE or chunk_size & (chunk_size - 1):
