@@ -334,3 +334,22 @@ def test_a_dcp_save_past_the_chunk_budget_uses_larger_chunks(tmp_path, monkeypat
     back = {"w": torch.zeros(16 << 20)}
     dcp.load(back, storage_reader=StoreReader(store, step=1))
     assert torch.equal(back["w"], state["w"])
+
+
+def test_a_chunk_of_more_tensors_than_one_preadv_takes_loads_and_catches_a_flip(tmp_path):
+    # The hash threads read each chunk with preadv into its tensors: 3,000 tensors of 8 bytes share
+    # one 1 MiB chunk, more than IOV_MAX (1,024) buffers, so the read is split; a flip in any is caught.
+    state = {f"t{i:04d}": torch.full((2,), float(i)) for i in range(3000)}
+    store = ckstore.Store(tmp_path / "s")
+    store.save(state, step=1)
+    target = {k: torch.zeros(2) for k in state}
+    store.load(target, step=1)
+    assert all(torch.equal(target[k], state[k]) for k in state)
+    directory = tmp_path / "s" / "checkpoints" / "step-00000001"
+    (name,) = [p.name for p in directory.iterdir() if p.name.endswith(".safetensors")]
+    path = directory / name
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x40  # inside the last tensors' bytes
+    path.write_bytes(bytes(data))
+    with pytest.raises(ckstore.IntegrityError, match="chunk 0"):
+        store.load({k: torch.zeros(2) for k in state}, step=1)

@@ -119,6 +119,100 @@ def read_range(
     return buffer, first
 
 
+class ChunkReader:
+    """Reads a format-2 file's chunks into the caller's memory and verifies each, in the hash threads.
+
+    The caller states where each byte of the file goes (:meth:`add`, in file
+    order from the data offset; the header's bytes, already read, are given
+    at the start) and :meth:`dispatch` hands runs of chunks to the pool: each
+    task reads a chunk with one ``preadv`` into its destinations and hashes
+    it at once, while it is still in the core's cache. Reading in the calling
+    thread and hashing in the pool used one core to read and made the other
+    hash every byte again from memory: a warm verified load took 2.5x a raw
+    read on the 2-core VM.
+
+    Every task must finish before the destinations are used or the file
+    descriptor closed: :meth:`wait` waits for all, :meth:`check` then raises
+    the lowest chunk's error (an IntegrityError naming the file and chunk, or
+    what the read raised).
+    """
+
+    #: Chunks per task: 32 MiB of 1 MiB chunks, so two hash threads share a file's runs evenly.
+    RUN = 32
+
+    def __init__(self, fd: int, table: ChunkedHash, path: str, head: bytes, read_exact: Callable[..., object], pool: HashPool | None = None) -> None:
+        self.fd, self.table, self.path = fd, table, path
+        self.read_exact = read_exact
+        self.pool = pool or shared_pool()
+        self.pending: list[Future] = []
+        # (file offset, destination, whether it must be read): the header was read already.
+        self.pieces: list[tuple[int, memoryview, bool]] = [(0, memoryview(head), False)]
+        self.offset = len(head)
+        self._dispatched = False
+
+    def add(self, buffer: object, count: int) -> None:
+        """The next ``count`` bytes of the file go into ``buffer`` (C-contiguous)."""
+        view = memoryview(buffer).cast("B")  # type: ignore[arg-type]
+        if len(view) != count:
+            view = view[:count]
+        self.pieces.append((self.offset, view, True))
+        self.offset += count
+
+    def flush(self) -> None:
+        """Every piece is added: hand every chunk to the pool, in runs (see :meth:`dispatch`). Once only."""
+        if not self._dispatched:
+            self._dispatched = True
+            self.dispatch()
+
+    def dispatch(self) -> None:
+        """Hand every chunk to the pool, in runs; IntegrityError first if the pieces do not cover the file exactly."""
+        table = self.table
+        if self.offset != table.size:
+            raise IntegrityError(
+                f"{self.path}: the tensors cover {self.offset} bytes, the chunk table {table.size}",
+                path=self.path,
+                expected=table.size,
+                actual=self.offset,
+            )
+        run: list[tuple[int, list[tuple[int, memoryview, bool]]]] = []
+        pieces, k, used = self.pieces, 0, 0  # pieces[k] is consumed up to ``used`` bytes
+        for index in range(len(table.digests)):
+            lo, hi = table.bounds(index)
+            segments = []
+            pos = lo
+            while pos < hi:
+                offset, view, fresh = pieces[k]
+                n = min(len(view) - used, hi - pos)
+                segments.append((pos, view[used : used + n], fresh))
+                pos += n
+                used += n
+                if used == len(view):
+                    k, used = k + 1, 0
+            run.append((index, segments))
+            if len(run) == self.RUN:
+                self.pending.append(self.pool.submit(self._read_run, run))
+                run = []
+        if run:
+            self.pending.append(self.pool.submit(self._read_run, run))
+
+    def _read_run(self, run: list[tuple[int, list[tuple[int, memoryview, bool]]]]) -> None:
+        table = self.table
+        for index, segments in run:
+            fresh = [(offset, view) for offset, view, must in segments if must and len(view)]
+            if fresh:
+                # A chunk's unread bytes are contiguous in the file (the data section has no holes).
+                self.read_exact(self.fd, [view for _, view in fresh], fresh[0][0], self.path)
+            table.check(index, hash_chunk(table.algo, *(view for _, view, _ in segments)), self.path)
+
+    def wait(self) -> None:
+        """Wait for every task (raising nothing): no task reads the file or touches memory after this."""
+        futures_wait(self.pending)
+
+    def check(self) -> None:
+        """Wait for every task, then raise the first failed run's error."""
+        _wait_all(self.pending)
+
+
 #: A ranged read of at most this many bytes of chunks hashes them in the calling thread.
 _INLINE_BYTES = 2 << 20
 

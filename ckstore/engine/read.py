@@ -24,7 +24,7 @@ from ..format.chunks import ChunkedHash
 from ..format.hashing import Hasher, HashInfo, new_hasher
 from ..format.safetensors import DTYPE_NAMES, MAX_HEADER_SIZE, TensorSpec, one_spec, parse_header, tensor_bytes
 from ..storage import safeio as _safeio
-from .chunkverify import ChunkVerifier, read_range, verify_file
+from .chunkverify import ChunkReader, ChunkVerifier, read_range, verify_file
 from .write import flat_bytes
 
 _READ_CHUNK = 16 << 20
@@ -121,6 +121,25 @@ _MAX_IOV = 512
 
 
 _pread_exact = _safeio.read_exact
+
+
+def _read_views(fd: int, views: list[memoryview], offset: int, path: str) -> None:
+    """Fill ``views``, consecutive in the file from ``offset``, with few ``preadv`` calls; typed errors as for every read here."""
+    with _typed_reads(path):
+        for first in range(0, len(views), _MAX_IOV):
+            batch = views[first : first + _MAX_IOV]
+            total = sum(len(v) for v in batch)
+            n = _safeio.preadv(fd, batch, offset, path, total)
+            if n != total:  # short read: finish view by view (the file ends first: IntegrityError)
+                skip = n
+                for view in batch:
+                    if skip >= len(view):
+                        skip -= len(view)
+                        continue
+                    _pread_exact(fd, view[skip:], offset + n, path)
+                    n += len(view) - skip
+                    skip = 0
+            offset += total
 
 #: A file this large whose disk blocks cover less than half of it is hashed before any memory is allocated for it.
 _SPARSE_MIN = 64 << 20
@@ -346,15 +365,21 @@ def read_tensor_file(
     uses any tensor returned.
     """
     fd, actual = _open_checked(path, size, expected)
-    reader = None
+    reader: _BatchReader | ChunkReader | None = None
+    hasher: Hasher | ChunkVerifier | None = None
     try:
         with _typed_reads(path):
             head, specs, start = _read_header(fd, actual, path)
-            hasher = _new_verifier(expected, path)
-            if hasher is not None:
-                hasher.update(head)
             place = _Placement(specs, targets or {})
-            reader = _BatchReader(fd, start, path, hasher, hash_pool)
+            if isinstance(expected, ChunkedHash):
+                # Format 2, verified: the hash threads read and check the chunks (ChunkReader); the file
+                # descriptor is theirs until they finish, closed by the check below.
+                reader = ChunkReader(fd, expected, path, head, _read_views)
+            else:
+                hasher = _new_verifier(expected, path)
+                if hasher is not None:
+                    hasher.update(head)
+                reader = _BatchReader(fd, start, path, hasher, hash_pool)
             out = _read_placed(specs, place, reader, path)
         if deferred is None:
             for future in reader.pending:
@@ -362,11 +387,26 @@ def read_tensor_file(
     except BaseException:
         if reader is not None:
             futures_wait(reader.pending)
-            if isinstance(reader.hasher, ChunkVerifier):
+            if isinstance(reader.hasher if isinstance(reader, _BatchReader) else None, ChunkVerifier):
                 reader.hasher.wait()
-        raise
-    finally:
         os.close(fd)
+        raise
+    if isinstance(reader, ChunkReader):
+        chunks = reader
+
+        def check_chunks() -> None:
+            try:
+                chunks.check()
+            finally:
+                chunks.wait()
+                os.close(fd)
+
+        if deferred is None:
+            check_chunks()
+        else:
+            deferred.append(check_chunks)
+        return out
+    os.close(fd)
     if deferred is None:
         _check_hash(path, hasher, expected)
     else:
@@ -418,6 +458,8 @@ def _read_placed(specs: Mapping[str, TensorSpec], place: _Placement, reader: _Ba
             tensor = out[key] = _allocate(shape, dtype, path)
             reader.add(_writable(tensor), count)
     reader.flush()
+    if staged and isinstance(reader, ChunkReader):
+        reader.check()  # the pinned regions are filled (and verified) before the device copies start
     with torch.no_grad():
         for target, host in staged:
             target.copy_(host, non_blocking=True)
