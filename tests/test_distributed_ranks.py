@@ -73,6 +73,33 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
         time.sleep(0.05)
 
 
+def kill_victim_and_wait(proc: subprocess.Popen, out: Path, sig: int, outcomes: list[Path], *, limit: float, settle: float = 0.0) -> float:
+    """Send ``sig`` to the rank that wrote its pid to ``victim-ready``; wait for every survivor's outcome file.
+
+    Returns the seconds from the signal to the last outcome. The victim is always SIGKILLed in the end (a frozen
+    one is only stopped) and the launcher reaped.
+    """
+    victim = None
+    try:
+        _wait_for(out / "victim-ready", proc)
+        time.sleep(settle)
+        victim = int((out / "victim-ready").read_text())
+        os.kill(victim, sig)
+        killed = time.monotonic()
+        while not all(path.exists() for path in outcomes):
+            assert time.monotonic() < killed + limit, "the survivors never finished"
+            time.sleep(0.05)
+        return time.monotonic() - killed
+    finally:
+        if victim is not None:
+            with contextlib.suppress(OSError):
+                os.kill(victim, signal.SIGKILL)  # a frozen victim is only stopped
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=60)
+        if proc.poll() is None:
+            proc.kill()
+
+
 def _plain_load(store_path: Path, step: int) -> dict:
     """N -> 1: a plain (unsharded) model and optimizer in this process, loaded through DCP's planner."""
     torch.manual_seed(321)
@@ -156,26 +183,7 @@ def test_a_rank_lost_mid_save_commits_nothing_and_survivors_fail_within_the_grou
     store_path, out = tmp_path / "store", tmp_path / "out"
     out.mkdir()
     proc = _launch("kill", 3, store_path, out, env={"CKSTORE_TEST_GROUP_TIMEOUT": str(GROUP_TIMEOUT_S)})
-    victim = None
-    try:
-        _wait_for(out / "victim-ready", proc)
-        time.sleep(0.2)
-        victim = int((out / "victim-ready").read_text())
-        os.kill(victim, sig)
-        killed = time.monotonic()
-        deadline = killed + GROUP_TIMEOUT_S + 60
-        while not all((out / f"outcome-{r}.json").exists() for r in (0, 1)):
-            assert time.monotonic() < deadline, "the survivors never finished"
-            time.sleep(0.05)
-        waited = time.monotonic() - killed
-    finally:
-        if victim is not None:
-            with contextlib.suppress(OSError):
-                os.kill(victim, signal.SIGKILL)  # a frozen victim is only stopped
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.communicate(timeout=60)
-        if proc.poll() is None:
-            proc.kill()
+    waited = kill_victim_and_wait(proc, out, sig, [out / f"outcome-{r}.json" for r in (0, 1)], limit=GROUP_TIMEOUT_S + 60, settle=0.2)
     outcomes = [json.loads((out / f"outcome-{r}.json").read_text()) for r in (0, 1)]
     for outcome in outcomes:
         assert outcome["error"] is not None, outcome  # the survivors' save failed, it did not claim success

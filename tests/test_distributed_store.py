@@ -8,11 +8,9 @@ this process loads both into a plain model (N -> 1). Two more runs lose a rank m
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -22,7 +20,7 @@ import torch
 
 import ckstore
 from conftest import assert_same
-from test_distributed_ranks import _launch, _plain_load, _run, _wait_for
+from test_distributed_ranks import _launch, _plain_load, _run, _wait_for, kill_victim_and_wait
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
@@ -137,24 +135,7 @@ def test_a_rank_lost_mid_save_fails_the_survivor_in_bounded_time_and_a_fresh_sav
     out.mkdir()
     proc = _launch("store_kill", 2, store_path, out, env={"CKSTORE_TEST_GROUP_TIMEOUT": str(GROUP_TIMEOUT_S), "CKSTORE_TEST_VICTIM": str(victim)})
     survivor = 1 - victim
-    pid = None
-    try:
-        _wait_for(out / "victim-ready", proc)
-        pid = int((out / "victim-ready").read_text())
-        os.kill(pid, sig)
-        killed = time.monotonic()
-        while not (out / f"outcome-{survivor}.json").exists():
-            assert time.monotonic() < killed + GROUP_TIMEOUT_S + 60, "the survivor never finished"
-            time.sleep(0.05)
-        waited = time.monotonic() - killed
-    finally:
-        if pid is not None:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)  # a frozen victim is only stopped
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.communicate(timeout=60)
-        if proc.poll() is None:
-            proc.kill()
+    waited = kill_victim_and_wait(proc, out, sig, [out / f"outcome-{survivor}.json"], limit=GROUP_TIMEOUT_S + 60)
     outcome = json.loads((out / f"outcome-{survivor}.json").read_text())
     assert outcome.get("error") == "DistributedError", outcome
     assert "nothing was committed" in outcome["message"]
