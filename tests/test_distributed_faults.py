@@ -107,6 +107,12 @@ def test_the_harness_runs_the_distributed_tier_and_fails_on_a_manifest_written_a
     coordinator = [row for name, row in by_name.items() if name.startswith("kill coordinator")]
     assert model and all(int(row[4]) > 0 for row in model), rows
     assert coordinator and all(int(row[4]) > 0 for row in coordinator), rows
+    # Store(path, process_group=pg).save, sync and blocking=False + wait(): the same StoreWriter under its own agree
+    # step, error broadcast and background path; its coordinator's and all-ranks kills must see the plant too.
+    for victim in ("coordinator", "all"):
+        for api in ("Store.save", "Store.save(blocking=False)"):
+            store_rows = [row for name, row in by_name.items() if name == f"kill {victim}: 2-rank {api}"]
+            assert store_rows and int(store_rows[0][4]) > 0, (victim, api, rows)
 
 
 def test_the_harness_distributed_tier_is_clean_without_the_plant(tmp_path):
