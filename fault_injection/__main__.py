@@ -4,8 +4,8 @@ Profiles: ``smoke`` (seconds; used by the pytest smoke test), ``ci`` (about
 ten minutes on 2 cores; run by ``make test``), ``full`` (hours: every tier on
 every mutant, more power cuts, random subsets, fuzz inputs). What each covers:
 docs/fault-injection.md. ``--tiers`` picks a subset, e.g. ``--tiers
-kill,model``; ``distributed`` kills and crash-models multi-rank DCP saves
-(fault_injection/distributed.py). ``--report FILE`` also writes the table to a file.
+kill,model``; ``distributed`` kills and crash-models multi-rank saves, through
+``dcp.save`` and through ``Store(path, process_group=pg).save`` (fault_injection/distributed.py). ``--report FILE`` also writes the table to a file.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "read_operations": ["load", "verify", "read_tensor"],
         # multi-rank DCP saves (fault_injection/distributed.py): kill points of each victim, the crash model
         "distributed_worlds": [2],
+        "distributed_apis": ["dcp", "store"],
         "distributed_stride": 4,
         "distributed_model_worlds": [2],
         "distributed_random_subsets": 2,
@@ -84,8 +85,10 @@ PROFILES: dict[str, dict[str, Any]] = {
         "crafted": True,
         "fuzz_inputs": 100_000,
         "read_operations": "all",
-        # every kill point of rank 1, the coordinator and all ranks of a 2-rank save (53 runs), the crash model on it
+        # every kill point of rank 1, the coordinator and all ranks of a 2-rank save (53 runs) through dcp.save, through
+        # Store(process_group=).save and through its blocking=False + wait(); the crash model on the dcp.save
         "distributed_worlds": [2],
+        "distributed_apis": ["dcp", "store", "store_async"],
         "distributed_stride": 1,
         "distributed_model_worlds": [2],
         "distributed_random_subsets": 6,
@@ -110,6 +113,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "fuzz_inputs": 1_000_000,
         "read_operations": "all",
         "distributed_worlds": [2, 3],
+        "distributed_apis": ["dcp", "store", "store_async"],
         "distributed_stride": 1,
         "distributed_model_worlds": [2, 3],
         "distributed_random_subsets": 60,
@@ -196,8 +200,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             from . import distributed
 
             for world in profile["distributed_worlds"]:
-                for victim in distributed.VICTIMS:
-                    show([distributed.run_kill_row(workdir, world=world, victim=victim, stride=profile["distributed_stride"])])
+                for api in profile["distributed_apis"]:
+                    for victim in distributed.VICTIMS:
+                        show([distributed.run_kill_row(workdir, world=world, victim=victim, stride=profile["distributed_stride"], api=api)])
             for n, world in enumerate(profile["distributed_model_worlds"]):
                 subsets = profile["distributed_random_subsets"]
                 show([distributed.run_model_row(workdir, world=world, seed=args.seed + n, random_subsets=subsets)])

@@ -1,12 +1,16 @@
-"""Kill ranks of a multi-rank DCP save at every durable-operation boundary; check the store after each.
+"""Kill ranks of a multi-rank save at every durable-operation boundary; check the store after each.
 
-    python -m fault_injection.distributed [--world 2] [--json]
+    python -m fault_injection.distributed [--world 2] [--api dcp|store|store_async] [--json]
 
 A parent process imports torch and ckstore once, then for each kill point
 forks ``world`` ranks (fork keeps each run under a second; a fresh
 interpreter per rank costs seconds). The ranks form a gloo group on
-127.0.0.1 and run one ``dcp.save`` through ``StoreWriter`` of a state in
-which each rank owns its own tensors and all share a replicated one. The
+127.0.0.1 and save, once, a state in which each rank owns its own tensors
+and all share a replicated one (``--api``): ``dcp.save`` through
+``StoreWriter``; or ``Store(path, process_group=pg).save`` on a
+``checkpoint_group`` (its agree step, error broadcast and coordinator
+cleanup around the same StoreWriter), blocking or ``blocking=False`` then
+``Store.wait()``. The
 victim installs a ``ckstore.storage.durable`` hook that SIGKILLs it just
 before its k-th durable operation (create, write, fsync, close, mkdir,
 rename, directory fsync). Victims, for k = 1, 2, … until a run completes
@@ -21,8 +25,10 @@ Invariants after each run (the parent opens the store read-only):
 
 1. the store lists no checkpoint or exactly step 1, never anything partial;
 2. a listed step 1 verifies, and loads (N -> 1, in the parent) bitwise equal to what the ranks saved;
-3. if any rank's ``dcp.save`` returned, step 1 is listed (an acknowledged save is never lost);
-4. after recovery by a new writer, ``.staging/`` is empty.
+3. if any rank's save returned, step 1 is listed (an acknowledged save is never lost);
+4. after recovery by a new writer, ``.staging/`` is empty;
+5. every rank the kill spared returned or raised within ``SURVIVOR_BOUND_S`` of the kill, never hung; through
+   ``Store(process_group=)``, a ckstore error (DistributedError, AsyncSaveError), not a raw gloo one.
 
 ``--crash-model`` instead runs the crash-state model of ``fault_injection/crashmodel.py``
 (every on-disk state POSIX allows at every crash point, power cuts included)
@@ -53,15 +59,23 @@ import torch.distributed as dist  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
 
 import ckstore  # noqa: E402
-from ckstore.distributed import StoreReader, StoreWriter  # noqa: E402
+from ckstore.distributed import StoreReader, StoreWriter, checkpoint_group  # noqa: E402
 from ckstore.storage import durable  # noqa: E402
 from fault_injection.invariants import COMPLETES  # noqa: E402
 from fault_injection.killpoints import outcome_digest  # noqa: E402
 from fault_injection.report import Row  # noqa: E402
 
 VICTIMS = ("rank1", "coordinator", "all")
+#: The save each run makes, by key: ``dcp.save`` through StoreWriter, and ``Store(path, process_group=pg).save``
+#: (the same StoreWriter under the Store's agree step, error broadcast, coordinator cleanup), sync and in the background.
+APIS = {"dcp": "dcp.save", "store": "Store.save", "store_async": "Store.save(blocking=False)"}
 #: Seconds a run may take before the harness calls it hung (the ranks' group times out after 15).
 HANG_S = 60
+#: The timeout of the ``checkpoint_group`` a Store(process_group=) run saves on: a silent rank's bound.
+GROUP_TIMEOUT_S = 10
+#: Seconds from a rank's SIGKILL to a survivor's error past which the survivor counts as hanging: the group's
+#: timeout (the documented bound for a rank that goes silent; gloo sees a killed one's closed socket far sooner).
+SURVIVOR_BOUND_S = GROUP_TIMEOUT_S
 
 
 def rank_state(rank: int) -> dict:
@@ -76,9 +90,10 @@ def expected_state(world: int) -> dict:
     return out
 
 
-def _rank_main(rank: int, world: int, port: int, store: str, out: str, victim: str, k: int, pids_file: str) -> None:
+def _rank_main(rank: int, world: int, port: int, store: str, out: str, victim: str, k: int, pids_file: str, api: str = "dcp") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=15))
+    group = checkpoint_group(timeout=GROUP_TIMEOUT_S) if api != "dcp" else None
     mine = (victim == "rank1" and rank == 1) or (victim in ("coordinator", "all") and rank == 0)
     if mine:
         seen = [0]
@@ -88,6 +103,7 @@ def _rank_main(rank: int, world: int, port: int, store: str, out: str, victim: s
                 return
             seen[0] += 1
             if seen[0] == k:
+                _record(out, "killed", {"rank": rank, "at": time.monotonic()})
                 if victim == "all":
                     with open(pids_file) as f:
                         pids = [int(p) for p in f.read().split()]
@@ -97,11 +113,30 @@ def _rank_main(rank: int, world: int, port: int, store: str, out: str, victim: s
                 os.kill(os.getpid(), signal.SIGKILL)
 
         durable.set_hook(hook)
-    with ckstore.Store(store, keep_last=1) as s:
-        dcp.save(rank_state(rank), storage_writer=StoreWriter(s, step=1))
+    try:
+        with ckstore.Store(store, keep_last=1, process_group=group) as s:
+            if api == "dcp":
+                dcp.save(rank_state(rank), storage_writer=StoreWriter(s, step=1))
+            else:
+                info = s.save(rank_state(rank), step=1, blocking=api == "store")
+                if api == "store_async":
+                    info = s.wait()
+                if getattr(info, "step", None) != 1:
+                    raise AssertionError(f"Store.save returned {info!r}, not step 1's CheckpointInfo")
+    except BaseException as exc:
+        # When a survivor raised, and what: run_one bounds the time since the kill and wants a ckstore error.
+        error = {"rank": rank, "at": time.monotonic(), "type": type(exc).__name__, "message": str(exc)[:300] + (" ... " + str(exc)[-200:] if len(str(exc)) > 300 else "")}
+        _record(out, f"error-{rank}", {**error, "ckstore": isinstance(exc, ckstore.CkstoreError)})
+        raise
     durable.set_hook(None)
     with open(os.path.join(out, f"ack-{rank}"), "w") as f:
         f.write("saved")
+
+
+def _record(out: str, name: str, value: dict) -> None:
+    with open(os.path.join(out, name + ".tmp"), "w") as f:
+        json.dump(value, f)
+    os.rename(os.path.join(out, name + ".tmp"), os.path.join(out, name))  # whole or absent, if the writer is killed
 
 
 def _port() -> int:
@@ -110,7 +145,7 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def run_one(root: str, world: int, victim: str, k: int) -> dict:
+def run_one(root: str, world: int, victim: str, k: int, api: str = "dcp") -> dict:
     store, out = os.path.join(root, f"{victim}-{k}", "store"), os.path.join(root, f"{victim}-{k}", "out")
     os.makedirs(out)
     pids_file = os.path.join(out, "pids")
@@ -121,7 +156,7 @@ def run_one(root: str, world: int, victim: str, k: int) -> dict:
         if pid == 0:
             code = 1
             try:
-                _rank_main(rank, world, port, store, out, victim, k, pids_file)
+                _rank_main(rank, world, port, store, out, victim, k, pids_file, api)
                 code = 0
             except BaseException:
                 code = 3
@@ -159,7 +194,52 @@ def run_one(root: str, world: int, victim: str, k: int) -> dict:
         violations.insert(0, f"a rank was still running {HANG_S} s after the start; the harness killed it")
     committed = os.path.isdir(os.path.join(store, "checkpoints", "step-00000001"))
     fired = killed and not hung
-    return {"victim": victim, "k": k, "fired": fired, "acked": acked, "committed": committed, "violations": violations, "outcome": outcome}
+    survivors = [rank for rank, pid in enumerate(pids) if not os.WIFSIGNALED(codes[pid])]
+    raised_s, errors = None, []
+    if fired and survivors:
+        raised_s, problems = check_survivors(out, survivors, acked, typed=api != "dcp")
+        violations.extend(problems)
+        errors = [_read(out, f"error-{rank}") for rank in survivors if os.path.exists(os.path.join(out, f"error-{rank}"))]
+    return {
+        "victim": victim, "api": api, "k": k, "fired": fired, "acked": acked, "committed": committed,
+        "violations": violations, "outcome": outcome, "survivor_raised_s": raised_s,
+        # A survivor's error that says "nothing was committed" while step 1 is in checkpoints/ (not an invariant: reported)
+        "survivor_denies_commit": committed and any("nothing was committed" in e["message"] for e in errors),
+        "survivor_errors": errors,
+    }
+
+
+def _read(out: str, name: str) -> dict:
+    with open(os.path.join(out, name)) as f:
+        return json.load(f)
+
+
+def check_survivors(out: str, survivors: list[int], acked: list[int], *, typed: bool) -> tuple[float | None, list[str]]:
+    """Every rank a kill spared returned (acked) or raised within SURVIVOR_BOUND_S of the kill; with ``typed``, a ckstore error.
+
+    Returns the slowest survivor's seconds from the kill to its error (None if every survivor returned) and the problems.
+    """
+    problems: list[str] = []
+    try:
+        killed_at = _read(out, "killed")["at"]
+    except FileNotFoundError:
+        return None, ["a rank died by a signal, but no victim recorded its kill"]
+    slowest = None
+    for rank in survivors:
+        if rank in acked:
+            continue
+        try:
+            error = _read(out, f"error-{rank}")
+        except FileNotFoundError:
+            problems.append(f"rank {rank} survived the kill but neither returned nor raised")
+            continue
+        waited = error["at"] - killed_at
+        slowest = waited if slowest is None else max(slowest, waited)
+        if waited > SURVIVOR_BOUND_S:
+            problems.append(f"rank {rank} raised {waited:.1f} s after the kill, past the {SURVIVOR_BOUND_S} s bound: {error['type']}")
+        if typed and not error["ckstore"]:
+            problems.append(f"rank {rank} raised {error['type']}, not a ckstore error: {error['message'][:160]}")
+    return slowest, problems
 
 
 def check(store: str, world: int, acked: list[int]) -> list[str]:
@@ -203,34 +283,36 @@ def check(store: str, world: int, acked: list[int]) -> list[str]:
     return problems
 
 
-def run(world: int = 2, victims: tuple[str, ...] = VICTIMS, max_k: int = 60) -> list[dict]:
+def run(world: int = 2, victims: tuple[str, ...] = VICTIMS, max_k: int = 60, api: str = "dcp") -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="ckstore-dist-kill-") as root:
         for victim in victims:
             for k in range(1, max_k + 1):
-                row = run_one(root, world, victim, k)
+                row = run_one(root, world, victim, k, api)
                 rows.append(row)
                 if not row["fired"]:
                     break  # the victim finished before its k-th operation: every boundary was covered
     return rows
 
 
-def run_kill_row(workdir: str, *, world: int, victim: str, stride: int = 1, max_k: int = 200) -> Row:
+def run_kill_row(workdir: str, *, world: int, victim: str, stride: int = 1, max_k: int = 200, api: str = "dcp") -> Row:
     """The kill points of one victim as a row of the harness's table (``python -m fault_injection run``, tier ``distributed``).
 
     Kills before the victim's operation k = 1, 1 + stride, 1 + 2 stride, ... until a run goes through unkilled;
     that run must save on every rank and commit step 1. Cycles count every run (the unkilled one included),
     crash states the distinct on-disk outcomes the kills left.
     """
-    row = Row("distributed", f"kill {victim}: {world}-rank dcp.save")
+    row = Row("distributed", f"kill {victim}: {world}-rank {APIS[api]}")
     start = time.monotonic()
-    root = tempfile.mkdtemp(prefix=f"dist-kill-{victim}-{world}-", dir=workdir)
+    root = tempfile.mkdtemp(prefix=f"dist-kill-{api}-{victim}-{world}-", dir=workdir)
     outcomes: set[str] = set()
     fired = committed = 0
+    raised: list[float] = []
+    denied = 0
     last: dict | None = None
     try:
         for k in range(1, max_k + 1, stride):
-            last = run_one(root, world, victim, k)
+            last = run_one(root, world, victim, k, api)
             shutil.rmtree(os.path.join(root, f"{victim}-{k}"), ignore_errors=True)
             row.cycles += 1
             for message in last["violations"]:
@@ -239,6 +321,9 @@ def run_kill_row(workdir: str, *, world: int, victim: str, stride: int = 1, max_
                 break
             fired += 1
             committed += last["committed"]
+            if last["survivor_raised_s"] is not None:
+                raised.append(last["survivor_raised_s"])
+            denied += last["survivor_denies_commit"]
             outcomes.add(last["outcome"])
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -250,6 +335,10 @@ def run_kill_row(workdir: str, *, world: int, victim: str, stride: int = 1, max_
     row.seconds = time.monotonic() - start
     span = f"{fired} kill points" if stride == 1 else f"{fired} kill points (every {stride}th operation)"
     row.note = f"{span}; {committed} left step 1 committed; {len(outcomes)} distinct outcomes; the unkilled run saved on all {world} ranks"
+    if raised:
+        row.note += f"; survivors raised {min(raised):.2f}-{max(raised):.2f} s after the kill ({len(raised)} runs)"
+    if denied:
+        row.note += f"; in {denied} a survivor's error said 'nothing was committed' though step 1 was"
     return row
 
 
@@ -343,6 +432,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--victims", nargs="+", default=list(VICTIMS), choices=VICTIMS)
+    parser.add_argument("--api", choices=sorted(APIS), default="dcp", help="the save each run makes: " + ", ".join(f"{k} ({v})" for k, v in APIS.items()))
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--crash-model", action="store_true", help="run the crash-state model on an in-process save of --world logical ranks instead")
     args = parser.parse_args()
@@ -352,7 +442,7 @@ def main() -> None:
         print(json.dumps({"states": row.states, "violations": row.violations, "note": row.note, "examples": row.examples[:5]}) if args.json else f"{row.states} crash states, {row.violations} violations ({row.note})")
         sys.exit(1 if row.violations else 0)
     started = time.perf_counter()
-    rows = run(args.world, tuple(args.victims))
+    rows = run(args.world, tuple(args.victims), api=args.api)
     violations = [r for r in rows if r["violations"]]
     if args.json:
         print(json.dumps(rows, indent=1))
