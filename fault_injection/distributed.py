@@ -333,13 +333,17 @@ def run_kill_row(workdir: str, *, world: int, victim: str, stride: int = 1, max_
         row.violation(f"{COMPLETES}: the unkilled save acknowledged ranks {last['acked']} of {world}, committed: {last['committed']}")
     row.states = len(outcomes)
     row.seconds = time.monotonic() - start
-    span = f"{fired} kill points" if stride == 1 else f"{fired} kill points (every {stride}th operation)"
+    span = f"{fired} kill points" if stride == 1 else f"{fired} kill points (every {_ordinal(stride)} operation)"
     row.note = f"{span}; {committed} left step 1 committed; {len(outcomes)} distinct outcomes; the unkilled run saved on all {world} ranks"
     if raised:
         row.note += f"; survivors raised {min(raised):.2f}-{max(raised):.2f} s after the kill ({len(raised)} runs)"
     if denied:
         row.note += f"; in {denied} a survivor's error said 'nothing was committed' though step 1 was"
     return row
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
 # ---------------------------------------------------------------- the crash model on a 2-rank save
