@@ -5,7 +5,8 @@ ten minutes on 2 cores; run by ``make test``), ``full`` (hours: every tier on
 every mutant, more power cuts, random subsets, fuzz inputs). What each covers:
 docs/fault-injection.md. ``--tiers`` picks a subset, e.g. ``--tiers
 kill,model``; ``distributed`` kills and crash-models multi-rank saves, through
-``dcp.save`` and through ``Store(path, process_group=pg).save`` (fault_injection/distributed.py). ``--report FILE`` also writes the table to a file.
+``dcp.save`` and through ``Store(path, process_group=pg).save``
+(fault_injection/distributed.py). ``--report FILE`` also writes the table to a file.
 """
 
 from __future__ import annotations

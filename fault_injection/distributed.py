@@ -125,7 +125,9 @@ def _rank_main(rank: int, world: int, port: int, store: str, out: str, victim: s
                     raise AssertionError(f"Store.save returned {info!r}, not step 1's CheckpointInfo")
     except BaseException as exc:
         # When a survivor raised, and what: run_one bounds the time since the kill and wants a ckstore error.
-        error = {"rank": rank, "at": time.monotonic(), "type": type(exc).__name__, "message": str(exc)[:300] + (" ... " + str(exc)[-200:] if len(str(exc)) > 300 else "")}
+        text = str(exc)
+        message = text if len(text) <= 500 else f"{text[:300]} ... {text[-200:]}"  # the tail says what was committed
+        error = {"rank": rank, "at": time.monotonic(), "type": type(exc).__name__, "message": message}
         _record(out, f"error-{rank}", {**error, "ckstore": isinstance(exc, ckstore.CkstoreError)})
         raise
     durable.set_hook(None)
@@ -436,7 +438,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--victims", nargs="+", default=list(VICTIMS), choices=VICTIMS)
-    parser.add_argument("--api", choices=sorted(APIS), default="dcp", help="the save each run makes: " + ", ".join(f"{k} ({v})" for k, v in APIS.items()))
+    saves = ", ".join(f"{key} ({name})" for key, name in APIS.items())
+    parser.add_argument("--api", choices=sorted(APIS), default="dcp", help=f"the save each run makes: {saves}")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--crash-model", action="store_true", help="run the crash-state model on an in-process save of --world logical ranks instead")
     args = parser.parse_args()
