@@ -59,15 +59,10 @@ def test_every_kill_point_of_a_two_rank_store_save_keeps_the_invariants_and_surv
         assert r["survivor_raised_s"] < fid.SURVIVOR_BOUND_S, r
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ckstore/distributed/ranks.py: a rank other than the coordinator says 'nothing was committed' when the "
-    "coordinator is lost after the commit rename (writer.committed is only ever set on the coordinator)",
-)
 def test_a_survivor_does_not_say_nothing_was_committed_when_the_coordinator_died_after_the_rename():
-    """Coordinator killed after renaming step 1 into checkpoints/ (its last 2 kill points): rank 1 raises
-    DistributedError ending '; nothing was committed', but step 1 is listed, verifies and loads. A user told so may
-    redo work or save step 1 again (CheckpointExistsError). Rank 1 cannot know the outcome; the message should say so."""
+    """Coordinator killed after renaming step 1 into checkpoints/ (its last 2 kill points): rank 1 raised
+    DistributedError ending '; nothing was committed', though step 1 is listed, verifies and loads (a user told so may
+    redo work or save step 1 again). Rank 1 cannot know the outcome, and now says so."""
     rows = _kill_runs("store", "coordinator")
     late = [r for r in rows if r["fired"] and r["committed"]]
     assert late, rows

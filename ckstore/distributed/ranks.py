@@ -239,12 +239,19 @@ class Ranks:
             raise
         except Exception as exc:  # torch.distributed: a lost rank, a timeout (RuntimeError, DistBackendError)
             self._abort(writer)
-            committed = writer is not None and writer.committed is not None
             raise DistributedError(
                 f"{self.store.path}: {what} on rank {self.rank}: a collective of the process group failed (a rank was lost, or "
-                f"silent past the group's timeout): {type(exc).__name__}: {str(exc)[:500]}"
-                + (f"; step {writer.step} was committed before it failed" if committed else "; nothing was committed")
+                f"silent past the group's timeout): {type(exc).__name__}: {str(exc)[:500]}" + self._outcome(writer)
             ) from exc
+
+    def _outcome(self, writer: StoreWriter | None) -> str:
+        """What this rank can say about the failed save's commit: only the coordinator knows whether it renamed."""
+        if writer is None:
+            return ""
+        if self.rank == 0:
+            return f"; step {writer.step} was committed before it failed" if writer.committed is not None else "; nothing was committed"
+        # The coordinator may have renamed the checkpoint in and died before telling the others.
+        return f"; whether step {writer.step} was committed only the coordinator (rank 0) knew: see store.checkpoints()"
 
     def _abort(self, writer: StoreWriter | None) -> None:
         """On the coordinator: remove a staging directory that will not be committed (else the next recovery does)."""
