@@ -31,62 +31,6 @@ def _wait_all(pending: list[Future]) -> None:
             raise error
 
 
-class ChunkVerifier:
-    """Takes a file's bytes in order, from offset 0, as views of memory already read; hashes each chunk once complete.
-
-    The views are kept until their chunk is hashed: the caller must not
-    change that memory before :meth:`verify` returns.
-    """
-
-    def __init__(self, table: ChunkedHash, path: str, pool: HashPool | None = None) -> None:
-        self.table, self.path = table, path
-        self.pool = pool or shared_pool()
-        self.pending: list[Future] = []
-        self.offset = 0
-        self._segments: list[memoryview] = []
-        self._fill = 0
-
-    def update(self, data: bytes | bytearray | memoryview | object) -> None:
-        view = memoryview(data).cast("B")  # type: ignore[arg-type]
-        size = self.table.chunk_size
-        pos = 0
-        while pos < len(view):
-            n = min(len(view) - pos, size - self._fill)
-            self._segments.append(view[pos : pos + n])
-            self._fill += n
-            pos += n
-            if self._fill == size:
-                self._submit()
-        self.offset += len(view)
-
-    def _submit(self) -> None:
-        index = len(self.pending)  # chunks are submitted in order, one task each
-        if index >= len(self.table.digests):
-            raise IntegrityError(
-                f"{self.path}: more data than the chunk table covers", path=self.path, expected=self.table.size, actual="more"
-            )
-        self.pending.append(self.pool.submit(_check_chunk, self.table, index, self.path, self._segments))
-        self._segments, self._fill = [], 0
-
-    def wait(self) -> None:
-        """Wait for every chunk task (raising nothing): no task touches the caller's memory after this."""
-        futures_wait(self.pending)
-
-    def verify(self) -> None:
-        """Hash the last, short chunk; wait for all; IntegrityError unless the bytes fed were the whole file and every chunk matched."""
-        if self._fill:
-            self._submit()
-        if self.offset != self.table.size or len(self.pending) != len(self.table.digests):
-            self.wait()
-            raise IntegrityError(
-                f"{self.path}: read {self.offset} bytes, the chunk table covers {self.table.size}",
-                path=self.path,
-                expected=self.table.size,
-                actual=self.offset,
-            )
-        _wait_all(self.pending)
-
-
 def read_range(
     fd: int, table: ChunkedHash, begin: int, end: int, path: str, *, read_exact: Callable[[int, memoryview, int, str], object] | None = None
 ) -> tuple[bytearray, int]:

@@ -24,7 +24,7 @@ from ..format.chunks import ChunkedHash
 from ..format.hashing import Hasher, HashInfo, new_hasher
 from ..format.safetensors import DTYPE_NAMES, MAX_HEADER_SIZE, TensorSpec, one_spec, parse_header, tensor_bytes
 from ..storage import safeio as _safeio
-from .chunkverify import ChunkReader, ChunkVerifier, read_range, verify_file
+from .chunkverify import ChunkReader, read_range, verify_file
 from .write import flat_bytes
 
 _READ_CHUNK = 16 << 20
@@ -193,11 +193,8 @@ def _read_header(fd: int, size: int, path: str) -> tuple[bytes, dict[str, Tensor
     return bytes(head), specs, start
 
 
-def _check_hash(path: str, hasher: Hasher | ChunkVerifier | None, expected: HashInfo | ChunkedHash | None) -> None:
+def _check_hash(path: str, hasher: Hasher | None, expected: HashInfo | None) -> None:
     if hasher is None or expected is None:
-        return
-    if isinstance(hasher, ChunkVerifier):
-        hasher.verify()
         return
     actual = HashInfo(expected.algo, hasher.hexdigest())
     if actual != expected:
@@ -284,7 +281,7 @@ class _BatchReader:
     in ``hash_pool`` (its futures in ``pending``) while the next is read.
     """
 
-    def __init__(self, fd: int, offset: int, path: str, hasher: Hasher | ChunkVerifier | None, hash_pool: ThreadPoolExecutor | None) -> None:
+    def __init__(self, fd: int, offset: int, path: str, hasher: Hasher | None, hash_pool: ThreadPoolExecutor | None) -> None:
         self.fd, self.offset, self.path = fd, offset, path
         self.hasher, self.hash_pool = hasher, hash_pool
         self.pending: list[Future] = []
@@ -311,21 +308,8 @@ class _BatchReader:
         batch, fd = self.batch, self.fd
         if not batch:
             return
-        n = _safeio.preadv(fd, batch, self.offset, self.path, self.nbytes)
-        if n != self.nbytes:  # short read: finish buffer by buffer
-            skip = n
-            for buffer in batch:
-                view = memoryview(buffer).cast("B")
-                if skip >= len(view):
-                    skip -= len(view)
-                    continue
-                _pread_exact(fd, view[skip:], self.offset + n, self.path)
-                n += len(view) - skip
-                skip = 0
-        if isinstance(self.hasher, ChunkVerifier):
-            for buffer in batch:  # splits at chunk boundaries; each chunk is hashed by the verifier's pool
-                self.hasher.update(buffer)
-        elif self.hasher is not None:
+        _read_views(fd, [memoryview(buffer).cast("B") for buffer in batch], self.offset, self.path)
+        if self.hasher is not None:
             if self.hash_pool is None:
                 _update_all(self.hasher, batch)
             else:
@@ -366,7 +350,7 @@ def read_tensor_file(
     """
     fd, actual = _open_checked(path, size, expected)
     reader: _BatchReader | ChunkReader | None = None
-    hasher: Hasher | ChunkVerifier | None = None
+    hasher: Hasher | None = None
     try:
         with _typed_reads(path):
             head, specs, start = _read_header(fd, actual, path)
@@ -376,7 +360,7 @@ def read_tensor_file(
                 # descriptor is theirs until they finish, closed by the check below.
                 reader = ChunkReader(fd, expected, path, head, _read_views)
             else:
-                hasher = _new_verifier(expected, path)
+                hasher = new_hasher(expected.algo) if expected is not None else None  # format 1: one stream per file
                 if hasher is not None:
                     hasher.update(head)
                 reader = _BatchReader(fd, start, path, hasher, hash_pool)
@@ -387,8 +371,6 @@ def read_tensor_file(
     except BaseException:
         if reader is not None:
             futures_wait(reader.pending)
-            if isinstance(reader.hasher if isinstance(reader, _BatchReader) else None, ChunkVerifier):
-                reader.hasher.wait()
         os.close(fd)
         raise
     if isinstance(reader, ChunkReader):
@@ -419,15 +401,6 @@ def read_tensor_file(
 
         deferred.append(check)
     return out
-
-
-def _new_verifier(expected: HashInfo | ChunkedHash | None, path: str) -> Hasher | ChunkVerifier | None:
-    """A format-2 file's chunks are checked each on its own, in parallel; a format-1 file's bytes as one stream."""
-    if expected is None:
-        return None
-    if isinstance(expected, ChunkedHash):
-        return ChunkVerifier(expected, path)
-    return new_hasher(expected.algo)
 
 
 def _read_placed(specs: Mapping[str, TensorSpec], place: _Placement, reader: _BatchReader, path: str) -> dict[str, torch.Tensor]:
