@@ -44,6 +44,11 @@ BATCHES_PER_EPOCH = 18  # 569 samples / 32, last batch partial
 # ---------------------------------------------------------------- the child trainer
 
 
+def _say(line: str) -> None:
+    """One line in one write(2): print() writes the text and its newline separately."""
+    os.write(1, (line + "\n").encode())
+
+
 def child_main(argv: list[str]) -> None:
     import argparse
 
@@ -63,7 +68,12 @@ def child_main(argv: list[str]) -> None:
     parser.add_argument("--step-sleep", type=float, default=0.004)
     parser.add_argument("--async-saves", action="store_true")
     parser.add_argument("--loader", choices=["tracked", "stateful"], default="tracked")
+    parser.add_argument("--die-mid-line", action="store_true")
     args = parser.parse_args(argv)
+    if args.die_mid_line:
+        # A SIGKILL between a line and its newline: what the parent's kills can hit.
+        os.write(1, b"STEP 1")
+        os.kill(os.getpid(), signal.SIGKILL)
 
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
@@ -116,7 +126,7 @@ def child_main(argv: list[str]) -> None:
                 staging = path.split("/.staging/", 1)[1].split("/", 1)[0]
                 if staging not in announced:
                     announced.add(staging)
-                    print("SAVING", flush=True)
+                    _say("SAVING")
                     time.sleep(0.3)  # hold the save open so the parent's SIGKILL lands inside it
 
         _durable.set_hook(hook)
@@ -126,7 +136,7 @@ def child_main(argv: list[str]) -> None:
     # at once, even while the dead run's forked loader workers linger.
     with ckstore.Store(args.store, keep_last=2) as store:
         step = ckstore.resume(store, state)
-        print(f"START {step}", flush=True)
+        _say(f"START {step}")
         with ckstore.Checkpointer(store, state, every=EVERY, at_exit=True, blocking=not args.async_saves) as ckpt:
             while step < STEPS:
                 for x, y in batches():
@@ -139,13 +149,13 @@ def child_main(argv: list[str]) -> None:
                     losses[step] = loss.detach()
                     step += 1
                     os.write(log, f"{step} {float(loss.item()).hex()}\n".encode())
-                    print(f"STEP {step}", flush=True)
+                    _say(f"STEP {step}")
                     time.sleep(args.step_sleep)
                     ckpt.step(step)
                     if step >= STEPS:
                         break
     os.close(log)
-    print("DONE", flush=True)
+    _say("DONE")
 
 
 # ---------------------------------------------------------------- the zygote
@@ -170,7 +180,7 @@ def zygote_main() -> None:
 
     torch.set_num_threads(1)  # no OpenMP pool before fork
     torch.use_deterministic_algorithms(True)
-    print("READY", flush=True)
+    _say("READY")
     pid = None
     for line in sys.stdin:
         command = json.loads(line)
@@ -191,10 +201,10 @@ def zygote_main() -> None:
                     sys.stdout.flush()
                     sys.stderr.flush()
                     os._exit(code)
-            print(f"PID {pid}", flush=True)
+            _say(f"PID {pid}")
         elif command["cmd"] == "wait":
             _, status = os.waitpid(pid, 0)
-            print(f"EXIT {os.waitstatus_to_exitcode(status)}", flush=True)
+            _say(f"EXIT {os.waitstatus_to_exitcode(status)}")
 
 
 class Zygote:
@@ -244,10 +254,11 @@ class Zygote:
     def wait(self) -> int:
         """The trainer's exit status (negative: killed by that signal)."""
         self._send(cmd="wait")
-        line = self.read_until(lambda line: line.startswith("EXIT "), stop_at_done=False)
+        # "in", not startswith: the killed trainer's last line may lack its newline.
+        line = self.read_until(lambda line: "EXIT " in line, stop_at_done=False)
         assert line is not None, self.stderr()
         self.pid = None
-        return int(line.split()[1])
+        return int(line.rsplit("EXIT ", 1)[1])
 
     def close(self) -> None:
         assert self.proc.stdin is not None
@@ -394,6 +405,18 @@ def test_sigkill_at_random_moments_is_bitwise_identical(zygote, reference, tmp_p
     assert [a["start"] for a in attempts] == sorted(a["start"] for a in attempts)
     assert attempts[-1]["start"] > 0
     _check_against(reference, tmp_path / "store", tmp_path / "log")
+
+
+@pytest.mark.timeout(120)
+def test_a_kill_between_a_line_and_its_newline_does_not_hang_the_driver(zygote, tmp_path):
+    """The trainer's last line may be torn ("STEP 12" with no newline): the zygote's EXIT still ends the wait.
+
+    print() writes a line and its newline in two calls, so a SIGKILL between
+    them glued the zygote's "EXIT -9" onto "STEP 12"; the driver waited for a
+    line starting with "EXIT " until pytest's timeout (600 s in CI).
+    """
+    zygote.start(tmp_path / "store", tmp_path / "log", "--die-mid-line")
+    assert zygote.wait() == -signal.SIGKILL
 
 
 @pytest.mark.guarantee("G18")
