@@ -563,6 +563,8 @@ class Store:
 
         Shared by :meth:`load` and :func:`ckstore.resume`.
         """
+        if self._ranks is not None:  # a collective: the newest that verifies on every rank
+            return self._ranks.load_newest(state, map_location=map_location, verify=verify, strict=strict, classes=(classes or {}).values())
         infos = self.checkpoints()
         # The last committed first (see ckstore.checkpoint.retention).
         return self._loader.load_first(

@@ -356,7 +356,71 @@ def scenario_store_resave(rank: int, world: int, store_path: str, out: str) -> N
     _dump(out, f"resave-{rank}.json", {"step": info.step})
 
 
+class _Trainable:
+    """The model and optimizer as one DCP ``Stateful``: its state dict is taken at each save, not once."""
+
+    def __init__(self, model, opt) -> None:
+        self.model, self.opt = model, opt
+
+    def state_dict(self) -> dict:
+        return state_of(self.model, self.opt)
+
+    def load_state_dict(self, state: dict) -> None:
+        set_state_dict(self.model, self.opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+class _RankRNG:
+    """This rank's global RNG stream under its own name (``per_rank``), as a ``Stateful``."""
+
+    def __init__(self, group) -> None:
+        self.group = group
+
+    def state_dict(self) -> dict:
+        from ckstore.distributed.training import per_rank
+
+        return per_rank({"rng": torch.get_rng_state()}, group=self.group)
+
+    def load_state_dict(self, state: dict) -> None:
+        (mine,) = state.values()
+        torch.set_rng_state(mine["rng"])
+
+
+def scenario_store_loop(rank: int, world: int, store_path: str, out: str) -> None:
+    """The single-process loop unchanged on a multi-rank store: ckstore.resume, then Checkpointer(every=4).
+
+    Trains to CKSTORE_TEST_STEPS; with CKSTORE_TEST_TERM_AT the last rank sends itself a SIGTERM in that step.
+    """
+    steps, term_at = int(os.environ["CKSTORE_TEST_STEPS"]), int(os.environ.get("CKSTORE_TEST_TERM_AT", "0"))
+    group = checkpoint_group(timeout=60)
+    model, opt = sharded(seed=0, world=world)
+    torch.manual_seed(10 + rank)
+    state = {"app": _Trainable(model, opt), "rng": _RankRNG(group)}
+    report: dict = {"rank": rank}
+    with ckstore.Store(store_path, keep_last=3, process_group=group) as store:
+        report["start"] = start = ckstore.resume(store, state)
+        ckpt = ckstore.Checkpointer(store, state, every=4)
+        try:
+            for step in range(start + 1, steps + 1):
+                model(torch.randn(5, 8)).pow(2).sum().backward()  # this rank's batch, from its own RNG stream
+                opt.step()
+                opt.zero_grad()
+                if step == term_at and rank == world - 1:
+                    os.kill(os.getpid(), signal.SIGTERM)  # a real signal to one rank only; its handler only sets a flag
+                ckpt.step(step)
+            ckpt.close()
+        except SystemExit as exc:
+            report.update(exit=exc.code, saved=ckpt.last_saved_step, signal=ckpt.pending_signal and ckpt.pending_signal.name)
+            _dump(out, f"loop-{rank}.json", report)
+            sys.stdout.flush()
+            os._exit(0)
+    got = full_state(model, opt)
+    if got is not None:
+        torch.save(got, os.path.join(out, os.environ["CKSTORE_TEST_FINAL"]))
+    _dump(out, f"loop-{rank}.json", report)
+
+
 SCENARIOS = {
+    "store_loop": scenario_store_loop,
     "save": scenario_save,
     "load": scenario_load,
     "kill": scenario_kill,

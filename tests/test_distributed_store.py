@@ -20,7 +20,7 @@ import torch
 
 import ckstore
 from conftest import assert_same
-from test_distributed_ranks import _launch, _plain_load, _run, _wait_for, kill_victim_and_wait
+from test_distributed_ranks import _launch, _plain_load, _run, _run_env, _wait_for, kill_victim_and_wait
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
@@ -151,6 +151,27 @@ def test_a_rank_lost_mid_save_fails_the_survivor_in_bounded_time_and_a_fresh_sav
     with ckstore.Store(store_path, readonly=True) as store:
         assert [i.step for i in store.checkpoints()] == [5] and store.verify(5) == []
     assert os.listdir(store_path / ".staging") == []
+
+
+@pytest.mark.guarantee("G18", "G20")
+def test_resume_and_checkpointer_on_two_ranks_save_the_same_step_on_a_sigterm_and_resume_bitwise(tmp_path):
+    """The single-process loop on Store(process_group=): a SIGTERM to one rank, and every rank saves that step and exits 143.
+
+    Before: the signalled rank alone saved (the other's next save gathered a different step), and
+    ckstore.resume() read the DCP checkpoint through the single-process loader.
+    """
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {"CKSTORE_TEST_STEPS": "9"}
+    _run_env("store_loop", 2, tmp_path / "straight", out, {**env, "CKSTORE_TEST_FINAL": "straight.pt"})
+    _run_env("store_loop", 2, tmp_path / "store", out, {**env, "CKSTORE_TEST_TERM_AT": "6", "CKSTORE_TEST_FINAL": "never.pt"})
+    stopped = [json.loads((out / f"loop-{r}.json").read_text()) for r in (0, 1)]
+    assert [(s["exit"], s["saved"], s["signal"]) for s in stopped] == [(128 + signal.SIGTERM, 6, "SIGTERM")] * 2, stopped
+    with ckstore.Store(tmp_path / "store", readonly=True) as store:
+        assert [c.step for c in store.checkpoints()] == [4, 6]  # every=4, and the signal's step
+    _run_env("store_loop", 2, tmp_path / "store", out, {**env, "CKSTORE_TEST_FINAL": "resumed.pt"})
+    assert [json.loads((out / f"loop-{r}.json").read_text())["start"] for r in (0, 1)] == [6, 6]
+    assert_same(torch.load(out / "resumed.pt", weights_only=True), torch.load(out / "straight.pt", weights_only=True))
 
 
 def test_a_process_group_without_torch_distributed_is_a_typed_error(store_path):

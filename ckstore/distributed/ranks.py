@@ -63,6 +63,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException
@@ -170,6 +171,26 @@ class Ranks:
 
     def load(self, state: Any, *, step: int | str | None, map_location: Any, verify: bool, strict: bool, classes: Iterable[type]) -> Any:
         """Load a checkpoint into ``state`` (this rank's shards), a collective; returns ``state``."""
+        chosen = self._load(state, step=step, map_location=map_location, verify=verify, strict=strict, classes=classes)
+        if chosen is None:
+            raise CheckpointNotFoundError(f"{self.store.path}: no committed checkpoint verifies on every rank")
+        return state
+
+    def load_newest(self, state: Any, *, map_location: Any, verify: bool, strict: bool, classes: Iterable[type]) -> tuple[CheckpointInfo, Any] | None:
+        """What ``ckstore.resume`` loads: the newest checkpoint that verifies on every rank; None for an empty store.
+
+        A store with checkpoints of which none verifies on every rank is a
+        CheckpointNotFoundError, as for one process: never a silent start over.
+        """
+        chosen = self._load(state, step=None, map_location=map_location, verify=verify, strict=strict, classes=classes)
+        if chosen is not None:
+            return self.store.resolve(chosen), state
+        if self.store.checkpoints():
+            raise CheckpointNotFoundError(f"{self.store.path}: no committed checkpoint verifies on every rank")
+        return None
+
+    def _load(self, state: Any, *, step: int | str | None, map_location: Any, verify: bool, strict: bool, classes: Iterable[type]) -> int | None:
+        """The collective load; the step loaded, or None when ``step=None`` and no checkpoint verifies on every rank."""
         store = self.store
 
         def check() -> int | None:
@@ -192,7 +213,7 @@ class Ranks:
             if step is None:
                 chosen = self._collective("load", lambda: agree_on_step(store, group=self.group))
                 if chosen is None:
-                    raise CheckpointNotFoundError(f"{store.path}: no committed checkpoint verifies on every rank")
+                    return None
             elif len(set(resolved)) != 1:
                 raise InvalidArgumentError(f"step={step!r} names different checkpoints on the ranks ({_by_rank(resolved)}); pass a step number")
             else:
@@ -200,7 +221,21 @@ class Ranks:
             planner = ValueLoadPlanner(classes=classes, allow_partial_load=not strict)
             with self._failures("load"):
                 dcp.load(state, storage_reader=StoreReader(store, step=chosen), planner=planner, process_group=self.group)
-        return state
+        return chosen
+
+    # ------------------------------------------------------------ the training loop's step-boundary agreement
+
+    def agree_max(self, values: list[int]) -> list[int]:
+        """The largest of each value over the ranks: one all-reduce (MAX) of a few integers, a collective.
+
+        ``Checkpointer.step`` calls it at every step boundary with (the signal
+        received, 0 if none; whether a save is due), so every rank saves the
+        same steps and stops at the same one after a signal to any rank.
+        """
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
+        flags = torch.tensor(values, dtype=torch.int64, device=device)
+        self._collective("step", lambda: dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group))
+        return [int(v) for v in flags.tolist()]
 
     # ------------------------------------------------------------ collectives and their failures
 

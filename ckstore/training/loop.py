@@ -64,6 +64,9 @@ def resume(store: Store, state: Any, *, map_location: Any = None, strict: bool =
     :class:`CorruptCheckpointWarning` (and left on disk). If the store has
     checkpoints but none verifies, :class:`CheckpointNotFoundError` is raised
     rather than silently starting over.
+
+    On a store with a ``process_group`` this is a collective: every rank loads
+    the newest checkpoint that verifies on every rank.
     """
     if not isinstance(store, Store):
         raise InvalidArgumentError(f"resume() needs a ckstore.Store, got {type(store).__name__}")
@@ -172,6 +175,10 @@ class Checkpointer:
     staging memory; the save cost ``"auto"`` measures is that stall). Saves for
     a signal or at exit are always waited for: the process exits only once its
     last checkpoint is durable.
+
+    On a store with a ``process_group`` every rank calls :meth:`step` at the
+    same boundary: the ranks agree there, in one all-reduce, on whether to
+    save and whether any rank was signalled (docs/distributed.md).
     """
 
     def __init__(
@@ -215,6 +222,8 @@ class Checkpointer:
         self._closed = False
         self._previous: dict[signal.Signals, Any] = {}
         self._pid = os.getpid()
+        #: With Store(process_group=): the ranks this loop agrees with at every step (see _agree).
+        self._ranks = store._ranks
         if self.signals:
             if threading.current_thread() is not threading.main_thread():
                 raise InvalidArgumentError("signal handling needs the Checkpointer to be created in the main thread (or pass signals=())")
@@ -285,23 +294,46 @@ class Checkpointer:
         self._last_mark = now
         self.last_step = step
         info = None
-        wanted = save if save is not None else self._due(step, metrics)
-        if self.pending_signal is None and wanted and step != self.last_saved_step:
+        stop, wanted = self._agree(save if save is not None else self._due(step, metrics))
+        if stop is None and wanted and step != self.last_saved_step:
             info = self._save(step, metrics)
-        if self.pending_signal is not None:
+        if stop is not None:
             self._exit_on_signal(metrics)
         return info
 
     def _report_again(self, step: int, metrics: Mapping[str, Any] | None, save: bool | None) -> Any:
         info = None
         if step == self.last_saved_step:
-            if metrics:
+            if metrics and (self._ranks is None or self._ranks.rank == 0):  # at N ranks the coordinator records them
                 info = self.store.record_metrics(step, metrics)
-        elif self.pending_signal is None and (save if save is not None else self._due(step, metrics)):
-            info = self._save(step, metrics)
-        if self.pending_signal is not None:
+            stop, _ = self._agree(False)
+        else:
+            stop, wanted = self._agree(save if save is not None else self._due(step, metrics))
+            if stop is None and wanted:
+                info = self._save(step, metrics)
+        if stop is not None:
             self._exit_on_signal(metrics)
         return info
+
+    def _agree(self, wanted: bool) -> tuple[signal.Signals | None, bool]:
+        """(the signal to stop for, whether to save): this process's own, or at N ranks what the ranks agree on.
+
+        With ``Store(process_group=)`` every rank calls ``step`` at the same
+        boundary, and one all-reduce (MAX) carries each rank's signal and
+        wish to save: a save is a collective, so a signal to one rank or a
+        clock-driven interval (``every="10min"``, ``"auto"``) that fell due on
+        one rank only would otherwise leave that rank saving alone until the
+        group's timeout. The decision is the agreed value, never the live
+        flag: a signal that lands after the all-reduce is carried by the next.
+        """
+        if self._ranks is None:
+            return self.pending_signal, bool(wanted)
+        received, due = self._ranks.agree_max([int(self.pending_signal or 0), int(bool(wanted))])
+        if not received:
+            return None, bool(due)
+        if self.pending_signal is None:
+            self.pending_signal = signal.Signals(received)  # another rank's: this one stops with it
+        return self.pending_signal, bool(due)
 
     def _due(self, step: int, metrics: Mapping[str, Any] | None) -> bool:
         ranked = self.store.policy.metric
@@ -378,6 +410,8 @@ class Checkpointer:
         if self._closed:
             return
         try:
+            if final_save and self._ranks is not None:
+                self._agree(False)  # a signal that reached one rank after its last step: every rank stops for it
             if final_save and self.at_exit:
                 self._final_save()
             if self.pending_signal is not None and final_save:
