@@ -31,14 +31,18 @@ import ckstore
 from ckstore.distributed import StoreReader, StoreWriter, checkpoint_group
 
 
+#: "cuda" runs the ranks on NCCL, one GPU each (tests/test_cuda.py); "cpu" (default) on gloo.
+DEVICE = os.environ.get("CKSTORE_TEST_DEVICE", "cpu")
+
+
 def make_model(seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.ReLU(), torch.nn.Linear(12, 6))
 
 
 def sharded(seed: int, world: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    mesh = init_device_mesh("cpu", (world,))
-    model = make_model(seed)
+    mesh = init_device_mesh(DEVICE, (world,))
+    model = make_model(seed).to(DEVICE)
     for layer in (model[0], model[2]):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -399,14 +403,18 @@ def scenario_store_loop(rank: int, world: int, store_path: str, out: str) -> Non
     with ckstore.Store(store_path, keep_last=3, process_group=group) as store:
         report["start"] = start = ckstore.resume(store, state)
         ckpt = ckstore.Checkpointer(store, state, every=4)
+        costs = report["agree_s"] = []  # Checkpointer.step() at the steps that do not save: the all-reduce alone
         try:
             for step in range(start + 1, steps + 1):
-                model(torch.randn(5, 8)).pow(2).sum().backward()  # this rank's batch, from its own RNG stream
+                model(torch.randn(5, 8).to(DEVICE)).pow(2).sum().backward()  # this rank's batch, from its own RNG stream
                 opt.step()
                 opt.zero_grad()
                 if step == term_at and rank == world - 1:
                     os.kill(os.getpid(), signal.SIGTERM)  # a real signal to one rank only; its handler only sets a flag
-                ckpt.step(step)
+                started = time.perf_counter()
+                saved = ckpt.step(step)
+                if saved is None:
+                    costs.append(time.perf_counter() - started)
             ckpt.close()
         except SystemExit as exc:
             report.update(exit=exc.code, saved=ckpt.last_saved_step, signal=ckpt.pending_signal and ckpt.pending_signal.name)
@@ -436,7 +444,9 @@ SCENARIOS = {
 
 def run_rank(scenario: str, rank: int, world: int, port: str, store_path: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
+    if DEVICE == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
     try:
         SCENARIOS[scenario](rank, world, store_path, out)
         dist.barrier()

@@ -210,3 +210,24 @@ def test_saves_and_loads_are_ordered_on_the_callers_stream(tmp_path):
             target.add_(1)  # on the same stream, after the host-to-device copy
         torch.cuda.synchronize()
     assert torch.equal(target.cpu(), torch.full((n,), 201.0))
+
+
+# ---------------------------------------------------------------- Store(process_group=) on NCCL
+
+
+@pytest.mark.guarantee("G18", "G20")
+@pytest.mark.parametrize("world", [1, 2])
+def test_nccl_ranks_save_the_same_step_on_a_sigterm_and_resume_bitwise(tmp_path, world):
+    """tests/test_distributed_store.py's loop test with FSDP2 on the GPUs: NCCL for training, the checkpoint group on gloo.
+
+    NCCL puts each rank on its own GPU, so 2 ranks need 2 devices; 1 rank still runs the CUDA tensors through
+    StoreWriter/StoreReader and the step-boundary all-reduce.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_nccl_available() or torch.cuda.device_count() < world:
+        pytest.skip(f"needs NCCL and {world} CUDA devices (one rank a GPU)")
+    from test_distributed_store import check_the_loop_on_ranks
+
+    check_the_loop_on_ranks(tmp_path, world, device="cuda")
+

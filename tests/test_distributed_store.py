@@ -153,6 +153,28 @@ def test_a_rank_lost_mid_save_fails_the_survivor_in_bounded_time_and_a_fresh_sav
     assert os.listdir(store_path / ".staging") == []
 
 
+def check_the_loop_on_ranks(tmp_path: Path, world: int, device: str = "cpu") -> None:
+    """ckstore.resume + Checkpointer(every=4) on Store(process_group=): a SIGTERM to the last rank at step 6, then a resume.
+
+    Every rank saves step 6 and exits 143 (checkpoints 4 and 6); the resumed run starts at 6 on every rank and ends
+    bitwise equal to an uninterrupted run. Also run on NCCL by tests/test_cuda.py.
+    """
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {"CKSTORE_TEST_STEPS": "9", "CKSTORE_TEST_DEVICE": device}
+    _run_env("store_loop", world, tmp_path / "straight", out, {**env, "CKSTORE_TEST_FINAL": "straight.pt"})
+    costs = sorted(c for r in range(world) for c in json.loads((out / f"loop-{r}.json").read_text())["agree_s"])
+    print(f"Checkpointer.step() without a save at {world} ranks: median {costs[len(costs) // 2] * 1e3:.2f} ms, max {costs[-1] * 1e3:.2f} ms")
+    _run_env("store_loop", world, tmp_path / "store", out, {**env, "CKSTORE_TEST_TERM_AT": "6", "CKSTORE_TEST_FINAL": "never.pt"})
+    stopped = [json.loads((out / f"loop-{r}.json").read_text()) for r in range(world)]
+    assert [(s["exit"], s["saved"], s["signal"]) for s in stopped] == [(128 + signal.SIGTERM, 6, "SIGTERM")] * world, stopped
+    with ckstore.Store(tmp_path / "store", readonly=True) as store:
+        assert [c.step for c in store.checkpoints()] == [4, 6]  # every=4, and the signal's step
+    _run_env("store_loop", world, tmp_path / "store", out, {**env, "CKSTORE_TEST_FINAL": "resumed.pt"})
+    assert [json.loads((out / f"loop-{r}.json").read_text())["start"] for r in range(world)] == [6] * world
+    assert_same(torch.load(out / "resumed.pt", weights_only=True), torch.load(out / "straight.pt", weights_only=True))
+
+
 @pytest.mark.guarantee("G18", "G20")
 def test_resume_and_checkpointer_on_two_ranks_save_the_same_step_on_a_sigterm_and_resume_bitwise(tmp_path):
     """The single-process loop on Store(process_group=): a SIGTERM to one rank, and every rank saves that step and exits 143.
@@ -160,18 +182,7 @@ def test_resume_and_checkpointer_on_two_ranks_save_the_same_step_on_a_sigterm_an
     Before: the signalled rank alone saved (the other's next save gathered a different step), and
     ckstore.resume() read the DCP checkpoint through the single-process loader.
     """
-    out = tmp_path / "out"
-    out.mkdir()
-    env = {"CKSTORE_TEST_STEPS": "9"}
-    _run_env("store_loop", 2, tmp_path / "straight", out, {**env, "CKSTORE_TEST_FINAL": "straight.pt"})
-    _run_env("store_loop", 2, tmp_path / "store", out, {**env, "CKSTORE_TEST_TERM_AT": "6", "CKSTORE_TEST_FINAL": "never.pt"})
-    stopped = [json.loads((out / f"loop-{r}.json").read_text()) for r in (0, 1)]
-    assert [(s["exit"], s["saved"], s["signal"]) for s in stopped] == [(128 + signal.SIGTERM, 6, "SIGTERM")] * 2, stopped
-    with ckstore.Store(tmp_path / "store", readonly=True) as store:
-        assert [c.step for c in store.checkpoints()] == [4, 6]  # every=4, and the signal's step
-    _run_env("store_loop", 2, tmp_path / "store", out, {**env, "CKSTORE_TEST_FINAL": "resumed.pt"})
-    assert [json.loads((out / f"loop-{r}.json").read_text())["start"] for r in (0, 1)] == [6, 6]
-    assert_same(torch.load(out / "resumed.pt", weights_only=True), torch.load(out / "straight.pt", weights_only=True))
+    check_the_loop_on_ranks(tmp_path, 2)
 
 
 def test_a_process_group_without_torch_distributed_is_a_typed_error(store_path):
