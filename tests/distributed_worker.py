@@ -395,6 +395,19 @@ def scenario_store_loop(rank: int, world: int, store_path: str, out: str) -> Non
     Trains to CKSTORE_TEST_STEPS; with CKSTORE_TEST_TERM_AT the last rank sends itself a SIGTERM in that step.
     """
     steps, term_at = int(os.environ["CKSTORE_TEST_STEPS"]), int(os.environ.get("CKSTORE_TEST_TERM_AT", "0"))
+    background = os.environ.get("CKSTORE_TEST_ASYNC") == "1"
+    if background and rank == 0:
+        # A slow write on one rank: the other rank's background save reaches its collectives (DCP's gather, the
+        # commit's broadcast) while this rank's loop runs the next steps' collectives.
+        from ckstore.distributed import dcp as ckdcp
+
+        original = ckdcp.StoreWriter.write_data
+
+        def slow_write(self, plan, planner):
+            time.sleep(0.3)
+            return original(self, plan, planner)
+
+        ckdcp.StoreWriter.write_data = slow_write  # this rank's process only (forked)
     group = checkpoint_group(timeout=60)
     model, opt = sharded(seed=0, world=world)
     torch.manual_seed(10 + rank)
@@ -402,7 +415,7 @@ def scenario_store_loop(rank: int, world: int, store_path: str, out: str) -> Non
     report: dict = {"rank": rank}
     with ckstore.Store(store_path, keep_last=3, process_group=group) as store:
         report["start"] = start = ckstore.resume(store, state)
-        ckpt = ckstore.Checkpointer(store, state, every=4)
+        ckpt = ckstore.Checkpointer(store, state, every=4, blocking=not background)
         costs = report["agree_s"] = []  # Checkpointer.step() at the steps that do not save: the all-reduce alone
         try:
             for step in range(start + 1, steps + 1):
@@ -415,6 +428,7 @@ def scenario_store_loop(rank: int, world: int, store_path: str, out: str) -> Non
                 saved = ckpt.step(step)
                 if saved is None:
                     costs.append(time.perf_counter() - started)
+                time.sleep(0.05 if background else 0)  # steps that take a while, during the background save
             ckpt.close()
         except SystemExit as exc:
             report.update(exit=exc.code, saved=ckpt.last_saved_step, signal=ckpt.pending_signal and ckpt.pending_signal.name)

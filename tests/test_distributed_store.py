@@ -153,7 +153,7 @@ def test_a_rank_lost_mid_save_fails_the_survivor_in_bounded_time_and_a_fresh_sav
     assert os.listdir(store_path / ".staging") == []
 
 
-def check_the_loop_on_ranks(tmp_path: Path, world: int, device: str = "cpu") -> None:
+def check_the_loop_on_ranks(tmp_path: Path, world: int, device: str = "cpu", *, background: bool = False) -> None:
     """ckstore.resume + Checkpointer(every=4) on Store(process_group=): a SIGTERM to the last rank at step 6, then a resume.
 
     Every rank saves step 6 and exits 143 (checkpoints 4 and 6); the resumed run starts at 6 on every rank and ends
@@ -161,7 +161,7 @@ def check_the_loop_on_ranks(tmp_path: Path, world: int, device: str = "cpu") -> 
     """
     out = tmp_path / "out"
     out.mkdir()
-    env = {"CKSTORE_TEST_STEPS": "9", "CKSTORE_TEST_DEVICE": device}
+    env = {"CKSTORE_TEST_STEPS": "9", "CKSTORE_TEST_DEVICE": device, "CKSTORE_TEST_ASYNC": "1" if background else "0"}
     _run_env("store_loop", world, tmp_path / "straight", out, {**env, "CKSTORE_TEST_FINAL": "straight.pt"})
     costs = sorted(c for r in range(world) for c in json.loads((out / f"loop-{r}.json").read_text())["agree_s"])
     print(f"Checkpointer.step() without a save at {world} ranks: median {costs[len(costs) // 2] * 1e3:.2f} ms, max {costs[-1] * 1e3:.2f} ms")
@@ -183,6 +183,16 @@ def test_resume_and_checkpointer_on_two_ranks_save_the_same_step_on_a_sigterm_an
     ckstore.resume() read the DCP checkpoint through the single-process loader.
     """
     check_the_loop_on_ranks(tmp_path, 2)
+
+
+@pytest.mark.guarantee("G15", "G20")
+def test_checkpointer_background_saves_on_two_ranks_overlap_the_steps_and_resume_bitwise(tmp_path):
+    """Checkpointer(blocking=False) at 2 ranks: the background save's collectives run while the steps agree.
+
+    Before, the steps' all-reduce and the background save's collectives shared one gloo group from two
+    threads, in an order that could differ between the ranks.
+    """
+    check_the_loop_on_ranks(tmp_path, 2, background=True)
 
 
 def test_a_process_group_without_torch_distributed_is_a_typed_error(store_path):

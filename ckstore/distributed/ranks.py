@@ -59,6 +59,7 @@ next writer's recovery does.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -105,6 +106,7 @@ class Ranks:
         self.world = dist.get_world_size(group)
         #: The coordinator's global rank (group rank 0), the one that changes the store.
         self.coordinator = dist.get_global_rank(group, 0)
+        self._steps: Any = None  # the step-boundary group (_step_group)
 
     def __repr__(self) -> str:
         return f"Ranks(rank {self.rank} of {self.world}, coordinator {self.coordinator})"
@@ -232,10 +234,28 @@ class Ranks:
         received, 0 if none; whether a save is due), so every rank saves the
         same steps and stops at the same one after a signal to any rank.
         """
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
-        flags = torch.tensor(values, dtype=torch.int64, device=device)
-        self._collective("step", lambda: dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group))
+        flags = torch.tensor(values, dtype=torch.int64)
+        self._collective("step", lambda: dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._step_group()))
         return [int(v) for v in flags.tolist()]
+
+    def _step_group(self) -> Any:
+        """A gloo group of the same ranks for the step-boundary all-reduce, made at its first use (by every rank there).
+
+        Not ``self.group``: a background save runs its collectives (DCP's
+        gather, the commit's broadcast) on that group from the saver's
+        thread, while the loop's steps go on. Two threads issuing collectives
+        on one group pair them by issue order, which differs between ranks:
+        with one rank's write slower, the ranks' step all-reduce met the
+        other's gather and both hung until the group's timeout.
+        """
+        if self._steps is None:
+            try:
+                timeout = self.group._get_backend(torch.device("cpu")).options._timeout
+            except (AttributeError, RuntimeError):  # not gloo: the checkpoint group's default
+                timeout = datetime.timedelta(seconds=coordinator.DEFAULT_TIMEOUT_S)
+            ranks = [dist.get_global_rank(self.group, r) for r in range(self.world)]
+            self._steps = dist.new_group(ranks=ranks, backend="gloo", timeout=timeout, use_local_synchronization=True)
+        return self._steps
 
     # ------------------------------------------------------------ collectives and their failures
 
