@@ -163,6 +163,9 @@ def check_the_loop_on_ranks(tmp_path: Path, world: int, device: str = "cpu", *, 
     out.mkdir()
     env = {"CKSTORE_TEST_STEPS": "9", "CKSTORE_TEST_DEVICE": device, "CKSTORE_TEST_ASYNC": "1" if background else "0"}
     _run_env("store_loop", world, tmp_path / "straight", out, {**env, "CKSTORE_TEST_FINAL": "straight.pt"})
+    with ckstore.Store(tmp_path / "straight", readonly=True) as store:
+        # Metrics passed again for the saved step 8: recorded once, by the coordinator (the others skip the mutator).
+        assert store.resolve(8).metrics == {"val_loss": 0.25}
     costs = sorted(c for r in range(world) for c in json.loads((out / f"loop-{r}.json").read_text())["agree_s"])
     print(f"Checkpointer.step() without a save at {world} ranks: median {costs[len(costs) // 2] * 1e3:.2f} ms, max {costs[-1] * 1e3:.2f} ms")
     _run_env("store_loop", world, tmp_path / "store", out, {**env, "CKSTORE_TEST_TERM_AT": "6", "CKSTORE_TEST_FINAL": "never.pt"})
